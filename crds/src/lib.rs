@@ -1,0 +1,1 @@
+//! Petrel custom resource types (placeholder until the operator issue lands).

@@ -1,0 +1,225 @@
+//! The `MtaConfig` document: the one contract between `petrel-operator` (which renders it)
+//! and `petrel-mta` (which reads it).
+//!
+//! Owns: the YAML schema (serde, `deny_unknown_fields`, documented defaults), parsing, and
+//! [`MtaConfig::validate`]. The operator builds this very type and calls the very same
+//! `validate`, so it can never render a config the MTA would refuse.
+//!
+//! Never does I/O beyond reading the one file it is asked to parse: paths named here are
+//! checked by the MTA when it opens them, not by this crate.
+
+mod duration;
+mod validate;
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use validate::{ConfigError, Problem};
+
+/// The only document version this build understands.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// The whole configuration of one `petrel-mta` process.
+///
+/// Every field has a default, so `{}` is a valid (if useless) config; the embedded default
+/// used by `petrel-mta serve` with no arguments is [`MtaConfig::embedded_default`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct MtaConfig {
+    /// Document version. Default: `1`, the only version this build accepts.
+    pub version: u32,
+    /// Name this server uses for itself in the greeting, EHLO reply and `Received:` headers.
+    /// Default: `localhost`.
+    pub hostname: String,
+    /// Where the MTA accepts SMTP connections. Default: one plain `smtp` listener on
+    /// `127.0.0.1:2525`.
+    pub listeners: Vec<ListenerConfig>,
+    /// Limits enforced by the SMTP server side of each session (`smtpd_*` in Postfix terms).
+    pub smtpd: SmtpdConfig,
+    /// The durable queue.
+    pub spool: SpoolConfig,
+    /// Domains whose mail is delivered here rather than relayed. Default: none.
+    pub local_domains: Vec<LocalDomainConfig>,
+}
+
+/// What a listener speaks on its port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerKind {
+    /// MTA-to-MTA SMTP (port 25): accepts mail for local domains from anyone.
+    Smtp,
+    /// Message submission with STARTTLS (port 587, RFC 6409).
+    Submission,
+    /// Message submission over implicit TLS (port 465, RFC 8314).
+    Smtps,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct ListenerConfig {
+    /// Socket address to bind, e.g. `0.0.0.0:25` or `[::]:587`. Required.
+    pub address: SocketAddr,
+    /// Protocol flavour of this port. Default: `smtp`.
+    #[serde(default = "default_listener_kind")]
+    pub kind: ListenerKind,
+}
+
+fn default_listener_kind() -> ListenerKind {
+    ListenerKind::Smtp
+}
+
+/// Per-session limits. Each one, when hit, produces a precise SMTP reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct SmtpdConfig {
+    /// Largest message accepted, in bytes (advertised as `SIZE`). Larger ones get
+    /// `552 5.3.4`. Default: `26214400` (25 MiB).
+    pub max_message_size: u64,
+    /// Most recipients in one transaction; the next gets `452 4.5.3`. Default: `100`.
+    pub max_recipients: usize,
+    /// Time allowed for each command line (RFC 5321 §4.5.3.2.7 says at least 5 minutes).
+    /// Expiry closes the session with `421 4.4.2`. Default: `5m`.
+    #[serde(with = "duration")]
+    pub command_timeout: Duration,
+    /// Time allowed between two reads while receiving DATA or BDAT content
+    /// (RFC 5321 §4.5.3.2.5: 3 minutes at least). Default: `10m`.
+    #[serde(with = "duration")]
+    pub data_timeout: Duration,
+    /// Protocol errors tolerated in one session before it is closed with `421 4.7.0`.
+    /// Default: `10`.
+    pub max_errors: u32,
+    /// Concurrent connections over all listeners; further ones get `421 4.7.0` and are
+    /// closed. Default: `1000`.
+    pub max_connections: usize,
+    /// Concurrent connections from one client IP address. Default: `50`.
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for SmtpdConfig {
+    fn default() -> Self {
+        Self {
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            command_timeout: Duration::from_secs(5 * 60),
+            data_timeout: Duration::from_secs(10 * 60),
+            max_errors: 10,
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+        }
+    }
+}
+
+/// The durable queue on the pod's volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct SpoolConfig {
+    /// Directory holding the spool segments. Created when missing.
+    /// Default: `./petrel-data/spool`.
+    pub path: PathBuf,
+    /// A segment file is closed and a new one started once it grows past this many bytes.
+    /// Default: `67108864` (64 MiB).
+    pub segment_size: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("./petrel-data/spool"),
+            segment_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A domain whose mail this MTA delivers itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct LocalDomainConfig {
+    /// The domain, e.g. `example.test`. Required; matched case-insensitively.
+    pub name: String,
+    /// Where its mail goes. Required.
+    pub delivery: LocalDelivery,
+    /// Local parts that exist. When set, any other local part gets `550 5.1.1` at RCPT;
+    /// when absent, every local part is accepted. Default: absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<Vec<String>>,
+}
+
+/// A local delivery target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum LocalDelivery {
+    /// Maildir++ folders under `root/<local part>/{tmp,new,cur}`.
+    Maildir {
+        /// Directory holding one Maildir per user. Created when missing.
+        root: PathBuf,
+    },
+}
+
+impl Default for MtaConfig {
+    fn default() -> Self {
+        Self {
+            version: CONFIG_VERSION,
+            hostname: "localhost".to_owned(),
+            listeners: vec![ListenerConfig {
+                address: SocketAddr::from(([127, 0, 0, 1], 2525)),
+                kind: ListenerKind::Smtp,
+            }],
+            smtpd: SmtpdConfig::default(),
+            spool: SpoolConfig::default(),
+            local_domains: Vec::new(),
+        }
+    }
+}
+
+impl MtaConfig {
+    /// The configuration `petrel-mta serve` runs with no `--config`: plain SMTP on
+    /// 127.0.0.1:2525, spool and Maildirs under `./petrel-data/`, mail for `localhost` and
+    /// `example.test` delivered locally, nothing relayed.
+    pub fn embedded_default() -> Self {
+        let maildir = |domain: &str| LocalDomainConfig {
+            name: domain.to_owned(),
+            delivery: LocalDelivery::Maildir {
+                root: PathBuf::from("./petrel-data/maildir").join(domain),
+            },
+            recipients: None,
+        };
+        Self {
+            local_domains: vec![maildir("localhost"), maildir("example.test")],
+            ..Self::default()
+        }
+    }
+
+    /// Parses a YAML document and validates it. Errors name the key and what is wrong.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_saphyr::from_str(text).map_err(ConfigError::Syntax)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Serialises to YAML (what the operator writes into its ConfigMap).
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"))
+    }
+
+    /// The local domain entry for `domain`, if any (case-insensitive).
+    pub fn local_domain(&self, domain: &str) -> Option<&LocalDomainConfig> {
+        self.local_domains
+            .iter()
+            .find(|d| d.name.eq_ignore_ascii_case(domain))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,80 @@
+use super::*;
+
+#[test]
+fn embedded_default_is_valid_and_round_trips() {
+    let config = MtaConfig::embedded_default();
+    config.validate().expect("embedded default validates");
+    let yaml = config.to_yaml();
+    let back = MtaConfig::from_yaml(&yaml).expect("serialised default parses");
+    assert_eq!(back, config);
+}
+
+#[test]
+fn example_config_in_repo_is_valid() {
+    let text = include_str!("../../../manifests/mta-config.example.yaml");
+    let config = MtaConfig::from_yaml(text).expect("example config validates");
+    assert_eq!(config.hostname, "mx.example.test");
+    assert_eq!(config.listeners.len(), 1);
+    assert!(config.local_domain("EXAMPLE.test").is_some());
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let err = MtaConfig::from_yaml("hostname: a.test\nsmtpd:\n  max_recipents: 5\n")
+        .expect_err("typo must be refused");
+    let text = err.to_string();
+    assert!(text.contains("max_recipents"), "{text}");
+}
+
+#[test]
+fn bad_duration_is_explained() {
+    let err = MtaConfig::from_yaml("smtpd:\n  command_timeout: soon\n").expect_err("refused");
+    let text = err.to_string();
+    assert!(text.contains("invalid duration"), "{text}");
+}
+
+#[test]
+fn semantic_problems_are_all_listed_with_keys() {
+    let yaml = "\
+hostname: 'bad host'
+smtpd:
+  max_recipients: 0
+local_domains:
+  - name: a.test
+    delivery: { maildir: { root: /tmp/a } }
+  - name: A.test
+    delivery: { maildir: { root: /tmp/b } }
+    recipients: ['../etc']
+";
+    let err = MtaConfig::from_yaml(yaml).expect_err("refused");
+    let ConfigError::Invalid(problems) = err else {
+        panic!("expected semantic problems, got {err}");
+    };
+    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "hostname",
+            "smtpd.max_recipients",
+            "local_domains[1].name",
+            "local_domains[1].recipients[0]"
+        ]
+    );
+}
+
+#[test]
+fn domain_name_table() {
+    for (name, ok) in [
+        ("example.test", true),
+        ("a", true),
+        ("xn--bcher-kva.test", true),
+        ("", false),
+        ("a..b", false),
+        ("-a.test", false),
+        ("a.test.", false),
+        ("a b", false),
+        ("a_b.test", false),
+    ] {
+        assert_eq!(validate::is_domain_name(name), ok, "{name:?}");
+    }
+}

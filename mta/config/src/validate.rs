@@ -1,0 +1,173 @@
+//! Semantic validation of an [`MtaConfig`]: everything serde's types cannot express.
+//!
+//! Every problem names the key (as a path such as `local_domains[1].name`) and says what is
+//! wrong. All problems are collected, not just the first, so one run of
+//! `petrel-mta check-config` shows everything to fix.
+
+use crate::{CONFIG_VERSION, LocalDelivery, MtaConfig};
+use std::collections::HashSet;
+use std::fmt;
+
+/// One thing wrong with a config, at a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Path of the offending key, e.g. `smtpd.max_recipients`.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Not YAML, an unknown key, or a value of the wrong type (the message names the key
+    /// and its line).
+    #[error("{0}")]
+    Syntax(serde_saphyr::Error),
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl MtaConfig {
+    /// Checks everything the types cannot. The operator calls this on what it renders.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(Problem { key, message });
+
+        if self.version != CONFIG_VERSION {
+            problem(
+                "version".into(),
+                format!(
+                    "unsupported version {}; this petrel-mta reads version {CONFIG_VERSION}",
+                    self.version
+                ),
+            );
+        }
+        if !is_domain_name(&self.hostname) {
+            problem(
+                "hostname".into(),
+                format!("{:?} is not a valid host name", self.hostname),
+            );
+        }
+        if self.listeners.is_empty() {
+            problem("listeners".into(), "at least one listener is required".into());
+        }
+        let mut addresses = HashSet::new();
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if !addresses.insert(listener.address) {
+                problem(
+                    format!("listeners[{i}].address"),
+                    format!("{} is used by another listener", listener.address),
+                );
+            }
+        }
+
+        let smtpd = &self.smtpd;
+        if smtpd.max_message_size < 1024 {
+            problem(
+                "smtpd.max_message_size".into(),
+                "must be at least 1024 bytes".into(),
+            );
+        }
+        if smtpd.max_recipients == 0 {
+            problem("smtpd.max_recipients".into(), "must be at least 1".into());
+        }
+        if smtpd.command_timeout.as_secs() == 0 {
+            problem("smtpd.command_timeout".into(), "must be at least 1s".into());
+        }
+        if smtpd.data_timeout.as_secs() == 0 {
+            problem("smtpd.data_timeout".into(), "must be at least 1s".into());
+        }
+        if smtpd.max_connections == 0 {
+            problem("smtpd.max_connections".into(), "must be at least 1".into());
+        }
+        if smtpd.max_connections_per_ip == 0 {
+            problem(
+                "smtpd.max_connections_per_ip".into(),
+                "must be at least 1".into(),
+            );
+        }
+
+        if self.spool.path.as_os_str().is_empty() {
+            problem("spool.path".into(), "must not be empty".into());
+        }
+        if self.spool.segment_size < 1024 * 1024 {
+            problem(
+                "spool.segment_size".into(),
+                "must be at least 1048576 bytes (1 MiB)".into(),
+            );
+        }
+
+        let mut domains = HashSet::new();
+        for (i, domain) in self.local_domains.iter().enumerate() {
+            let key = format!("local_domains[{i}]");
+            if !is_domain_name(&domain.name) {
+                problem(
+                    format!("{key}.name"),
+                    format!("{:?} is not a valid domain name", domain.name),
+                );
+            }
+            if !domains.insert(domain.name.to_ascii_lowercase()) {
+                problem(
+                    format!("{key}.name"),
+                    format!("{} is listed twice", domain.name),
+                );
+            }
+            match &domain.delivery {
+                LocalDelivery::Maildir { root } if root.as_os_str().is_empty() => problem(
+                    format!("{key}.delivery.maildir.root"),
+                    "must not be empty".into(),
+                ),
+                LocalDelivery::Maildir { .. } => {}
+            }
+            for (j, local) in domain.recipients.iter().flatten().enumerate() {
+                if !is_maildir_safe_local_part(local) {
+                    problem(
+                        format!("{key}.recipients[{j}]"),
+                        format!("{local:?} is not a plain local part (letters, digits, . _ + -)"),
+                    );
+                }
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// A DNS name of LDH labels (RFC 1123), no trailing dot.
+pub(crate) fn is_domain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Local parts that can be used as a Maildir folder name as they are.
+pub fn is_maildir_safe_local_part(local: &str) -> bool {
+    !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
+}

@@ -1,0 +1,2 @@
+//! petrel-operator (placeholder until the operator issue lands).
+fn main() {}
