@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use validate::{ConfigError, Problem};
+pub use validate::{ConfigError, Problem, is_maildir_safe_local_part};
 
 /// The only document version this build understands.
 pub const CONFIG_VERSION: u32 = 1;

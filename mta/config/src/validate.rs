@@ -61,7 +61,10 @@ impl MtaConfig {
             );
         }
         if self.listeners.is_empty() {
-            problem("listeners".into(), "at least one listener is required".into());
+            problem(
+                "listeners".into(),
+                "at least one listener is required".into(),
+            );
         }
         let mut addresses = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
@@ -158,7 +161,9 @@ pub(crate) fn is_domain_name(name: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 

@@ -1,0 +1,203 @@
+//! `RelayPolicy`: who may relay mail through Petrel to other domains, how fast, and by
+//! which route.
+//!
+//! Owns the spec (authenticated users from a Secret, client networks, rate limits, outbound
+//! route, TLS requirements, message size) and the status (conditions). The CEL rules make an
+//! open relay impossible to declare by accident.
+
+use crate::conditions::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Relay permissions and the outbound route. Applies to every SmtpListener in the namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mail.petrel.dev",
+    version = "v1alpha1",
+    kind = "RelayPolicy",
+    namespaced,
+    status = "RelayPolicyStatus",
+    shortname = "rp",
+    category = "petrel",
+    doc = "Who may relay through Petrel, how fast, and by which route.",
+    printcolumn(name = "Route", type_ = "string", json_path = ".spec.route.mode"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.authentication) || size(self.clientNetworks) > 0").message("a RelayPolicy must allow authenticated users or clientNetworks; otherwise it permits nobody"))]
+pub struct RelayPolicySpec {
+    /// SMTP AUTH for submission: users and password hashes come from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<Authentication>,
+    /// Client networks (CIDR) allowed to relay without authentication, e.g. a cluster's pod
+    /// network. `0.0.0.0/0` and `::/0` are refused: that would be an open relay.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    #[x_kube(
+        validation = Rule::new("self.all(n, isCIDR(n))").message("clientNetworks entries must be CIDRs like 10.0.0.0/8"),
+        validation = Rule::new("self.all(n, !isCIDR(n) || cidr(n).prefixLength() > 0)").message("a /0 network would make an open relay")
+    )]
+    pub client_networks: Vec<String>,
+    /// Rate limits; absent members mean unlimited.
+    #[serde(default)]
+    pub rate_limits: RateLimits,
+    /// How relayed mail leaves.
+    #[serde(default)]
+    pub route: Route,
+    /// TLS requirements for outbound delivery.
+    #[serde(default)]
+    pub outbound_tls: OutboundTls,
+    /// Largest relayed message, in bytes. Default: the listener's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024))]
+    pub max_message_size: Option<u64>,
+}
+
+/// SMTP AUTH settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Authentication {
+    /// Secret in this namespace whose keys are user names and whose values are argon2 PHC
+    /// password hashes (`$argon2id$...`).
+    #[x_kube(validation = Rule::new("self.size() > 0").message("secretName must not be empty"))]
+    pub secret_name: String,
+    /// Offer AUTH on connections without TLS. Default: false (credentials never travel in
+    /// the clear).
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+/// Rate limits, each counted per pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimits {
+    /// Messages per client IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_client_ip: Option<Rate>,
+    /// Messages per authenticated user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_user: Option<Rate>,
+    /// Messages per recipient domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_recipient_domain: Option<Rate>,
+}
+
+/// A number of messages per interval.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rate {
+    /// Messages allowed per interval.
+    #[schemars(range(min = 1))]
+    pub messages: u32,
+    /// The interval, like `1m`, `1h` or `1d`.
+    #[x_kube(validation = Rule::new(crate::DURATION_RULE).message("interval is a duration like 30s, 1m, 1h or 1d"))]
+    pub interval: String,
+}
+
+/// Outbound route.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode == 'Direct' ? !has(self.smarthost) : has(self.smarthost)").message("smarthost is required with mode Smarthost and not allowed with mode Direct"))]
+pub struct Route {
+    /// `Direct` (look up the recipient domain's MX) or `Smarthost`. Default: `Direct`.
+    #[serde(default)]
+    pub mode: RouteMode,
+    /// The next hop when `mode` is `Smarthost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smarthost: Option<Smarthost>,
+}
+
+/// How relayed mail leaves.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum RouteMode {
+    /// Deliver to the recipient domain's MX hosts.
+    #[default]
+    Direct,
+    /// Hand everything to one upstream server.
+    Smarthost,
+}
+
+/// An upstream SMTP server.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Smarthost {
+    /// Host name of the smarthost.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("host must not be empty"))]
+    pub host: String,
+    /// Port. Default: 587.
+    #[serde(default = "default_submission_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// Secret with keys `username` and `password` for AUTH at the smarthost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+fn default_submission_port() -> u16 {
+    587
+}
+
+/// Outbound TLS requirements.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundTls {
+    /// `Opportunistic` (STARTTLS when offered) or `Required` (defer rather than send in
+    /// the clear). Default: `Opportunistic`.
+    #[serde(default)]
+    pub mode: OutboundTlsMode,
+    /// Honour recipient domains' MTA-STS policies. Default: true.
+    #[serde(default = "default_true")]
+    pub mta_sts: bool,
+    /// Honour DANE TLSA records (needs a DNSSEC-validating resolver). Default: false.
+    #[serde(default)]
+    pub dane: bool,
+}
+
+impl Default for OutboundTls {
+    fn default() -> Self {
+        Self {
+            mode: OutboundTlsMode::default(),
+            mta_sts: true,
+            dane: false,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Outbound TLS mode.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum OutboundTlsMode {
+    /// Use STARTTLS when the server offers it.
+    #[default]
+    Opportunistic,
+    /// Never send without TLS.
+    Required,
+}
+
+/// Observed state of a RelayPolicy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayPolicyStatus {
+    /// Standard conditions: `Ready`, `Degraded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

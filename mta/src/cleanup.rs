@@ -1,0 +1,161 @@
+//! After the end of DATA: checks the content, stamps the `Received:` header and stores the
+//! message durably. The only writer of new messages into the spool (Postfix's cleanup).
+//!
+//! Returns the queue id only after the spool has synced the message; the session then says
+//! `250`. Any failure maps to a reply from the table and nothing is queued.
+
+use crate::context::Context;
+use crate::queue::{Envelope, QueueId};
+use crate::session::Reply;
+use crate::spool;
+use mta_config::MtaConfig;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub async fn accept(
+    ctx: &Context,
+    config: &MtaConfig,
+    extended: bool,
+    envelope: &mut Envelope,
+    content: &[u8],
+) -> Result<QueueId, Reply> {
+    if content.len() as u64 > config.smtpd.max_message_size {
+        return Err(Reply::MESSAGE_TOO_BIG);
+    }
+    if has_bare_line_ending(content) {
+        return Err(Reply::BARE_LINE_ENDING);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    envelope.received_at = now;
+    let id = ctx.spool.next_id();
+    let header = received_header(config, extended, envelope, id, now);
+    ctx.spool
+        .store(id, envelope, &[header.as_bytes(), content])
+        .await
+        .map_err(|e| spool_reply(&e))?;
+    tracing::info!(
+        queue_id = %id,
+        from = %envelope.sender,
+        recipients = envelope.recipients.len(),
+        size = content.len(),
+        client = %envelope.client_ip,
+        "received"
+    );
+    ctx.scheduler.enqueue(id, envelope.clone());
+    Ok(id)
+}
+
+/// The reply for a failed store (STYLE A.3: full → 452 4.3.1, shut down → 421 4.3.2).
+pub fn spool_reply(error: &spool::Error) -> Reply {
+    tracing::error!(error = %error, "spool store failed");
+    match error {
+        spool::Error::Full => Reply::SPOOL_FULL,
+        spool::Error::Closed => Reply::SHUTTING_DOWN,
+        spool::Error::Io(_) | spool::Error::NotFound(_) | spool::Error::Corrupt { .. } => {
+            Reply::SPOOL_ERROR
+        }
+    }
+}
+
+/// True when a CR is not followed by LF, or an LF is not preceded by CR.
+pub fn has_bare_line_ending(content: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for (i, &b) in content.iter().enumerate() {
+        match b {
+            b'\n' if prev != b'\r' => return true,
+            b'\r' if content.get(i + 1) != Some(&b'\n') => return true,
+            _ => {}
+        }
+        prev = b;
+    }
+    false
+}
+
+/// RFC 5321 §4.4 trace header. `with` is ESMTP/SMTP, or UTF8ESMTP for SMTPUTF8 (RFC 6531).
+fn received_header(
+    config: &MtaConfig,
+    extended: bool,
+    envelope: &Envelope,
+    id: QueueId,
+    now: u64,
+) -> String {
+    let with = match (extended, envelope.smtputf8) {
+        (true, true) => "UTF8ESMTP",
+        (true, false) => "ESMTP",
+        (false, _) => "SMTP",
+    };
+    let ip = match envelope.client_ip {
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("IPv6:{ip}"),
+    };
+    let for_clause = match envelope.recipients.as_slice() {
+        [only] => format!("\r\n\tfor <{}>", only.address),
+        _ => String::new(),
+    };
+    format!(
+        "Received: from {helo} ([{ip}])\r\n\tby {host} (Petrel) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
+        helo = envelope.helo,
+        host = config.hostname,
+        date = rfc5322_date(now),
+    )
+}
+
+/// `Mon, 23 Nov 2026 10:00:00 +0000` (RFC 5322 §3.3), in UTC.
+pub fn rfc5322_date(unix_secs: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = (unix_secs / 86_400) as i64;
+    let secs = unix_secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{}, {day} {} {year} {:02}:{:02}:{:02} +0000",
+        DAYS[(days.rem_euclid(7)) as usize],
+        MONTHS[(month - 1) as usize],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_435_200),
+            "Mon, 23 Nov 2026 12:00:00 +0000"
+        );
+        assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn bare_line_endings() {
+        for (content, bare) in [
+            (&b"a\r\nb\r\n"[..], false),
+            (b"", false),
+            (b"a\nb\r\n", true),
+            (b"a\rb\r\n", true),
+            (b"a\r\n.\r\nMAIL FROM:<x>\n", true),
+            (b"a\r", true),
+            (b"\n", true),
+        ] {
+            assert_eq!(has_bare_line_ending(content), bare, "{content:?}");
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! What every stage shares: the current config, the spool, the scheduler's inbox and the
+//! connection counters.
+
+use crate::scheduler::SchedulerHandle;
+use crate::spool::Spool;
+use mta_config::MtaConfig;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+pub struct Context {
+    config: RwLock<Arc<MtaConfig>>,
+    pub spool: Spool,
+    pub scheduler: SchedulerHandle,
+    connections: Mutex<Connections>,
+}
+
+#[derive(Default)]
+struct Connections {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was refused before its session started.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConnectionRefused {
+    /// `smtpd.max_connections` reached.
+    Total,
+    /// `smtpd.max_connections_per_ip` reached for this address.
+    PerIp,
+}
+
+/// Counts one open connection until dropped.
+pub struct ConnectionSlot {
+    ctx: Arc<Context>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut conns = self.ctx.connections();
+        conns.total -= 1;
+        if let Some(n) = conns.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                conns.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Context {
+    pub fn new(config: MtaConfig, spool: Spool, scheduler: SchedulerHandle) -> Self {
+        Self {
+            config: RwLock::new(Arc::new(config)),
+            spool,
+            scheduler,
+            connections: Mutex::new(Connections::default()),
+        }
+    }
+
+    /// The config in force now. Sessions keep the snapshot they started with.
+    pub fn config(&self) -> Arc<MtaConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the config (hot reload). The caller has validated it.
+    pub fn set_config(&self, config: MtaConfig) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+
+    /// Takes a connection slot for `ip`, or says which limit refuses it.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, ConnectionRefused> {
+        let config = self.config();
+        let mut conns = self.connections();
+        if conns.total >= config.smtpd.max_connections {
+            return Err(ConnectionRefused::Total);
+        }
+        let per_ip = conns.per_ip.entry(ip).or_default();
+        if *per_ip >= config.smtpd.max_connections_per_ip {
+            return Err(ConnectionRefused::PerIp);
+        }
+        *per_ip += 1;
+        conns.total += 1;
+        Ok(ConnectionSlot {
+            ctx: self.clone(),
+            ip,
+        })
+    }
+
+    fn connections(&self) -> std::sync::MutexGuard<'_, Connections> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,104 @@
+//! Assembles a running MTA from a config: opens the spool (recovering what it holds),
+//! starts the scheduler, binds the listeners. Used by `petrel-mta serve` and by tests,
+//! which bind port 0 and read the real addresses back.
+
+use crate::context::Context;
+use crate::scheduler::{self, SchedulerHandle};
+use crate::shutdown::Trigger;
+use crate::spool::{self, Spool};
+use mta_config::{ListenerKind, MtaConfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open spool at {path}: {source}")]
+    Spool {
+        path: std::path::PathBuf,
+        source: spool::Error,
+    },
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener {address}: kind {kind:?} needs TLS, which this build does not provide yet")]
+    Unsupported {
+        address: SocketAddr,
+        kind: ListenerKind,
+    },
+}
+
+pub struct Server {
+    pub ctx: Arc<Context>,
+    trigger: Trigger,
+    /// Bound addresses, in the order of `config.listeners`.
+    pub addresses: Vec<SocketAddr>,
+    /// Messages found in the spool at start.
+    pub recovered: usize,
+}
+
+impl Server {
+    pub async fn start(config: MtaConfig) -> Result<Server, StartError> {
+        for listener in &config.listeners {
+            if listener.kind != ListenerKind::Smtp {
+                return Err(StartError::Unsupported {
+                    address: listener.address,
+                    kind: listener.kind,
+                });
+            }
+        }
+        let (spool, recovered) = Spool::open(&config.spool.path, config.spool.segment_size)
+            .map_err(|source| StartError::Spool {
+                path: config.spool.path.clone(),
+                source,
+            })?;
+        let mut sockets = Vec::new();
+        for listener in &config.listeners {
+            let socket = TcpListener::bind(listener.address)
+                .await
+                .map_err(|source| StartError::Bind {
+                    address: listener.address,
+                    source,
+                })?;
+            sockets.push(socket);
+        }
+        let addresses = sockets
+            .iter()
+            .zip(&config.listeners)
+            .map(|(s, l)| s.local_addr().unwrap_or(l.address))
+            .collect();
+
+        let trigger = Trigger::new();
+        let (handle, jobs) = SchedulerHandle::channel();
+        let ctx = Arc::new(Context::new(config, spool, handle));
+        let count = recovered.len();
+        if count > 0 {
+            tracing::info!(messages = count, "recovered queued messages from the spool");
+        }
+        for message in recovered {
+            ctx.scheduler.enqueue(message.id, message.envelope);
+        }
+        tokio::spawn(scheduler::run(ctx.clone(), jobs, trigger.subscribe()));
+        for socket in sockets {
+            tokio::spawn(crate::listener::run(
+                socket,
+                ctx.clone(),
+                trigger.subscribe(),
+            ));
+        }
+        Ok(Server {
+            ctx,
+            trigger,
+            addresses,
+            recovered: count,
+        })
+    }
+
+    /// Stops accepting, lets sessions finish their message, waits for deliveries in
+    /// progress, and returns.
+    pub async fn shutdown(self) {
+        self.trigger.shutdown().await;
+    }
+}

@@ -1,0 +1,61 @@
+//! MAIL FROM: starts a transaction and records the sender's ESMTP parameters
+//! (SIZE, BODY, SMTPUTF8, DSN's RET and ENVID) in the envelope.
+
+use super::{Flow, MAX_PREALLOCATION, Reply, Session, Transaction};
+use crate::queue::{BodyType, DsnReturn, Envelope};
+use smtp_proto::{
+    MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8, MailFrom,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub(super) fn mail(&mut self, from: MailFrom<String>) -> Flow {
+        let Some(helo) = self.helo.clone() else {
+            return self.error(Reply::NEED_HELO);
+        };
+        if self.tx.is_some() {
+            return self.error(Reply::NESTED_MAIL);
+        }
+        if from.flags & MAIL_BODY_BINARYMIME != 0 {
+            // Not advertised: BINARYMIME needs BDAT-only transfer we do not offer.
+            return self.error(Reply::UNSUPPORTED_PARAMETER);
+        }
+        let max = self.config.smtpd.max_message_size;
+        if from.size as u64 > max {
+            return self.error(Reply::MESSAGE_TOO_BIG);
+        }
+        if !from.address.is_empty() && !from.address.contains('@') {
+            return self.error(Reply::BAD_SENDER_SYNTAX);
+        }
+        let dsn_ret = if from.flags & MAIL_RET_FULL != 0 {
+            Some(DsnReturn::Full)
+        } else if from.flags & MAIL_RET_HDRS != 0 {
+            Some(DsnReturn::Headers)
+        } else {
+            None
+        };
+        let envelope = Envelope {
+            sender: from.address,
+            recipients: Vec::new(),
+            declared_size: from.size as u64,
+            body: if from.flags & MAIL_BODY_8BITMIME != 0 {
+                BodyType::EightBitMime
+            } else {
+                BodyType::SevenBit
+            },
+            smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+            dsn_ret,
+            dsn_envid: from.env_id,
+            client_ip: self.peer.ip(),
+            helo,
+            received_at: 0,
+        };
+        self.tx = Some(Transaction {
+            envelope,
+            content: Vec::with_capacity((from.size).clamp(4096, MAX_PREALLOCATION)),
+            bdat: false,
+            failed: None,
+        });
+        self.reply(Reply::SENDER_OK)
+    }
+}

@@ -1,0 +1,328 @@
+//! One SMTP server session (RFC 5321): reads bytes, drives `smtp-proto`'s receivers, runs
+//! the verb handlers, and writes replies.
+//!
+//! Flow: greeting → commands (one file per verb group: [`ehlo`], [`mail`], [`rcpt`],
+//! [`data`]) → for each finished message, [`crate::cleanup`] stores it durably and the
+//! session answers `250 … queued as ID`.
+//!
+//! Invariants:
+//! * Bounded memory: command lines are capped by `smtp-proto` (4096 bytes, `500 5.5.2`),
+//!   message content by `smtpd.max_message_size` (content beyond it is read and dropped,
+//!   then `552 5.3.4`), recipients by `smtpd.max_recipients` (`452 4.5.3`).
+//! * Only `<CRLF>.<CRLF>` ends DATA (smtp-proto's receiver), and content with a bare CR or
+//!   LF is refused whole, so nothing behind a non-standard ending runs as a command.
+//! * Replies are buffered while more pipelined input is already here, and flushed before
+//!   the session waits for input (RFC 2920).
+//! * Every reply comes from the table in [`reply`].
+
+mod data;
+mod ehlo;
+mod mail;
+mod rcpt;
+pub mod reply;
+
+use crate::context::Context;
+use crate::queue::{Envelope, Recipient};
+use crate::shutdown::Shutdown;
+use mta_config::MtaConfig;
+pub use reply::Reply;
+use smtp_proto::request::receiver::{
+    BdatReceiver, DataReceiver, DummyDataReceiver, RequestReceiver,
+};
+use smtp_proto::{Error as ProtoError, Request};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What the session reads next.
+enum Input {
+    /// Command lines.
+    Command,
+    /// DATA content, kept.
+    Data(DataReceiver),
+    /// One BDAT chunk, kept.
+    Bdat(BdatReceiver),
+    /// DATA content or a BDAT chunk, read and dropped; the reply to send when it ends.
+    Discard {
+        receiver: DummyDataReceiver,
+        reply: Reply,
+    },
+}
+
+/// The transaction between MAIL and the end of the message.
+struct Transaction {
+    envelope: Envelope,
+    /// Content received so far.
+    content: Vec<u8>,
+    /// BDAT was used (so DATA may not follow).
+    bdat: bool,
+    /// A BDAT chunk failed: every further chunk gets this reply until the last one.
+    failed: Option<Reply>,
+}
+
+/// What the loop does after a command.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+pub struct Session<S> {
+    stream: S,
+    ctx: Arc<Context>,
+    /// Snapshot of the config when the session started: a reload applies to new sessions.
+    config: Arc<MtaConfig>,
+    peer: SocketAddr,
+    /// Name given in EHLO/HELO; `None` before.
+    helo: Option<String>,
+    /// EHLO (not HELO) was used.
+    extended: bool,
+    tx: Option<Transaction>,
+    errors: u32,
+    requests: RequestReceiver,
+    input: Input,
+    out: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub fn new(stream: S, ctx: Arc<Context>, peer: SocketAddr) -> Self {
+        let config = ctx.config();
+        Self {
+            stream,
+            ctx,
+            config,
+            peer,
+            helo: None,
+            extended: false,
+            tx: None,
+            errors: 0,
+            requests: RequestReceiver::default(),
+            input: Input::Command,
+            out: Vec::with_capacity(512),
+        }
+    }
+
+    /// Runs the session to its end. I/O errors end it quietly (the peer went away).
+    pub async fn run(mut self, mut shutdown: Shutdown) {
+        Reply::greeting(&self.config.hostname).write_to(&mut self.out);
+        if let Err(e) = self.serve(&mut shutdown).await {
+            tracing::debug!(peer = %self.peer, error = %e, "session ended by I/O error");
+        }
+    }
+
+    async fn serve(&mut self, shutdown: &mut Shutdown) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            self.flush().await?;
+            let idle = matches!(self.input, Input::Command);
+            let limit = if idle {
+                self.config.smtpd.command_timeout
+            } else {
+                self.config.smtpd.data_timeout
+            };
+            let n = tokio::select! {
+                read = tokio::time::timeout(limit, self.stream.read(&mut buf)) => match read {
+                    Ok(read) => read?,
+                    Err(_elapsed) => {
+                        self.send(Reply::TIMEOUT);
+                        return self.flush().await;
+                    }
+                },
+                // Shutdown interrupts only a session waiting for a command: a message
+                // being received is finished first.
+                () = shutdown.recv(), if idle && self.tx.is_none() => {
+                    self.send(Reply::SHUTTING_DOWN);
+                    return self.flush().await;
+                }
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            if self.ingest(&buf[..n]).await == Flow::Close {
+                return self.flush().await;
+            }
+        }
+    }
+
+    /// Consumes one chunk of input completely.
+    async fn ingest(&mut self, chunk: &[u8]) -> Flow {
+        let mut bytes = chunk.iter();
+        loop {
+            let flow = match &mut self.input {
+                Input::Command => match self.requests.ingest(&mut bytes) {
+                    Ok(request) => {
+                        let request = request.into_owned();
+                        self.command(request).await
+                    }
+                    Err(ProtoError::NeedsMoreData { .. }) => return Flow::Continue,
+                    Err(error) => self.protocol_error(&error),
+                },
+                Input::Data(receiver) => {
+                    let Some(tx) = self.tx.as_mut() else {
+                        return Flow::Close;
+                    };
+                    if receiver.ingest(&mut bytes, &mut tx.content) {
+                        self.input = Input::Command;
+                        self.end_of_data().await
+                    } else if tx.content.len() as u64 > self.config.smtpd.max_message_size {
+                        // Keep reading to the end marker, but stop storing.
+                        tx.content = Vec::new();
+                        self.input = Input::Discard {
+                            receiver: DummyDataReceiver::new_data(receiver),
+                            reply: Reply::MESSAGE_TOO_BIG,
+                        };
+                        Flow::Continue
+                    } else {
+                        return Flow::Continue;
+                    }
+                }
+                Input::Bdat(receiver) => {
+                    let Some(tx) = self.tx.as_mut() else {
+                        return Flow::Close;
+                    };
+                    if receiver.ingest(&mut bytes, &mut tx.content) {
+                        let last = receiver.is_last;
+                        self.input = Input::Command;
+                        self.end_of_chunk(last).await
+                    } else {
+                        return Flow::Continue;
+                    }
+                }
+                Input::Discard { receiver, reply } => {
+                    if receiver.ingest(&mut bytes) {
+                        let reply = reply.clone();
+                        self.input = Input::Command;
+                        self.discarded(reply)
+                    } else {
+                        return Flow::Continue;
+                    }
+                }
+            };
+            if flow == Flow::Close {
+                return Flow::Close;
+            }
+            if bytes.as_slice().is_empty() && matches!(self.input, Input::Command) {
+                return Flow::Continue;
+            }
+        }
+    }
+
+    async fn command(&mut self, request: Request<String>) -> Flow {
+        match request {
+            Request::Ehlo { host } => self.ehlo(host, true),
+            Request::Helo { host } => self.ehlo(host, false),
+            Request::Lhlo { .. } => self.error(Reply::UNKNOWN_COMMAND),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to),
+            Request::Data => self.data(),
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size, is_last),
+            Request::Rset => {
+                self.tx = None;
+                self.reply(Reply::RESET)
+            }
+            Request::Noop { .. } => self.reply(Reply::OK),
+            Request::Quit => {
+                self.send(Reply::BYE);
+                Flow::Close
+            }
+            Request::Help { .. } => self.reply(Reply::HELP),
+            // RFC 5321 §3.5.3: 252 when we will not say whether a user exists.
+            Request::Vrfy { .. } => self.reply(Reply::CANNOT_VRFY),
+            Request::Expn { .. } => self.error(Reply::EXPN_DISABLED),
+            Request::StartTls
+            | Request::Auth { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.error(Reply::NOT_IMPLEMENTED),
+        }
+    }
+
+    /// The content of a rejected message or chunk has been read to its end.
+    fn discarded(&mut self, reply: Reply) -> Flow {
+        if let Some(tx) = self.tx.as_mut()
+            && tx.bdat
+        {
+            // BDAT: the failure sticks to the transaction until RSET or the last chunk.
+            tx.failed = Some(reply.clone());
+        } else {
+            self.tx = None;
+        }
+        self.error(reply)
+    }
+
+    fn protocol_error(&mut self, error: &ProtoError) -> Flow {
+        let reply = match error {
+            ProtoError::UnknownCommand => Reply::UNKNOWN_COMMAND,
+            ProtoError::ResponseTooLong => Reply::LINE_TOO_LONG,
+            ProtoError::InvalidSenderAddress => Reply::BAD_SENDER_SYNTAX,
+            ProtoError::InvalidRecipientAddress => Reply::BAD_RECIPIENT_SYNTAX,
+            ProtoError::UnsupportedParameter { .. } => Reply::UNSUPPORTED_PARAMETER,
+            ProtoError::SyntaxError { .. } | ProtoError::InvalidParameter { .. } => {
+                Reply::SYNTAX_ERROR
+            }
+            // Response-side errors never come out of the request parser.
+            ProtoError::NeedsMoreData { .. } | ProtoError::InvalidResponse { .. } => {
+                Reply::SYNTAX_ERROR
+            }
+        };
+        self.error(reply)
+    }
+
+    /// Sends a success reply.
+    fn reply(&mut self, reply: Reply) -> Flow {
+        self.send(reply);
+        Flow::Continue
+    }
+
+    /// Sends an error reply, counting it against `smtpd.max_errors`.
+    fn error(&mut self, reply: Reply) -> Flow {
+        let closes = reply.closes_session();
+        self.send(reply);
+        if closes {
+            return Flow::Close;
+        }
+        self.errors += 1;
+        if self.errors >= self.config.smtpd.max_errors {
+            self.send(Reply::TOO_MANY_ERRORS);
+            return Flow::Close;
+        }
+        Flow::Continue
+    }
+
+    fn send(&mut self, reply: Reply) {
+        if reply.is_error() {
+            tracing::debug!(peer = %self.peer, code = reply.code, text = %reply.text, "reply");
+        }
+        reply.write_to(&mut self.out);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let write = self.stream.write_all(&self.out);
+        match tokio::time::timeout(self.config.smtpd.command_timeout, write).await {
+            Ok(result) => result?,
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        }
+        self.out.clear();
+        self.stream.flush().await
+    }
+
+    /// Recipients accepted so far in this transaction.
+    fn recipients(&self) -> &[Recipient] {
+        self.tx
+            .as_ref()
+            .map(|tx| tx.envelope.recipients.as_slice())
+            .unwrap_or_default()
+    }
+}
+
+/// Upper bound on how much content buffer a client's `SIZE=` may pre-allocate.
+const MAX_PREALLOCATION: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,42 @@
+//! RCPT TO: asks the policy stage about each recipient and records the accepted ones with
+//! their DSN parameters (NOTIFY, ORCPT).
+
+use super::{Flow, Reply, Session};
+use crate::policy;
+use crate::queue::{DsnNotify, Recipient, Status};
+use smtp_proto::{
+    RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS, RcptTo,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub(super) fn rcpt(&mut self, to: RcptTo<String>) -> Flow {
+        if self.tx.is_none() {
+            return self.error(Reply::NEED_MAIL);
+        }
+        if self.recipients().len() >= self.config.smtpd.max_recipients {
+            return self.error(Reply::TOO_MANY_RECIPIENTS);
+        }
+        if let Err(reply) = policy::check_recipient(&self.config, &to.address) {
+            return self.error(reply);
+        }
+        let notify = (to.flags
+            & (RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY | RCPT_NOTIFY_NEVER)
+            != 0)
+            .then_some(DsnNotify {
+                success: to.flags & RCPT_NOTIFY_SUCCESS != 0,
+                failure: to.flags & RCPT_NOTIFY_FAILURE != 0,
+                delay: to.flags & RCPT_NOTIFY_DELAY != 0,
+            });
+        let recipient = Recipient {
+            address: to.address,
+            notify,
+            orcpt: to.orcpt,
+            status: Status::Scheduled,
+        };
+        if let Some(tx) = self.tx.as_mut() {
+            tx.envelope.recipients.push(recipient);
+        }
+        self.reply(Reply::RECIPIENT_OK)
+    }
+}

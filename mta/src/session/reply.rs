@@ -1,0 +1,240 @@
+//! Every reply the SMTP server sends, in one table.
+//!
+//! No other module writes reply literals: they name a constant here, or call one of the
+//! constructors for replies that carry a value (queue id, host name). Reviewed like
+//! Postfix's `cleanup_stat_map`: code, RFC 3463 enhanced code, text.
+
+use std::borrow::Cow;
+
+/// One SMTP reply (RFC 5321 §4.2) with its enhanced status code (RFC 3463, RFC 2034).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub enhanced: Option<[u8; 3]>,
+    pub text: Cow<'static, str>,
+}
+
+const fn reply(code: u16, enhanced: [u8; 3], text: &'static str) -> Reply {
+    Reply {
+        code,
+        enhanced: Some(enhanced),
+        text: Cow::Borrowed(text),
+    }
+}
+
+impl Reply {
+    // --- success -----------------------------------------------------------------------
+    pub const OK: Reply = reply(250, [2, 0, 0], "Ok");
+    pub const SENDER_OK: Reply = reply(250, [2, 1, 0], "Sender ok");
+    pub const RECIPIENT_OK: Reply = reply(250, [2, 1, 5], "Recipient ok");
+    pub const RESET: Reply = reply(250, [2, 0, 0], "Reset state");
+    pub const START_DATA: Reply = Reply {
+        code: 354,
+        enhanced: None,
+        text: Cow::Borrowed("End data with <CR><LF>.<CR><LF>"),
+    };
+    pub const BYE: Reply = reply(221, [2, 0, 0], "Bye");
+    pub const HELP: Reply = reply(
+        214,
+        [2, 0, 0],
+        "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY",
+    );
+    pub const CANNOT_VRFY: Reply = reply(
+        252,
+        [2, 5, 0],
+        "Cannot VRFY user, but will accept message and attempt delivery",
+    );
+
+    // --- sequence and syntax: 5.5.x ----------------------------------------------------
+    pub const UNKNOWN_COMMAND: Reply = reply(500, [5, 5, 2], "Command not recognized");
+    pub const LINE_TOO_LONG: Reply = reply(500, [5, 5, 2], "Line too long");
+    pub const SYNTAX_ERROR: Reply = reply(501, [5, 5, 4], "Syntax error in parameters");
+    pub const BAD_SENDER_SYNTAX: Reply = reply(501, [5, 1, 7], "Bad sender address syntax");
+    pub const BAD_RECIPIENT_SYNTAX: Reply = reply(501, [5, 1, 3], "Bad recipient address syntax");
+    pub const NOT_IMPLEMENTED: Reply = reply(502, [5, 5, 1], "Command not implemented");
+    pub const EXPN_DISABLED: Reply = reply(502, [5, 5, 1], "EXPN is disabled");
+    pub const NEED_HELO: Reply = reply(503, [5, 5, 1], "Send EHLO or HELO first");
+    pub const NESTED_MAIL: Reply = reply(503, [5, 5, 1], "Sender already given");
+    pub const NEED_MAIL: Reply = reply(503, [5, 5, 1], "Send MAIL first");
+    pub const NEED_RCPT: Reply = reply(503, [5, 5, 1], "Send RCPT first");
+    pub const BDAT_THEN_DATA: Reply = reply(
+        503,
+        [5, 5, 1],
+        "DATA is not allowed after BDAT in one transaction",
+    );
+    pub const NO_VALID_RECIPIENTS: Reply = reply(554, [5, 5, 1], "No valid recipients");
+    pub const UNSUPPORTED_PARAMETER: Reply = reply(
+        555,
+        [5, 5, 4],
+        "MAIL or RCPT parameter not recognized or not implemented",
+    );
+
+    // --- limits ------------------------------------------------------------------------
+    pub const TOO_MANY_RECIPIENTS: Reply = reply(452, [4, 5, 3], "Too many recipients");
+    pub const MESSAGE_TOO_BIG: Reply = reply(
+        552,
+        [5, 3, 4],
+        "Message size exceeds fixed maximum message size",
+    );
+    pub const TIMEOUT: Reply = reply(421, [4, 4, 2], "Timeout exceeded, closing connection");
+    pub const TOO_MANY_ERRORS: Reply = reply(421, [4, 7, 0], "Too many errors, closing connection");
+    pub const TOO_MANY_CONNECTIONS: Reply =
+        reply(421, [4, 7, 0], "Too many connections, try again later");
+    pub const TOO_MANY_CONNECTIONS_FROM_IP: Reply = reply(
+        421,
+        [4, 7, 0],
+        "Too many connections from your address, try again later",
+    );
+    /// RFC 5321 §2.3.8: lines end with CRLF only. A bare CR or LF could hide a second
+    /// message end ("SMTP smuggling"), so such content is refused rather than repaired.
+    pub const BARE_LINE_ENDING: Reply = reply(
+        554,
+        [5, 6, 0],
+        "Message contains a bare CR or LF; lines must end with CRLF",
+    );
+
+    // --- policy ------------------------------------------------------------------------
+    pub const RELAY_DENIED: Reply = reply(550, [5, 7, 1], "Relay access denied");
+    pub const NO_SUCH_USER: Reply =
+        reply(550, [5, 1, 1], "Recipient address rejected: user unknown");
+    pub const BAD_LOCAL_PART: Reply = reply(
+        553,
+        [5, 1, 3],
+        "Recipient local part not acceptable for local delivery",
+    );
+
+    // --- local trouble -----------------------------------------------------------------
+    pub const SPOOL_FULL: Reply = reply(452, [4, 3, 1], "Insufficient system storage");
+    pub const SPOOL_ERROR: Reply = reply(451, [4, 3, 0], "Queue file write error, try again later");
+    pub const SHUTTING_DOWN: Reply =
+        reply(421, [4, 3, 2], "Service shutting down, try again later");
+
+    /// `220 host ESMTP Petrel`
+    pub fn greeting(hostname: &str) -> Reply {
+        Reply {
+            code: 220,
+            enhanced: None,
+            text: Cow::Owned(format!("{hostname} ESMTP Petrel")),
+        }
+    }
+
+    /// `250 2.0.0 Ok: queued as ID`
+    pub fn queued(id: impl std::fmt::Display) -> Reply {
+        Reply {
+            code: 250,
+            enhanced: Some([2, 0, 0]),
+            text: Cow::Owned(format!("Ok: queued as {id}")),
+        }
+    }
+
+    /// This reply with its text replaced (same codes).
+    pub fn with_text(&self, text: impl Into<Cow<'static, str>>) -> Reply {
+        Reply {
+            text: text.into(),
+            ..self.clone()
+        }
+    }
+
+    /// 4xx or 5xx.
+    pub fn is_error(&self) -> bool {
+        self.code >= 400
+    }
+
+    /// Whether the session ends after this reply.
+    pub fn closes_session(&self) -> bool {
+        self.code == 421 || self.code == 221
+    }
+
+    /// Appends the wire form (one line, CRLF-terminated) to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        self.write_line(out, ' ', &self.text);
+    }
+
+    /// Appends a multi-line reply: `self.text` first, then `lines` (EHLO keywords).
+    pub fn write_multiline(&self, lines: &[String], out: &mut Vec<u8>) {
+        let mut all = std::iter::once(self.text.as_ref())
+            .chain(lines.iter().map(String::as_str))
+            .peekable();
+        while let Some(line) = all.next() {
+            let sep = if all.peek().is_some() { '-' } else { ' ' };
+            // EHLO keyword lines carry no enhanced code (RFC 2034 §3).
+            let code = Reply {
+                enhanced: None,
+                ..self.clone()
+            };
+            code.write_line(out, sep, line);
+        }
+    }
+
+    fn write_line(&self, out: &mut Vec<u8>, sep: char, text: &str) {
+        use std::io::Write;
+        let _ = match self.enhanced {
+            Some([a, b, c]) => write!(out, "{}{sep}{a}.{b}.{c} {text}\r\n", self.code),
+            None => write!(out, "{}{sep}{text}\r\n", self.code),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every constant: the enhanced code's class matches the reply's class (the maddy
+    /// `SMTPEnchCode` bug this table guards against: a 4xx with a 5.x.x code).
+    #[test]
+    fn enhanced_class_matches_reply_class() {
+        let all = [
+            Reply::OK,
+            Reply::SENDER_OK,
+            Reply::RECIPIENT_OK,
+            Reply::RESET,
+            Reply::BYE,
+            Reply::HELP,
+            Reply::CANNOT_VRFY,
+            Reply::UNKNOWN_COMMAND,
+            Reply::LINE_TOO_LONG,
+            Reply::SYNTAX_ERROR,
+            Reply::BAD_SENDER_SYNTAX,
+            Reply::BAD_RECIPIENT_SYNTAX,
+            Reply::NOT_IMPLEMENTED,
+            Reply::EXPN_DISABLED,
+            Reply::NEED_HELO,
+            Reply::NESTED_MAIL,
+            Reply::NEED_MAIL,
+            Reply::NEED_RCPT,
+            Reply::BDAT_THEN_DATA,
+            Reply::NO_VALID_RECIPIENTS,
+            Reply::UNSUPPORTED_PARAMETER,
+            Reply::TOO_MANY_RECIPIENTS,
+            Reply::MESSAGE_TOO_BIG,
+            Reply::TIMEOUT,
+            Reply::TOO_MANY_ERRORS,
+            Reply::TOO_MANY_CONNECTIONS,
+            Reply::TOO_MANY_CONNECTIONS_FROM_IP,
+            Reply::BARE_LINE_ENDING,
+            Reply::RELAY_DENIED,
+            Reply::NO_SUCH_USER,
+            Reply::BAD_LOCAL_PART,
+            Reply::SPOOL_FULL,
+            Reply::SPOOL_ERROR,
+            Reply::SHUTTING_DOWN,
+            Reply::queued("X"),
+        ];
+        for r in all {
+            let [class, _, _] = r.enhanced.expect("every table entry has an enhanced code");
+            assert_eq!(u16::from(class), r.code / 100, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn wire_forms() {
+        let mut out = Vec::new();
+        Reply::TOO_MANY_RECIPIENTS.write_to(&mut out);
+        assert_eq!(out, b"452 4.5.3 Too many recipients\r\n");
+        out.clear();
+        Reply::OK
+            .with_text("mx.test")
+            .write_multiline(&["PIPELINING".into(), "SIZE 10".into()], &mut out);
+        assert_eq!(out, b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+    }
+}

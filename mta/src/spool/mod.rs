@@ -1,0 +1,339 @@
+//! The durable queue on this pod's volume: a log of append-only segment files.
+//!
+//! Contract: [`Spool::store`] returns only once the message and its envelope are on stable
+//! storage (written and `fdatasync`ed). Concurrent stores share one `fdatasync` (group
+//! commit, see [`writer`]), so throughput grows with the number of sessions instead of being
+//! capped at one sync per message. After a crash, [`Spool::open`] rebuilds every queued
+//! message and its recipients' state from the segments alone; a torn tail record is
+//! detected by its checksum and dropped, never delivered half.
+//!
+//! Lifecycle of a message: `store` (a `Message` record) → zero or more `update`s (an
+//! `Update` record with the recipients' statuses) → `remove` (a `Done` record). A segment
+//! file is deleted once every message in it is done and every older segment is gone (oldest
+//! first, so no `Done` or `Update` record is lost while the message it refers to still
+//! exists in an older segment).
+//!
+//! Not done yet: a long-deferred message keeps its (and every newer) segment on disk until
+//! it leaves the queue; relocating such stragglers into the active segment is future work.
+
+mod record;
+mod writer;
+
+use crate::queue::{Envelope, QueueId, QueueIdGenerator};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+use writer::{Append, Durability, Writer};
+
+/// Why the spool could not do what was asked. Each variant's doc names the SMTP reply the
+/// session sends for it (see `session::reply`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The volume is full (ENOSPC/EDQUOT). Reply `452 4.3.1`; nothing already accepted is
+    /// affected, and the next store tries again.
+    #[error("spool volume is full")]
+    Full,
+    /// Any other I/O failure while writing. Reply `451 4.3.0`.
+    #[error("spool write failed: {0}")]
+    Io(#[source] std::io::Error),
+    /// The writer has stopped (shutdown). Reply `421 4.3.2`.
+    #[error("spool is shut down")]
+    Closed,
+    /// No such message (already delivered or deleted).
+    #[error("no message {0} in the spool")]
+    NotFound(QueueId),
+    /// A record could not be decoded while opening the spool.
+    #[error("spool segment {path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+impl Error {
+    fn from_io(err: std::io::Error) -> Self {
+        match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::Full,
+            _ => Error::Io(err),
+        }
+    }
+}
+
+/// Where a message's bytes are.
+#[derive(Debug, Clone, Copy)]
+struct Location {
+    segment: u32,
+    /// Offset of the message bytes (not the record) in the segment file.
+    offset: u64,
+    len: u32,
+}
+
+/// State shared by the writer thread (which owns segment lifecycle) and readers.
+#[derive(Debug, Default)]
+struct Index {
+    messages: HashMap<QueueId, Location>,
+    /// Live messages per segment; a segment leaves this map when its file is deleted.
+    live: BTreeMap<u32, usize>,
+}
+
+/// A message found in the spool at start-up.
+#[derive(Debug)]
+pub struct Recovered {
+    pub id: QueueId,
+    pub envelope: Envelope,
+}
+
+/// Cheap to clone handle to the spool.
+#[derive(Clone, Debug)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    appends: mpsc::Sender<Append>,
+    ids: QueueIdGenerator,
+    index: Arc<Mutex<Index>>,
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir`, recovers every queued message, and
+    /// starts the writer thread on a fresh segment.
+    pub fn open(dir: &Path, segment_size: u64) -> Result<(Spool, Vec<Recovered>), Error> {
+        std::fs::create_dir_all(dir).map_err(Error::from_io)?;
+        let (index, recovered, last_segment, max_id) = recover(dir)?;
+        let index = Arc::new(Mutex::new(index));
+        let (appends, requests) = mpsc::channel(4096);
+        Writer::start(
+            dir.to_owned(),
+            last_segment + 1,
+            segment_size,
+            index.clone(),
+            requests,
+        )
+        .map_err(Error::from_io)?;
+        let spool = Spool {
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                appends,
+                ids: QueueIdGenerator::new(max_id),
+                index,
+                readers: Mutex::new(HashMap::new()),
+            }),
+        };
+        Ok((spool, recovered))
+    }
+
+    /// A fresh queue id for a message about to be stored.
+    pub fn next_id(&self) -> QueueId {
+        self.inner.ids.next()
+    }
+
+    /// Stores a message durably. `message` is the content as delivered (header lines the
+    /// MTA adds first, then what the client sent); it is concatenated, not copied twice.
+    pub async fn store(
+        &self,
+        id: QueueId,
+        envelope: &Envelope,
+        message: &[&[u8]],
+    ) -> Result<(), Error> {
+        let json = envelope_json(envelope);
+        let bytes = record::encode_message(id, &json, message);
+        self.append(Append::message(id, bytes, json.len()), Durability::Sync)
+            .await
+    }
+
+    /// Records the recipients' new statuses durably (so a restart does not redo them).
+    pub async fn update(&self, id: QueueId, envelope: &Envelope) -> Result<(), Error> {
+        let bytes = record::encode_update(id, &envelope_json(envelope));
+        self.append(Append::other(id, bytes), Durability::Sync)
+            .await
+    }
+
+    /// Marks a message finished. Not synced on its own: it rides along with the next group
+    /// commit. Losing it in a crash means the message is redelivered, which local delivery
+    /// detects (its Maildir file name is derived from the queue id).
+    pub async fn remove(&self, id: QueueId) -> Result<(), Error> {
+        let bytes = record::encode_done(id);
+        self.append(Append::done(id, bytes), Durability::Lazy).await
+    }
+
+    /// Reads a queued message's content.
+    pub async fn read_message(&self, id: QueueId) -> Result<Vec<u8>, Error> {
+        let location = {
+            let index = self.inner.index.lock().unwrap_or_else(|e| e.into_inner());
+            index.messages.get(&id).copied()
+        }
+        .ok_or(Error::NotFound(id))?;
+        let file = self.reader(location.segment)?;
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0; location.len as usize];
+            file.read_exact_at(&mut buf, location.offset)
+                .map(|()| buf)
+                .map_err(Error::from_io)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+    }
+
+    /// Number of messages currently in the spool.
+    pub fn len(&self) -> usize {
+        let index = self.inner.index.lock().unwrap_or_else(|e| e.into_inner());
+        index.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of segment files on disk (live or active).
+    pub fn segment_count(&self) -> usize {
+        std::fs::read_dir(&self.inner.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| segment_number(&e.path()).is_some())
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    fn reader(&self, segment: u32) -> Result<Arc<File>, Error> {
+        let mut readers = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(file) = readers.get(&segment) {
+            return Ok(file.clone());
+        }
+        // Drop handles of deleted segments so their space is freed.
+        {
+            let index = self.inner.index.lock().unwrap_or_else(|e| e.into_inner());
+            readers.retain(|seg, _| index.live.contains_key(seg));
+        }
+        let file =
+            Arc::new(File::open(segment_path(&self.inner.dir, segment)).map_err(Error::from_io)?);
+        readers.insert(segment, file.clone());
+        Ok(file)
+    }
+
+    async fn append(&self, mut append: Append, durability: Durability) -> Result<(), Error> {
+        let (done, result) = oneshot::channel();
+        append.durability = durability;
+        append.done = Some(done);
+        self.inner
+            .appends
+            .send(append)
+            .await
+            .map_err(|_| Error::Closed)?;
+        result.await.map_err(|_| Error::Closed)?
+    }
+}
+
+fn envelope_json(envelope: &Envelope) -> Vec<u8> {
+    // Serialising plain data with string keys cannot fail.
+    serde_json::to_vec(envelope).unwrap_or_default()
+}
+
+fn segment_path(dir: &Path, segment: u32) -> PathBuf {
+    dir.join(format!("{segment:010}.seg"))
+}
+
+fn segment_number(path: &Path) -> Option<u32> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_suffix(".seg")?.parse().ok()
+}
+
+/// Scans every segment in order and rebuilds the index. Returns the index, the live
+/// messages, the highest segment number seen (0 when none) and the highest queue id.
+fn recover(dir: &Path) -> Result<(Index, Vec<Recovered>, u32, u64), Error> {
+    let mut segments: Vec<u32> = std::fs::read_dir(dir)
+        .map_err(Error::from_io)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| segment_number(&e.path()))
+        .collect();
+    segments.sort_unstable();
+
+    let mut index = Index::default();
+    let mut envelopes: HashMap<QueueId, Envelope> = HashMap::new();
+    let mut max_id = 0;
+    for &segment in &segments {
+        let path = segment_path(dir, segment);
+        let data = std::fs::read(&path).map_err(Error::from_io)?;
+        index.live.insert(segment, 0);
+        let mut offset = 0;
+        loop {
+            let decoded = match record::decode(&data[offset..]) {
+                Ok(decoded) => decoded,
+                Err(record::Stop::End) => break,
+                Err(record::Stop::Torn) => {
+                    // A crash mid-append leaves a partial record at the tail. Cut it off so
+                    // the file holds only whole records.
+                    tracing::warn!(
+                        segment = %path.display(),
+                        offset,
+                        dropped_bytes = data.len() - offset,
+                        "spool: dropping torn record at end of segment"
+                    );
+                    truncate(&path, offset as u64).map_err(Error::from_io)?;
+                    break;
+                }
+            };
+            max_id = max_id.max(decoded.id.0);
+            let corrupt = |reason: String| Error::Corrupt {
+                path: path.clone(),
+                reason,
+            };
+            match decoded.kind {
+                record::Kind::Message => {
+                    let envelope: Envelope = serde_json::from_slice(decoded.envelope)
+                        .map_err(|e| corrupt(format!("envelope of {}: {e}", decoded.id)))?;
+                    let location = Location {
+                        segment,
+                        offset: (offset + decoded.message_offset) as u64,
+                        len: decoded.message.len() as u32,
+                    };
+                    if let Some(old) = index.messages.insert(decoded.id, location) {
+                        release(&mut index.live, old.segment);
+                    }
+                    *index.live.entry(segment).or_default() += 1;
+                    envelopes.insert(decoded.id, envelope);
+                }
+                record::Kind::Update => {
+                    if let Some(envelope) = envelopes.get_mut(&decoded.id) {
+                        *envelope = serde_json::from_slice(decoded.envelope)
+                            .map_err(|e| corrupt(format!("update of {}: {e}", decoded.id)))?;
+                    }
+                }
+                record::Kind::Done => {
+                    if let Some(old) = index.messages.remove(&decoded.id) {
+                        release(&mut index.live, old.segment);
+                    }
+                    envelopes.remove(&decoded.id);
+                }
+            }
+            offset += decoded.len;
+        }
+    }
+    let mut recovered: Vec<Recovered> = envelopes
+        .into_iter()
+        .map(|(id, envelope)| Recovered { id, envelope })
+        .collect();
+    recovered.sort_by_key(|r| r.id);
+    let last = segments.last().copied().unwrap_or(0);
+    Ok((index, recovered, last, max_id))
+}
+
+fn release(live: &mut BTreeMap<u32, usize>, segment: u32) {
+    if let Some(count) = live.get_mut(&segment) {
+        *count = count.saturating_sub(1);
+    }
+}
+
+fn truncate(path: &Path, len: u64) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.set_len(len)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,271 @@
+//! The spool's single writer: a dedicated OS thread that appends records to the active
+//! segment and makes them durable in groups.
+//!
+//! Group commit: the thread blocks for one request, then takes every request already
+//! queued behind it (up to a batch cap), appends them all, and calls `fdatasync` once if
+//! any of them asked for durability. While that sync runs, new requests pile up and form
+//! the next batch. So with N concurrent sessions one sync acknowledges up to N messages,
+//! and an idle spool still answers a single message after one sync.
+//!
+//! A failed append (disk full, I/O error) truncates the segment back to where the batch
+//! began, so the file never holds a record whose writer was told "failed"; every request
+//! of that batch gets the error. A failed `fdatasync` is treated as losing the segment's
+//! page-cache state (Linux may drop the dirty pages): the batch fails and writing moves on
+//! to a new segment.
+//!
+//! The writer also owns segment lifecycle: rotation past `segment_size` and deletion of
+//! fully-done segments, oldest first.
+
+use super::{Error, Index, Location, segment_path};
+use crate::queue::QueueId;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most requests handled in one group commit.
+const MAX_BATCH: usize = 512;
+
+/// Whether the caller waits for the record to reach stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Reply after `fdatasync`.
+    Sync,
+    /// Reply after the write; synced with the next group commit.
+    Lazy,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Effect {
+    /// A new message: index it. Carries the envelope length to find the message bytes.
+    Insert { envelope_len: usize },
+    /// The message is finished: unindex it.
+    Remove,
+    /// Nothing to index (status update).
+    None,
+}
+
+/// One request to the writer.
+#[derive(Debug)]
+pub struct Append {
+    id: QueueId,
+    bytes: Vec<u8>,
+    effect: Effect,
+    pub durability: Durability,
+    pub done: Option<oneshot::Sender<Result<(), Error>>>,
+}
+
+impl Append {
+    pub fn message(id: QueueId, bytes: Vec<u8>, envelope_len: usize) -> Self {
+        Self::new(id, bytes, Effect::Insert { envelope_len })
+    }
+    pub fn done(id: QueueId, bytes: Vec<u8>) -> Self {
+        Self::new(id, bytes, Effect::Remove)
+    }
+    pub fn other(id: QueueId, bytes: Vec<u8>) -> Self {
+        Self::new(id, bytes, Effect::None)
+    }
+    fn new(id: QueueId, bytes: Vec<u8>, effect: Effect) -> Self {
+        Self {
+            id,
+            bytes,
+            effect,
+            durability: Durability::Sync,
+            done: None,
+        }
+    }
+}
+
+pub struct Writer {
+    dir: PathBuf,
+    segment: u32,
+    file: File,
+    offset: u64,
+    segment_size: u64,
+    index: Arc<Mutex<Index>>,
+}
+
+impl Writer {
+    /// Creates segment `first_segment` and runs the writer on its own thread until every
+    /// sender is dropped.
+    pub fn start(
+        dir: PathBuf,
+        first_segment: u32,
+        segment_size: u64,
+        index: Arc<Mutex<Index>>,
+        requests: mpsc::Receiver<Append>,
+    ) -> std::io::Result<()> {
+        let file = create_segment(&dir, first_segment)?;
+        lock(&index).live.insert(first_segment, 0);
+        let writer = Writer {
+            dir,
+            segment: first_segment,
+            file,
+            offset: 0,
+            segment_size,
+            index,
+        };
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(requests))?;
+        Ok(())
+    }
+
+    fn run(mut self, mut requests: mpsc::Receiver<Append>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = requests.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match requests.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+        // Shutdown: make lazily written records durable too.
+        if let Err(e) = self.file.sync_data() {
+            tracing::error!(error = %e, "spool: final sync failed");
+        }
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Append>) {
+        let start = self.offset;
+        let result = self.write_all(batch).and_then(|()| {
+            if batch.iter().any(|a| a.durability == Durability::Sync) {
+                self.file.sync_data().map_err(SyncFailed)
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => {
+                self.index_batch(batch, start);
+                for append in batch.drain(..) {
+                    if let Some(done) = append.done {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                self.maybe_rotate();
+            }
+            Err(SyncFailed(err)) => {
+                tracing::error!(error = %err, segment = self.segment, "spool: append or sync failed");
+                let kind = err.raw_os_error();
+                self.recover_from_failure(start);
+                for append in batch.drain(..) {
+                    if let Some(done) = append.done {
+                        let err = match kind {
+                            Some(code) => std::io::Error::from_raw_os_error(code),
+                            None => std::io::Error::other(err.to_string()),
+                        };
+                        let _ = done.send(Err(Error::from_io(err)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_all(&mut self, batch: &[Append]) -> Result<(), SyncFailed> {
+        for append in batch {
+            self.file.write_all(&append.bytes).map_err(SyncFailed)?;
+        }
+        Ok(())
+    }
+
+    /// Updates the read index after a successful commit and deletes reclaimable segments.
+    fn index_batch(&mut self, batch: &[Append], start: u64) {
+        let mut index = lock(&self.index);
+        let mut offset = start;
+        for append in batch {
+            match append.effect {
+                Effect::Insert { envelope_len } => {
+                    let message_offset = super::record::message_offset(envelope_len);
+                    index.messages.insert(
+                        append.id,
+                        Location {
+                            segment: self.segment,
+                            offset: offset + message_offset as u64,
+                            len: (append.bytes.len() - message_offset) as u32,
+                        },
+                    );
+                    *index.live.entry(self.segment).or_default() += 1;
+                }
+                Effect::Remove => {
+                    if let Some(old) = index.messages.remove(&append.id) {
+                        super::release(&mut index.live, old.segment);
+                    }
+                }
+                Effect::None => {}
+            }
+            offset += append.bytes.len() as u64;
+        }
+        self.offset = offset;
+        // Oldest first: see the module doc of `spool` for why order matters.
+        while let Some((&oldest, &live)) = index.live.first_key_value() {
+            if live != 0 || oldest == self.segment {
+                break;
+            }
+            index.live.remove(&oldest);
+            let path = segment_path(&self.dir, oldest);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(error = %e, segment = %path.display(), "spool: cannot delete finished segment");
+            }
+        }
+    }
+
+    fn maybe_rotate(&mut self) {
+        if self.offset >= self.segment_size {
+            self.open_next_segment();
+        }
+    }
+
+    fn recover_from_failure(&mut self, start: u64) {
+        // Remove whatever part of the batch reached the file, so a later successful batch
+        // is not preceded by records whose writers were told "failed".
+        let truncated = self.file.set_len(start).is_ok()
+            && std::io::Seek::seek(&mut self.file, std::io::SeekFrom::Start(start)).is_ok();
+        if truncated {
+            self.offset = start;
+        } else {
+            self.open_next_segment();
+        }
+    }
+
+    fn open_next_segment(&mut self) {
+        let next = self.segment + 1;
+        match create_segment(&self.dir, next) {
+            Ok(file) => {
+                // Lazily written records of the old segment become durable now.
+                if let Err(e) = self.file.sync_data() {
+                    tracing::error!(error = %e, "spool: sync of full segment failed");
+                }
+                self.file = file;
+                self.segment = next;
+                self.offset = 0;
+                lock(&self.index).live.insert(next, 0);
+            }
+            Err(e) => {
+                // Keep appending to the current segment; the next rotation retries.
+                tracing::error!(error = %e, segment = next, "spool: cannot create segment");
+            }
+        }
+    }
+}
+
+/// An I/O error from appending or syncing a batch.
+struct SyncFailed(std::io::Error);
+
+fn create_segment(dir: &std::path::Path, segment: u32) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(segment_path(dir, segment))?;
+    // The new directory entry must be durable before records in it are acknowledged.
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+fn lock(index: &Mutex<Index>) -> std::sync::MutexGuard<'_, Index> {
+    index.lock().unwrap_or_else(|e| e.into_inner())
+}
