@@ -49,7 +49,10 @@ fn every_crd_has_status_subresource_printer_columns_and_documented_fields() {
             .additional_printer_columns
             .as_ref()
             .expect("printer columns");
-        assert!(columns.iter().any(|c| c.name == "Age"), "{file}: Age column");
+        assert!(
+            columns.iter().any(|c| c.name == "Age"),
+            "{file}: Age column"
+        );
         let schema = serde_json::to_value(&version.schema).expect("schema");
         let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
         let mut undocumented = Vec::new();
@@ -172,7 +175,10 @@ fn relay_policy_cel_refuses_open_relays_and_empty_policies() {
             serde_json::json!({"clientNetworks": ["0.0.0.0/0"]}),
             "open relay",
         ),
-        (serde_json::json!({"clientNetworks": ["::/0"]}), "open relay"),
+        (
+            serde_json::json!({"clientNetworks": ["::/0"]}),
+            "open relay",
+        ),
         (
             serde_json::json!({"clientNetworks": ["10.0.0.300/8"]}),
             "must be CIDRs",
@@ -199,7 +205,10 @@ fn relay_policy_cel_refuses_open_relays_and_empty_policies() {
 #[test]
 fn smtp_listener_cel_refuses_duplicate_ports_and_bad_autoscaling() {
     let listener = |spec: serde_json::Value| {
-        SmtpListener::new("mx", serde_json::from_value(spec).expect("spec deserialises"))
+        SmtpListener::new(
+            "mx",
+            serde_json::from_value(spec).expect("spec deserialises"),
+        )
     };
     let good = listener(serde_json::json!({"hostname": "mx.example.com",
         "ports": [{"name": "smtp", "kind": "smtp", "port": 25},
@@ -239,12 +248,17 @@ fn smtp_listener_cel_refuses_duplicate_ports_and_bad_autoscaling() {
 #[test]
 fn dkim_key_cel_refuses_bad_durations_and_selectors() {
     let key = |spec: serde_json::Value| {
-        DkimKey::new("k", serde_json::from_value(spec).expect("spec deserialises"))
+        DkimKey::new(
+            "k",
+            serde_json::from_value(spec).expect("spec deserialises"),
+        )
     };
     let good = key(serde_json::json!({"domain": "example.com", "algorithm": "ed25519"}));
     assert_eq!(errors_of(&good), "");
-    let bad = key(serde_json::json!({"domain": "example.com", "algorithm": "ed25519",
-        "rotationPeriod": "3 months", "selectorPrefix": "Bad_Prefix"}));
+    let bad = key(
+        serde_json::json!({"domain": "example.com", "algorithm": "ed25519",
+        "rotationPeriod": "3 months", "selectorPrefix": "Bad_Prefix"}),
+    );
     let errors = errors_of(&bad);
     assert!(errors.contains("rotationPeriod is a duration"), "{errors}");
     assert!(errors.contains("selectorPrefix must be"), "{errors}");
@@ -279,7 +293,10 @@ fn merge_keeps_transition_time_when_status_is_unchanged() {
         Some(2),
         "2026-02-02T00:00:00Z",
     )];
-    assert_eq!(merge(&old, same)[0].last_transition_time, "2026-01-01T00:00:00Z");
+    assert_eq!(
+        merge(&old, same)[0].last_transition_time,
+        "2026-01-01T00:00:00Z"
+    );
     let flipped = vec![Condition::new(
         READY,
         ConditionStatus::False,
@@ -288,5 +305,8 @@ fn merge_keeps_transition_time_when_status_is_unchanged() {
         Some(2),
         "2026-02-02T00:00:00Z",
     )];
-    assert_eq!(merge(&old, flipped)[0].last_transition_time, "2026-02-02T00:00:00Z");
+    assert_eq!(
+        merge(&old, flipped)[0].last_transition_time,
+        "2026-02-02T00:00:00Z"
+    );
 }
