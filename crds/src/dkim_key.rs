@@ -5,6 +5,9 @@
 //! status (phase, selectors with their public TXT records, next rotation time). The key
 //! material lives in Secrets the operator owns, never in the resource.
 
+// kube's `printcolumn(name = .., type_ = ..)` repeats keys across columns by design.
+#![allow(clippy::duplicated_attributes)]
+
 use crate::conditions::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};

@@ -4,6 +4,9 @@
 //! TLS-RPT wishes, which DkimKey signs it) and the status (conditions plus the DNS guidance:
 //! every record the domain needs and whether live DNS already matches).
 
+// kube's `printcolumn(name = .., type_ = ..)` repeats keys across columns by design.
+#![allow(clippy::duplicated_attributes)]
+
 use crate::conditions::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};

@@ -5,6 +5,9 @@
 //! route, TLS requirements, message size) and the status (conditions). The CEL rules make an
 //! open relay impossible to declare by accident.
 
+// kube's `printcolumn(name = .., type_ = ..)` repeats keys across columns by design.
+#![allow(clippy::duplicated_attributes)]
+
 use crate::conditions::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};

@@ -4,6 +4,9 @@
 //! PROXY protocol, Service shape, resources, session limits) and the status (conditions,
 //! replicas, per-pod queue depth, certificate expiry).
 
+// kube's `printcolumn(name = .., type_ = ..)` repeats keys across columns by design.
+#![allow(clippy::duplicated_attributes)]
+
 use crate::conditions::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
