@@ -128,7 +128,7 @@ pub struct Recipient {
     /// DSN `NOTIFY=`; `None` means the client did not say (RFC 3461: failure and delay).
     #[serde(default)]
     pub notify: Option<DsnNotify>,
-    /// DSN `ORCPT=` as given (`addr-type;xtext`).
+    /// DSN `ORCPT=`: the original recipient address, decoded from `rfc822;xtext`.
     #[serde(default)]
     pub orcpt: Option<String>,
     #[serde(default)]

@@ -27,7 +27,7 @@ use crate::shutdown::Shutdown;
 use mta_config::MtaConfig;
 pub use reply::Reply;
 use smtp_proto::request::receiver::{
-    BdatReceiver, DataReceiver, DummyDataReceiver, RequestReceiver,
+    BdatReceiver, DataReceiver, DummyDataReceiver, MAX_LINE_LENGTH, RequestReceiver,
 };
 use smtp_proto::{Error as ProtoError, Request};
 use std::net::SocketAddr;
@@ -80,6 +80,8 @@ pub struct Session<S> {
     tx: Option<Transaction>,
     errors: u32,
     requests: RequestReceiver,
+    /// Inside an overlong command line: drop input up to the next LF.
+    skipping_line: bool,
     input: Input,
     out: Vec<u8>,
 }
@@ -97,6 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             tx: None,
             errors: 0,
             requests: RequestReceiver::default(),
+            skipping_line: false,
             input: Input::Command,
             out: Vec::with_capacity(512),
         }
@@ -149,14 +152,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut bytes = chunk.iter();
         loop {
             let flow = match &mut self.input {
-                Input::Command => match self.requests.ingest(&mut bytes) {
-                    Ok(request) => {
-                        let request = request.into_owned();
-                        self.command(request).await
+                Input::Command => {
+                    if let Some(flow) = self.overlong_line(&mut bytes) {
+                        flow
+                    } else {
+                        match self.requests.ingest(&mut bytes) {
+                            Ok(request) => {
+                                let request = request.into_owned();
+                                self.command(request).await
+                            }
+                            Err(ProtoError::NeedsMoreData { .. }) => return Flow::Continue,
+                            Err(ProtoError::ResponseTooLong) => {
+                                // The rest of this line is still to come: drop it.
+                                self.skipping_line = true;
+                                self.error(Reply::LINE_TOO_LONG)
+                            }
+                            Err(error) => self.protocol_error(&error),
+                        }
                     }
-                    Err(ProtoError::NeedsMoreData { .. }) => return Flow::Continue,
-                    Err(error) => self.protocol_error(&error),
-                },
+                }
                 Input::Data(receiver) => {
                     let Some(tx) = self.tx.as_mut() else {
                         return Flow::Close;
@@ -205,6 +219,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Flow::Continue;
             }
         }
+    }
+
+    /// Enforces the command line length limit, which `smtp-proto` checks only for lines
+    /// split over several reads. Drops the whole overlong line (even across reads), so no
+    /// part of it is ever taken for a command. `None` means the line may be parsed.
+    fn overlong_line(&mut self, bytes: &mut std::slice::Iter<'_, u8>) -> Option<Flow> {
+        let rest = bytes.as_slice();
+        let newline = memchr::memchr(b'\n', rest);
+        if self.skipping_line {
+            match newline {
+                Some(pos) => {
+                    *bytes = rest[pos + 1..].iter();
+                    self.skipping_line = false;
+                }
+                None => *bytes = [].iter(),
+            }
+            return Some(Flow::Continue);
+        }
+        match newline {
+            Some(pos) if pos > MAX_LINE_LENGTH => *bytes = rest[pos + 1..].iter(),
+            None if rest.len() > MAX_LINE_LENGTH => {
+                *bytes = [].iter();
+                self.skipping_line = true;
+            }
+            _ => return None,
+        }
+        Some(self.error(Reply::LINE_TOO_LONG))
     }
 
     async fn command(&mut self, request: Request<String>) -> Flow {

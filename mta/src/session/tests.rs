@@ -1,1 +1,309 @@
+//! Session conversations without sockets: a `tokio::io::duplex` pipe, a real spool in a
+//! temporary directory, and the scheduler's inbox inspected directly.
 
+use super::*;
+use crate::scheduler::{Job, SchedulerHandle};
+use crate::shutdown::Trigger;
+use crate::spool::Spool;
+use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+use tokio::sync::mpsc;
+
+struct Client {
+    reader: BufReader<tokio::io::ReadHalf<DuplexStream>>,
+    writer: tokio::io::WriteHalf<DuplexStream>,
+    jobs: mpsc::UnboundedReceiver<Job>,
+    ctx: Arc<Context>,
+    _trigger: Trigger,
+    _dir: tempfile::TempDir,
+}
+
+async fn connect_with(adjust: impl FnOnce(&mut MtaConfig)) -> Client {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = MtaConfig::embedded_default();
+    config.spool.path = dir.path().join("spool");
+    adjust(&mut config);
+    let (spool, _) = Spool::open(&config.spool.path, 1 << 20).expect("spool");
+    let (handle, jobs) = SchedulerHandle::channel();
+    let ctx = Arc::new(Context::new(config, spool, handle));
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let trigger = Trigger::new();
+    let session = Session::new(server, ctx.clone(), "127.0.0.9:4000".parse().expect("addr"));
+    tokio::spawn(session.run(trigger.subscribe()));
+    let (read, writer) = tokio::io::split(client);
+    let mut client = Client {
+        reader: BufReader::new(read),
+        writer,
+        jobs,
+        ctx,
+        _trigger: trigger,
+        _dir: dir,
+    };
+    client.expect("220").await;
+    client
+}
+
+async fn connect() -> Client {
+    connect_with(|_| {}).await
+}
+
+impl Client {
+    async fn send(&mut self, bytes: &str) {
+        self.writer
+            .write_all(bytes.as_bytes())
+            .await
+            .expect("write");
+    }
+
+    /// Reads one whole (possibly multi-line) reply and returns its last line.
+    async fn reply(&mut self) -> String {
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).await.expect("read");
+            assert!(n > 0, "connection closed while waiting for a reply");
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return line.trim_end().to_owned();
+            }
+        }
+    }
+
+    /// Reads one reply and checks that it starts with `prefix` (code and enhanced code).
+    async fn expect(&mut self, prefix: &str) -> String {
+        let line = self.reply().await;
+        assert!(
+            line.starts_with(prefix),
+            "expected {prefix:?}, got {line:?}"
+        );
+        line
+    }
+
+    async fn closed(&mut self) -> bool {
+        let mut line = String::new();
+        matches!(self.reader.read_line(&mut line).await, Ok(0) | Err(_))
+    }
+
+    async fn ehlo_mail_rcpt(&mut self) {
+        self.send("EHLO client.test\r\n").await;
+        self.expect("250 HELP").await;
+        self.send("MAIL FROM:<a@sender.test>\r\n").await;
+        self.expect("250 2.1.0").await;
+        self.send("RCPT TO:<bob@example.test>\r\n").await;
+        self.expect("250 2.1.5").await;
+    }
+}
+
+/// Malformed and out-of-order input: each line gets its precise reply, and the session
+/// still serves a good transaction afterwards.
+#[tokio::test]
+async fn malformed_and_out_of_order_table() {
+    let long_line = format!("NOOP {}\r\n", "x".repeat(5000));
+    let cases: &[(&str, &str)] = &[
+        ("MAIL FROM:<a@sender.test>\r\n", "503 5.5.1"),
+        ("RCPT TO:<bob@example.test>\r\n", "503 5.5.1"),
+        ("DATA\r\n", "503 5.5.1"),
+        ("BLAH\r\n", "500 5.5.2"),
+        ("EXPN staff\r\n", "502 5.5.1"),
+        ("VRFY bob\r\n", "252 2.5.0"),
+        ("HELP\r\n", "214 2.0.0"),
+        ("NOOP\r\n", "250 2.0.0"),
+        ("EHLO\r\n", "501"),
+        ("EHLO client.test\r\n", "250 HELP"),
+        ("MAIL FROM:<a@sender.test> FOO=BAR\r\n", "555 5.5.4"),
+        ("MAIL FROM:<a@sender.test> SIZE=999999999\r\n", "552 5.3.4"),
+        ("MAIL FROM:<no-domain>\r\n", "501 5.1.7"),
+        ("MAIL FROM:<a@sender.test>\r\n", "250 2.1.0"),
+        ("MAIL FROM:<a@sender.test>\r\n", "503 5.5.1"),
+        ("RCPT TO:<x@remote.test>\r\n", "550 5.7.1"),
+        ("DATA\r\n", "554 5.5.1"),
+        ("RSET\r\n", "250 2.0.0"),
+        (long_line.as_str(), "500 5.5.2"),
+    ];
+    let mut client = connect_with(|c| c.smtpd.max_errors = 100).await;
+    for (input, expected) in cases {
+        client.send(input).await;
+        let got = client.reply().await;
+        let shown: String = input.chars().take(60).collect();
+        assert!(
+            got.starts_with(expected),
+            "{shown:?}: expected {expected}, got {got:?}"
+        );
+    }
+    client.ehlo_mail_rcpt().await;
+    client.send("DATA\r\n").await;
+    client.expect("354").await;
+    client.send("Subject: t\r\n\r\nhello\r\n.\r\n").await;
+    client.expect("250 2.0.0 Ok: queued as").await;
+}
+
+#[tokio::test]
+async fn pipelined_transaction_is_stored_with_its_parameters() {
+    let mut client = connect().await;
+    client
+        .send(concat!(
+            "EHLO client.test\r\n",
+            "MAIL FROM:<a@sender.test> SIZE=100 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=e1\r\n",
+            "RCPT TO:<bob@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@example.test\r\n",
+            "RCPT TO:<carol@example.test>\r\n",
+            "DATA\r\n"
+        ))
+        .await;
+    client.expect("250 HELP").await;
+    client.expect("250 2.1.0").await;
+    client.expect("250 2.1.5").await;
+    client.expect("250 2.1.5").await;
+    client.expect("354").await;
+    client
+        .send("Subject: t\r\n\r\n..dot-stuffed\r\n.\r\n")
+        .await;
+    let line = client.expect("250 2.0.0 Ok: queued as ").await;
+    let id: crate::queue::QueueId = line
+        .rsplit(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("queue id in reply");
+
+    let job = client.jobs.recv().await.expect("handed to scheduler");
+    assert_eq!(job.id, id);
+    let env = &job.envelope;
+    assert_eq!(env.sender, "a@sender.test");
+    assert_eq!(env.declared_size, 100);
+    assert_eq!(env.body, crate::queue::BodyType::EightBitMime);
+    assert!(env.smtputf8);
+    assert_eq!(env.dsn_ret, Some(crate::queue::DsnReturn::Headers));
+    assert_eq!(env.dsn_envid.as_deref(), Some("e1"));
+    assert_eq!(env.recipients.len(), 2);
+    let notify = env.recipients[0].notify.expect("NOTIFY kept");
+    assert!(notify.success && notify.failure && !notify.delay);
+    assert_eq!(
+        env.recipients[0].orcpt.as_deref(),
+        Some("bob@example.test"),
+        "smtp-proto decodes ORCPT to the address (type rfc822)"
+    );
+    assert_eq!(env.recipients[1].notify, None);
+
+    let stored = client.ctx.spool.read_message(id).await.expect("in spool");
+    let text = String::from_utf8(stored).expect("utf8");
+    assert!(
+        text.starts_with("Received: from client.test ([127.0.0.9])"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("with UTF8ESMTP id {id}")), "{text}");
+    assert!(
+        text.ends_with("Subject: t\r\n\r\n.dot-stuffed\r\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn bdat_chunks_make_one_message() {
+    let mut client = connect().await;
+    client.ehlo_mail_rcpt().await;
+    client.send("BDAT 12\r\nSubject: t\r\n").await;
+    client.expect("250 2.0.0 12 octets").await;
+    client.send("BDAT 9 LAST\r\n\r\nhello\r\n").await;
+    let line = client.expect("250 2.0.0 Ok: queued as").await;
+    let job = client.jobs.recv().await.expect("queued");
+    assert!(line.ends_with(&job.id.to_string()));
+    let stored = client.ctx.spool.read_message(job.id).await.expect("stored");
+    assert!(stored.ends_with(b"Subject: t\r\n\r\nhello\r\n"));
+
+    // DATA after BDAT in one transaction is a sequence error; BDAT 0 LAST works.
+    client
+        .send("MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\n")
+        .await;
+    client.expect("250").await;
+    client.expect("250").await;
+    client.send("BDAT 3\r\nab\n").await;
+    client.expect("250").await;
+    client.send("DATA\r\n").await;
+    client.expect("503 5.5.1").await;
+    client.send("BDAT 0 LAST\r\n").await;
+    client.expect("554 5.6.0").await;
+}
+
+#[tokio::test]
+async fn too_many_recipients_and_too_big() {
+    let mut client = connect_with(|c| {
+        c.smtpd.max_recipients = 2;
+        c.smtpd.max_message_size = 2048;
+    })
+    .await;
+    client.ehlo_mail_rcpt().await;
+    client.send("RCPT TO:<c@example.test>\r\n").await;
+    client.expect("250 2.1.5").await;
+    client.send("RCPT TO:<d@example.test>\r\n").await;
+    client.expect("452 4.5.3").await;
+    client.send("DATA\r\n").await;
+    client.expect("354").await;
+    let line = format!("{}\r\n", "y".repeat(70));
+    for _ in 0..100 {
+        client.send(&line).await;
+    }
+    client.send(".\r\n").await;
+    client.expect("552 5.3.4").await;
+    // The session goes on; the transaction is gone.
+    client.send("RCPT TO:<c@example.test>\r\n").await;
+    client.expect("503 5.5.1").await;
+    assert!(client.jobs.try_recv().is_err(), "nothing was queued");
+}
+
+/// The smuggling matrix: content with a non-standard end-of-data sequence followed by a
+/// "second transaction". Only <CRLF>.<CRLF> ends DATA, and the content (which contains the
+/// bare line ending) is refused whole: the smuggled MAIL/RCPT/DATA never run.
+#[tokio::test]
+async fn smuggled_commands_never_run() {
+    for ending in ["\n.\n", "\r.\r", "\n.\r\n", "\r\n.\n", "\r.\r\n", "\r\n.\r"] {
+        let mut client = connect().await;
+        client.ehlo_mail_rcpt().await;
+        client.send("DATA\r\n").await;
+        client.expect("354").await;
+        client
+            .send(&format!(
+                "Subject: a\r\n\r\nfirst{ending}MAIL FROM:<evil@sender.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n"
+            ))
+            .await;
+        client.expect("554 5.6.0").await;
+        client.send("NOOP\r\n").await;
+        client.expect("250 2.0.0 Ok").await;
+        assert!(
+            client.jobs.try_recv().is_err(),
+            "{ending:?}: nothing may be queued"
+        );
+    }
+}
+
+#[tokio::test]
+async fn too_many_errors_closes() {
+    let mut client = connect_with(|c| c.smtpd.max_errors = 3).await;
+    for _ in 0..2 {
+        client.send("BOGUS\r\n").await;
+        client.expect("500 5.5.2").await;
+    }
+    client.send("BOGUS\r\n").await;
+    client.expect("500 5.5.2").await;
+    client.expect("421 4.7.0").await;
+    assert!(client.closed().await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_client_times_out() {
+    let mut client = connect().await;
+    // Paused time: the runtime jumps to the timeout as soon as everything is idle.
+    client.expect("421 4.4.2").await;
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn shutdown_interrupts_idle_session_only() {
+    let mut client = connect().await;
+    client.ehlo_mail_rcpt().await;
+    client.send("DATA\r\n").await;
+    client.expect("354").await;
+    let trigger = std::mem::take(&mut client._trigger);
+    let stopping = tokio::spawn(trigger.shutdown());
+    // The message in progress is finished and acknowledged...
+    client.send("Subject: t\r\n\r\nbody\r\n.\r\n").await;
+    client.expect("250 2.0.0 Ok: queued").await;
+    // ...then the idle session is told to go away.
+    client.expect("421 4.3.2").await;
+    stopping.await.expect("shutdown completes");
+}
