@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole Petrel test suite: formatting, lints, Rust tests, and the end-to-end suite that
+# drives the real binaries with independent peers (Python smtplib/aiosmtpd, swaks, Postfix
+# tools, dkimpy). Installs what those tests need when it is missing, and says so.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n==> %s\n' "$*"; }
+
+# --- test dependencies -----------------------------------------------------------------
+apt_missing=()
+command -v swaks >/dev/null || apt_missing+=(swaks)
+command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || apt_missing+=(postfix)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+    say "installing Debian packages needed by the tests: ${apt_missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+
+py_missing=()
+python3 -c 'import pytest' 2>/dev/null || py_missing+=(pytest)
+python3 -c 'import aiosmtpd' 2>/dev/null || py_missing+=(aiosmtpd)
+python3 -c 'import dkim' 2>/dev/null || py_missing+=(dkimpy)
+python3 -c 'import dns' 2>/dev/null || py_missing+=(dnspython)
+if [ ${#py_missing[@]} -gt 0 ]; then
+    say "installing Python packages needed by the tests: ${py_missing[*]}"
+    python3 -m pip install -q --disable-pip-version-check "${py_missing[@]}"
+fi
+
+# --- Rust ------------------------------------------------------------------------------
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+say "cargo test"
+cargo test --workspace --quiet
+
+say "building binaries for the end-to-end suite"
+cargo build --workspace --bins --quiet
+
+# --- end-to-end, with real peers ---------------------------------------------------------
+say "end-to-end suite (e2e/)"
+python3 -m pytest -q -rs e2e
+
+say "all tests passed"
