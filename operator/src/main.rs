@@ -1,2 +1,124 @@
-//! petrel-operator (placeholder until the operator issue lands).
-fn main() {}
+//! `petrel-operator`: the command line. `run` starts the controllers against the cluster
+//! in KUBECONFIG/in-cluster config; `render` and `dns` run the same render and DNS
+//! guidance code on CR files with no cluster at all.
+
+use clap::{Parser, Subcommand};
+use operator::keys::SystemKeys;
+use operator::{dns, input, render};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "petrel-operator",
+    version,
+    about = "Runs Petrel mail on Kubernetes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile Petrel resources in the cluster (KUBECONFIG or in-cluster config).
+    Run {
+        /// DNS server used to check MailDomain records (default: the system resolvers).
+        #[arg(long, env = "PETREL_DNS_SERVER")]
+        dns_server: Option<SocketAddr>,
+    },
+    /// Print every object the operator would apply for the given CR files, as YAML.
+    Render {
+        /// CR files or directories of them (MailDomain, SmtpListener, RelayPolicy, DkimKey,
+        /// and optionally existing Secrets).
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Namespace for resources that name none.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Print the DNS records a MailDomain needs, as a BIND zone fragment.
+    Dns {
+        /// File(s) with the MailDomain (and optionally its SmtpListeners, DkimKeys, Secrets).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Namespace for resources that name none.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { dns_server } => run(dns_server),
+        Command::Render { files, namespace } => render_cmd(&files, &namespace),
+        Command::Dns { files, namespace } => dns_cmd(&files, &namespace),
+    }
+}
+
+fn run(dns_server: Option<SocketAddr>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("petrel-operator: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(operator::controller::run(dns_server)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("petrel-operator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn render_cmd(files: &[PathBuf], namespace: &str) -> ExitCode {
+    let world = match input::load(files, namespace) {
+        Ok(world) => world,
+        Err(e) => {
+            eprintln!("petrel-operator render: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rendered = render::render(&world, &mut SystemKeys).and_then(|d| render::to_yaml(&d));
+    match rendered {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("petrel-operator render: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dns_cmd(files: &[PathBuf], namespace: &str) -> ExitCode {
+    let world = match input::load(files, namespace) {
+        Ok(world) => world,
+        Err(e) => {
+            eprintln!("petrel-operator dns: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if world.domains.is_empty() {
+        eprintln!("petrel-operator dns: no MailDomain in the given files");
+        return ExitCode::FAILURE;
+    }
+    for domain in &world.domains {
+        let ns = kube::ResourceExt::namespace(domain).unwrap_or_default();
+        let local = world.in_namespace(&ns);
+        let guidance = dns::guidance(domain, &local, &[]);
+        print!("{}", dns::zone_fragment(domain, &guidance));
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,174 @@
+//! Key-material Secrets: the listener's self-signed TLS certificate and each DkimKey's
+//! private key.
+//!
+//! Invariant: an existing Secret with the expected keys is reused byte for byte, so a
+//! reconcile never rotates a key by accident and applying it again changes nothing. Fresh
+//! material comes from the [`KeySource`] only when no such Secret exists.
+
+use super::{Desired, Note, Object, RenderError, World, owned_meta};
+use crate::keys::{KeyError, KeySource};
+use crds::{DkimKey, SmtpListener};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use std::collections::BTreeMap;
+
+/// Key of the DKIM private key (PKCS#8 PEM) in a DKIM Secret.
+pub const DKIM_PRIVATE_KEY: &str = "private.pem";
+/// Key of the DKIM public TXT record value in a DKIM Secret.
+pub const DKIM_RECORD: &str = "dns.txt";
+/// Key of the selector name in a DKIM Secret.
+pub const DKIM_SELECTOR: &str = "selector";
+
+/// Which Secret the listener's pods mount for TLS.
+#[derive(Debug)]
+pub enum TlsSecret {
+    /// A Secret this render produces (self-signed).
+    Render(Box<Secret>),
+    /// A Secret someone else provides (`tls.secretName`, or cert-manager's).
+    Existing(String),
+}
+
+/// Name of the self-signed TLS Secret of a listener (also the Secret cert-manager is asked
+/// to fill when `tls.issuerRef` is set).
+pub fn tls_secret_name(listener: &SmtpListener) -> String {
+    format!("{}-tls", listener.name_any())
+}
+
+/// Decides the listener's TLS Secret; renders a self-signed one when none is named.
+pub fn listener_tls(
+    listener: &SmtpListener,
+    world: &World,
+    keys: &mut dyn KeySource,
+) -> Result<TlsSecret, RenderError> {
+    if let Some(name) = &listener.spec.tls.secret_name {
+        return Ok(TlsSecret::Existing(name.clone()));
+    }
+    let name = tls_secret_name(listener);
+    if listener.spec.tls.issuer_ref.is_some() {
+        return Ok(TlsSecret::Existing(name));
+    }
+    let ns = listener.namespace().unwrap_or_default();
+    let data = match reuse(world, &ns, &name, &["tls.crt", "tls.key"]) {
+        Some(data) => data,
+        None => {
+            let tls = keys
+                .tls(&listener.spec.hostname)
+                .map_err(|source| RenderError::Keys {
+                    kind: "SmtpListener",
+                    name: listener.name_any(),
+                    source,
+                })?;
+            BTreeMap::from([
+                ("tls.crt".to_owned(), ByteString(tls.cert_pem.into_bytes())),
+                ("tls.key".to_owned(), ByteString(tls.key_pem.into_bytes())),
+            ])
+        }
+    };
+    Ok(TlsSecret::Render(Box::new(Secret {
+        metadata: owned_meta(listener, name, "tls"),
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(data),
+        ..Secret::default()
+    })))
+}
+
+/// The data of an observed Secret when it has every key in `required`.
+fn reuse(
+    world: &World,
+    namespace: &str,
+    name: &str,
+    required: &[&str],
+) -> Option<BTreeMap<String, ByteString>> {
+    let data = world.secret(namespace, name)?.data.clone()?;
+    required
+        .iter()
+        .all(|k| data.contains_key(*k))
+        .then_some(data)
+}
+
+/// The first selector of a DkimKey: `<selectorPrefix>-1`. (Rotation will count up.)
+pub fn first_selector(key: &DkimKey) -> String {
+    format!("{}-1", key.spec.selector_prefix)
+}
+
+/// Name of the Secret holding `selector` of `key`.
+pub fn dkim_secret_name(key: &DkimKey, selector: &str) -> String {
+    format!("{}-{selector}", key.name_any())
+}
+
+/// Names of the DKIM Secrets every listener in `world` mounts, sorted.
+pub fn dkim_secret_names(world: &World) -> Vec<String> {
+    let mut names: Vec<String> = world
+        .dkim_keys
+        .iter()
+        .map(|k| dkim_secret_name(k, &first_selector(k)))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The TXT record value publishing `public_b64` for `key`.
+pub fn dkim_record_value(key: &DkimKey, public_b64: &str) -> String {
+    format!(
+        "v=DKIM1; k={}; p={public_b64}",
+        key.spec.algorithm.key_type()
+    )
+}
+
+/// Renders the key Secret of a DkimKey, reusing an existing one; algorithms this build
+/// cannot generate leave a note (the key stays `Pending`) instead of an error.
+pub fn dkim_key(
+    key: &DkimKey,
+    world: &World,
+    keys: &mut dyn KeySource,
+) -> Result<Desired, RenderError> {
+    let selector = first_selector(key);
+    let name = dkim_secret_name(key, &selector);
+    let ns = key.namespace().unwrap_or_default();
+    let mut desired = Desired::default();
+    let data = match reuse(world, &ns, &name, &[DKIM_PRIVATE_KEY, DKIM_RECORD]) {
+        Some(data) => data,
+        None => match keys.dkim(key.spec.algorithm) {
+            Ok(material) => BTreeMap::from([
+                (
+                    DKIM_PRIVATE_KEY.to_owned(),
+                    ByteString(material.private_pem.into_bytes()),
+                ),
+                (
+                    DKIM_RECORD.to_owned(),
+                    ByteString(dkim_record_value(key, &material.public_b64).into_bytes()),
+                ),
+                (
+                    DKIM_SELECTOR.to_owned(),
+                    ByteString(selector.clone().into_bytes()),
+                ),
+            ]),
+            Err(e @ KeyError::Unsupported(_)) => {
+                desired.notes.push(Note {
+                    kind: "DkimKey",
+                    name: key.name_any(),
+                    reason: "KeyGenerationUnsupported",
+                    message: format!(
+                        "{e} (Secret {name}, keys {DKIM_PRIVATE_KEY} and {DKIM_RECORD})"
+                    ),
+                });
+                return Ok(desired);
+            }
+            Err(source) => {
+                return Err(RenderError::Keys {
+                    kind: "DkimKey",
+                    name: key.name_any(),
+                    source,
+                });
+            }
+        },
+    };
+    desired.objects.push(Object::Secret(Secret {
+        metadata: owned_meta(key, name, "dkim-key"),
+        type_: Some("Opaque".to_owned()),
+        data: Some(data),
+        ..Secret::default()
+    }));
+    Ok(desired)
+}

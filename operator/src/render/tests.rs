@@ -1,0 +1,184 @@
+//! Golden and property tests of render: every example in `manifests/examples/` renders to
+//! the committed YAML under `operator/tests/golden/render/` (a `.actual` file is written
+//! next to it on mismatch), and the rendered objects keep the invariants the issue names.
+
+use super::*;
+use crate::keys::FixedKeys;
+use std::path::{Path, PathBuf};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn examples() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("manifests/examples"))
+        .expect("examples dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn render_paths(paths: &[PathBuf]) -> Desired {
+    let world = crate::input::load(paths, "default").expect("examples load");
+    render(&world, &mut FixedKeys).expect("examples render")
+}
+
+/// Compares `actual` with the golden file `name`; writes `<name>.actual` on mismatch.
+fn golden(name: &str, actual: &str) -> Option<String> {
+    let path = repo().join("operator/tests/golden/render").join(name);
+    let expected = std::fs::read_to_string(&path).ok();
+    let actual_path = path.with_extension("yaml.actual");
+    if expected.as_deref() == Some(actual) {
+        let _ = std::fs::remove_file(&actual_path);
+        None
+    } else {
+        std::fs::write(&actual_path, actual).expect("write .actual");
+        Some(name.to_owned())
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn every_example_renders_to_its_golden_yaml() {
+    let mut differ = Vec::new();
+    for example in examples() {
+        let yaml = to_yaml(&render_paths(std::slice::from_ref(&example))).expect("yaml");
+        differ.extend(golden(&file_name(&example), &yaml));
+    }
+    let all = to_yaml(&render_paths(&[repo().join("manifests/examples")])).expect("yaml");
+    differ.extend(golden("all-examples.yaml", &all));
+    assert!(
+        differ.is_empty(),
+        "rendered YAML differs from golden files {differ:?}; inspect the .actual files and copy them over the goldens if the change is intended"
+    );
+}
+
+#[test]
+fn rendered_configs_pass_the_mtas_own_validation_and_parse_back() {
+    let desired = render_paths(&[repo().join("manifests/examples")]);
+    assert_eq!(desired.configs.len(), 2, "one config per SmtpListener");
+    for (listener, config) in &desired.configs {
+        config.validate().expect("valid");
+        let reparsed = ::mta_config::MtaConfig::from_yaml(&config.to_yaml()).expect("parses");
+        assert_eq!(&reparsed, config, "{listener}");
+    }
+}
+
+#[test]
+fn statefulset_is_restricted_probed_and_has_a_queue_claim_per_pod() {
+    let desired = render_paths(&[repo().join("manifests/examples/01-smtplistener.yaml")]);
+    let sts = desired
+        .objects
+        .iter()
+        .find_map(|o| match o {
+            Object::StatefulSet(s) => Some(s),
+            _ => None,
+        })
+        .expect("a StatefulSet");
+    assert_eq!(sts.spec.replicas, Some(2));
+    let claims = sts.spec.volume_claim_templates.as_ref().expect("claims");
+    assert_eq!(claims[0].metadata.name.as_deref(), Some("queue"));
+    let pod = sts.spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let c = &pod.containers[0];
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_owned()])
+    );
+    assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
+    let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+    assert_eq!(
+        ports,
+        vec![10025, 10587, 8080],
+        "unprivileged container ports"
+    );
+    let annotations = sts
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone());
+    let checksum = annotations
+        .and_then(|a| a.get(CONFIG_CHECKSUM_ANNOTATION).cloned())
+        .expect("checksum annotation");
+    let config = desired.configs.get("mx").expect("mx config");
+    assert_eq!(checksum, sha256_hex(config.to_yaml().as_bytes()));
+}
+
+#[test]
+fn config_checksum_changes_with_the_config_and_only_then() {
+    let base = repo().join("manifests/examples/01-smtplistener.yaml");
+    let checksum = |d: &Desired| {
+        d.objects.iter().find_map(|o| match o {
+            Object::StatefulSet(s) => s
+                .spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(CONFIG_CHECKSUM_ANNOTATION).cloned()),
+            _ => None,
+        })
+    };
+    let one = render_paths(std::slice::from_ref(&base));
+    let again = render_paths(std::slice::from_ref(&base));
+    let with_domain = render_paths(&[base, repo().join("manifests/examples/02-maildomain.yaml")]);
+    assert_eq!(checksum(&one), checksum(&again));
+    assert_ne!(checksum(&one), checksum(&with_domain));
+}
+
+#[test]
+fn existing_secrets_are_reused_instead_of_regenerated() {
+    let mut world =
+        crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
+    let first = render(&world, &mut crate::keys::SystemKeys).expect("render");
+    for object in &first.objects {
+        if let Object::Secret(s) = object {
+            world.secrets.push(s.clone());
+        }
+    }
+    let second = render(&world, &mut crate::keys::SystemKeys).expect("render");
+    assert_eq!(first.objects, second.objects, "same keys, same objects");
+}
+
+#[test]
+fn lmtp_domains_and_relay_policies_are_reported_not_silently_dropped() {
+    let mut world =
+        crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
+    world.domains[0].spec.delivery =
+        serde_json::from_value(serde_json::json!({"lmtp": {"host": "dovecot.mail.svc"}}))
+            .expect("delivery");
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    assert!(desired.configs.values().all(|c| c.local_domains.is_empty()));
+    assert!(desired.notes.iter().any(|n| n.kind == "MailDomain"
+        && n.message.contains("delivery.lmtp is not supported")));
+    assert!(desired.notes.iter().any(|n| n.kind == "RelayPolicy"));
+}
+
+#[test]
+fn an_invalid_config_is_refused_with_the_mtas_message() {
+    let mut world = crate::input::load(
+        &[repo().join("manifests/examples/01-smtplistener.yaml")],
+        "default",
+    )
+    .expect("load");
+    // Two ports that map to the same container port: the MTA would refuse this config.
+    world.listeners[0].spec.ports[1].port = 25;
+    let err = render(&world, &mut FixedKeys).expect_err("must refuse");
+    assert!(
+        err.to_string().contains("is used by another listener"),
+        "{err}"
+    );
+}

@@ -1,0 +1,382 @@
+//! The MTA workload of one SmtpListener: config ConfigMap, StatefulSet (a queue PVC per
+//! pod), the listener Service and the headless governing Service, PodDisruptionBudget and
+//! optional HorizontalPodAutoscaler.
+//!
+//! Pods run under the restricted Pod Security profile: non-root, read-only root
+//! filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp.
+//! They get no service-account token: MTA pods never talk to the Kubernetes API.
+
+use super::mta_config::{CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_DIR, TLS_DIR, container_port};
+use super::{CONFIG_CHECKSUM_ANNOTATION, labels, owned_meta};
+use crds::SmtpListener;
+use crds::smtp_listener::ListenerPortKind;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use std::collections::BTreeMap;
+
+/// Image used when the SmtpListener names none.
+pub const DEFAULT_IMAGE: &str =
+    concat!("ghcr.io/petrel-mail/petrel-mta:", env!("CARGO_PKG_VERSION"));
+/// Port of the MTA's HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
+pub const HTTP_PORT: i32 = 8080;
+/// UID/GID the MTA runs as (the conventional "nonroot" user of distroless images).
+pub const RUN_AS: i64 = 65_532;
+/// Seconds a pod gets to drain its sessions and hand over its queue on shutdown.
+pub const TERMINATION_GRACE_SECONDS: i64 = 120;
+
+/// Name of the listener's config ConfigMap.
+pub fn config_map_name(listener: &SmtpListener) -> String {
+    format!("{}-config", listener.name_any())
+}
+
+/// Name of the headless Service governing the StatefulSet.
+pub fn headless_service_name(listener: &SmtpListener) -> String {
+    format!("{}-headless", listener.name_any())
+}
+
+/// Labels that select the listener's pods.
+pub fn selector_labels(listener: &SmtpListener) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_owned(), "petrel-mta".to_owned()),
+        (labels::INSTANCE.to_owned(), listener.name_any()),
+    ])
+}
+
+/// The ConfigMap holding the rendered MtaConfig.
+pub fn config_map(listener: &SmtpListener, yaml: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: owned_meta(listener, config_map_name(listener), "config"),
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_owned(), yaml.to_owned())])),
+        ..ConfigMap::default()
+    }
+}
+
+fn quantity(q: &str) -> Quantity {
+    Quantity(q.to_owned())
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The StatefulSet of MTA pods.
+pub fn stateful_set(
+    listener: &SmtpListener,
+    config_checksum: &str,
+    tls_secret: &str,
+    dkim_secrets: &[String],
+) -> StatefulSet {
+    let spec = &listener.spec;
+    let mut pod_labels = owned_meta(listener, String::new(), "mta")
+        .labels
+        .unwrap_or_default();
+    pod_labels.extend(selector_labels(listener));
+    let mut ports: Vec<ContainerPort> = spec
+        .ports
+        .iter()
+        .map(|p| ContainerPort {
+            name: Some(p.name.clone()),
+            container_port: container_port(p.port),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        })
+        .collect();
+    ports.push(ContainerPort {
+        name: Some("http".to_owned()),
+        container_port: HTTP_PORT,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    });
+    let mut volumes = vec![
+        Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map_name(listener),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tls".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls_secret.to_owned()),
+                // cert-manager may not have issued it yet; the MTA reloads it when it appears.
+                optional: Some(spec.tls.issuer_ref.is_some()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        mount("config", CONFIG_DIR),
+        mount("tls", TLS_DIR),
+        VolumeMount {
+            name: "queue".to_owned(),
+            mount_path: DATA_DIR.to_owned(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        },
+    ];
+    for (i, secret) in dkim_secrets.iter().enumerate() {
+        let volume = format!("dkim-{i}");
+        volumes.push(Volume {
+            name: volume.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                // A key that is still Pending must not keep the MTA from starting.
+                optional: Some(true),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount(&volume, &format!("{DKIM_DIR}/{secret}")));
+    }
+    let container = Container {
+        name: "mta".to_owned(),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_IMAGE.to_owned()),
+        ),
+        args: Some(vec![
+            "serve".to_owned(),
+            "--config".to_owned(),
+            format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+        ]),
+        ports: Some(ports),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        readiness_probe: Some(probe("/readyz", 5, 2)),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), quantity(&spec.resources.cpu)),
+                ("memory".to_owned(), quantity(&spec.resources.memory)),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                quantity(&spec.resources.memory),
+            )])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        volumes: Some(volumes),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            fs_group: Some(RUN_AS),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        ..PodSpec::default()
+    };
+    StatefulSet {
+        metadata: owned_meta(listener, listener.name_any(), "mta"),
+        spec: StatefulSetSpec {
+            // With autoscaling the HPA owns the replica count; leaving it out of the apply
+            // keeps the two field managers from fighting.
+            replicas: spec.autoscaling.is_none().then_some(spec.replicas),
+            service_name: Some(headless_service_name(listener)),
+            pod_management_policy: Some("Parallel".to_owned()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(listener)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        CONFIG_CHECKSUM_ANNOTATION.to_owned(),
+                        config_checksum.to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("queue".to_owned()),
+                    labels: Some(selector_labels(listener)),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                    storage_class_name: spec.queue.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([(
+                            "storage".to_owned(),
+                            quantity(&spec.queue.size),
+                        )])),
+                        ..VolumeResourceRequirements::default()
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                ..PersistentVolumeClaim::default()
+            }]),
+            ..StatefulSetSpec::default()
+        },
+        ..StatefulSet::default()
+    }
+}
+
+fn app_protocol(kind: ListenerPortKind) -> &'static str {
+    match kind {
+        ListenerPortKind::Smtp => "smtp",
+        ListenerPortKind::Submission => "submission",
+        ListenerPortKind::Smtps => "submissions",
+    }
+}
+
+/// The listener Service (type from the SmtpListener) and the headless governing Service.
+pub fn services(listener: &SmtpListener) -> Vec<Service> {
+    let spec = &listener.spec;
+    let ports: Vec<ServicePort> = spec
+        .ports
+        .iter()
+        .map(|p| ServicePort {
+            name: Some(p.name.clone()),
+            port: p.port,
+            target_port: Some(IntOrString::String(p.name.clone())),
+            protocol: Some("TCP".to_owned()),
+            app_protocol: Some(app_protocol(p.kind).to_owned()),
+            ..ServicePort::default()
+        })
+        .collect();
+    let external = spec.service.type_ != "ClusterIP";
+    let mut main_meta = owned_meta(listener, listener.name_any(), "mta");
+    if !spec.service.annotations.is_empty() {
+        main_meta.annotations = Some(spec.service.annotations.clone());
+    }
+    let main = Service {
+        metadata: main_meta,
+        spec: Some(ServiceSpec {
+            type_: Some(spec.service.type_.clone()),
+            selector: Some(selector_labels(listener)),
+            ports: Some(ports.clone()),
+            external_traffic_policy: external.then(|| spec.service.external_traffic_policy.clone()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let headless = Service {
+        metadata: owned_meta(listener, headless_service_name(listener), "mta"),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            selector: Some(selector_labels(listener)),
+            ports: Some(ports),
+            // Peers must find each other while draining, before they are ready.
+            publish_not_ready_addresses: Some(true),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    vec![main, headless]
+}
+
+/// At most one MTA pod down at a time for voluntary disruptions.
+pub fn pdb(listener: &SmtpListener) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: owned_meta(listener, listener.name_any(), "mta"),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(listener)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// The HorizontalPodAutoscaler, when autoscaling is configured.
+pub fn hpa(listener: &SmtpListener) -> Option<HorizontalPodAutoscaler> {
+    let autoscaling = listener.spec.autoscaling.as_ref()?;
+    Some(HorizontalPodAutoscaler {
+        metadata: owned_meta(listener, listener.name_any(), "mta"),
+        spec: HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".to_owned()),
+                kind: "StatefulSet".to_owned(),
+                name: listener.name_any(),
+            },
+            min_replicas: Some(autoscaling.min_replicas),
+            max_replicas: autoscaling.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".to_owned(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".to_owned(),
+                    target: MetricTarget {
+                        type_: "Utilization".to_owned(),
+                        average_utilization: Some(autoscaling.target_cpu_utilization_percentage),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            ..HorizontalPodAutoscalerSpec::default()
+        },
+        ..HorizontalPodAutoscaler::default()
+    })
+}
