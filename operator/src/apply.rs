@@ -1,1 +1,160 @@
-//! placeholder
+//! Server-side apply of rendered objects with one field manager, skipping objects the
+//! cluster already holds as desired (so an unchanged world sees no writes), and pruning of
+//! objects this operator made for an owner that are no longer desired.
+//!
+//! Prune selects on the `app.kubernetes.io/managed-by`, `app.kubernetes.io/instance` and
+//! `mail.petrel.dev/owner-kind` labels, so it never touches objects someone else made.
+
+use crate::render::{Object, labels};
+use crate::{FIELD_MANAGER, Result};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+
+/// What applying one object did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The cluster already had it; nothing was sent.
+    Unchanged,
+    /// It was created or updated.
+    Patched,
+}
+
+/// Whether `existing` already contains everything in `desired` (fields the API server
+/// adds or defaults are ignored; lists must match element by element).
+pub fn contains(existing: &serde_json::Value, desired: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (existing, desired) {
+        (Value::Object(e), Value::Object(d)) => d
+            .iter()
+            .all(|(k, dv)| e.get(k).is_some_and(|ev| contains(ev, dv)) || dv.is_null()),
+        (Value::Array(e), Value::Array(d)) => {
+            e.len() == d.len() && e.iter().zip(d).all(|(ev, dv)| contains(ev, dv))
+        }
+        (e, d) => e == d,
+    }
+}
+
+async fn apply_typed<K>(client: &Client, object: &K) -> Result<Applied>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    let ns = object
+        .meta()
+        .namespace
+        .clone()
+        .ok_or(crate::Error::MissingField("metadata.namespace"))?;
+    let name = object.name_any();
+    let api: Api<K> = Api::namespaced(client.clone(), &ns);
+    let desired = serde_json::to_value(object)?;
+    if let Some(existing) = api.get_opt(&name).await?
+        && contains(&serde_json::to_value(&existing)?, &desired)
+    {
+        return Ok(Applied::Unchanged);
+    }
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&desired),
+    )
+    .await?;
+    Ok(Applied::Patched)
+}
+
+/// Applies one rendered object.
+pub async fn apply(client: &Client, object: &Object) -> Result<Applied> {
+    match object {
+        Object::ConfigMap(o) => apply_typed(client, o).await,
+        Object::Secret(o) => apply_typed(client, o).await,
+        Object::StatefulSet(o) => apply_typed(client, o).await,
+        Object::Service(o) => apply_typed(client, o).await,
+        Object::PodDisruptionBudget(o) => apply_typed(client, o).await,
+        Object::HorizontalPodAutoscaler(o) => apply_typed(client, o).await,
+    }
+}
+
+fn owner_selector(owner_kind: &str, instance: &str) -> String {
+    format!(
+        "{}={},{}={instance},{}={owner_kind}",
+        labels::MANAGED_BY,
+        labels::MANAGER,
+        labels::INSTANCE,
+        labels::OWNER_KIND
+    )
+}
+
+async fn prune_typed<K>(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    keep: &[(&str, &str)],
+) -> Result<Vec<String>>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let kind = K::kind(&());
+    let mut deleted = Vec::new();
+    for existing in api.list(&ListParams::default().labels(selector)).await? {
+        let name = existing.name_any();
+        if !keep.contains(&(kind.as_ref(), name.as_str())) {
+            api.delete(&name, &DeleteParams::background()).await?;
+            deleted.push(format!("{kind}/{name}"));
+        }
+    }
+    Ok(deleted)
+}
+
+/// Deletes objects made for `owner_kind`/`instance` in `namespace` that are not in
+/// `desired`. Returns `Kind/name` of each deleted object.
+pub async fn prune(
+    client: &Client,
+    namespace: &str,
+    owner_kind: &str,
+    instance: &str,
+    desired: &[Object],
+) -> Result<Vec<String>> {
+    let keep: Vec<(&str, &str)> = desired.iter().map(|o| (o.kind(), o.name())).collect();
+    let selector = owner_selector(owner_kind, instance);
+    let mut deleted = Vec::new();
+    deleted.extend(prune_typed::<ConfigMap>(client, namespace, &selector, &keep).await?);
+    deleted.extend(prune_typed::<Secret>(client, namespace, &selector, &keep).await?);
+    if owner_kind == "SmtpListener" {
+        deleted.extend(prune_typed::<StatefulSet>(client, namespace, &selector, &keep).await?);
+        deleted.extend(prune_typed::<Service>(client, namespace, &selector, &keep).await?);
+        deleted
+            .extend(prune_typed::<PodDisruptionBudget>(client, namespace, &selector, &keep).await?);
+        deleted.extend(
+            prune_typed::<HorizontalPodAutoscaler>(client, namespace, &selector, &keep).await?,
+        );
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains;
+    use serde_json::json;
+
+    #[test]
+    fn server_defaults_do_not_count_as_drift_but_changes_do() {
+        let desired = json!({"spec": {"replicas": 2, "ports": [{"port": 25}]}});
+        let existing = json!({"spec": {"replicas": 2, "revisionHistoryLimit": 10,
+            "ports": [{"port": 25, "protocol": "TCP"}]}, "status": {"ready": 1}});
+        assert!(contains(&existing, &desired));
+        assert!(!contains(&existing, &json!({"spec": {"replicas": 3}})));
+        assert!(!contains(
+            &existing,
+            &json!({"spec": {"ports": [{"port": 25}, {"port": 587}]}})
+        ));
+        assert!(!contains(&json!({}), &json!({"data": {"a": "b"}})));
+    }
+}

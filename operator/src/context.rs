@@ -1,1 +1,58 @@
-//! placeholder
+//! What every reconcile gets: the client, the event recorder, the DNS server to check
+//! against, and the per-object failure counts that drive error backoff.
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+/// Shared state of the controllers.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Publishes Events on the reconciled resources.
+    pub recorder: Recorder,
+    /// DNS server for MailDomain checks; `None` uses the system resolvers.
+    pub dns_server: Option<SocketAddr>,
+    /// Consecutive failures per `kind/namespace/name`, for exponential backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    /// Skip live DNS lookups (tests without a DNS server).
+    pub check_dns: bool,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(client: Client, dns_server: Option<SocketAddr>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: crate::FIELD_MANAGER.to_owned(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Self {
+            client,
+            recorder,
+            dns_server,
+            failures: Mutex::new(HashMap::new()),
+            check_dns: true,
+        }
+    }
+
+    /// Records one more failure of `key`; returns the new count.
+    pub fn failed(&self, key: &str) -> u32 {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// Forgets the failures of `key` after a successful reconcile.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}

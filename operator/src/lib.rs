@@ -6,6 +6,8 @@
 //! [`apply`] server-side-applies and prunes; [`status`] builds conditions; [`reconcile`]
 //! ties them together per kind and [`controller`] runs the kube-rs Controllers.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod apply;
 pub mod context;
 pub mod controller;

@@ -88,7 +88,7 @@ pub fn for_listener(
 
 /// The local-domain entry of `domain`, or `None` (with a note) when its delivery target
 /// cannot be expressed yet. Notes also record fields that do not take effect.
-fn local_domain(domain: &MailDomain, notes: &mut Vec<Note>) -> Option<LocalDomainConfig> {
+pub fn local_domain(domain: &MailDomain, notes: &mut Vec<Note>) -> Option<LocalDomainConfig> {
     let spec = &domain.spec;
     let mut note = |message: String| {
         notes.push(Note {

@@ -25,9 +25,15 @@ fn render_paths(paths: &[PathBuf]) -> Desired {
     render(&world, &mut FixedKeys).expect("examples render")
 }
 
-/// Compares `actual` with the golden file `name`; writes `<name>.actual` on mismatch.
+/// Compares `actual` with the golden file `name`; writes `<name>.actual` on mismatch, or
+/// overwrites the golden when `PETREL_BLESS=1` (after an intended change, e.g. new
+/// MtaConfig fields).
 fn golden(name: &str, actual: &str) -> Option<String> {
     let path = repo().join("operator/tests/golden/render").join(name);
+    if std::env::var_os("PETREL_BLESS").is_some_and(|v| v == "1") {
+        std::fs::write(&path, actual).expect("bless golden");
+        return None;
+    }
     let expected = std::fs::read_to_string(&path).ok();
     let actual_path = path.with_extension("yaml.actual");
     if expected.as_deref() == Some(actual) {

@@ -1,0 +1,313 @@
+//! Reconcile scenarios against the fake API server: apply, status update, idempotence
+//! (a second reconcile of an unchanged world writes nothing), prune, a config change, and
+//! the error path with backoff.
+
+use super::*;
+use crate::fixtures::{FakeApi, examples, object_path};
+use serde_json::Value;
+
+const NS: &str = "/namespaces/mail";
+
+fn seeded() -> (FakeApi, Arc<Context>) {
+    let (fake, ctx) = FakeApi::start();
+    for example in examples() {
+        fake.seed(example);
+    }
+    (fake, ctx)
+}
+
+fn typed<K: DeserializeOwned>(fake: &FakeApi, path: &str) -> Arc<K> {
+    Arc::new(serde_json::from_value(fake.get(path).expect("stored")).expect("typed"))
+}
+
+fn listener_path() -> String {
+    format!("/apis/mail.petrel.dev/v1alpha1{NS}/smtplisteners/mx")
+}
+
+#[tokio::test]
+async fn listener_apply_writes_objects_status_and_an_event_then_nothing() {
+    let (fake, ctx) = seeded();
+    let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
+    let action = listener(mx, ctx.clone()).await.expect("reconciles");
+    assert_eq!(action, Action::requeue(RESYNC));
+    let writes = fake.take_writes();
+    for expected in [
+        format!("PATCH /api/v1{NS}/configmaps/mx-config"),
+        format!("PATCH /api/v1{NS}/secrets/mx-tls"),
+        format!("PATCH /apis/apps/v1{NS}/statefulsets/mx"),
+        format!("PATCH /api/v1{NS}/services/mx"),
+        format!("PATCH /api/v1{NS}/services/mx-headless"),
+        format!("PATCH /apis/policy/v1{NS}/poddisruptionbudgets/mx"),
+        format!("PATCH {}/status", listener_path()),
+        format!("POST /apis/events.k8s.io/v1{NS}/events"),
+    ] {
+        assert!(
+            writes.contains(&expected),
+            "missing {expected} in {writes:#?}"
+        );
+    }
+    assert_eq!(writes.len(), 8, "{writes:#?}");
+
+    // Owner reference, labels and the rendered config landed.
+    let cm = fake
+        .get(&format!("/api/v1{NS}/configmaps/mx-config"))
+        .unwrap();
+    let listener_uid = fake.get(&listener_path()).unwrap()["metadata"]["uid"].clone();
+    assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], listener_uid);
+    assert_eq!(cm["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(
+        cm["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "petrel-operator"
+    );
+    assert!(
+        cm["data"]["mta.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("name: example.com")
+    );
+
+    // Status: observedGeneration, conditions, replicas.
+    let status = &fake.get(&listener_path()).unwrap()["status"];
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(status["desiredReplicas"], 2);
+    let ready = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "RollingOut");
+    assert_eq!(ready["observedGeneration"], 1);
+
+    // Second reconcile of the unchanged world (as the watch would deliver it): no writes.
+    let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
+    listener(mx, ctx).await.expect("reconciles again");
+    assert_eq!(fake.take_writes(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn prune_deletes_only_our_stale_objects() {
+    let (fake, ctx) = seeded();
+    let ours = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "mx-old", "namespace": "mail", "labels": {
+            "app.kubernetes.io/managed-by": "petrel-operator",
+            "app.kubernetes.io/instance": "mx",
+            "mail.petrel.dev/owner-kind": "SmtpListener"}}, "data": {}});
+    let theirs = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "mx-notes", "namespace": "mail", "labels": {"app.kubernetes.io/instance": "mx"}}});
+    let other_listener = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "submission-config", "namespace": "mail", "labels": {
+            "app.kubernetes.io/managed-by": "petrel-operator",
+            "app.kubernetes.io/instance": "submission",
+            "mail.petrel.dev/owner-kind": "SmtpListener"}}});
+    for o in [&ours, &theirs, &other_listener] {
+        fake.seed(o.clone());
+    }
+    let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
+    listener(mx, ctx).await.expect("reconciles");
+    let deletes: Vec<String> = fake
+        .take_writes()
+        .into_iter()
+        .filter(|w| w.starts_with("DELETE"))
+        .collect();
+    assert_eq!(
+        deletes,
+        vec![format!("DELETE /api/v1{NS}/configmaps/mx-old")]
+    );
+    assert!(fake.get(&object_path(&theirs)).is_some());
+    assert!(fake.get(&object_path(&other_listener)).is_some());
+}
+
+#[tokio::test]
+async fn a_spec_change_reapplies_only_what_it_changes() {
+    let (fake, ctx) = seeded();
+    let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
+    listener(mx, ctx.clone()).await.expect("reconciles");
+    fake.take_writes();
+    let mut changed: Value = fake.get(&listener_path()).unwrap();
+    changed["spec"]["limits"]["maxRecipients"] = 50.into();
+    changed["metadata"]["generation"] = 2.into();
+    fake.seed(changed);
+    let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
+    listener(mx, ctx).await.expect("reconciles");
+    let writes = fake.take_writes();
+    let (events, objects): (Vec<String>, Vec<String>) =
+        writes.into_iter().partition(|w| w.contains("/events"));
+    assert_eq!(
+        objects,
+        vec![
+            format!("PATCH /api/v1{NS}/configmaps/mx-config"),
+            format!("PATCH /apis/apps/v1{NS}/statefulsets/mx"),
+            format!("PATCH {}/status", listener_path()),
+        ],
+        "only the config and the checksum-bearing StatefulSet change"
+    );
+    assert_eq!(
+        events.len(),
+        1,
+        "one Applied event (the recorder may patch its series)"
+    );
+    assert_eq!(
+        fake.get(&listener_path()).unwrap()["status"]["observedGeneration"],
+        2
+    );
+}
+
+#[tokio::test]
+async fn api_errors_mark_the_resource_degraded_and_back_off() {
+    let (fake, ctx) = seeded();
+    fake.fail_patches
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
+    let err = listener(mx.clone(), ctx.clone())
+        .await
+        .expect_err("must fail");
+    assert_eq!(err.metric_label(), "KubeApiError");
+    let writes = fake.take_writes();
+    assert!(
+        writes.contains(&format!("PATCH {}/status", listener_path())),
+        "tried to record Degraded: {writes:#?}"
+    );
+    assert!(
+        writes.contains(&format!("POST /apis/events.k8s.io/v1{NS}/events")),
+        "warning event: {writes:#?}"
+    );
+    assert_eq!(
+        error_policy(mx.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        error_policy(mx.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+
+    // Once the API recovers, Degraded status is written and failures are forgotten.
+    fake.fail_patches
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    listener(mx.clone(), ctx.clone()).await.expect("recovers");
+    assert_eq!(
+        error_policy(mx, &err, ctx),
+        Action::requeue(Duration::from_secs(5))
+    );
+}
+
+#[tokio::test]
+async fn degraded_condition_names_the_error() {
+    let (fake, ctx) = seeded();
+    // An SmtpListener whose ports collide after mapping: the MTA's validation refuses it.
+    let mut bad: Value = fake.get(&listener_path()).unwrap();
+    bad["spec"]["ports"][1]["port"] = 25.into();
+    fake.seed(bad);
+    let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
+    let err = listener(mx, ctx).await.expect_err("invalid config");
+    assert_eq!(err.metric_label(), "RenderFailed");
+    let status = &fake.get(&listener_path()).unwrap()["status"];
+    let degraded = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap();
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "RenderFailed");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("is used by another listener")
+    );
+    assert!(
+        fake.get(&format!("/apis/apps/v1{NS}/statefulsets/mx"))
+            .is_none(),
+        "nothing applied"
+    );
+}
+
+#[tokio::test]
+async fn dkim_key_gets_a_secret_and_a_published_record_then_nothing() {
+    let (fake, ctx) = seeded();
+    let path = format!("/apis/mail.petrel.dev/v1alpha1{NS}/dkimkeys/example-com-ed25519");
+    dkim_key(typed(&fake, &path), ctx.clone())
+        .await
+        .expect("reconciles");
+    let secret = fake
+        .get(&format!("/api/v1{NS}/secrets/example-com-ed25519-petrel-1"))
+        .expect("secret");
+    assert_eq!(
+        secret["metadata"]["labels"]["mail.petrel.dev/owner-kind"],
+        "DkimKey"
+    );
+    let status = &fake.get(&path).unwrap()["status"];
+    assert_eq!(status["phase"], "Published");
+    assert_eq!(
+        status["selectors"][0]["recordName"],
+        "petrel-1._domainkey.example.com."
+    );
+    assert!(
+        status["selectors"][0]["recordValue"]
+            .as_str()
+            .unwrap()
+            .starts_with("v=DKIM1; k=ed25519; p=")
+    );
+    fake.take_writes();
+    dkim_key(typed(&fake, &path), ctx).await.expect("again");
+    assert_eq!(
+        fake.take_writes(),
+        Vec::<String>::new(),
+        "key is reused, status unchanged"
+    );
+}
+
+#[tokio::test]
+async fn mail_domain_status_carries_dns_guidance() {
+    let (fake, ctx) = seeded();
+    let path = format!("/apis/mail.petrel.dev/v1alpha1{NS}/maildomains/example-com");
+    mail_domain(typed(&fake, &path), ctx.clone())
+        .await
+        .expect("reconciles");
+    let status = &fake.get(&path).unwrap()["status"];
+    let records = status["dns"].as_array().unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["type"] == "MX" && r["value"] == "10 mx.example.com.")
+    );
+    assert!(records.iter().any(|r| r["name"] == "_dmarc.example.com."));
+    assert!(
+        status["mtaStsPolicy"]
+            .as_str()
+            .unwrap()
+            .contains("mode: testing")
+    );
+    let conditions = status["conditions"].as_array().unwrap();
+    let dns = conditions.iter().find(|c| c["type"] == "DnsReady").unwrap();
+    assert_eq!(dns["reason"], "NotChecked");
+    let ready = conditions.iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!(
+        ready["reason"], "NotYetSupported",
+        "dkimKeyRef is not carried yet"
+    );
+    fake.take_writes();
+    mail_domain(typed(&fake, &path), ctx).await.expect("again");
+    assert_eq!(fake.take_writes(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn relay_policy_says_it_does_not_take_effect_yet() {
+    let (fake, ctx) = seeded();
+    let path = format!("/apis/mail.petrel.dev/v1alpha1{NS}/relaypolicies/internal");
+    relay_policy(typed(&fake, &path), ctx)
+        .await
+        .expect("reconciles");
+    let status = &fake.get(&path).unwrap()["status"];
+    assert_eq!(status["conditions"][0]["type"], "Ready");
+    assert_eq!(status["conditions"][0]["status"], "False");
+    assert_eq!(status["conditions"][0]["reason"], "NotYetSupported");
+}
+
+#[test]
+fn backoff_doubles_up_to_five_minutes() {
+    let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+    assert_eq!(secs, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
+}
