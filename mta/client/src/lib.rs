@@ -1,0 +1,37 @@
+//! `mta-client`: the outbound SMTP (RFC 5321) and LMTP (RFC 2033) client used by
+//! petrel-mta's delivery stage.
+//!
+//! One [`Connection`] is one session with one peer: [`Connection::connect`] does
+//! the TCP or unix-socket connect, reads the greeting, says EHLO (HELO fallback,
+//! LHLO for LMTP), negotiates STARTTLS according to [`TlsMode`], re-says EHLO and
+//! authenticates when [`ClientConfig::auth`] is set. [`Connection::send`] then
+//! delivers messages one at a time (PIPELINING when offered) and returns one
+//! [`Reply`] per recipient; [`Connection::reset`] and [`Connection::quit`] reuse
+//! and close the session.
+//!
+//! Outcomes are typed so that the caller classifies them with one exhaustive
+//! `match` on [`ClientError`] and, per recipient, on [`Reply::is_positive`] /
+//! [`Reply::is_transient`] / [`Reply::is_permanent`]; nothing here asks the
+//! caller to look at reply text.
+//!
+//! Flow of the modules: [`config`] (what the caller asks for) → `stream`
+//! (plain or TLS bytes) → `reply` (bounded reply reader, on `smtp-proto`) →
+//! [`capabilities`] (EHLO keywords) → `envelope` (MAIL/RCPT parameters,
+//! dot-stuffing) → [`connection`] (the session) with [`error`] for every failure.
+
+pub mod capabilities;
+pub mod config;
+pub mod connection;
+mod envelope;
+pub mod error;
+pub mod message;
+mod reply;
+mod stream;
+mod tls;
+
+pub use capabilities::Capabilities;
+pub use config::{ClientConfig, Credentials, Target, Timeouts, TlsMode};
+pub use connection::Connection;
+pub use error::{ClientError, Phase};
+pub use message::{OutboundMessage, OutboundRecipient};
+pub use reply::Reply;
