@@ -1,7 +1,6 @@
 //! A scripted SMTP/LMTP server on 127.0.0.1:0 for the client's tests: each
 //! [`Script`] field says how it answers, and the [`Transcript`] records what
 //! the client sent.
-#![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
 
