@@ -717,3 +717,31 @@ fn finish_replies(replies: Vec<Option<Reply>>) -> Vec<Reply> {
         .map(|r| r.unwrap_or_else(|| Reply::local(451, [4, 3, 0], "no reply recorded")))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn require_send<T: Send>(_: &T) {}
+
+    /// Compile-time check: the delivery stage spawns these on a multi-threaded
+    /// runtime, so the connection and its futures must be `Send`.
+    #[allow(dead_code)]
+    fn futures_are_send(
+        conn: &mut Connection,
+        message: &OutboundMessage<'_>,
+        target: &Target,
+        config: &ClientConfig,
+    ) {
+        require_send(&Connection::connect(target, "mx.example", config));
+        require_send(&conn.send(message));
+        require_send(&conn.reset());
+    }
+
+    #[test]
+    fn connection_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Connection>();
+        check::<ClientError>();
+    }
+}

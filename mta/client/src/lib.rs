@@ -14,6 +14,27 @@
 //! [`Reply::is_transient`] / [`Reply::is_permanent`]; nothing here asks the
 //! caller to look at reply text.
 //!
+//! ```no_run
+//! # async fn demo() -> Result<(), mta_client::ClientError> {
+//! use mta_client::*;
+//! let config = ClientConfig::new("mta.example.net"); // SMTP, opportunistic TLS
+//! let target = Target::Tcp("192.0.2.25:25".parse().unwrap());
+//! let mut conn = Connection::connect(&target, "mx.example.org", &config).await?;
+//! let to = [OutboundRecipient::new("user@example.org")];
+//! let replies = conn
+//!     .send(&OutboundMessage::new("sender@example.net", &to, b"Subject: hi\r\n\r\nhello\r\n"))
+//!     .await?;
+//! for reply in &replies {
+//!     match (reply.is_positive(), reply.is_transient()) {
+//!         (true, _) => { /* delivered */ }
+//!         (false, true) => { /* defer this recipient */ }
+//!         (false, false) => { /* bounce this recipient */ }
+//!     }
+//! }
+//! conn.quit().await;
+//! # Ok(()) }
+//! ```
+//!
 //! Flow of the modules: [`config`] (what the caller asks for) → `stream`
 //! (plain or TLS bytes) → `reply` (bounded reply reader, on `smtp-proto`) →
 //! [`capabilities`] (EHLO keywords) → `envelope` (MAIL/RCPT parameters,
