@@ -1321,6 +1321,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.size < 0:
         p.error("--size must not be negative")
+    stages = {"ceiling", "postfix_accept", "postfix_relay", "petrel_accept", "petrel_relay",
+              "idle", "queue"}
+    if args.only and not set(args.only.split(",")) <= stages:
+        p.error(f"--only takes a comma-separated subset of {', '.join(sorted(stages))}")
     return args
 
 
