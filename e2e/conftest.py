@@ -101,6 +101,11 @@ smtpd:
 spool:
   path: {spool}
   segment_size: 1048576
+admin:
+  address: 127.0.0.1:0
+queue:
+  retry_interval: 1s
+  max_retry_interval: 2s
 local_domains:
   - name: example.test
     delivery:
@@ -127,10 +132,11 @@ def maildir_files(root: Path, user: str):
 
 
 def strip_received(data: bytes) -> bytes:
-    """Removes the Received: header petrel-mta prepends (first line + continuations)."""
-    assert data.startswith(b"Received: "), data[:80]
+    """Removes the Return-Path: and Received: headers petrel-mta prepends."""
+    assert data.startswith(b"Return-Path: <"), data[:80]
     lines = data.split(b"\r\n")
-    i = 1
+    assert lines[1].startswith(b"Received: "), data[:200]
+    i = 2
     while i < len(lines) and lines[i][:1] in (b"\t", b" "):
         i += 1
     return b"\r\n".join(lines[i:])

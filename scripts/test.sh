@@ -11,6 +11,7 @@ say() { printf '\n==> %s\n' "$*"; }
 apt_missing=()
 command -v swaks >/dev/null || apt_missing+=(swaks)
 command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || apt_missing+=(postfix)
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || apt_missing+=(dnsmasq-base)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     say "installing Debian packages needed by the tests: ${apt_missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -1,8 +1,10 @@
 //! What every stage shares: the current config, the spool, the scheduler's inbox and the
 //! connection counters.
 
-use crate::scheduler::SchedulerHandle;
+use crate::queue::Status;
+use crate::queue::scheduler::SchedulerHandle;
 use crate::spool::Spool;
+use hickory_resolver::TokioResolver;
 use mta_config::MtaConfig;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,6 +15,8 @@ pub struct Context {
     pub spool: Spool,
     pub scheduler: SchedulerHandle,
     connections: Mutex<Connections>,
+    /// Built on first use, rebuilt when `dns` in the config changes.
+    resolver: Mutex<Option<(mta_config::DnsConfig, Arc<TokioResolver>)>>,
 }
 
 #[derive(Default)]
@@ -56,6 +60,7 @@ impl Context {
             spool,
             scheduler,
             connections: Mutex::new(Connections::default()),
+            resolver: Mutex::new(None),
         }
     }
 
@@ -89,6 +94,25 @@ impl Context {
             ctx: self.clone(),
             ip,
         })
+    }
+
+    /// The DNS resolver for the current `dns` config.
+    pub fn resolver(&self) -> Result<Arc<TokioResolver>, Status> {
+        let dns = self.config().dns.clone();
+        let mut cached = self.resolver.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((config, resolver)) = cached.as_ref()
+            && *config == dns
+        {
+            return Ok(resolver.clone());
+        }
+        let resolver =
+            Arc::new(
+                crate::delivery::route::resolver(&dns).map_err(|e| Status::Deferred {
+                    detail: format!("451 4.4.3 {e}"),
+                })?,
+            );
+        *cached = Some((dns, resolver.clone()));
+        Ok(resolver)
     }
 
     fn connections(&self) -> std::sync::MutexGuard<'_, Connections> {

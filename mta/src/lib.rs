@@ -3,16 +3,20 @@
 //! Modules in the order mail flows through them:
 //! [`listener`] accepts connections → [`session`] speaks SMTP → [`policy`] decides about
 //! each recipient → [`cleanup`] adds trace headers and is the only writer of the
-//! [`spool`] → [`scheduler`] picks queued messages → [`local`] delivers them into Maildirs.
-//! [`context`] holds what every stage shares; [`shutdown`] stops them in order.
+//! [`spool`] → [`queue`]'s scheduler decides when each message is attempted →
+//! [`delivery`] sends it (SMTP/LMTP, or [`local`] Maildirs) → [`dsn`] tells the sender
+//! about failures and delays. [`admin`] serves `petrel-mta queue`; [`context`] holds what
+//! every stage shares; [`shutdown`] stops them in order.
 
+pub mod admin;
 pub mod cleanup;
 pub mod context;
+pub mod delivery;
+pub mod dsn;
 pub mod listener;
 pub mod local;
 pub mod policy;
 pub mod queue;
-pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod shutdown;

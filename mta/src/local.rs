@@ -30,13 +30,16 @@ pub fn mailbox_name(local_part: &str) -> Option<String> {
     mta_config::is_maildir_safe_local_part(&lower).then_some(lower)
 }
 
-/// Delivers `message` into `root/mailbox`. Blocking: call from a blocking thread.
+/// Delivers `message` into `root/mailbox`, with a `Return-Path:` header naming the
+/// envelope sender first (RFC 5321 §4.4: added at final delivery). Blocking: call from a
+/// blocking thread.
 pub fn deliver(
     root: &Path,
     mailbox: &str,
     id: QueueId,
     index: usize,
     hostname: &str,
+    sender: &str,
     message: &[u8],
 ) -> std::io::Result<Delivered> {
     let maildir = root.join(mailbox);
@@ -56,6 +59,7 @@ pub fn deliver(
         .create(true)
         .truncate(true)
         .open(&tmp)?;
+    file.write_all(format!("Return-Path: <{sender}>\r\n").as_bytes())?;
     file.write_all(message)?;
     file.sync_all()?;
     drop(file);
@@ -81,12 +85,33 @@ mod tests {
     fn delivers_once_even_when_repeated() {
         let root = tempfile::tempdir().expect("tempdir");
         let id = QueueId(0xABC);
-        let first = deliver(root.path(), "alice", id, 0, "mx.test", b"m1\r\n").expect("deliver");
+        let first = deliver(
+            root.path(),
+            "alice",
+            id,
+            0,
+            "mx.test",
+            "s@x.test",
+            b"m1\r\n",
+        )
+        .expect("deliver");
         let Delivered::New(path) = first else {
             panic!("first delivery must be new: {first:?}")
         };
-        assert_eq!(fs::read(&path).expect("read"), b"m1\r\n");
-        let again = deliver(root.path(), "alice", id, 0, "mx.test", b"m1\r\n").expect("again");
+        assert_eq!(
+            fs::read(&path).expect("read"),
+            b"Return-Path: <s@x.test>\r\nm1\r\n"
+        );
+        let again = deliver(
+            root.path(),
+            "alice",
+            id,
+            0,
+            "mx.test",
+            "s@x.test",
+            b"m1\r\n",
+        )
+        .expect("again");
         assert_eq!(again, Delivered::AlreadyThere(path));
         let entries = fs::read_dir(root.path().join("alice/new"))
             .expect("ls")

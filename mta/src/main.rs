@@ -2,6 +2,8 @@
 //! `--config`); `check-config` validates a config file without starting anything.
 
 use clap::{Parser, Subcommand};
+use mta::queue::QueueId;
+use mta::queue::scheduler::{AdminRequest, AdminResponse};
 use mta::server::Server;
 use mta_config::{LocalDelivery, MtaConfig};
 use std::path::PathBuf;
@@ -36,6 +38,42 @@ enum Command {
         /// YAML MtaConfig file.
         file: PathBuf,
     },
+    /// Inspect and operate the queue of a running petrel-mta (through its admin endpoint).
+    Queue {
+        /// Admin endpoint address. Default: `admin.address` from --config, else 127.0.0.1:2580.
+        #[arg(long, global = true)]
+        admin: Option<std::net::SocketAddr>,
+        /// Config file to take the admin address from.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// Print the raw JSON response instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        op: QueueOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueOp {
+    /// List queued messages.
+    List,
+    /// Show one message with its recipients' statuses.
+    Show { id: QueueId },
+    /// Attempt delivery now: one message, those for --domain, or all.
+    Flush {
+        id: Option<QueueId>,
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Stop attempting a message until released.
+    Hold { id: QueueId },
+    /// Release a held message.
+    Release { id: QueueId },
+    /// Remove a message without notifying anyone.
+    Delete { id: QueueId },
+    /// Fail a message's pending recipients now and notify its sender.
+    Bounce { id: QueueId },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +90,35 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Queue {
+            admin,
+            config,
+            json,
+            op,
+        } => {
+            let address = match (admin, config) {
+                (Some(address), _) => address,
+                (None, Some(file)) => match MtaConfig::from_file(&file) {
+                    Ok(config) => config.admin.address,
+                    Err(e) => {
+                        eprintln!("{}: {e}", file.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                (None, None) => MtaConfig::default().admin.address,
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(queue_command(address, op, json))
+        }
         Command::Serve { config } => {
             let config = match config {
                 None => MtaConfig::embedded_default(),
@@ -75,6 +142,37 @@ fn main() -> ExitCode {
     }
 }
 
+async fn queue_command(address: std::net::SocketAddr, op: QueueOp, json: bool) -> ExitCode {
+    let request = match op {
+        QueueOp::List => AdminRequest::List,
+        QueueOp::Show { id } => AdminRequest::Show { id },
+        QueueOp::Flush { id, domain } => AdminRequest::Flush { id, domain },
+        QueueOp::Hold { id } => AdminRequest::Hold { id },
+        QueueOp::Release { id } => AdminRequest::Release { id },
+        QueueOp::Delete { id } => AdminRequest::Delete { id },
+        QueueOp::Bounce { id } => AdminRequest::Bounce { id },
+    };
+    let response = match mta::admin::request(address, &request).await {
+        Ok(response) => response,
+        Err(e) => {
+            eprintln!("petrel-mta queue: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&response).unwrap_or_default()
+        );
+    } else {
+        print!("{}", mta::admin::render(&response));
+    }
+    match response {
+        AdminResponse::NotFound { .. } => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
+}
+
 async fn serve(config: MtaConfig) -> ExitCode {
     let summary = describe(&config);
     let server = match Server::start(config).await {
@@ -86,6 +184,9 @@ async fn serve(config: MtaConfig) -> ExitCode {
     };
     for address in &server.addresses {
         println!("petrel-mta: listening for SMTP on {address}");
+    }
+    if let Some(address) = server.admin_address {
+        println!("petrel-mta: admin endpoint (petrel-mta queue --admin {address}) on {address}");
     }
     print!("{summary}");
     if server.recovered > 0 {
@@ -104,14 +205,29 @@ async fn serve(config: MtaConfig) -> ExitCode {
 fn describe(config: &MtaConfig) -> String {
     let mut out = format!("petrel-mta: spool in {}\n", config.spool.path.display());
     for domain in &config.local_domains {
-        let LocalDelivery::Maildir { root } = &domain.delivery;
-        out += &format!(
-            "petrel-mta: mail for <user>@{} lands in {}/<user>/new\n",
-            domain.name,
-            root.display()
-        );
+        out += &match &domain.delivery {
+            LocalDelivery::Maildir { root } => format!(
+                "petrel-mta: mail for <user>@{} lands in {}/<user>/new\n",
+                domain.name,
+                root.display()
+            ),
+            LocalDelivery::Lmtp { address } => format!(
+                "petrel-mta: mail for <user>@{} goes to LMTP at {address}\n",
+                domain.name
+            ),
+        };
     }
-    out += "petrel-mta: mail for any other domain is refused (550 5.7.1: no relaying)\n";
+    if config.relay.client_networks.is_empty() {
+        out += "petrel-mta: mail for any other domain is refused (550 5.7.1: no relaying)\n";
+    } else {
+        let nets: Vec<String> = config
+            .relay
+            .client_networks
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        out += &format!("petrel-mta: relaying for clients in {}\n", nets.join(", "));
+    }
     out
 }
 

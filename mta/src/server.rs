@@ -3,7 +3,7 @@
 //! which bind port 0 and read the real addresses back.
 
 use crate::context::Context;
-use crate::scheduler::{self, SchedulerHandle};
+use crate::queue::scheduler::{self, SchedulerHandle};
 use crate::shutdown::Trigger;
 use crate::spool::{self, Spool};
 use mta_config::{ListenerKind, MtaConfig};
@@ -35,6 +35,8 @@ pub struct Server {
     trigger: Trigger,
     /// Bound addresses, in the order of `config.listeners`.
     pub addresses: Vec<SocketAddr>,
+    /// Where the admin endpoint listens.
+    pub admin_address: Option<SocketAddr>,
     /// Messages found in the spool at start.
     pub recovered: usize,
 }
@@ -71,7 +73,7 @@ impl Server {
             .collect();
 
         let trigger = Trigger::new();
-        let (handle, jobs) = SchedulerHandle::channel();
+        let (handle, commands) = SchedulerHandle::channel();
         let ctx = Arc::new(Context::new(config, spool, handle));
         let count = recovered.len();
         if count > 0 {
@@ -80,7 +82,15 @@ impl Server {
         for message in recovered {
             ctx.scheduler.enqueue(message.id, message.envelope);
         }
-        tokio::spawn(scheduler::run(ctx.clone(), jobs, trigger.subscribe()));
+        tokio::spawn(scheduler::run(ctx.clone(), commands, trigger.subscribe()));
+        let admin = TcpListener::bind(ctx.config().admin.address)
+            .await
+            .map_err(|source| StartError::Bind {
+                address: ctx.config().admin.address,
+                source,
+            })?;
+        let admin_address = admin.local_addr().ok();
+        tokio::spawn(crate::admin::serve(admin, ctx.clone(), trigger.subscribe()));
         for socket in sockets {
             tokio::spawn(crate::listener::run(
                 socket,
@@ -92,6 +102,7 @@ impl Server {
             ctx,
             trigger,
             addresses,
+            admin_address,
             recovered: count,
         })
     }

@@ -9,6 +9,7 @@
 //! checked by the MTA when it opens them, not by this crate.
 
 mod duration;
+mod outbound;
 mod validate;
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use outbound::{
+    AdminConfig, DnsConfig, QueueConfig, RelayConfig, RouteAuth, RouteConfig, SmtpClientConfig,
+    TlsMode,
+};
 pub use validate::{ConfigError, Problem, is_maildir_safe_local_part};
 
 /// The only document version this build understands.
@@ -42,6 +47,18 @@ pub struct MtaConfig {
     pub spool: SpoolConfig,
     /// Domains whose mail is delivered here rather than relayed. Default: none.
     pub local_domains: Vec<LocalDomainConfig>,
+    /// Who may relay to other domains. Default: nobody.
+    pub relay: RelayConfig,
+    /// Where mail for non-local domains goes. Default: none (direct MX delivery).
+    pub routes: Vec<RouteConfig>,
+    /// Retries, expiry, notices and concurrency of the queue.
+    pub queue: QueueConfig,
+    /// Outbound SMTP client timeouts (`smtp_*` in Postfix terms).
+    pub smtp_client: SmtpClientConfig,
+    /// Resolver used for MX lookups.
+    pub dns: DnsConfig,
+    /// The loopback admin endpoint used by `petrel-mta queue`.
+    pub admin: AdminConfig,
 }
 
 /// What a listener speaks on its port.
@@ -156,6 +173,11 @@ pub enum LocalDelivery {
         /// Directory holding one Maildir per user. Created when missing.
         root: PathBuf,
     },
+    /// An LMTP server (RFC 2033), e.g. Dovecot's `lmtp` service.
+    Lmtp {
+        /// `host:port` for TCP, or an absolute path to a unix socket.
+        address: String,
+    },
 }
 
 impl Default for MtaConfig {
@@ -170,6 +192,12 @@ impl Default for MtaConfig {
             smtpd: SmtpdConfig::default(),
             spool: SpoolConfig::default(),
             local_domains: Vec::new(),
+            relay: RelayConfig::default(),
+            routes: Vec::new(),
+            queue: QueueConfig::default(),
+            smtp_client: SmtpClientConfig::default(),
+            dns: DnsConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -211,6 +239,14 @@ impl MtaConfig {
     /// Serialises to YAML (what the operator writes into its ConfigMap).
     pub fn to_yaml(&self) -> String {
         serde_saphyr::to_string(self).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"))
+    }
+
+    /// The route for a recipient domain: its own, else `*`, else none (direct MX).
+    pub fn route(&self, domain: &str) -> Option<&RouteConfig> {
+        self.routes
+            .iter()
+            .find(|r| r.domain.eq_ignore_ascii_case(domain))
+            .or_else(|| self.routes.iter().find(|r| r.domain == "*"))
     }
 
     /// The local domain entry for `domain`, if any (case-insensitive).

@@ -133,6 +133,14 @@ impl MtaConfig {
                     "must not be empty".into(),
                 ),
                 LocalDelivery::Maildir { .. } => {}
+                LocalDelivery::Lmtp { address } => {
+                    if !address.starts_with('/') && !is_host_port(address) {
+                        problem(
+                            format!("{key}.delivery.lmtp.address"),
+                            format!("{address:?} is neither host:port nor an absolute socket path"),
+                        );
+                    }
+                }
             }
             for (j, local) in domain.recipients.iter().flatten().enumerate() {
                 if !is_maildir_safe_local_part(local) {
@@ -144,11 +152,102 @@ impl MtaConfig {
             }
         }
 
+        let mut route_domains = HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if route.domain != "*" && !is_domain_name(&route.domain) {
+                problem(
+                    format!("{key}.domain"),
+                    format!("{:?} is neither a domain name nor *", route.domain),
+                );
+            }
+            if !route_domains.insert(route.domain.to_ascii_lowercase()) {
+                problem(
+                    format!("{key}.domain"),
+                    format!("{} has two routes", route.domain),
+                );
+            }
+            if let Some(host) = &route.smarthost
+                && !is_host_port(host)
+            {
+                problem(
+                    format!("{key}.smarthost"),
+                    format!("{host:?} is not host:port"),
+                );
+            }
+            if route.auth.is_some() && route.smarthost.is_none() {
+                problem(
+                    format!("{key}.auth"),
+                    "credentials are only sent to a smarthost".into(),
+                );
+            }
+        }
+
+        let queue = &self.queue;
+        if queue.retry_interval.as_secs() == 0 {
+            problem("queue.retry_interval".into(), "must be at least 1s".into());
+        }
+        if !(1.0..=100.0).contains(&queue.retry_backoff_factor) {
+            problem(
+                "queue.retry_backoff_factor".into(),
+                "must be between 1.0 and 100.0".into(),
+            );
+        }
+        if queue.max_retry_interval < queue.retry_interval {
+            problem(
+                "queue.max_retry_interval".into(),
+                "must not be shorter than queue.retry_interval".into(),
+            );
+        }
+        if queue.max_age < queue.retry_interval {
+            problem(
+                "queue.max_age".into(),
+                "must not be shorter than queue.retry_interval".into(),
+            );
+        }
+        if queue.max_connections_per_destination == 0 {
+            problem(
+                "queue.max_connections_per_destination".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if queue.max_messages_per_connection == 0 {
+            problem(
+                "queue.max_messages_per_connection".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if let Some(postmaster) = &queue.postmaster
+            && !postmaster.contains('@')
+        {
+            problem(
+                "queue.postmaster".into(),
+                format!("{postmaster:?} is not an address"),
+            );
+        }
+        if !self.admin.address.ip().is_loopback() {
+            problem(
+                "admin.address".into(),
+                format!(
+                    "{} is not a loopback address; the admin endpoint is never exposed",
+                    self.admin.address
+                ),
+            );
+        }
+
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+}
+
+/// `host:port` with a non-empty host and a numeric port.
+fn is_host_port(text: &str) -> bool {
+    match text.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok(),
+        None => false,
     }
 }
 

@@ -6,6 +6,9 @@
 //! alone. Changing a field here changes the on-disk format: add fields with
 //! `#[serde(default)]` only.
 
+pub mod schedule;
+pub mod scheduler;
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::IpAddr;
@@ -119,6 +122,18 @@ pub struct Envelope {
     pub helo: String,
     /// Seconds since the epoch when the message was accepted.
     pub received_at: u64,
+    /// Delivery attempts so far (rounds over all pending recipients).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Seconds since the epoch of the next attempt; 0 means "as soon as possible".
+    #[serde(default)]
+    pub next_attempt_at: u64,
+    /// On hold: no attempts until released by an operator.
+    #[serde(default)]
+    pub held: bool,
+    /// A delay notice has been sent for this message.
+    #[serde(default)]
+    pub delay_notified: bool,
 }
 
 /// One recipient and its delivery state.
@@ -136,7 +151,7 @@ pub struct Recipient {
 }
 
 /// Where a recipient stands. The same value drives the queue, the logs and (later) DSNs.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum Status {
     /// Not yet attempted, or due again.

@@ -49,6 +49,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             client_ip: self.peer.ip(),
             helo,
             received_at: 0,
+            attempts: 0,
+            next_attempt_at: 0,
+            held: false,
+            delay_notified: false,
         };
         self.tx = Some(Transaction {
             envelope,

@@ -17,7 +17,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.recipients().len() >= self.config.smtpd.max_recipients {
             return self.error(Reply::TOO_MANY_RECIPIENTS);
         }
-        if let Err(reply) = policy::check_recipient(&self.config, &to.address) {
+        if let Err(reply) = policy::check_recipient(&self.config, self.peer.ip(), &to.address) {
             return self.error(reply);
         }
         let notify = (to.flags

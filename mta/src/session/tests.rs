@@ -2,7 +2,8 @@
 //! temporary directory, and the scheduler's inbox inspected directly.
 
 use super::*;
-use crate::scheduler::{Job, SchedulerHandle};
+use crate::queue::scheduler::{Command, SchedulerHandle};
+use crate::queue::{Envelope, QueueId};
 use crate::shutdown::Trigger;
 use crate::spool::Spool;
 use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
@@ -11,7 +12,7 @@ use tokio::sync::mpsc;
 struct Client {
     reader: BufReader<tokio::io::ReadHalf<DuplexStream>>,
     writer: tokio::io::WriteHalf<DuplexStream>,
-    jobs: mpsc::UnboundedReceiver<Job>,
+    jobs: mpsc::UnboundedReceiver<Command>,
     ctx: Arc<Context>,
     _trigger: Trigger,
     _dir: tempfile::TempDir,
@@ -74,6 +75,14 @@ impl Client {
             "expected {prefix:?}, got {line:?}"
         );
         line
+    }
+
+    /// The next message the session handed to the scheduler.
+    async fn queued(&mut self) -> (QueueId, Envelope) {
+        match self.jobs.recv().await {
+            Some(Command::Enqueue { id, envelope }) => (id, envelope),
+            other => panic!("expected an enqueued message, got {other:?}"),
+        }
     }
 
     async fn closed(&mut self) -> bool {
@@ -161,9 +170,9 @@ async fn pipelined_transaction_is_stored_with_its_parameters() {
         .and_then(|s| s.parse().ok())
         .expect("queue id in reply");
 
-    let job = client.jobs.recv().await.expect("handed to scheduler");
-    assert_eq!(job.id, id);
-    let env = &job.envelope;
+    let (queued_id, env) = client.queued().await;
+    assert_eq!(queued_id, id);
+    let env = &env;
     assert_eq!(env.sender, "a@sender.test");
     assert_eq!(env.declared_size, 100);
     assert_eq!(env.body, crate::queue::BodyType::EightBitMime);
@@ -201,9 +210,9 @@ async fn bdat_chunks_make_one_message() {
     client.expect("250 2.0.0 12 octets").await;
     client.send("BDAT 9 LAST\r\n\r\nhello\r\n").await;
     let line = client.expect("250 2.0.0 Ok: queued as").await;
-    let job = client.jobs.recv().await.expect("queued");
-    assert!(line.ends_with(&job.id.to_string()));
-    let stored = client.ctx.spool.read_message(job.id).await.expect("stored");
+    let (id, _) = client.queued().await;
+    assert!(line.ends_with(&id.to_string()));
+    let stored = client.ctx.spool.read_message(id).await.expect("stored");
     assert!(stored.ends_with(b"Subject: t\r\n\r\nhello\r\n"));
 
     // DATA after BDAT in one transaction is a sequence error; BDAT 0 LAST works.

@@ -92,7 +92,7 @@ pub struct Spool {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
-    appends: mpsc::Sender<Append>,
+    appends: mpsc::UnboundedSender<Append>,
     ids: QueueIdGenerator,
     index: Arc<Mutex<Index>>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
@@ -105,7 +105,7 @@ impl Spool {
         std::fs::create_dir_all(dir).map_err(Error::from_io)?;
         let (index, recovered, last_segment, max_id) = recover(dir)?;
         let index = Arc::new(Mutex::new(index));
-        let (appends, requests) = mpsc::channel(4096);
+        let (appends, requests) = mpsc::unbounded_channel();
         Writer::start(
             dir.to_owned(),
             last_segment + 1,
@@ -216,17 +216,49 @@ impl Spool {
         Ok(file)
     }
 
-    async fn append(&self, mut append: Append, durability: Durability) -> Result<(), Error> {
+    async fn append(&self, append: Append, durability: Durability) -> Result<(), Error> {
+        self.submit(append, durability)
+            .await
+            .map_err(|_| Error::Closed)?
+    }
+
+    /// Queues a record for the writer and returns at once; the receiver yields the result.
+    /// Records are written in the order they are submitted, whoever awaits them.
+    fn submit(
+        &self,
+        mut append: Append,
+        durability: Durability,
+    ) -> oneshot::Receiver<Result<(), Error>> {
         let (done, result) = oneshot::channel();
         append.durability = durability;
         append.done = Some(done);
-        self.inner
-            .appends
-            .send(append)
-            .await
-            .map_err(|_| Error::Closed)?;
-        result.await.map_err(|_| Error::Closed)?
+        // A send error means the writer is gone; dropping the sender reports `Closed`.
+        let _ = self.inner.appends.send(append);
+        result
     }
+
+    /// Like [`Spool::update`], but returns once the record is queued: callers that must not
+    /// wait (the scheduler loop) still get ordering with their later records.
+    pub fn update_detached(&self, id: QueueId, envelope: &Envelope) {
+        let bytes = record::encode_update(id, &envelope_json(envelope));
+        log_failure(id, self.submit(Append::other(id, bytes), Durability::Sync));
+    }
+
+    /// Like [`Spool::remove`], but returns once the record is queued.
+    pub fn remove_detached(&self, id: QueueId) {
+        let bytes = record::encode_done(id);
+        log_failure(id, self.submit(Append::done(id, bytes), Durability::Lazy));
+    }
+}
+
+fn log_failure(id: QueueId, result: oneshot::Receiver<Result<(), Error>>) {
+    tokio::spawn(async move {
+        match result.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(queue_id = %id, error = %e, "spool record not written"),
+            Err(_) => tracing::error!(queue_id = %id, "spool closed before record was written"),
+        }
+    });
 }
 
 fn envelope_json(envelope: &Envelope) -> Vec<u8> {

@@ -18,6 +18,10 @@ fn envelope(rcpt: &str) -> Envelope {
         client_ip: "127.0.0.1".parse().expect("ip"),
         helo: "client.test".into(),
         received_at: 1,
+        attempts: 0,
+        next_attempt_at: 0,
+        held: false,
+        delay_notified: false,
     }
 }
 

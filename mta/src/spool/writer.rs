@@ -94,7 +94,7 @@ impl Writer {
         first_segment: u32,
         segment_size: u64,
         index: Arc<Mutex<Index>>,
-        requests: mpsc::Receiver<Append>,
+        requests: mpsc::UnboundedReceiver<Append>,
     ) -> std::io::Result<()> {
         let file = create_segment(&dir, first_segment)?;
         lock(&index).live.insert(first_segment, 0);
@@ -112,7 +112,7 @@ impl Writer {
         Ok(())
     }
 
-    fn run(mut self, mut requests: mpsc::Receiver<Append>) {
+    fn run(mut self, mut requests: mpsc::UnboundedReceiver<Append>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = requests.blocking_recv() {
             batch.push(first);

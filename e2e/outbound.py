@@ -1,0 +1,116 @@
+"""Helpers for outbound tests: a real DNS server (dnsmasq) on loopback serving test zones,
+and aiosmtpd sinks on loopback addresses acting as MX hosts."""
+
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+from aiosmtpd.controller import Controller
+
+
+def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Dns:
+    """dnsmasq answering only from its command line; NXDOMAIN for other names in .test."""
+
+    def __init__(self, mx=(), hosts=()):
+        for _ in range(10):  # the OS-chosen UDP port may be taken for TCP: pick again
+            if self._start(mx, hosts):
+                return
+        raise AssertionError("dnsmasq could not get a port")
+
+    def _start(self, mx, hosts):
+        import dns.resolver
+        self.port = free_port(socket.SOCK_DGRAM)
+        args = ["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--log-queries",
+                f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+                "--local=/test/", "--cache-size=0"]
+        args += [f"--mx-host={domain},{host},{pref}" for domain, host, pref in mx]
+        args += [f"--host-record={name},{ip}" for name, ip in hosts]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while True:  # wait until it answers
+            r = dns.resolver.Resolver(configure=False)
+            r.nameservers, r.port, r.lifetime = ["127.0.0.1"], self.port, 1
+            try:
+                r.resolve("probe.test", "A")
+            except dns.resolver.NXDOMAIN:
+                return True
+            except Exception:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read()
+                    if b"Address already in use" in err:
+                        return False
+                    raise AssertionError(f"dnsmasq did not start: {err}")
+                if time.monotonic() > deadline:
+                    raise AssertionError("dnsmasq did not answer")
+                time.sleep(0.05)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@dataclass
+class Received:
+    peer: tuple
+    sender: str
+    recipients: list
+    content: bytes
+    mail_options: list = field(default_factory=list)
+    rcpt_options: list = field(default_factory=list)
+
+
+class SinkHandler:
+    """Accepts mail; optionally answers RCPT with `rcpt_reply` for the first `times`
+    attempts (None = always), then accepts."""
+
+    def __init__(self, rcpt_reply=None, times=None):
+        self.rcpt_reply = rcpt_reply
+        self.times = times
+        self.refusals = 0
+        self.messages = []
+        self.sessions = set()
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with self.lock:
+            self.sessions.add(id(session))
+            refuse = self.rcpt_reply and (self.times is None or self.refusals < self.times)
+            if refuse:
+                self.refusals += 1
+        if refuse:
+            return self.rcpt_reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.messages.append(Received(session.peer, envelope.mail_from,
+                                          list(envelope.rcpt_tos), envelope.original_content,
+                                          list(envelope.mail_options),
+                                          list(envelope.rcpt_options)))
+        return "250 2.0.0 accepted by sink"
+
+
+class Sink:
+    def __init__(self, host, port, **behaviour):
+        self.handler = SinkHandler(**behaviour)
+        self.controller = Controller(self.handler, hostname=host, port=port,
+                                     decode_data=False, enable_SMTPUTF8=True)
+        self.controller.start()
+
+    @property
+    def messages(self):
+        with self.handler.lock:
+            return list(self.handler.messages)
+
+    def stop(self):
+        self.controller.stop()

@@ -1,0 +1,174 @@
+//! Config for everything after the spool: who may relay, where mail for a domain goes,
+//! how the queue retries and expires, which DNS servers to ask, and the admin endpoint.
+
+use crate::duration;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Who may send mail to non-local domains through this MTA.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct RelayConfig {
+    /// Client networks (CIDR, e.g. `10.0.0.0/8`, `::1/128`) allowed to relay.
+    /// Default: none, so this MTA relays for nobody.
+    pub client_networks: Vec<ipnet::IpNet>,
+}
+
+/// How the SMTP client protects a connection (per route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// Never use TLS.
+    None,
+    /// STARTTLS when offered, any certificate; plain text when not offered. The default.
+    #[default]
+    Opportunistic,
+    /// STARTTLS must succeed (any certificate), else the attempt is deferred.
+    Required,
+    /// STARTTLS must succeed with a certificate valid for the MX (or smarthost) name.
+    Verified,
+}
+
+/// Where mail for one recipient domain goes. Routes are matched by exact domain first,
+/// then `*`; a domain without a route goes to its MX hosts with opportunistic TLS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct RouteConfig {
+    /// Recipient domain, or `*` for every domain without a route of its own. Required.
+    pub domain: String,
+    /// Send everything to this `host:port` instead of the domain's MX hosts.
+    /// Default: absent (direct MX delivery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smarthost: Option<String>,
+    /// TLS for this route. Default: `opportunistic`.
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// SMTP AUTH (PLAIN or LOGIN) towards the smarthost. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RouteAuth>,
+}
+
+/// Credentials for a smarthost; the password is read from a file (a mounted Secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct RouteAuth {
+    pub username: String,
+    /// File whose content (trailing newline removed) is the password.
+    pub password_file: std::path::PathBuf,
+}
+
+/// The queue: retries, lifetime, notices, concurrency.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct QueueConfig {
+    /// Keep every accepted message on hold: no delivery attempts until released
+    /// (`petrel-mta queue release`). For maintenance and benchmarks. Default: `false`.
+    pub hold_all: bool,
+    /// Delay before the first retry of a deferred recipient. Default: `5m`.
+    #[serde(with = "duration")]
+    pub retry_interval: Duration,
+    /// Each further retry waits this many times longer than the last. Default: `2.0`.
+    pub retry_backoff_factor: f64,
+    /// Longest wait between two attempts. Default: `1h`.
+    #[serde(with = "duration")]
+    pub max_retry_interval: Duration,
+    /// A message still undelivered this long after it arrived is bounced. Default: `5d`.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+    /// Send a delay notice (RFC 3464, action `delayed`) once a message has waited this
+    /// long; `off` disables them. Default: `4h`.
+    #[serde(with = "duration::optional")]
+    pub delay_warning_after: Option<Duration>,
+    /// Simultaneous connections to one destination (MX domain or smarthost). Default: `10`.
+    pub max_connections_per_destination: usize,
+    /// Messages sent over one connection before it is closed. Default: `100`.
+    pub max_messages_per_connection: usize,
+    /// Bounces that cannot be delivered (their sender is `<>`) are not bounced again;
+    /// when set, they are forwarded to this address instead. Default: none (logged only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postmaster: Option<String>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            hold_all: false,
+            retry_interval: Duration::from_secs(5 * 60),
+            retry_backoff_factor: 2.0,
+            max_retry_interval: Duration::from_secs(60 * 60),
+            max_age: Duration::from_secs(5 * 24 * 3600),
+            delay_warning_after: Some(Duration::from_secs(4 * 3600)),
+            max_connections_per_destination: 10,
+            max_messages_per_connection: 100,
+            postmaster: None,
+        }
+    }
+}
+
+/// DNS resolution for MX lookups.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct DnsConfig {
+    /// Name servers (`ip:port`) to ask. Default: empty, meaning the system's
+    /// `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// The admin endpoint `petrel-mta queue …` talks to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct AdminConfig {
+    /// Loopback address of the admin endpoint (HTTP). Only loopback addresses are
+    /// accepted. Default: `127.0.0.1:2580`.
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 2580)),
+        }
+    }
+}
+
+/// SMTP client timeouts, one per phase (RFC 5321 §4.5.3.2 defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct SmtpClientConfig {
+    /// TCP port of MX hosts. Default: `25`; change it only for tests.
+    pub port: u16,
+    /// Extra CA certificates (PEM) trusted for `tls: verified`, besides the Mozilla roots.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// TCP connect. Default: `30s`.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Greeting, EHLO, STARTTLS, AUTH, MAIL and RCPT replies. Default: `5m`.
+    #[serde(with = "duration")]
+    pub command_timeout: Duration,
+    /// Reply to DATA (the 354). Default: `2m`.
+    #[serde(with = "duration")]
+    pub data_init_timeout: Duration,
+    /// Each write of message content. Default: `3m`.
+    #[serde(with = "duration")]
+    pub data_block_timeout: Duration,
+    /// Reply after the final dot. Default: `10m`.
+    #[serde(with = "duration")]
+    pub data_done_timeout: Duration,
+}
+
+impl Default for SmtpClientConfig {
+    fn default() -> Self {
+        Self {
+            port: 25,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(5 * 60),
+            data_init_timeout: Duration::from_secs(2 * 60),
+            data_block_timeout: Duration::from_secs(3 * 60),
+            data_done_timeout: Duration::from_secs(10 * 60),
+        }
+    }
+}

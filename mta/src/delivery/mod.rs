@@ -1,0 +1,327 @@
+//! Delivery: per-destination queues of work, and the workers that empty them.
+//!
+//! The scheduler groups a message's pending recipients by [`Route`] (its destination) and
+//! pushes one [`WorkItem`] per group. Each destination runs at most
+//! `queue.max_connections_per_destination` workers; a worker takes items one after
+//! another, reusing its connection for up to `queue.max_messages_per_connection` messages,
+//! and reports each item's per-recipient [`Status`] back to the scheduler. A worker with
+//! nothing left to do exits, so an idle destination costs nothing.
+//!
+//! Routes: local Maildir ([`crate::local`]), LMTP, and SMTP to a smarthost or to the
+//! domain's MX hosts ([`route`] resolves them; [`smtp`] speaks to them).
+
+pub mod outcome;
+pub mod route;
+pub mod smtp;
+
+use crate::context::Context;
+use crate::local::{self, Delivered};
+use crate::queue::{Envelope, QueueId, Status, split_address};
+use crate::shutdown::Shutdown;
+use mta_config::{LocalDelivery, MtaConfig, RouteAuth, TlsMode};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Where a group of recipients goes. Two recipients with equal routes share connections.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Route {
+    Maildir {
+        root: PathBuf,
+    },
+    Lmtp {
+        address: String,
+    },
+    Smtp {
+        next_hop: NextHop,
+        tls: TlsMode,
+        auth: Option<(String, PathBuf)>,
+    },
+    /// The recipient cannot be routed; the detail says why. Reported without any I/O.
+    Unroutable {
+        status: Status,
+    },
+}
+
+/// The SMTP next hop.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NextHop {
+    /// The recipient domain's MX hosts (RFC 5321 §5.1).
+    Mx { domain: String },
+    /// A fixed `host:port`.
+    Smarthost { host_port: String },
+}
+
+/// One message's recipients for one destination.
+#[derive(Debug, Clone)]
+pub struct WorkItem {
+    pub id: QueueId,
+    pub envelope: Arc<Envelope>,
+    /// Indices into `envelope.recipients`.
+    pub recipients: Vec<usize>,
+}
+
+/// Decides the route of every pending recipient and groups them, in recipient order.
+pub fn group_by_destination(config: &MtaConfig, envelope: &Envelope) -> Vec<(Route, Vec<usize>)> {
+    let mut groups: Vec<(Route, Vec<usize>)> = Vec::new();
+    for (index, recipient) in envelope.recipients.iter().enumerate() {
+        if recipient.status.is_final() {
+            continue;
+        }
+        let route = route_for(config, &recipient.address);
+        match groups.iter_mut().find(|(r, _)| *r == route) {
+            Some((_, members)) => members.push(index),
+            None => groups.push((route, vec![index])),
+        }
+    }
+    groups
+}
+
+fn route_for(config: &MtaConfig, address: &str) -> Route {
+    let Some((_, domain)) = split_address(address) else {
+        return Route::Unroutable {
+            status: Status::Failed {
+                detail: "550 5.1.3 recipient address has no domain".into(),
+            },
+        };
+    };
+    if let Some(local) = config.local_domain(domain) {
+        return match &local.delivery {
+            LocalDelivery::Maildir { root } => Route::Maildir { root: root.clone() },
+            LocalDelivery::Lmtp { address } => Route::Lmtp {
+                address: address.clone(),
+            },
+        };
+    }
+    let route = config.route(domain);
+    Route::Smtp {
+        next_hop: match route.and_then(|r| r.smarthost.clone()) {
+            Some(host_port) => NextHop::Smarthost { host_port },
+            None => NextHop::Mx {
+                domain: domain.to_ascii_lowercase(),
+            },
+        },
+        tls: route.map(|r| r.tls).unwrap_or_default(),
+        auth: route.and_then(|r| {
+            r.auth.as_ref().map(
+                |RouteAuth {
+                     username,
+                     password_file,
+                 }| (username.clone(), password_file.clone()),
+            )
+        }),
+    }
+}
+
+/// All destinations with work or workers.
+pub struct Destinations {
+    ctx: Arc<Context>,
+    shutdown: Shutdown,
+    queues: HashMap<Route, Arc<Destination>>,
+}
+
+struct Destination {
+    route: Route,
+    state: Mutex<DestinationState>,
+    /// Wakes an idle worker when an item arrives.
+    arrived: Notify,
+}
+
+#[derive(Default)]
+struct DestinationState {
+    items: VecDeque<WorkItem>,
+    workers: usize,
+    /// Workers waiting for an item with their connection still open.
+    idle: usize,
+}
+
+/// How long a worker keeps its connection open waiting for more work (Postfix's
+/// connection cache time is 2s too).
+const IDLE_CONNECTION_TIME: Duration = Duration::from_secs(2);
+
+impl Destinations {
+    pub fn new(ctx: Arc<Context>, shutdown: Shutdown) -> Self {
+        Self {
+            ctx,
+            shutdown,
+            queues: HashMap::new(),
+        }
+    }
+
+    /// Queues an item and starts a worker if the destination has room for one more.
+    pub fn push(&mut self, route: Route, item: WorkItem) {
+        let limit = self.ctx.config().queue.max_connections_per_destination;
+        let destination = self
+            .queues
+            .entry(route.clone())
+            .or_insert_with(|| {
+                Arc::new(Destination {
+                    route,
+                    state: Mutex::new(DestinationState::default()),
+                    arrived: Notify::new(),
+                })
+            })
+            .clone();
+        let start_worker = {
+            let mut state = destination.lock();
+            state.items.push_back(item);
+            let wanted = state.workers < limit && state.items.len() > state.idle;
+            if wanted {
+                state.workers += 1;
+            }
+            wanted
+        };
+        destination.arrived.notify_one();
+        if start_worker {
+            tokio::spawn(worker(self.ctx.clone(), destination, self.shutdown.clone()));
+        }
+        // Forget destinations that have gone idle, so the map does not grow forever.
+        self.queues.retain(|_, d| {
+            let state = d.lock();
+            state.workers > 0 || !state.items.is_empty()
+        });
+    }
+}
+
+impl Destination {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DestinationState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next item, waiting up to [`IDLE_CONNECTION_TIME`] for one; `None` after the
+    /// worker has been counted out.
+    async fn next(&self, shutdown: &mut Shutdown) -> Option<WorkItem> {
+        let mut waited = false;
+        loop {
+            {
+                let mut state = self.lock();
+                let item = if shutdown.is_shutdown() {
+                    None
+                } else {
+                    state.items.pop_front()
+                };
+                if item.is_some() {
+                    return item;
+                }
+                if waited || shutdown.is_shutdown() {
+                    state.workers -= 1;
+                    return None;
+                }
+                state.idle += 1;
+            }
+            tokio::select! {
+                _ = tokio::time::timeout(IDLE_CONNECTION_TIME, self.arrived.notified()) => {}
+                () = shutdown.recv() => {}
+            }
+            self.lock().idle -= 1;
+            waited = true;
+        }
+    }
+}
+
+async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: Shutdown) {
+    let mut connection = smtp::Session::default();
+    while let Some(item) = destination.next(&mut shutdown).await {
+        let results = deliver(&ctx, &destination.route, &item, &mut connection).await;
+        for (index, status) in &results {
+            log_result(item.id, &item.envelope.recipients[*index].address, status);
+        }
+        ctx.scheduler.attempted(item.id, results);
+    }
+    connection.close().await;
+}
+
+async fn deliver(
+    ctx: &Arc<Context>,
+    route: &Route,
+    item: &WorkItem,
+    connection: &mut smtp::Session,
+) -> Vec<(usize, Status)> {
+    if let Route::Unroutable { status } = route {
+        return item
+            .recipients
+            .iter()
+            .map(|&i| (i, status.clone()))
+            .collect();
+    }
+    let message = match ctx.spool.read_message(item.id).await {
+        Ok(message) => Arc::new(message),
+        Err(e) => {
+            let status = Status::Deferred {
+                detail: format!("451 4.3.0 cannot read queued message: {e}"),
+            };
+            return item
+                .recipients
+                .iter()
+                .map(|&i| (i, status.clone()))
+                .collect();
+        }
+    };
+    match route {
+        Route::Maildir { root } => deliver_maildir(ctx, root, item, message).await,
+        Route::Lmtp { .. } | Route::Smtp { .. } => {
+            connection.deliver(ctx, route, item, &message).await
+        }
+        Route::Unroutable { .. } => Vec::new(),
+    }
+}
+
+async fn deliver_maildir(
+    ctx: &Arc<Context>,
+    root: &std::path::Path,
+    item: &WorkItem,
+    message: Arc<Vec<u8>>,
+) -> Vec<(usize, Status)> {
+    let hostname = ctx.config().hostname.clone();
+    let mut results = Vec::with_capacity(item.recipients.len());
+    for &index in &item.recipients {
+        let address = &item.envelope.recipients[index].address;
+        let local_part = split_address(address).map(|(l, _)| l).unwrap_or(address);
+        let Some(mailbox) = local::mailbox_name(local_part) else {
+            results.push((
+                index,
+                Status::Failed {
+                    detail: "553 5.1.3 local part not acceptable for local delivery".into(),
+                },
+            ));
+            continue;
+        };
+        let (root, hostname, message, id) =
+            (root.to_owned(), hostname.clone(), message.clone(), item.id);
+        let sender = item.envelope.sender.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            local::deliver(&root, &mailbox, id, index, &hostname, &sender, &message)
+        })
+        .await;
+        let status = match result {
+            Ok(Ok(Delivered::New(path))) => Status::Delivered {
+                detail: format!("250 2.0.0 delivered to {}", path.display()),
+            },
+            Ok(Ok(Delivered::AlreadyThere(path))) => Status::Delivered {
+                detail: format!("250 2.0.0 already delivered to {}", path.display()),
+            },
+            Ok(Err(e)) => Status::Deferred {
+                detail: format!("451 4.3.0 maildir write failed: {e}"),
+            },
+            Err(e) => Status::Deferred {
+                detail: format!("451 4.3.0 delivery task failed: {e}"),
+            },
+        };
+        results.push((index, status));
+    }
+    results
+}
+
+/// One log line per recipient disposition, with the queue id (`grep ID` tells the story).
+fn log_result(id: QueueId, to: &str, status: &Status) {
+    match status {
+        Status::Delivered { detail } => tracing::info!(queue_id = %id, to, detail, "delivered"),
+        Status::Deferred { detail } => {
+            tracing::info!(queue_id = %id, to, detail, "attempt deferred")
+        }
+        Status::Failed { detail } => tracing::warn!(queue_id = %id, to, detail, "failed"),
+        Status::Scheduled => {}
+    }
+}

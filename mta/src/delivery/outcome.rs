@@ -1,0 +1,61 @@
+//! Turns what the SMTP/LMTP client reports into per-recipient [`Status`]es.
+//!
+//! Pure and exhaustive: one `match` over every [`ClientError`] variant, with no `_` arm, so
+//! a new error kind cannot be classified by accident. Temporary versus permanent comes
+//! from the reply class or the kind of failure, never from reply text.
+
+use crate::queue::Status;
+use mta_client::{ClientError, Reply};
+
+/// The status of a recipient given its reply (RCPT reply, or the final reply after DATA).
+pub fn from_reply(reply: &Reply) -> Status {
+    let detail = describe(reply);
+    if reply.is_positive() {
+        Status::Delivered { detail }
+    } else if reply.is_permanent() {
+        Status::Failed { detail }
+    } else {
+        // 4xx, and anything malformed, is retried.
+        Status::Deferred { detail }
+    }
+}
+
+/// The status of every recipient of an attempt that failed as a whole.
+pub fn from_error(error: &ClientError) -> Status {
+    let detail = error.to_string();
+    match error {
+        // The peer could not be reached or talked to: try again later.
+        ClientError::Connect { .. }
+        | ClientError::Timeout { .. }
+        | ClientError::Io { .. }
+        | ClientError::Tls { .. }
+        | ClientError::TlsUnavailable
+        | ClientError::Protocol { .. }
+        // Our credentials or the peer's mechanisms: an operator must fix it; meanwhile the
+        // mail waits (as Postfix does for SASL failures).
+        | ClientError::AuthFailed { .. }
+        | ClientError::AuthUnavailable => Status::Deferred {
+            detail: format!("451 4.4.0 {detail}"),
+        },
+        // The peer answered for the whole message: its reply class decides.
+        ClientError::Rejected { reply, .. } => from_reply(reply),
+        ClientError::MessageTooBig { .. } => Status::Failed {
+            detail: format!("552 5.3.4 {detail}"),
+        },
+        // RFC 6152: we do not downgrade 8-bit content to 7-bit.
+        ClientError::EightBitUnsupported => Status::Failed {
+            detail: format!("554 5.6.3 {detail}"),
+        },
+        // RFC 6531 §3.2: an SMTPUTF8 message cannot go to a peer without SMTPUTF8.
+        ClientError::Smtputf8Unsupported => Status::Failed {
+            detail: format!("553 5.6.7 {detail}"),
+        },
+    }
+}
+
+fn describe(reply: &Reply) -> String {
+    match reply.enhanced {
+        Some([a, b, c]) => format!("{} {a}.{b}.{c} {}", reply.code, reply.text),
+        None => format!("{} {}", reply.code, reply.text),
+    }
+}

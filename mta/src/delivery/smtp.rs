@@ -1,0 +1,224 @@
+//! SMTP and LMTP delivery for one worker: resolves the route's hosts, keeps one client
+//! [`Connection`] open across messages (up to `queue.max_messages_per_connection`), and
+//! turns replies and errors into per-recipient statuses ([`super::outcome`]).
+
+use super::route::{self, Target};
+use super::{NextHop, Route, WorkItem, outcome};
+use crate::context::Context;
+use crate::queue::{BodyType, DsnReturn, Status};
+use mta_client::{
+    ClientConfig, Connection, Credentials, OutboundMessage, OutboundRecipient, Timeouts,
+};
+use mta_config::{MtaConfig, TlsMode};
+use std::sync::Arc;
+
+/// A worker's connection, reused while it delivers to the same destination.
+#[derive(Default)]
+pub struct Session {
+    connection: Option<Connection>,
+    /// Messages sent over `connection`.
+    sent: usize,
+}
+
+impl Session {
+    pub async fn deliver(
+        &mut self,
+        ctx: &Arc<Context>,
+        route: &Route,
+        item: &WorkItem,
+        message: &[u8],
+    ) -> Vec<(usize, Status)> {
+        let config = ctx.config();
+        let all = |status: Status| -> Vec<(usize, Status)> {
+            item.recipients
+                .iter()
+                .map(|&i| (i, status.clone()))
+                .collect()
+        };
+        if self.sent >= config.queue.max_messages_per_connection {
+            self.close().await;
+        }
+        if let Some(connection) = self.connection.as_mut()
+            && connection.reset().await.is_err()
+        {
+            // The peer dropped the idle connection: start a new one.
+            self.connection = None;
+        }
+        if self.connection.is_none() {
+            match connect(ctx, &config, route).await {
+                Ok(connection) => {
+                    self.connection = Some(connection);
+                    self.sent = 0;
+                }
+                Err(status) => return all(status),
+            }
+        }
+        let Some(connection) = self.connection.as_mut() else {
+            return Vec::new();
+        };
+
+        let envelope = &item.envelope;
+        let recipients: Vec<OutboundRecipient<'_>> = item
+            .recipients
+            .iter()
+            .map(|&i| {
+                let r = &envelope.recipients[i];
+                OutboundRecipient {
+                    address: &r.address,
+                    notify: r.notify.map(|n| (n.success, n.failure, n.delay)),
+                    orcpt: r.orcpt.as_deref(),
+                }
+            })
+            .collect();
+        let outbound = OutboundMessage {
+            sender: &envelope.sender,
+            recipients: &recipients,
+            content: message,
+            eight_bit: envelope.body == BodyType::EightBitMime,
+            smtputf8: envelope.smtputf8,
+            dsn_ret_full: envelope.dsn_ret.map(|r| r == DsnReturn::Full),
+            dsn_envid: envelope.dsn_envid.as_deref(),
+        };
+        match connection.send(&outbound).await {
+            Ok(replies) => {
+                self.sent += 1;
+                item.recipients
+                    .iter()
+                    .zip(replies.iter())
+                    .map(|(&i, reply)| (i, outcome::from_reply(reply)))
+                    .collect()
+            }
+            Err(error) => {
+                // After an error the connection's state is unknown: never reuse it.
+                if let Some(connection) = self.connection.take() {
+                    connection.quit().await;
+                }
+                all(outcome::from_error(&error))
+            }
+        }
+    }
+
+    pub async fn close(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            connection.quit().await;
+        }
+        self.sent = 0;
+    }
+}
+
+/// Resolves the route and connects to the first host that answers.
+async fn connect(
+    ctx: &Arc<Context>,
+    config: &MtaConfig,
+    route: &Route,
+) -> Result<Connection, Status> {
+    let (targets, client) = match route {
+        Route::Lmtp { address } => {
+            let client = client_config(config, true, TlsMode::None, None)?;
+            if address.starts_with('/') {
+                let target = mta_client::Target::Unix(address.into());
+                return Connection::connect(&target, "localhost", &client)
+                    .await
+                    .map_err(|e| outcome::from_error(&e));
+            }
+            let resolver = ctx.resolver()?;
+            (route::host_port_targets(&resolver, address).await?, client)
+        }
+        Route::Smtp {
+            next_hop,
+            tls,
+            auth,
+        } => {
+            let resolver = ctx.resolver()?;
+            let targets = match next_hop {
+                NextHop::Mx { domain } => {
+                    route::mx_targets(&resolver, domain, config.smtp_client.port).await?
+                }
+                NextHop::Smarthost { host_port } => {
+                    route::host_port_targets(&resolver, host_port).await?
+                }
+            };
+            (targets, client_config(config, false, *tls, auth.as_ref())?)
+        }
+        Route::Maildir { .. } | Route::Unroutable { .. } => {
+            return Err(Status::Deferred {
+                detail: "451 4.3.0 internal error: not an SMTP route".into(),
+            });
+        }
+    };
+    let mut last = None;
+    for Target { name, address } in targets {
+        match Connection::connect(&mta_client::Target::Tcp(address), &name, &client).await {
+            Ok(connection) => return Ok(connection),
+            Err(error) => {
+                tracing::info!(host = %name, %address, error = %error, "connection attempt failed");
+                last = Some(error);
+            }
+        }
+    }
+    Err(match last {
+        Some(error) => outcome::from_error(&error),
+        None => Status::Deferred {
+            detail: "451 4.4.4 no host to connect to".into(),
+        },
+    })
+}
+
+fn client_config(
+    config: &MtaConfig,
+    lmtp: bool,
+    tls: TlsMode,
+    auth: Option<&(String, std::path::PathBuf)>,
+) -> Result<ClientConfig, Status> {
+    let c = &config.smtp_client;
+    let extra_roots_pem = match &c.ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| Status::Deferred {
+            detail: format!(
+                "451 4.3.5 cannot read smtp_client.ca_file {}: {e}",
+                path.display()
+            ),
+        })?),
+        None => None,
+    };
+    let auth = match auth {
+        Some((username, password_file)) => {
+            let password =
+                std::fs::read_to_string(password_file).map_err(|e| Status::Deferred {
+                    detail: format!(
+                        "451 4.3.5 cannot read password file {}: {e}",
+                        password_file.display()
+                    ),
+                })?;
+            Some(Credentials {
+                username: username.clone(),
+                password: password.trim_end_matches(['\r', '\n']).to_owned(),
+            })
+        }
+        None => None,
+    };
+    let mut client = ClientConfig::new(config.hostname.clone());
+    client.lmtp = lmtp;
+    client.tls = match tls {
+        TlsMode::None => mta_client::TlsMode::None,
+        TlsMode::Opportunistic => mta_client::TlsMode::Opportunistic,
+        TlsMode::Required => mta_client::TlsMode::Required,
+        TlsMode::Verified => mta_client::TlsMode::Verified,
+    };
+    client.extra_roots_pem = extra_roots_pem;
+    client.auth = auth;
+    client.timeouts = Timeouts {
+        connect: c.connect_timeout,
+        greeting: c.command_timeout,
+        ehlo: c.command_timeout,
+        starttls: c.command_timeout,
+        auth: c.command_timeout,
+        mail: c.command_timeout,
+        rcpt: c.command_timeout,
+        data_init: c.data_init_timeout,
+        data_block: c.data_block_timeout,
+        data_done: c.data_done_timeout,
+        rset: c.command_timeout,
+        quit: c.command_timeout,
+    };
+    Ok(client)
+}

@@ -1,0 +1,152 @@
+//! Golden tests: each notice is compared with a committed `.eml` under
+//! `mta/tests/golden/dsn/`; on mismatch the actual output is written next to it as
+//! `<name>.actual` for review (set `PETREL_BLESS=1` to accept it).
+
+use super::*;
+use crate::queue::{BodyType, DsnNotify};
+
+fn envelope() -> Envelope {
+    Envelope {
+        sender: "alice@sender.test".into(),
+        recipients: vec![
+            Recipient {
+                address: "bob@remote.test".into(),
+                notify: None,
+                orcpt: Some("Bob@remote.test".into()),
+                status: Status::Failed {
+                    detail: "550 5.1.1 <bob@remote.test>: user unknown".into(),
+                },
+            },
+            Recipient {
+                address: "carol@remote.test".into(),
+                notify: Some(DsnNotify {
+                    success: true,
+                    failure: true,
+                    delay: false,
+                }),
+                orcpt: None,
+                status: Status::Delivered {
+                    detail: "250 2.0.0 ok".into(),
+                },
+            },
+            Recipient {
+                address: "dave@slow.test".into(),
+                notify: None,
+                orcpt: None,
+                status: Status::Deferred {
+                    detail: "451 4.7.1 greylisted".into(),
+                },
+            },
+        ],
+        declared_size: 0,
+        body: BodyType::SevenBit,
+        smtputf8: false,
+        dsn_ret: None,
+        dsn_envid: Some("ENV-42".into()),
+        client_ip: "192.0.2.1".parse().expect("ip"),
+        helo: "client.test".into(),
+        received_at: 1_795_435_200,
+        attempts: 1,
+        next_attempt_at: 0,
+        held: false,
+        delay_notified: false,
+    }
+}
+
+const ORIGINAL: &[u8] =
+    b"Received: from x\r\nSubject: hello\r\nFrom: alice@sender.test\r\n\r\nbody line\r\n";
+
+fn golden(name: &str, actual: &[u8]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/dsn");
+    let expected_path = dir.join(format!("{name}.eml"));
+    let actual_path = dir.join(format!("{name}.eml.actual"));
+    if std::env::var_os("PETREL_BLESS").is_some() {
+        std::fs::write(&expected_path, actual).expect("bless");
+    }
+    let expected = std::fs::read(&expected_path).unwrap_or_default();
+    if expected != actual {
+        std::fs::write(&actual_path, actual).expect("write .actual");
+        panic!(
+            "{name}: notice differs from {}; see {}",
+            expected_path.display(),
+            actual_path.display()
+        );
+    }
+    let _ = std::fs::remove_file(actual_path);
+}
+
+fn notice(kind: Kind, env: &Envelope) -> Vec<u8> {
+    let mut config = MtaConfig::embedded_default();
+    config.hostname = "mx.petrel.test".into();
+    let reported: Vec<&Recipient> = env.recipients.iter().filter(|r| wants(r, kind)).collect();
+    build(
+        &config,
+        env,
+        &reported,
+        kind,
+        ORIGINAL,
+        QueueId(0xABCDEF),
+        1_795_440_000,
+    )
+}
+
+#[test]
+fn failure_notice() {
+    let out = notice(Kind::Failure, &envelope());
+    golden("failure", &out);
+}
+
+#[test]
+fn delay_notice_headers_only() {
+    let mut env = envelope();
+    env.dsn_ret = Some(DsnReturn::Headers);
+    golden("delay-headers-only", &notice(Kind::Delay, &env));
+}
+
+#[test]
+fn success_notice_only_for_notify_success() {
+    let out = notice(Kind::Success, &envelope());
+    let text = String::from_utf8(out.clone()).expect("utf8");
+    assert!(text.contains("Final-Recipient: rfc822; carol@remote.test"));
+    assert!(!text.contains("Final-Recipient: rfc822; bob@remote.test"));
+    golden("success", &out);
+}
+
+#[test]
+fn status_codes() {
+    let cases = [
+        (
+            Status::Failed {
+                detail: "550 5.1.1 unknown".into(),
+            },
+            "5.1.1",
+        ),
+        (
+            Status::Failed {
+                detail: "550 no enhanced code".into(),
+            },
+            "5.0.0",
+        ),
+        (
+            Status::Deferred {
+                detail: "451 4.7.1 later".into(),
+            },
+            "4.7.1",
+        ),
+        (
+            Status::Failed {
+                detail: "5.4.7 message expired".into(),
+            },
+            "5.4.7",
+        ),
+        (
+            Status::Delivered {
+                detail: "250 ok".into(),
+            },
+            "2.0.0",
+        ),
+    ];
+    for (status, code) in cases {
+        assert_eq!(status_code(&status), code, "{status:?}");
+    }
+}

@@ -1,0 +1,555 @@
+//! The queue manager: decides when each queued message is attempted, hands the attempts to
+//! per-destination delivery queues, applies the per-recipient results, and retires
+//! messages (delivered, bounced, expired, deleted).
+//!
+//! One task owns all scheduling state; everything else talks to it through
+//! [`SchedulerHandle`]. Due times and expiry times live in ordered sets keyed by time, so
+//! each event costs O(log n) and nothing ever scans the whole queue; the memory per queued
+//! message is its envelope (bodies stay in the spool).
+//!
+//! A message's life: `enqueue` → waiting (in `due`) or held → an attempt round: its pending
+//! recipients are grouped by destination and queued there ([`crate::delivery`]) → each
+//! group reports back → when the round is complete, either every recipient is final (the
+//! message is retired, with a bounce for failures) or it waits again with backoff
+//! ([`super::schedule`]). Expiry (`queue.max_age`) fires whatever state the message is in:
+//! waiting, held, or in the middle of a round (then it takes effect when the round ends).
+//!
+//! The clock is tokio's, anchored to the wall clock at start, so tests drive retries and
+//! expiry with paused time. After a restart, all of this is rebuilt from the spool: each
+//! envelope carries its attempts, next attempt time, hold flag and recipient statuses.
+
+use super::schedule;
+use super::{Envelope, QueueId, Status};
+use crate::context::Context;
+use crate::delivery::{self, Destinations, WorkItem};
+use crate::dsn;
+use crate::shutdown::Shutdown;
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Messages to the scheduler task.
+#[derive(Debug)]
+pub enum Command {
+    /// A message is newly in the spool (accepted, recovered, or a bounce we made).
+    Enqueue { id: QueueId, envelope: Envelope },
+    /// A destination finished its part of an attempt round.
+    Attempted {
+        id: QueueId,
+        results: Vec<(usize, Status)>,
+    },
+    /// An operator's request (`petrel-mta queue …`).
+    Admin(AdminRequest, oneshot::Sender<AdminResponse>),
+}
+
+/// Queue operations, as the admin endpoint receives them.
+#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum AdminRequest {
+    List,
+    Show {
+        id: QueueId,
+    },
+    /// Attempt now: one message, every message for a recipient domain, or everything.
+    Flush {
+        id: Option<QueueId>,
+        domain: Option<String>,
+    },
+    Hold {
+        id: QueueId,
+    },
+    Release {
+        id: QueueId,
+    },
+    /// Remove without notifying anyone.
+    Delete {
+        id: QueueId,
+    },
+    /// Fail every pending recipient now and notify the sender.
+    Bounce {
+        id: QueueId,
+    },
+}
+
+/// One queued message as the admin endpoint shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct QueueEntry {
+    pub id: QueueId,
+    /// `waiting`, `held` or `active`.
+    pub state: String,
+    pub sender: String,
+    pub recipients: Vec<super::Recipient>,
+    pub attempts: u32,
+    /// Seconds since the epoch; absent while held or active.
+    pub next_attempt_at: Option<u64>,
+    pub received_at: u64,
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum AdminResponse {
+    List { messages: Vec<QueueEntry> },
+    Show { message: QueueEntry },
+    Done { affected: usize },
+    NotFound { id: QueueId },
+}
+
+/// Talks to the scheduler task. Cheap to clone; never blocks.
+#[derive(Clone, Debug)]
+pub struct SchedulerHandle {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl SchedulerHandle {
+    pub fn channel() -> (SchedulerHandle, mpsc::UnboundedReceiver<Command>) {
+        let (commands, rx) = mpsc::unbounded_channel();
+        (SchedulerHandle { commands }, rx)
+    }
+
+    /// A message is in the spool and should be scheduled. After shutdown this is a no-op:
+    /// the message stays in the spool for the next start.
+    pub fn enqueue(&self, id: QueueId, envelope: Envelope) {
+        let _ = self.commands.send(Command::Enqueue { id, envelope });
+    }
+
+    pub fn attempted(&self, id: QueueId, results: Vec<(usize, Status)>) {
+        let _ = self.commands.send(Command::Attempted { id, results });
+    }
+
+    pub async fn admin(&self, request: AdminRequest) -> Option<AdminResponse> {
+        let (reply, response) = oneshot::channel();
+        self.commands.send(Command::Admin(request, reply)).ok()?;
+        response.await.ok()
+    }
+}
+
+/// Wall-clock milliseconds derived from tokio's clock (so paused time moves it).
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    wall_ms: u64,
+    instant: Instant,
+}
+
+impl Clock {
+    fn start() -> Self {
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self {
+            wall_ms,
+            instant: Instant::now(),
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        self.wall_ms + self.instant.elapsed().as_millis() as u64
+    }
+    fn instant_at(&self, ms: u64) -> Instant {
+        self.instant + Duration::from_millis(ms.saturating_sub(self.wall_ms))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// In `due` at this time.
+    Waiting(u64),
+    Held,
+    /// An attempt round is out, with this many destination groups still to report.
+    Active(usize),
+}
+
+struct Entry {
+    envelope: Envelope,
+    phase: Phase,
+    expires_ms: u64,
+    /// Expiry, deletion or bounce requested during a round; applied when the round ends.
+    retire_after_round: Option<Retirement>,
+    /// Hold requested during a round; applied when the round ends.
+    hold_after_round: bool,
+}
+
+struct Scheduler {
+    ctx: Arc<Context>,
+    clock: Clock,
+    messages: HashMap<QueueId, Entry>,
+    due: BTreeSet<(u64, QueueId)>,
+    expiry: BTreeSet<(u64, QueueId)>,
+    destinations: Destinations,
+}
+
+/// Runs until shutdown; deliveries in progress are then left to finish on their own (their
+/// results are recorded if they arrive in time, and the spool has the rest).
+pub async fn run(
+    ctx: Arc<Context>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut shutdown: Shutdown,
+) {
+    let mut scheduler = Scheduler {
+        destinations: Destinations::new(ctx.clone(), shutdown.clone()),
+        ctx,
+        clock: Clock::start(),
+        messages: HashMap::new(),
+        due: BTreeSet::new(),
+        expiry: BTreeSet::new(),
+    };
+    loop {
+        let wake = scheduler.next_wake();
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(command) => scheduler.handle(command),
+                None => break,
+            },
+            () = sleep_until(wake) => scheduler.fire_timers(),
+            () = shutdown.recv() => break,
+        }
+    }
+}
+
+async fn sleep_until(wake: Option<Instant>) {
+    match wake {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Scheduler {
+    fn next_wake(&self) -> Option<Instant> {
+        let due = self.due.first().map(|(ms, _)| *ms);
+        let expiry = self.expiry.first().map(|(ms, _)| *ms);
+        let next = match (due, expiry) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(self.clock.instant_at(next))
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Enqueue { id, envelope } => self.enqueue(id, envelope),
+            Command::Attempted { id, results } => self.attempted(id, results),
+            Command::Admin(request, reply) => {
+                let response = self.admin(request);
+                let _ = reply.send(response);
+            }
+        }
+    }
+
+    fn enqueue(&mut self, id: QueueId, mut envelope: Envelope) {
+        let config = self.ctx.config();
+        let expires_ms = schedule::expires_at_ms(&config.queue, envelope.received_at);
+        self.expiry.insert((expires_ms, id));
+        let phase = if envelope.held || config.queue.hold_all {
+            envelope.held = true;
+            Phase::Held
+        } else {
+            let at = self
+                .clock
+                .now_ms()
+                .max(envelope.next_attempt_at.saturating_mul(1000));
+            self.due.insert((at, id));
+            Phase::Waiting(at)
+        };
+        self.messages.insert(
+            id,
+            Entry {
+                envelope,
+                phase,
+                expires_ms,
+                retire_after_round: None,
+                hold_after_round: false,
+            },
+        );
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.clock.now_ms();
+        while let Some(&(ms, id)) = self.expiry.first() {
+            if ms > now {
+                break;
+            }
+            self.expiry.pop_first();
+            self.expire(id);
+        }
+        while let Some(&(ms, id)) = self.due.first() {
+            if ms > now {
+                break;
+            }
+            self.due.pop_first();
+            self.start_round(id);
+        }
+    }
+
+    /// Sends every pending recipient of `id` to its destination.
+    fn start_round(&mut self, id: QueueId) {
+        let Some(entry) = self.messages.get_mut(&id) else {
+            return;
+        };
+        let config = self.ctx.config();
+        let envelope = Arc::new(entry.envelope.clone());
+        let groups = delivery::group_by_destination(&config, &envelope);
+        if groups.is_empty() {
+            // Nothing pending (e.g. recovered after the last recipient was recorded).
+            entry.phase = Phase::Active(0);
+            self.end_round(id);
+            return;
+        }
+        entry.phase = Phase::Active(groups.len());
+        for (destination, recipients) in groups {
+            self.destinations.push(
+                destination,
+                WorkItem {
+                    id,
+                    envelope: envelope.clone(),
+                    recipients,
+                },
+            );
+        }
+    }
+
+    fn attempted(&mut self, id: QueueId, results: Vec<(usize, Status)>) {
+        let Some(entry) = self.messages.get_mut(&id) else {
+            return;
+        };
+        for (index, status) in results {
+            if let Some(recipient) = entry.envelope.recipients.get_mut(index) {
+                recipient.status = status;
+            }
+        }
+        if let Phase::Active(left) = &mut entry.phase {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.end_round(id);
+            }
+        }
+    }
+
+    /// An attempt round is complete: retire the message or schedule the next round.
+    fn end_round(&mut self, id: QueueId) {
+        let now = self.clock.now_ms();
+        let config = self.ctx.config();
+        let Some(entry) = self.messages.get_mut(&id) else {
+            return;
+        };
+        let envelope = &mut entry.envelope;
+        if let Some(how) = entry.retire_after_round {
+            self.retire(id, how);
+            return;
+        }
+        if envelope.recipients.iter().all(|r| r.status.is_final()) {
+            self.retire(id, Retirement::Finished);
+            return;
+        }
+        envelope.attempts += 1;
+        let delay = schedule::retry_delay(&config.queue, envelope.attempts);
+        let at = now + delay.as_millis() as u64;
+        envelope.next_attempt_at = at.div_ceil(1000);
+        if schedule::delay_notice_due(&config.queue, envelope, now) {
+            envelope.delay_notified = true;
+            dsn::send_notice(&self.ctx, id, envelope.clone(), dsn::Kind::Delay);
+        }
+        tracing::info!(
+            queue_id = %id,
+            attempts = envelope.attempts,
+            next_attempt_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())),
+            "deferred"
+        );
+        if entry.hold_after_round {
+            entry.hold_after_round = false;
+            envelope.held = true;
+            entry.phase = Phase::Held;
+        } else {
+            entry.phase = Phase::Waiting(at);
+            self.due.insert((at, id));
+        }
+        self.ctx.spool.update_detached(id, &entry.envelope);
+    }
+
+    fn expire(&mut self, id: QueueId) {
+        let Some(entry) = self.messages.get_mut(&id) else {
+            return;
+        };
+        match entry.phase {
+            Phase::Active(_) => entry.retire_after_round = Some(Retirement::Expired),
+            Phase::Waiting(at) => {
+                self.due.remove(&(at, id));
+                self.retire(id, Retirement::Expired);
+            }
+            Phase::Held => self.retire(id, Retirement::Expired),
+        }
+    }
+
+    /// Removes a message from the queue for good, notifying the sender as its recipients'
+    /// statuses and NOTIFY settings require.
+    fn retire(&mut self, id: QueueId, how: Retirement) {
+        let Some(mut entry) = self.messages.remove(&id) else {
+            return;
+        };
+        self.expiry.remove(&(entry.expires_ms, id));
+        if let Phase::Waiting(at) = entry.phase {
+            self.due.remove(&(at, id));
+        }
+        let reason = match how {
+            Retirement::Finished | Retirement::Deleted => None,
+            Retirement::Expired => Some("5.4.7 message expired: delivery time limit exceeded"),
+            Retirement::Bounced => Some("5.0.0 message bounced by the postmaster"),
+        };
+        if let Some(reason) = reason {
+            for recipient in &mut entry.envelope.recipients {
+                if !recipient.status.is_final() {
+                    let last = match &recipient.status {
+                        Status::Deferred { detail } => format!(" (last attempt: {detail})"),
+                        _ => String::new(),
+                    };
+                    recipient.status = Status::Failed {
+                        detail: format!("{reason}{last}"),
+                    };
+                }
+            }
+            tracing::warn!(queue_id = %id, reason, "retired undelivered");
+        }
+        if matches!(how, Retirement::Deleted) {
+            tracing::warn!(queue_id = %id, "deleted by operator");
+            self.ctx.spool.remove_detached(id);
+            return;
+        }
+        dsn::retire(&self.ctx, id, entry.envelope);
+    }
+
+    fn admin(&mut self, request: AdminRequest) -> AdminResponse {
+        match request {
+            AdminRequest::List => {
+                let mut messages: Vec<QueueEntry> = self
+                    .messages
+                    .iter()
+                    .map(|(id, entry)| self.describe(*id, entry))
+                    .collect();
+                messages.sort_by_key(|m| m.id);
+                AdminResponse::List { messages }
+            }
+            AdminRequest::Show { id } => match self.messages.get(&id) {
+                Some(entry) => AdminResponse::Show {
+                    message: self.describe(id, entry),
+                },
+                None => AdminResponse::NotFound { id },
+            },
+            AdminRequest::Flush { id, domain } => {
+                if let Some(want) = id
+                    && !self.messages.contains_key(&want)
+                {
+                    return AdminResponse::NotFound { id: want };
+                }
+                let now = self.clock.now_ms();
+                let chosen: Vec<(u64, QueueId)> = self
+                    .messages
+                    .iter()
+                    .filter_map(|(mid, entry)| match entry.phase {
+                        Phase::Waiting(at) => Some((at, *mid, entry)),
+                        _ => None,
+                    })
+                    .filter(|(_, mid, entry)| {
+                        id.is_none_or(|want| want == *mid)
+                            && domain.as_ref().is_none_or(|d| {
+                                entry.envelope.recipients.iter().any(|r| {
+                                    !r.status.is_final()
+                                        && super::split_address(&r.address)
+                                            .is_some_and(|(_, rd)| rd.eq_ignore_ascii_case(d))
+                                })
+                            })
+                    })
+                    .map(|(at, mid, _)| (at, mid))
+                    .collect();
+                for (at, mid) in &chosen {
+                    self.due.remove(&(*at, *mid));
+                    self.due.insert((now, *mid));
+                    if let Some(entry) = self.messages.get_mut(mid) {
+                        entry.phase = Phase::Waiting(now);
+                    }
+                }
+                AdminResponse::Done {
+                    affected: chosen.len(),
+                }
+            }
+            AdminRequest::Hold { id } => {
+                let Some(entry) = self.messages.get_mut(&id) else {
+                    return AdminResponse::NotFound { id };
+                };
+                match entry.phase {
+                    Phase::Waiting(at) => {
+                        self.due.remove(&(at, id));
+                        entry.phase = Phase::Held;
+                        entry.envelope.held = true;
+                        self.ctx.spool.update_detached(id, &entry.envelope);
+                    }
+                    Phase::Active(_) => entry.hold_after_round = true,
+                    Phase::Held => {}
+                }
+                AdminResponse::Done { affected: 1 }
+            }
+            AdminRequest::Release { id } => {
+                let now = self.clock.now_ms();
+                let Some(entry) = self.messages.get_mut(&id) else {
+                    return AdminResponse::NotFound { id };
+                };
+                entry.hold_after_round = false;
+                if entry.phase == Phase::Held {
+                    entry.envelope.held = false;
+                    entry.phase = Phase::Waiting(now);
+                    self.due.insert((now, id));
+                    self.ctx.spool.update_detached(id, &entry.envelope);
+                }
+                AdminResponse::Done { affected: 1 }
+            }
+            AdminRequest::Delete { id } | AdminRequest::Bounce { id } => {
+                let Some(entry) = self.messages.get_mut(&id) else {
+                    return AdminResponse::NotFound { id };
+                };
+                let how = if matches!(request, AdminRequest::Bounce { .. }) {
+                    Retirement::Bounced
+                } else {
+                    Retirement::Deleted
+                };
+                if let Phase::Active(_) = entry.phase {
+                    // Results of the round in progress still count; retire when it ends.
+                    entry.retire_after_round = Some(how);
+                    return AdminResponse::Done { affected: 1 };
+                }
+                self.retire(id, how);
+                AdminResponse::Done { affected: 1 }
+            }
+        }
+    }
+
+    fn describe(&self, id: QueueId, entry: &Entry) -> QueueEntry {
+        let (state, next) = match entry.phase {
+            Phase::Waiting(at) => ("waiting", Some(at / 1000)),
+            Phase::Held => ("held", None),
+            Phase::Active(_) => ("active", None),
+        };
+        QueueEntry {
+            id,
+            state: state.into(),
+            sender: entry.envelope.sender.clone(),
+            recipients: entry.envelope.recipients.clone(),
+            attempts: entry.envelope.attempts,
+            next_attempt_at: next,
+            received_at: entry.envelope.received_at,
+            size: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Retirement {
+    /// Every recipient is final.
+    Finished,
+    /// `queue.max_age` passed.
+    Expired,
+    /// An operator bounced it.
+    Bounced,
+    /// An operator deleted it (no notice).
+    Deleted,
+}
