@@ -12,6 +12,7 @@ apt_missing=()
 command -v swaks >/dev/null || apt_missing+=(swaks)
 command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || apt_missing+=(postfix)
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || apt_missing+=(dnsmasq-base)
+command -v openssl >/dev/null || apt_missing+=(openssl)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     say "installing Debian packages needed by the tests: ${apt_missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -46,6 +47,6 @@ cargo build --workspace --bins --quiet
 
 # --- end-to-end, with real peers ---------------------------------------------------------
 say "end-to-end suite (e2e/)"
-python3 -m pytest -q -rs e2e
+PETREL_MTA_BIN="$PWD/target/debug/petrel-mta" python3 -m pytest -q -rs e2e
 
 say "all tests passed"

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub async fn accept(
     ctx: &Context,
     config: &MtaConfig,
-    extended: bool,
+    protocol: &str,
     envelope: &mut Envelope,
     content: &[u8],
 ) -> Result<QueueId, Reply> {
@@ -30,7 +30,7 @@ pub async fn accept(
         .unwrap_or(0);
     envelope.received_at = now;
     let id = ctx.spool.next_id();
-    let header = received_header(config, extended, envelope, id, now);
+    let header = received_header(config, protocol, envelope, id, now);
     ctx.spool
         .store(id, envelope, &[header.as_bytes(), content])
         .await
@@ -60,6 +60,22 @@ pub fn spool_reply(error: &spool::Error) -> Reply {
 }
 
 /// True when a CR is not followed by LF, or an LF is not preceded by CR.
+/// The `with` protocol of a `Received:` header: SMTP or ESMTP, `S` for TLS, `A` for AUTH
+/// (RFC 3848), `UTF8` prefix for SMTPUTF8 (RFC 6531).
+pub fn protocol_name(extended: bool, tls: bool, authenticated: bool, smtputf8: bool) -> String {
+    if !extended {
+        return "SMTP".into();
+    }
+    let mut name = String::from(if smtputf8 { "UTF8ESMTP" } else { "ESMTP" });
+    if tls {
+        name.push('S');
+    }
+    if authenticated {
+        name.push('A');
+    }
+    name
+}
+
 pub fn has_bare_line_ending(content: &[u8]) -> bool {
     let mut prev = 0u8;
     for (i, &b) in content.iter().enumerate() {
@@ -73,19 +89,14 @@ pub fn has_bare_line_ending(content: &[u8]) -> bool {
     false
 }
 
-/// RFC 5321 §4.4 trace header. `with` is ESMTP/SMTP, or UTF8ESMTP for SMTPUTF8 (RFC 6531).
+/// RFC 5321 §4.4 trace header; `with` is the protocol name from RFC 3848 / RFC 6531.
 fn received_header(
     config: &MtaConfig,
-    extended: bool,
+    with: &str,
     envelope: &Envelope,
     id: QueueId,
     now: u64,
 ) -> String {
-    let with = match (extended, envelope.smtputf8) {
-        (true, true) => "UTF8ESMTP",
-        (true, false) => "ESMTP",
-        (false, _) => "SMTP",
-    };
     let ip = match envelope.client_ip {
         std::net::IpAddr::V4(ip) => ip.to_string(),
         std::net::IpAddr::V6(ip) => format!("IPv6:{ip}"),

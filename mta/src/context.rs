@@ -1,19 +1,37 @@
 //! What every stage shares: the current config, the spool, the scheduler's inbox and the
 //! connection counters.
 
+use crate::limits::RateLimiter;
 use crate::queue::Status;
 use crate::queue::scheduler::SchedulerHandle;
 use crate::spool::Spool;
+use crate::tls::Certificates;
+use crate::users::Users;
 use hickory_resolver::TokioResolver;
 use mta_config::MtaConfig;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// AUTH failures are counted over this window.
+const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
+const MAX_AUTH_FAILURES_PER_IP: u32 = 10;
+const MAX_AUTH_FAILURES_PER_USER: u32 = 5;
 
 pub struct Context {
     config: RwLock<Arc<MtaConfig>>,
     pub spool: Spool,
     pub scheduler: SchedulerHandle,
+    /// The TLS certificate, when one is configured.
+    pub certificates: Option<Certificates>,
+    /// AUTH credentials, when `smtpd.auth_users_file` is set.
+    pub users: Option<Arc<Users>>,
+    /// Message and recipient rates.
+    pub limiter: RateLimiter,
+    /// Recent AUTH failures per `ip:…` and `user:…` key: (count, window start).
+    auth_failures: Mutex<HashMap<String, (u32, Instant)>>,
     connections: Mutex<Connections>,
     /// Built on first use, rebuilt when `dns` in the config changes.
     resolver: Mutex<Option<(mta_config::DnsConfig, Arc<TokioResolver>)>>,
@@ -54,11 +72,21 @@ impl Drop for ConnectionSlot {
 }
 
 impl Context {
-    pub fn new(config: MtaConfig, spool: Spool, scheduler: SchedulerHandle) -> Self {
+    pub fn new(
+        config: MtaConfig,
+        spool: Spool,
+        scheduler: SchedulerHandle,
+        certificates: Option<Certificates>,
+        users: Option<Users>,
+    ) -> Self {
         Self {
             config: RwLock::new(Arc::new(config)),
             spool,
             scheduler,
+            certificates,
+            users: users.map(Arc::new),
+            limiter: RateLimiter::default(),
+            auth_failures: Mutex::new(HashMap::new()),
             connections: Mutex::new(Connections::default()),
             resolver: Mutex::new(None),
         }
@@ -94,6 +122,35 @@ impl Context {
             ctx: self.clone(),
             ip,
         })
+    }
+
+    /// Whether AUTH attempts from `ip` (or against `user`) are refused for now.
+    pub fn auth_blocked(&self, ip: IpAddr, user: Option<&str>) -> bool {
+        let failures = self.auth_failures.lock().unwrap_or_else(|e| e.into_inner());
+        let recent = |key: &str| {
+            failures
+                .get(key)
+                .filter(|(_, since)| since.elapsed() < AUTH_FAILURE_WINDOW)
+                .map(|(n, _)| *n)
+                .unwrap_or(0)
+        };
+        recent(&format!("ip:{ip}")) >= MAX_AUTH_FAILURES_PER_IP
+            || user.is_some_and(|u| recent(&format!("user:{u}")) >= MAX_AUTH_FAILURES_PER_USER)
+    }
+
+    /// Records a failed AUTH.
+    pub fn auth_failed(&self, ip: IpAddr, user: &str) {
+        let mut failures = self.auth_failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() > 100_000 {
+            failures.retain(|_, (_, since)| since.elapsed() < AUTH_FAILURE_WINDOW);
+        }
+        for key in [format!("ip:{ip}"), format!("user:{user}")] {
+            let entry = failures.entry(key).or_insert((0, Instant::now()));
+            if entry.1.elapsed() >= AUTH_FAILURE_WINDOW {
+                *entry = (0, Instant::now());
+            }
+            entry.0 += 1;
+        }
     }
 
     /// The DNS resolver for the current `dns` config.

@@ -130,6 +130,7 @@ fn notice_envelope(config: &MtaConfig, original: &Envelope, to: String, now: u64
         next_attempt_at: 0,
         held: false,
         delay_notified: false,
+        require_tls: false,
     }
 }
 

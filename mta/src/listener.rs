@@ -8,12 +8,19 @@
 use crate::context::{ConnectionRefused, Context};
 use crate::session::{Reply, Session};
 use crate::shutdown::Shutdown;
+use crate::stream::Stream;
+use mta_config::ListenerKind;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-pub async fn run(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutdown) {
+pub async fn run(
+    listener: TcpListener,
+    kind: ListenerKind,
+    ctx: Arc<Context>,
+    mut shutdown: Shutdown,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -30,10 +37,12 @@ pub async fn run(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutdow
         let _ = stream.set_nodelay(true);
         match ctx.admit(peer.ip()) {
             Ok(slot) => {
-                let session = Session::new(stream, ctx.clone(), peer);
+                let ctx = ctx.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    session.run(shutdown).await;
+                    if let Some(stream) = open(stream, kind, &ctx).await {
+                        Session::new(stream, ctx, peer, kind).run(shutdown).await;
+                    }
                     drop(slot);
                 });
             }
@@ -46,6 +55,24 @@ pub async fn run(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutdow
                 tokio::spawn(refuse(stream, reply));
             }
         }
+    }
+}
+
+/// Plain for `smtp` and `submission`; for `smtps`, the TLS handshake comes first (RFC
+/// 8314). A failed handshake ends this connection only.
+async fn open(stream: TcpStream, kind: ListenerKind, ctx: &Context) -> Option<Stream<TcpStream>> {
+    if kind != ListenerKind::Smtps {
+        return Some(Stream::Plain(stream));
+    }
+    let acceptor = ctx.certificates.as_ref()?.acceptor();
+    let timeout = ctx.config().smtpd.command_timeout;
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls))),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "implicit TLS handshake failed");
+            None
+        }
+        Err(_) => None,
     }
 }
 

@@ -38,6 +38,17 @@ enum Command {
         /// YAML MtaConfig file.
         file: PathBuf,
     },
+    /// Add or replace a user in an AUTH users file; the password is read from stdin.
+    Passwd {
+        /// User name (usually an address).
+        user: String,
+        /// The users file (`smtpd.auth_users_file`); created when missing.
+        #[arg(long, short)]
+        file: PathBuf,
+        /// An address or @domain the user may send as (repeatable). Default: the user name.
+        #[arg(long = "sender")]
+        senders: Vec<String>,
+    },
     /// Inspect and operate the queue of a running petrel-mta (through its admin endpoint).
     Queue {
         /// Admin endpoint address. Default: `admin.address` from --config, else 127.0.0.1:2580.
@@ -90,6 +101,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Passwd {
+            user,
+            file,
+            senders,
+        } => {
+            let mut password = String::new();
+            if std::io::stdin().read_line(&mut password).is_err() || password.trim_end().is_empty()
+            {
+                eprintln!("petrel-mta passwd: give the password on standard input");
+                return ExitCode::FAILURE;
+            }
+            let password = password.trim_end_matches(['\r', '\n']);
+            match mta::users::set_password(&file, &user, password, &senders) {
+                Ok(()) => {
+                    println!("{}: {user} set", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("petrel-mta passwd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Queue {
             admin,
             config,

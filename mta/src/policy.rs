@@ -22,12 +22,17 @@ pub fn may_relay(config: &MtaConfig, client: IpAddr) -> bool {
 }
 
 /// Accepts or refuses one recipient address (as given in `RCPT TO:<…>`).
-pub fn check_recipient(config: &MtaConfig, client: IpAddr, address: &str) -> Result<(), Reply> {
+pub fn check_recipient(
+    config: &MtaConfig,
+    client: IpAddr,
+    authenticated: bool,
+    address: &str,
+) -> Result<(), Reply> {
     let Some((local_part, domain)) = split_address(address) else {
         return Err(Reply::BAD_RECIPIENT_SYNTAX);
     };
     let Some(domain) = config.local_domain(domain) else {
-        return if may_relay(config, client) {
+        return if authenticated || may_relay(config, client) {
             Ok(())
         } else {
             Err(Reply::RELAY_DENIED)
@@ -75,7 +80,7 @@ mod tests {
         ];
         for (address, expected) in cases {
             assert_eq!(
-                &check_recipient(&config, outsider, address),
+                &check_recipient(&config, outsider, false, address),
                 expected,
                 "{address}"
             );
@@ -83,10 +88,18 @@ mod tests {
         // A client in a relay network may send anywhere; others still may not.
         config.relay.client_networks = vec!["10.0.0.0/8".parse().expect("net")];
         let insider: IpAddr = "10.1.2.3".parse().expect("ip");
-        assert_eq!(check_recipient(&config, insider, "x@remote.test"), Ok(()));
         assert_eq!(
-            check_recipient(&config, outsider, "x@remote.test"),
+            check_recipient(&config, insider, false, "x@remote.test"),
+            Ok(())
+        );
+        assert_eq!(
+            check_recipient(&config, outsider, false, "x@remote.test"),
             Err(Reply::RELAY_DENIED)
+        );
+        assert_eq!(
+            check_recipient(&config, outsider, true, "x@remote.test"),
+            Ok(()),
+            "authenticated users may relay"
         );
     }
 }

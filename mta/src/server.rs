@@ -6,6 +6,8 @@ use crate::context::Context;
 use crate::queue::scheduler::{self, SchedulerHandle};
 use crate::shutdown::Trigger;
 use crate::spool::{self, Spool};
+use crate::tls::Certificates;
+use crate::users::Users;
 use mta_config::{ListenerKind, MtaConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,11 +25,10 @@ pub enum StartError {
         address: SocketAddr,
         source: std::io::Error,
     },
-    #[error("listener {address}: kind {kind:?} needs TLS, which this build does not provide yet")]
-    Unsupported {
-        address: SocketAddr,
-        kind: ListenerKind,
-    },
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("smtpd.auth_users_file: {0}")]
+    Users(String),
 }
 
 pub struct Server {
@@ -43,14 +44,12 @@ pub struct Server {
 
 impl Server {
     pub async fn start(config: MtaConfig) -> Result<Server, StartError> {
-        for listener in &config.listeners {
-            if listener.kind != ListenerKind::Smtp {
-                return Err(StartError::Unsupported {
-                    address: listener.address,
-                    kind: listener.kind,
-                });
-            }
-        }
+        let certificates =
+            Certificates::load(&config.tls, &config.hostname).map_err(StartError::Tls)?;
+        let users = match &config.smtpd.auth_users_file {
+            Some(path) => Some(Users::load(path).map_err(StartError::Users)?),
+            None => None,
+        };
         let (spool, recovered) = Spool::open(&config.spool.path, config.spool.segment_size)
             .map_err(|source| StartError::Spool {
                 path: config.spool.path.clone(),
@@ -74,7 +73,8 @@ impl Server {
 
         let trigger = Trigger::new();
         let (handle, commands) = SchedulerHandle::channel();
-        let ctx = Arc::new(Context::new(config, spool, handle));
+        let kinds: Vec<ListenerKind> = config.listeners.iter().map(|l| l.kind).collect();
+        let ctx = Arc::new(Context::new(config, spool, handle, certificates, users));
         let count = recovered.len();
         if count > 0 {
             tracing::info!(messages = count, "recovered queued messages from the spool");
@@ -91,9 +91,10 @@ impl Server {
             })?;
         let admin_address = admin.local_addr().ok();
         tokio::spawn(crate::admin::serve(admin, ctx.clone(), trigger.subscribe()));
-        for socket in sockets {
+        for (socket, kind) in sockets.into_iter().zip(kinds) {
             tokio::spawn(crate::listener::run(
                 socket,
+                kind,
                 ctx.clone(),
                 trigger.subscribe(),
             ));

@@ -59,6 +59,26 @@ pub struct MtaConfig {
     pub dns: DnsConfig,
     /// The loopback admin endpoint used by `petrel-mta queue`.
     pub admin: AdminConfig,
+    /// The server certificate for STARTTLS and implicit TLS.
+    pub tls: TlsConfig,
+}
+
+/// The server's TLS certificate. The files are re-read when they change on disk (a
+/// mounted Secret is replaced by a symlink swap), without dropping sessions; a broken new
+/// pair is refused and the old one stays in use.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first. Default: none, so no STARTTLS is offered and
+    /// `submission`/`smtps` listeners cannot be used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// When the two files do not exist, generate a self-signed certificate for
+    /// `hostname` into them at start-up. Default: `false` (the embedded default sets it).
+    pub generate_self_signed: bool,
 }
 
 /// What a listener speaks on its port.
@@ -109,10 +129,75 @@ pub struct SmtpdConfig {
     /// Default: `10`.
     pub max_errors: u32,
     /// Concurrent connections over all listeners; further ones get `421 4.7.0` and are
-    /// closed. Default: `1000`.
+    /// closed. Default: `5000`.
     pub max_connections: usize,
     /// Concurrent connections from one client IP address. Default: `50`.
     pub max_connections_per_ip: usize,
+    /// File of `user:argon2-PHC-hash[:sender,...]` lines (write entries with
+    /// `petrel-mta passwd`). Senders are addresses or `@domain`s the user may use in MAIL
+    /// FROM; without them, only the user name itself (when it is an address). AUTH is
+    /// offered only when this is set. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_users_file: Option<PathBuf>,
+    /// Offer AUTH on connections without TLS. Only for tests. Default: `false`.
+    pub auth_allow_plaintext: bool,
+    /// Message and recipient rates per client address and per authenticated user.
+    pub rate_limits: RateLimitsConfig,
+}
+
+/// Rates written as `N/interval`, e.g. `100/1m`; `off` (the default for none) disables.
+/// Exceeding one gets `451 4.7.1` for that MAIL or RCPT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct RateLimitsConfig {
+    /// Messages (MAIL commands) per client IP. Default: `600/1m`.
+    pub messages_per_ip: String,
+    /// Recipients per client IP. Default: `3000/1m`.
+    pub recipients_per_ip: String,
+    /// Messages per authenticated user. Default: `300/1m`.
+    pub messages_per_user: String,
+    /// Recipients per destination domain (outbound, at RCPT). Default: `off`.
+    pub recipients_per_domain: String,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            messages_per_ip: "600/1m".into(),
+            recipients_per_ip: "3000/1m".into(),
+            messages_per_user: "300/1m".into(),
+            recipients_per_domain: "off".into(),
+        }
+    }
+}
+
+/// A parsed rate: `count` events per `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub interval: Duration,
+}
+
+impl Rate {
+    /// `N/interval` or `off` (→ `None`).
+    pub fn parse(text: &str) -> Result<Option<Rate>, String> {
+        if text == "off" {
+            return Ok(None);
+        }
+        let (count, interval) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not N/interval (e.g. 100/1m) or off"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("{count:?} is not a count"))?;
+        let interval =
+            humantime::parse_duration(interval.trim()).map_err(|e| format!("{interval:?}: {e}"))?;
+        if count == 0 || interval.is_zero() {
+            return Err(format!("{text:?}: count and interval must be positive"));
+        }
+        Ok(Some(Rate { count, interval }))
+    }
 }
 
 impl Default for SmtpdConfig {
@@ -123,8 +208,11 @@ impl Default for SmtpdConfig {
             command_timeout: Duration::from_secs(5 * 60),
             data_timeout: Duration::from_secs(10 * 60),
             max_errors: 10,
-            max_connections: 1000,
+            max_connections: 5000,
             max_connections_per_ip: 50,
+            auth_users_file: None,
+            auth_allow_plaintext: false,
+            rate_limits: RateLimitsConfig::default(),
         }
     }
 }
@@ -198,6 +286,7 @@ impl Default for MtaConfig {
             smtp_client: SmtpClientConfig::default(),
             dns: DnsConfig::default(),
             admin: AdminConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -216,6 +305,11 @@ impl MtaConfig {
         };
         Self {
             local_domains: vec![maildir("localhost"), maildir("example.test")],
+            tls: TlsConfig {
+                cert_file: Some(PathBuf::from("./petrel-data/tls/cert.pem")),
+                key_file: Some(PathBuf::from("./petrel-data/tls/key.pem")),
+                generate_self_signed: true,
+            },
             ..Self::default()
         }
     }

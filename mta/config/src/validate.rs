@@ -68,11 +68,55 @@ impl MtaConfig {
         }
         let mut addresses = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
-            if !addresses.insert(listener.address) {
+            // Port 0 (the OS picks a port, used by tests) can repeat.
+            if listener.address.port() != 0 && !addresses.insert(listener.address) {
                 problem(
                     format!("listeners[{i}].address"),
                     format!("{} is used by another listener", listener.address),
                 );
+            }
+        }
+
+        let has_tls = self.tls.cert_file.is_some() && self.tls.key_file.is_some();
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            problem(
+                "tls".into(),
+                "cert_file and key_file must be set together".into(),
+            );
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if listener.kind == crate::ListenerKind::Submission
+                && !has_tls
+                && !self.smtpd.auth_allow_plaintext
+            {
+                problem(
+                    format!("listeners[{i}].kind"),
+                    "submission needs tls.cert_file and tls.key_file (AUTH only under TLS)".into(),
+                );
+            }
+            if listener.kind == crate::ListenerKind::Smtps && !has_tls {
+                problem(
+                    format!("listeners[{i}].kind"),
+                    "smtps (implicit TLS) needs tls.cert_file and tls.key_file".into(),
+                );
+            }
+            if listener.kind != crate::ListenerKind::Smtp && self.smtpd.auth_users_file.is_none() {
+                problem(
+                    format!("listeners[{i}].kind"),
+                    "submission listeners need smtpd.auth_users_file (AUTH is required there)"
+                        .into(),
+                );
+            }
+        }
+        let limits = &self.smtpd.rate_limits;
+        for (key, value) in [
+            ("messages_per_ip", &limits.messages_per_ip),
+            ("recipients_per_ip", &limits.recipients_per_ip),
+            ("messages_per_user", &limits.messages_per_user),
+            ("recipients_per_domain", &limits.recipients_per_domain),
+        ] {
+            if let Err(e) = crate::Rate::parse(value) {
+                problem(format!("smtpd.rate_limits.{key}"), e);
             }
         }
 

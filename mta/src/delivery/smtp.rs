@@ -18,6 +18,8 @@ pub struct Session {
     connection: Option<Connection>,
     /// Messages sent over `connection`.
     sent: usize,
+    /// `connection` was made with verified TLS (it may carry REQUIRETLS messages).
+    verified: bool,
 }
 
 impl Session {
@@ -35,7 +37,10 @@ impl Session {
                 .map(|&i| (i, status.clone()))
                 .collect()
         };
-        if self.sent >= config.queue.max_messages_per_connection {
+        // RFC 8689: a REQUIRETLS message goes only over TLS verified for the next hop.
+        let require_tls = item.envelope.require_tls;
+        if self.sent >= config.queue.max_messages_per_connection || (require_tls && !self.verified)
+        {
             self.close().await;
         }
         if let Some(connection) = self.connection.as_mut()
@@ -45,11 +50,13 @@ impl Session {
             self.connection = None;
         }
         if self.connection.is_none() {
-            match connect(ctx, &config, route).await {
-                Ok(connection) => {
+            match connect(ctx, &config, route, require_tls).await {
+                Ok((connection, verified)) => {
                     self.connection = Some(connection);
                     self.sent = 0;
+                    self.verified = verified;
                 }
+                Err(status) if require_tls => return all(requiretls_failure(status)),
                 Err(status) => return all(status),
             }
         }
@@ -103,22 +110,37 @@ impl Session {
             connection.quit().await;
         }
         self.sent = 0;
+        self.verified = false;
     }
 }
 
-/// Resolves the route and connects to the first host that answers.
+/// A REQUIRETLS message whose next hop cannot do verified TLS fails (RFC 8689 §5).
+fn requiretls_failure(status: Status) -> Status {
+    match status {
+        Status::Deferred { detail } if detail.contains("TLS") => Status::Failed {
+            detail: format!("550 5.7.10 REQUIRETLS: no verified TLS to the next hop ({detail})"),
+        },
+        other => other,
+    }
+}
+
+/// Resolves the route and connects to the first host that answers. Also says whether the
+/// connection's TLS was verified (REQUIRETLS messages need that).
 async fn connect(
     ctx: &Arc<Context>,
     config: &MtaConfig,
     route: &Route,
-) -> Result<Connection, Status> {
+    require_tls: bool,
+) -> Result<(Connection, bool), Status> {
     let (targets, client) = match route {
         Route::Lmtp { address } => {
             let client = client_config(config, true, TlsMode::None, None)?;
             if address.starts_with('/') {
                 let target = mta_client::Target::Unix(address.into());
+                // A local socket needs no TLS, even for REQUIRETLS.
                 return Connection::connect(&target, "localhost", &client)
                     .await
+                    .map(|c| (c, true))
                     .map_err(|e| outcome::from_error(&e));
             }
             let resolver = ctx.resolver()?;
@@ -138,7 +160,8 @@ async fn connect(
                     route::host_port_targets(&resolver, host_port).await?
                 }
             };
-            (targets, client_config(config, false, *tls, auth.as_ref())?)
+            let mode = if require_tls { TlsMode::Verified } else { *tls };
+            (targets, client_config(config, false, mode, auth.as_ref())?)
         }
         Route::Maildir { .. } | Route::Unroutable { .. } => {
             return Err(Status::Deferred {
@@ -146,10 +169,11 @@ async fn connect(
             });
         }
     };
+    let verified = client.tls == mta_client::TlsMode::Verified;
     let mut last = None;
     for Target { name, address } in targets {
         match Connection::connect(&mta_client::Target::Tcp(address), &name, &client).await {
-            Ok(connection) => return Ok(connection),
+            Ok(connection) => return Ok((connection, verified)),
             Err(error) => {
                 tracing::info!(host = %name, %address, error = %error, "connection attempt failed");
                 last = Some(error);

@@ -50,6 +50,7 @@ fn envelope() -> Envelope {
         next_attempt_at: 0,
         held: false,
         delay_notified: false,
+        require_tls: false,
     }
 }
 

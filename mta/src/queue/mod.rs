@@ -134,6 +134,9 @@ pub struct Envelope {
     /// A delay notice has been sent for this message.
     #[serde(default)]
     pub delay_notified: bool,
+    /// MAIL FROM had REQUIRETLS (RFC 8689): relay only over verified TLS.
+    #[serde(default)]
+    pub require_tls: bool,
 }
 
 /// One recipient and its delivery state.

@@ -71,10 +71,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(mut tx) = self.tx.take() else {
             return self.error(Reply::NEED_MAIL);
         };
+        let protocol = cleanup::protocol_name(
+            self.extended,
+            self.stream.is_tls(),
+            self.user.is_some(),
+            tx.envelope.smtputf8,
+        );
         let outcome = cleanup::accept(
             &self.ctx,
             &self.config,
-            self.extended,
+            &protocol,
             &mut tx.envelope,
             &tx.content,
         )

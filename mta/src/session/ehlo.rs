@@ -23,7 +23,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// ESMTP extensions, in the order they are advertised.
     fn keywords(&self) -> Vec<String> {
-        vec![
+        let mut keywords = vec![
             "PIPELINING".into(),
             format!("SIZE {}", self.config.smtpd.max_message_size),
             "8BITMIME".into(),
@@ -31,7 +31,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "ENHANCEDSTATUSCODES".into(),
             "CHUNKING".into(),
             "DSN".into(),
-            "HELP".into(),
-        ]
+        ];
+        if self.ctx.certificates.is_some() && !self.stream.is_tls() {
+            keywords.push("STARTTLS".into());
+        }
+        if self.stream.is_tls() {
+            // RFC 8689: offered only where the message arrives over TLS.
+            keywords.push("REQUIRETLS".into());
+        }
+        if self.auth_offered() && self.user.is_none() {
+            keywords.push("AUTH PLAIN LOGIN".into());
+        }
+        keywords.push("HELP".into());
+        keywords
     }
 }

@@ -3,18 +3,62 @@
 
 use super::{Flow, MAX_PREALLOCATION, Reply, Session, Transaction};
 use crate::queue::{BodyType, DsnReturn, Envelope};
+use mta_config::ListenerKind;
 use smtp_proto::{
-    MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8, MailFrom,
+    MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, MAIL_REQUIRETLS, MAIL_RET_FULL, MAIL_RET_HDRS,
+    MAIL_SMTPUTF8, MailFrom,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Counts one event against a configured rate; `false` when over it.
+    pub(super) fn within_rate(&self, key: &str, rate: &str) -> bool {
+        match crate::limits::parse(rate) {
+            Some(rate) => {
+                let ok = self.ctx.limiter.allow(key, rate);
+                if !ok {
+                    tracing::warn!(peer = %self.peer, key, "rate limit hit");
+                }
+                ok
+            }
+            None => true,
+        }
+    }
+
     pub(super) fn mail(&mut self, from: MailFrom<String>) -> Flow {
         let Some(helo) = self.helo.clone() else {
             return self.error(Reply::NEED_HELO);
         };
         if self.tx.is_some() {
             return self.error(Reply::NESTED_MAIL);
+        }
+        // RFC 6409 §4.3: submission requires authentication.
+        if self.kind != ListenerKind::Smtp && self.user.is_none() {
+            return self.error(Reply::AUTH_REQUIRED);
+        }
+        if let Some(user) = &self.user
+            && !user.may_send_as(&from.address)
+        {
+            return self.error(Reply::SENDER_NOT_OWNED);
+        }
+        let require_tls = from.flags & MAIL_REQUIRETLS != 0;
+        if require_tls && !self.stream.is_tls() {
+            // Only offered under TLS (RFC 8689 §4.1).
+            return self.error(Reply::UNSUPPORTED_PARAMETER);
+        }
+        if !self.within_rate(
+            &format!("ip:{}", self.peer.ip()),
+            &self.config.smtpd.rate_limits.messages_per_ip.clone(),
+        ) {
+            return self.error(Reply::RATE_LIMITED);
+        }
+        if let Some(user) = &self.user
+            && !self.within_rate(
+                &format!("user:{}", user.name),
+                &self.config.smtpd.rate_limits.messages_per_user.clone(),
+            )
+        {
+            return self.error(Reply::RATE_LIMITED);
         }
         if from.flags & MAIL_BODY_BINARYMIME != 0 {
             // Not advertised: BINARYMIME needs BDAT-only transfer we do not offer.
@@ -53,6 +97,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             next_attempt_at: 0,
             held: false,
             delay_notified: false,
+            require_tls,
         };
         self.tx = Some(Transaction {
             envelope,

@@ -15,16 +15,20 @@
 //!   the session waits for input (RFC 2920).
 //! * Every reply comes from the table in [`reply`].
 
+mod auth;
 mod data;
 mod ehlo;
 mod mail;
 mod rcpt;
 pub mod reply;
+mod starttls;
 
 use crate::context::Context;
 use crate::queue::{Envelope, Recipient};
 use crate::shutdown::Shutdown;
-use mta_config::MtaConfig;
+use crate::stream::Stream;
+use crate::users::User;
+use mta_config::{ListenerKind, MtaConfig};
 pub use reply::Reply;
 use smtp_proto::request::receiver::{
     BdatReceiver, DataReceiver, DummyDataReceiver, MAX_LINE_LENGTH, RequestReceiver,
@@ -47,6 +51,8 @@ enum Input {
         receiver: DummyDataReceiver,
         reply: Reply,
     },
+    /// A SASL response line (AUTH continuation).
+    Sasl(auth::Step),
 }
 
 /// The transaction between MAIL and the end of the message.
@@ -65,10 +71,23 @@ struct Transaction {
 enum Flow {
     Continue,
     Close,
+    /// `220 Ready to start TLS` was queued: flush it, drop any input already read, and
+    /// run the handshake.
+    StartTls,
 }
 
 pub struct Session<S> {
-    stream: S,
+    stream: Stream<S>,
+    /// What the listener serves (submission requires AUTH).
+    kind: ListenerKind,
+    /// Set by a successful AUTH.
+    user: Option<User>,
+    /// Failed AUTH attempts in this session.
+    auth_failures: u32,
+    /// Partial SASL response line.
+    sasl_line: Vec<u8>,
+    /// LOGIN's user name while its password is awaited.
+    pending_login: Option<String>,
     ctx: Arc<Context>,
     /// Snapshot of the config when the session started: a reload applies to new sessions.
     config: Arc<MtaConfig>,
@@ -87,10 +106,15 @@ pub struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub fn new(stream: S, ctx: Arc<Context>, peer: SocketAddr) -> Self {
+    pub fn new(stream: Stream<S>, ctx: Arc<Context>, peer: SocketAddr, kind: ListenerKind) -> Self {
         let config = ctx.config();
         Self {
             stream,
+            kind,
+            user: None,
+            auth_failures: 0,
+            sasl_line: Vec::new(),
+            pending_login: None,
             ctx,
             config,
             peer,
@@ -141,8 +165,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if n == 0 {
                 return Ok(());
             }
-            if self.ingest(&buf[..n]).await == Flow::Close {
-                return self.flush().await;
+            match self.ingest(&buf[..n]).await {
+                Flow::Close => return self.flush().await,
+                Flow::StartTls => {
+                    self.flush().await?;
+                    if !self.start_tls().await {
+                        return Ok(());
+                    }
+                }
+                Flow::Continue => {}
             }
         }
     }
@@ -211,9 +242,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         return Flow::Continue;
                     }
                 }
+                Input::Sasl(step) => {
+                    let step = *step;
+                    match self.sasl_input(&mut bytes) {
+                        Some(line) => {
+                            self.input = Input::Command;
+                            self.sasl_response(step, line).await
+                        }
+                        None => return Flow::Continue,
+                    }
+                }
             };
-            if flow == Flow::Close {
-                return Flow::Close;
+            match flow {
+                Flow::Close => return Flow::Close,
+                // RFC 3207 §4.2 (CVE-2011-0411): whatever the client sent after STARTTLS
+                // and before the handshake is discarded, never executed.
+                Flow::StartTls => return Flow::StartTls,
+                Flow::Continue => {}
             }
             if bytes.as_slice().is_empty() && matches!(self.input, Input::Command) {
                 return Flow::Continue;
@@ -273,11 +318,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // RFC 5321 §3.5.3: 252 when we will not say whether a user exists.
             Request::Vrfy { .. } => self.reply(Reply::CANNOT_VRFY),
             Request::Expn { .. } => self.error(Reply::EXPN_DISABLED),
-            Request::StartTls
-            | Request::Auth { .. }
-            | Request::Etrn { .. }
-            | Request::Atrn { .. }
-            | Request::Burl { .. } => self.error(Reply::NOT_IMPLEMENTED),
+            Request::StartTls => self.starttls(),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response).await,
+            Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                self.error(Reply::NOT_IMPLEMENTED)
+            }
         }
     }
 

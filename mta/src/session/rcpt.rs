@@ -17,8 +17,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.recipients().len() >= self.config.smtpd.max_recipients {
             return self.error(Reply::TOO_MANY_RECIPIENTS);
         }
-        if let Err(reply) = policy::check_recipient(&self.config, self.peer.ip(), &to.address) {
+        let authenticated = self.user.is_some();
+        if let Err(reply) =
+            policy::check_recipient(&self.config, self.peer.ip(), authenticated, &to.address)
+        {
             return self.error(reply);
+        }
+        let limits = self.config.smtpd.rate_limits.clone();
+        if !self.within_rate(&format!("ip:{}", self.peer.ip()), &limits.recipients_per_ip) {
+            return self.error(Reply::RATE_LIMITED);
+        }
+        if let Some((_, domain)) = crate::queue::split_address(&to.address)
+            && self.config.local_domain(domain).is_none()
+            && !self.within_rate(
+                &format!("domain:{}", domain.to_ascii_lowercase()),
+                &limits.recipients_per_domain,
+            )
+        {
+            return self.error(Reply::RATE_LIMITED);
         }
         let notify = (to.flags
             & (RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY | RCPT_NOTIFY_NEVER)

@@ -103,6 +103,42 @@ impl Reply {
         "Recipient local part not acceptable for local delivery",
     );
 
+    // --- TLS and AUTH --------------------------------------------------------------------
+    pub const READY_FOR_TLS: Reply = reply(220, [2, 0, 0], "Ready to start TLS");
+    pub const TLS_NOT_AVAILABLE: Reply = reply(454, [4, 7, 0], "TLS not available");
+    pub const TLS_ALREADY_ACTIVE: Reply = reply(503, [5, 5, 1], "TLS already active");
+    pub const AUTH_OK: Reply = reply(235, [2, 7, 0], "Authentication successful");
+    pub const AUTH_REQUIRED: Reply = reply(530, [5, 7, 0], "Authentication required");
+    pub const ENCRYPTION_REQUIRED: Reply = reply(
+        538,
+        [5, 7, 11],
+        "Encryption required for requested authentication mechanism",
+    );
+    pub const AUTH_FAILED: Reply = reply(535, [5, 7, 8], "Authentication credentials invalid");
+    pub const AUTH_CANCELLED: Reply = reply(501, [5, 0, 0], "Authentication cancelled");
+    pub const AUTH_BAD_BASE64: Reply = reply(501, [5, 5, 2], "Invalid base64 data");
+    pub const AUTH_UNSUPPORTED_MECHANISM: Reply =
+        reply(504, [5, 5, 4], "Unrecognized authentication mechanism");
+    pub const ALREADY_AUTHENTICATED: Reply = reply(503, [5, 5, 1], "Already authenticated");
+    pub const AUTH_DURING_TRANSACTION: Reply = reply(
+        503,
+        [5, 5, 1],
+        "AUTH is not allowed during a mail transaction",
+    );
+    pub const AUTH_TOO_MANY_FAILURES: Reply = reply(
+        454,
+        [4, 7, 0],
+        "Too many failed authentications, try again later",
+    );
+    pub const AUTH_SESSION_FAILURES: Reply = reply(
+        421,
+        [4, 7, 0],
+        "Too many failed authentications, closing connection",
+    );
+    pub const SENDER_NOT_OWNED: Reply =
+        reply(553, [5, 7, 1], "Sender address not allowed for this user");
+    pub const RATE_LIMITED: Reply = reply(451, [4, 7, 1], "Rate limit exceeded, try again later");
+
     // --- local trouble -----------------------------------------------------------------
     pub const SPOOL_FULL: Reply = reply(452, [4, 3, 1], "Insufficient system storage");
     pub const SPOOL_ERROR: Reply = reply(451, [4, 3, 0], "Queue file write error, try again later");
@@ -115,6 +151,15 @@ impl Reply {
             code: 220,
             enhanced: None,
             text: Cow::Owned(format!("{hostname} ESMTP Petrel")),
+        }
+    }
+
+    /// `334 <base64 challenge>` (SASL, RFC 4954): no enhanced code.
+    pub fn challenge(text: &'static str) -> Reply {
+        Reply {
+            code: 334,
+            enhanced: None,
+            text: Cow::Borrowed(text),
         }
     }
 
@@ -218,6 +263,22 @@ mod tests {
             Reply::SPOOL_FULL,
             Reply::SPOOL_ERROR,
             Reply::SHUTTING_DOWN,
+            Reply::READY_FOR_TLS,
+            Reply::TLS_NOT_AVAILABLE,
+            Reply::TLS_ALREADY_ACTIVE,
+            Reply::AUTH_OK,
+            Reply::AUTH_REQUIRED,
+            Reply::ENCRYPTION_REQUIRED,
+            Reply::AUTH_FAILED,
+            Reply::AUTH_CANCELLED,
+            Reply::AUTH_BAD_BASE64,
+            Reply::AUTH_UNSUPPORTED_MECHANISM,
+            Reply::ALREADY_AUTHENTICATED,
+            Reply::AUTH_DURING_TRANSACTION,
+            Reply::AUTH_TOO_MANY_FAILURES,
+            Reply::AUTH_SESSION_FAILURES,
+            Reply::SENDER_NOT_OWNED,
+            Reply::RATE_LIMITED,
             Reply::queued("X"),
         ];
         for r in all {

@@ -6,6 +6,7 @@ use crate::queue::scheduler::{Command, SchedulerHandle};
 use crate::queue::{Envelope, QueueId};
 use crate::shutdown::Trigger;
 use crate::spool::Spool;
+use crate::stream::Stream;
 use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 use tokio::sync::mpsc;
 
@@ -25,10 +26,15 @@ async fn connect_with(adjust: impl FnOnce(&mut MtaConfig)) -> Client {
     adjust(&mut config);
     let (spool, _) = Spool::open(&config.spool.path, 1 << 20).expect("spool");
     let (handle, jobs) = SchedulerHandle::channel();
-    let ctx = Arc::new(Context::new(config, spool, handle));
+    let ctx = Arc::new(Context::new(config, spool, handle, None, None));
     let (client, server) = tokio::io::duplex(64 * 1024);
     let trigger = Trigger::new();
-    let session = Session::new(server, ctx.clone(), "127.0.0.9:4000".parse().expect("addr"));
+    let session = Session::new(
+        Stream::Plain(server),
+        ctx.clone(),
+        "127.0.0.9:4000".parse().expect("addr"),
+        mta_config::ListenerKind::Smtp,
+    );
     tokio::spawn(session.run(trigger.subscribe()));
     let (read, writer) = tokio::io::split(client);
     let mut client = Client {

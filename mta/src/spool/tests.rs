@@ -22,6 +22,7 @@ fn envelope(rcpt: &str) -> Envelope {
         next_attempt_at: 0,
         held: false,
         delay_notified: false,
+        require_tls: false,
     }
 }
 

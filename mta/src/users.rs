@@ -1,0 +1,208 @@
+//! Credentials for SMTP AUTH: a file of `user:PHC-hash[:sender,…]` lines.
+//!
+//! Hashes are Argon2 PHC strings (`$argon2id$…`), verified with the `argon2` crate (its
+//! comparison is constant-time). The file is re-read when it changes on disk. Each user may
+//! use the sender addresses (or `@domain`s) listed after the hash; without a list, only
+//! the user name itself when it is an address. Passwords never reach logs.
+
+use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    hash: String,
+    /// Exact addresses (lower-case) and `@domain`s this user may send as.
+    senders: Vec<String>,
+}
+
+impl User {
+    /// Whether `address` (MAIL FROM) is one this user may use. The null sender is allowed.
+    pub fn may_send_as(&self, address: &str) -> bool {
+        if address.is_empty() {
+            return true;
+        }
+        let address = address.to_ascii_lowercase();
+        let domain = address.rsplit_once('@').map(|(_, d)| format!("@{d}"));
+        if self.senders.is_empty() {
+            return address == self.name.to_ascii_lowercase();
+        }
+        self.senders
+            .iter()
+            .any(|allowed| *allowed == address || Some(allowed) == domain.as_ref())
+    }
+}
+
+/// The parsed file.
+#[derive(Debug, Default)]
+struct Table {
+    users: HashMap<String, User>,
+}
+
+fn parse(text: &str) -> Result<Table, String> {
+    let mut users = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.splitn(3, ':');
+        let (Some(name), Some(hash)) = (fields.next(), fields.next()) else {
+            return Err(format!("line {}: expected user:hash[:senders]", n + 1));
+        };
+        // PHC strings contain no ':'; a third field lists senders.
+        PasswordHash::new(hash).map_err(|e| format!("line {}: bad hash: {e}", n + 1))?;
+        let senders = fields
+            .next()
+            .map(|list| {
+                list.split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        users.insert(
+            name.to_owned(),
+            User {
+                name: name.to_owned(),
+                hash: hash.to_owned(),
+                senders,
+            },
+        );
+    }
+    Ok(Table { users })
+}
+
+/// The users file, re-read when its modification time changes.
+#[derive(Debug)]
+pub struct Users {
+    path: PathBuf,
+    state: Mutex<(Option<SystemTime>, Table)>,
+}
+
+impl Users {
+    pub fn load(path: &Path) -> Result<Users, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let table = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Users {
+            path: path.to_owned(),
+            state: Mutex::new((modified(path), table)),
+        })
+    }
+
+    /// The user if `password` is right. Blocking (Argon2 is slow on purpose): call from a
+    /// blocking thread.
+    pub fn verify(&self, name: &str, password: &str) -> Option<User> {
+        let user = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let now = modified(&self.path);
+            if now != state.0 {
+                match std::fs::read_to_string(&self.path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| parse(&t))
+                {
+                    Ok(table) => *state = (now, table),
+                    Err(e) => {
+                        tracing::error!(file = %self.path.display(), error = %e, "auth: users file not reloaded");
+                        state.0 = now;
+                    }
+                }
+            }
+            state.1.users.get(name).cloned()
+        };
+        // Verify against a fixed dummy hash when the user is unknown, so the time taken
+        // does not tell whether a user exists.
+        let hash = user
+            .as_ref()
+            .map(|u| u.hash.clone())
+            .unwrap_or_else(dummy_hash);
+        let parsed = PasswordHash::new(&hash).ok()?;
+        let ok = Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok();
+        if ok { user } else { None }
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn dummy_hash() -> String {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY
+        .get_or_init(|| hash_password("not a real password").unwrap_or_default())
+        .clone()
+}
+
+/// An Argon2id PHC string for `password` with a fresh random salt.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let hash: PasswordHash = Argon2::default()
+        .hash_password(password.as_bytes())
+        .map_err(|e| e.to_string())?;
+    Ok(hash.to_string())
+}
+
+/// Adds or replaces `name`'s line in the users file (written to a temporary file and
+/// renamed into place).
+pub fn set_password(
+    path: &Path,
+    name: &str,
+    password: &str,
+    senders: &[String],
+) -> Result<(), String> {
+    if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
+        return Err(format!("{name:?} is not a usable user name"));
+    }
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let hash = hash_password(password)?;
+    let mut line = format!("{name}:{hash}");
+    if !senders.is_empty() {
+        line += &format!(":{}", senders.join(","));
+    }
+    let mut out: Vec<String> = existing
+        .lines()
+        .filter(|l| l.split(':').next() != Some(name))
+        .map(str::to_owned)
+        .collect();
+    out.push(line);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, out.join("\n") + "\n").map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwd_then_verify_and_sender_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("users");
+        set_password(&file, "alice@example.test", "s3cret", &[]).expect("set");
+        set_password(
+            &file,
+            "bob",
+            "hunter2",
+            &["@example.test".into(), "boss@corp.test".into()],
+        )
+        .expect("set");
+        set_password(&file, "bob", "hunter3", &["@example.test".into()]).expect("replace");
+        let users = Users::load(&file).expect("load");
+        assert!(users.verify("alice@example.test", "wrong").is_none());
+        assert!(users.verify("nobody", "s3cret").is_none());
+        let alice = users.verify("alice@example.test", "s3cret").expect("alice");
+        assert!(alice.may_send_as("Alice@Example.test"));
+        assert!(!alice.may_send_as("other@example.test"));
+        assert!(users.verify("bob", "hunter2").is_none(), "replaced");
+        let bob = users.verify("bob", "hunter3").expect("bob");
+        assert!(bob.may_send_as("anyone@example.test"));
+        assert!(!bob.may_send_as("boss@corp.test"));
+        assert!(bob.may_send_as(""), "null sender");
+        let text = std::fs::read_to_string(&file).expect("read");
+        assert!(!text.contains("hunter"), "only hashes are stored");
+    }
+}
