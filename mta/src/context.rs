@@ -30,6 +30,8 @@ pub struct Context {
     pub users: Option<Arc<Users>>,
     /// Message and recipient rates.
     pub limiter: RateLimiter,
+    /// Outcome of the last config reload.
+    pub reload: crate::reload::ReloadState,
     /// Recent AUTH failures per `ip:…` and `user:…` key: (count, window start).
     auth_failures: Mutex<HashMap<String, (u32, Instant)>>,
     connections: Mutex<Connections>,
@@ -86,6 +88,7 @@ impl Context {
             certificates,
             users: users.map(Arc::new),
             limiter: RateLimiter::default(),
+            reload: crate::reload::ReloadState::default(),
             auth_failures: Mutex::new(HashMap::new()),
             connections: Mutex::new(Connections::default()),
             resolver: Mutex::new(None),

@@ -18,6 +18,7 @@ pub mod listener;
 pub mod local;
 pub mod policy;
 pub mod queue;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -153,10 +153,10 @@ fn main() -> ExitCode {
             };
             runtime.block_on(queue_command(address, op, json))
         }
-        Command::Serve { config } => {
-            let config = match config {
+        Command::Serve { config: path } => {
+            let config = match &path {
                 None => MtaConfig::embedded_default(),
-                Some(file) => match MtaConfig::from_file(&file) {
+                Some(file) => match MtaConfig::from_file(file) {
                     Ok(config) => config,
                     Err(e) => {
                         eprintln!("{}: {e}", file.display());
@@ -171,7 +171,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(config, path))
         }
     }
 }
@@ -207,9 +207,9 @@ async fn queue_command(address: std::net::SocketAddr, op: QueueOp, json: bool) -
     }
 }
 
-async fn serve(config: MtaConfig) -> ExitCode {
+async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
     let summary = describe(&config);
-    let server = match Server::start(config).await {
+    let server = match Server::start(config, path).await {
         Ok(server) => server,
         Err(e) => {
             eprintln!("petrel-mta: {e}");

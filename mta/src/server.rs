@@ -4,12 +4,14 @@
 
 use crate::context::Context;
 use crate::queue::scheduler::{self, SchedulerHandle};
+use crate::reload::{self, Listeners};
 use crate::shutdown::Trigger;
 use crate::spool::{self, Spool};
 use crate::tls::Certificates;
 use crate::users::Users;
 use mta_config::{ListenerKind, MtaConfig};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -36,6 +38,8 @@ pub struct Server {
     trigger: Trigger,
     /// Bound addresses, in the order of `config.listeners`.
     pub addresses: Vec<SocketAddr>,
+    /// Listeners, when no reloader owns them (dropping one closes it).
+    _listeners: Option<Listeners>,
     /// Where the admin endpoint listens.
     pub admin_address: Option<SocketAddr>,
     /// Messages found in the spool at start.
@@ -43,7 +47,11 @@ pub struct Server {
 }
 
 impl Server {
-    pub async fn start(config: MtaConfig) -> Result<Server, StartError> {
+    /// Starts everything. With `config_path`, the file is watched and reloaded.
+    pub async fn start(
+        config: MtaConfig,
+        config_path: Option<PathBuf>,
+    ) -> Result<Server, StartError> {
         let certificates =
             Certificates::load(&config.tls, &config.hostname).map_err(StartError::Tls)?;
         let users = match &config.smtpd.auth_users_file {
@@ -74,6 +82,7 @@ impl Server {
         let trigger = Trigger::new();
         let (handle, commands) = SchedulerHandle::channel();
         let kinds: Vec<ListenerKind> = config.listeners.iter().map(|l| l.kind).collect();
+        let configured: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
         let ctx = Arc::new(Context::new(config, spool, handle, certificates, users));
         let count = recovered.len();
         if count > 0 {
@@ -91,13 +100,25 @@ impl Server {
             })?;
         let admin_address = admin.local_addr().ok();
         tokio::spawn(crate::admin::serve(admin, ctx.clone(), trigger.subscribe()));
-        for (socket, kind) in sockets.into_iter().zip(kinds) {
-            tokio::spawn(crate::listener::run(
-                socket,
-                kind,
-                ctx.clone(),
-                trigger.subscribe(),
-            ));
+        let mut listeners = Listeners::new();
+        for ((socket, kind), configured) in sockets.into_iter().zip(kinds).zip(configured) {
+            let running = reload::spawn_listener(socket, kind, ctx.clone(), trigger.subscribe());
+            listeners.insert((configured, kind), running);
+        }
+        // Without a file there is nothing to reload: the server keeps the listeners.
+        let mut kept = None;
+        match config_path {
+            Some(path) => {
+                let base = trigger.subscribe();
+                tokio::spawn(reload::watch(
+                    path,
+                    ctx.clone(),
+                    listeners,
+                    move || base.clone(),
+                    trigger.subscribe(),
+                ));
+            }
+            None => kept = Some(listeners),
         }
         Ok(Server {
             ctx,
@@ -105,6 +126,7 @@ impl Server {
             addresses,
             admin_address,
             recovered: count,
+            _listeners: kept,
         })
     }
 

@@ -82,7 +82,7 @@ pub struct TlsConfig {
 }
 
 /// What a listener speaks on its port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ListenerKind {
     /// MTA-to-MTA SMTP (port 25): accepts mail for local domains from anyone.

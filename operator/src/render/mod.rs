@@ -246,7 +246,6 @@ pub fn render(world: &World, keys: &mut dyn KeySource) -> Result<Desired, Render
             desired.configs.extend(part.configs);
             desired.notes.extend(part.notes);
         }
-        desired.notes.extend(mta_config::relay_policy_notes(&local));
     }
     desired.notes.dedup();
     Ok(desired)
@@ -285,11 +284,13 @@ pub fn render_listener(
     };
     let dkim_secrets = secrets::dkim_secret_names(world);
     let checksum = sha256_hex(yaml.as_bytes());
+    let auth_secret = mta_config::auth_secret(world).map(|(name, _)| name);
     objects.push(Object::StatefulSet(workload::stateful_set(
         listener,
         &checksum,
         &tls_secret,
         &dkim_secrets,
+        auth_secret.as_deref(),
     )));
     objects.extend(
         workload::services(listener)

@@ -1,17 +1,21 @@
 //! SmtpListener + MailDomains -> the `MtaConfig` its pods run (the `mta-config` type the MTA
 //! itself parses; validated by the caller with the MTA's own `validate`).
 //!
-//! Carries what `MtaConfig` can express today: hostname, one listener per port, session
-//! limits, the spool on the queue volume, and Maildir domains with their recipients.
-//! Everything else a resource asks for becomes a [`Note`], never a silent drop.
+//! Carries: hostname, one listener per port, session limits, the spool on the queue volume,
+//! the TLS Secret's files, Maildir and LMTP domains with their recipients, and the
+//! RelayPolicies of the namespace (client networks, AUTH users Secret, rate limits,
+//! outbound route and TLS). Everything else a resource asks for becomes a [`Note`], never
+//! a silent drop.
 
 use super::{Note, RenderError, World};
 use crds::SmtpListener;
 use crds::mail_domain::MailDomain;
+use crds::relay_policy::{OutboundTlsMode, RouteMode};
 use crds::smtp_listener::ListenerPortKind;
 use kube::ResourceExt;
 use mta_config::{
-    ListenerConfig, ListenerKind, LocalDelivery, LocalDomainConfig, MtaConfig, SpoolConfig,
+    ListenerConfig, ListenerKind, LocalDelivery, LocalDomainConfig, MtaConfig, RouteConfig,
+    SpoolConfig, TlsConfig, TlsMode,
 };
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -26,6 +30,19 @@ pub const CONFIG_FILE: &str = "mta.yaml";
 pub const TLS_DIR: &str = "/etc/petrel/tls";
 /// Parent of the DKIM key Secrets' mount points (one directory per Secret).
 pub const DKIM_DIR: &str = "/etc/petrel/dkim";
+/// Mount point of the AUTH users Secret (key `users`, written by `petrel-mta passwd`).
+pub const AUTH_DIR: &str = "/etc/petrel/auth";
+
+/// The Secret holding AUTH users for this namespace: the first RelayPolicy (by name) that
+/// names one.
+pub fn auth_secret(world: &World) -> Option<(String, bool)> {
+    world.relay_policies.iter().find_map(|p| {
+        p.spec
+            .authentication
+            .as_ref()
+            .map(|a| (a.secret_name.clone(), a.allow_plaintext))
+    })
+}
 
 /// Container port for a Service port: ports below 1024 move to `10000 + port` so the pods
 /// need no privilege (restricted Pod Security forbids it); others stay as they are.
@@ -40,9 +57,26 @@ pub fn for_listener(
     notes: &mut Vec<Note>,
 ) -> Result<MtaConfig, RenderError> {
     let spec = &listener.spec;
+    let auth = auth_secret(world);
     let listeners = spec
         .ports
         .iter()
+        .filter(|p| {
+            // Submission requires AUTH: without users, the port is not opened.
+            let needs_auth = p.kind != ListenerPortKind::Smtp;
+            if needs_auth && auth.is_none() {
+                notes.push(Note {
+                    kind: "SmtpListener",
+                    name: listener.name_any(),
+                    reason: "NoAuthentication",
+                    message: format!(
+                        "port {} ({:?}) is not opened: no RelayPolicy in the namespace names an authentication Secret",
+                        p.port, p.kind
+                    ),
+                });
+            }
+            !needs_auth || auth.is_some()
+        })
         .map(|p| ListenerConfig {
             address: SocketAddr::from((
                 Ipv4Addr::UNSPECIFIED,
@@ -63,8 +97,18 @@ pub fn for_listener(
             ..SpoolConfig::default()
         },
         local_domains: Vec::new(),
+        tls: TlsConfig {
+            cert_file: Some(PathBuf::from(TLS_DIR).join("tls.crt")),
+            key_file: Some(PathBuf::from(TLS_DIR).join("tls.key")),
+            generate_self_signed: false,
+        },
         ..MtaConfig::default()
     };
+    if let Some((_, allow_plaintext)) = &auth {
+        config.smtpd.auth_users_file = Some(PathBuf::from(AUTH_DIR).join("users"));
+        config.smtpd.auth_allow_plaintext = *allow_plaintext;
+    }
+    apply_relay_policies(&mut config, world, notes);
     let limits = &spec.limits;
     if let Some(v) = limits.max_message_size {
         config.smtpd.max_message_size = v;
@@ -115,14 +159,18 @@ pub fn local_domain(domain: &MailDomain, notes: &mut Vec<Note>) -> Option<LocalD
         ));
     }
     let delivery = &spec.delivery;
+    if let Some(lmtp) = &delivery.lmtp {
+        return Some(LocalDomainConfig {
+            name: spec.domain.clone(),
+            delivery: LocalDelivery::Lmtp {
+                address: format!("{}:{}", lmtp.host, lmtp.port),
+            },
+            recipients: spec.recipients.clone(),
+        });
+    }
     let Some(maildir) = &delivery.maildir else {
-        let target = if delivery.lmtp.is_some() {
-            "delivery.lmtp"
-        } else {
-            "delivery.relay"
-        };
         note(format!(
-            "{target} is not supported by the MTA config yet; mail for {} is not accepted",
+            "delivery.relay is not supported by the MTA config yet; mail for {} is not accepted",
             spec.domain
         ));
         return None;
@@ -140,16 +188,76 @@ pub fn local_domain(domain: &MailDomain, notes: &mut Vec<Note>) -> Option<LocalD
     })
 }
 
-/// RelayPolicies render nothing into MtaConfig yet: one note per policy says so.
+/// What of the namespace's RelayPolicies does not take effect (for their status).
 pub fn relay_policy_notes(world: &World) -> Vec<Note> {
-    world
-        .relay_policies
-        .iter()
-        .map(|policy| Note {
-            kind: "RelayPolicy",
-            name: policy.name_any(),
-            reason: "NotYetSupported",
-            message: "relay permissions, rate limits and routes are not carried into the MTA config yet; nothing is relayed".to_owned(),
-        })
-        .collect()
+    let mut notes = Vec::new();
+    apply_relay_policies(&mut MtaConfig::default(), world, &mut notes);
+    notes
+}
+
+/// Folds the namespace's RelayPolicies into the config: the union of their client
+/// networks, the strictest message size, the first policy's rate limits and route.
+fn apply_relay_policies(config: &mut MtaConfig, world: &World, notes: &mut Vec<Note>) {
+    let mut route_set = false;
+    for policy in &world.relay_policies {
+        let spec = &policy.spec;
+        let mut note = |message: String| {
+            notes.push(Note {
+                kind: "RelayPolicy",
+                name: policy.name_any(),
+                reason: "NotYetSupported",
+                message,
+            });
+        };
+        for network in &spec.client_networks {
+            match network.parse() {
+                Ok(net) => config.relay.client_networks.push(net),
+                Err(e) => note(format!("clientNetworks: {network:?}: {e}")),
+            }
+        }
+        if let Some(size) = spec.max_message_size {
+            config.smtpd.max_message_size = config.smtpd.max_message_size.min(size);
+        }
+        let limits = &spec.rate_limits;
+        if let Some(rate) = &limits.per_client_ip {
+            config.smtpd.rate_limits.messages_per_ip =
+                format!("{}/{}", rate.messages, rate.interval);
+        }
+        if let Some(rate) = &limits.per_user {
+            config.smtpd.rate_limits.messages_per_user =
+                format!("{}/{}", rate.messages, rate.interval);
+        }
+        if let Some(rate) = &limits.per_recipient_domain {
+            config.smtpd.rate_limits.recipients_per_domain =
+                format!("{}/{}", rate.messages, rate.interval);
+        }
+        if spec.outbound_tls.mta_sts || spec.outbound_tls.dane {
+            note("outboundTls.mtaSts and outboundTls.dane are not enforced yet".to_owned());
+        }
+        if route_set {
+            continue;
+        }
+        route_set = true;
+        let tls = match spec.outbound_tls.mode {
+            OutboundTlsMode::Opportunistic => TlsMode::Opportunistic,
+            OutboundTlsMode::Required => TlsMode::Required,
+        };
+        let smarthost = match (&spec.route.mode, &spec.route.smarthost) {
+            (RouteMode::Smarthost, Some(host)) => {
+                if host.credentials_secret.is_some() {
+                    note("route.smarthost.credentialsSecret is not carried yet: no AUTH to the smarthost".to_owned());
+                }
+                Some(format!("{}:{}", host.host, host.port))
+            }
+            _ => None,
+        };
+        if smarthost.is_some() || tls != TlsMode::Opportunistic {
+            config.routes.push(RouteConfig {
+                domain: "*".to_owned(),
+                smarthost,
+                tls,
+                auth: None,
+            });
+        }
+    }
 }

@@ -160,17 +160,48 @@ fn existing_secrets_are_reused_instead_of_regenerated() {
 }
 
 #[test]
-fn lmtp_domains_and_relay_policies_are_reported_not_silently_dropped() {
+fn lmtp_domains_and_relay_policies_reach_the_mta_config() {
     let mut world =
         crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
     world.domains[0].spec.delivery =
         serde_json::from_value(serde_json::json!({"lmtp": {"host": "dovecot.mail.svc"}}))
             .expect("delivery");
     let desired = render(&world, &mut FixedKeys).expect("render");
-    assert!(desired.configs.values().all(|c| c.local_domains.is_empty()));
-    assert!(desired.notes.iter().any(|n| n.kind == "MailDomain"
-        && n.message.contains("delivery.lmtp is not supported")));
-    assert!(desired.notes.iter().any(|n| n.kind == "RelayPolicy"));
+    let config = desired.configs.values().next().expect("a config");
+    assert!(config.local_domains.iter().any(|d| d.delivery
+        == ::mta_config::LocalDelivery::Lmtp {
+            address: "dovecot.mail.svc:24".into()
+        }));
+    assert!(
+        config
+            .relay
+            .client_networks
+            .iter()
+            .any(|n| n.to_string() == "10.0.0.0/8")
+    );
+    assert_eq!(
+        config.smtpd.auth_users_file.as_deref(),
+        Some(std::path::Path::new("/etc/petrel/auth/users"))
+    );
+    assert_eq!(config.smtpd.rate_limits.messages_per_user, "500/1h");
+}
+
+#[test]
+fn submission_without_authentication_is_not_opened_and_says_why() {
+    let world = crate::input::load(
+        &[repo().join("manifests/examples/01-smtplistener.yaml")],
+        "default",
+    )
+    .expect("load");
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    let config = desired.configs.values().next().expect("a config");
+    assert!(
+        config
+            .listeners
+            .iter()
+            .all(|l| l.kind == ::mta_config::ListenerKind::Smtp)
+    );
+    assert!(desired.notes.iter().any(|n| n.reason == "NoAuthentication"));
 }
 
 #[test]
@@ -182,6 +213,7 @@ fn an_invalid_config_is_refused_with_the_mtas_message() {
     .expect("load");
     // Two ports that map to the same container port: the MTA would refuse this config.
     world.listeners[0].spec.ports[1].port = 25;
+    world.listeners[0].spec.ports[1].kind = crds::smtp_listener::ListenerPortKind::Smtp;
     let err = render(&world, &mut FixedKeys).expect_err("must refuse");
     assert!(
         err.to_string().contains("is used by another listener"),

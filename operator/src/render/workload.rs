@@ -6,7 +6,9 @@
 //! filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp.
 //! They get no service-account token: MTA pods never talk to the Kubernetes API.
 
-use super::mta_config::{CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_DIR, TLS_DIR, container_port};
+use super::mta_config::{
+    AUTH_DIR, CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_DIR, TLS_DIR, container_port,
+};
 use super::{CONFIG_CHECKSUM_ANNOTATION, labels, owned_meta};
 use crds::SmtpListener;
 use crds::smtp_listener::ListenerPortKind;
@@ -98,6 +100,7 @@ pub fn stateful_set(
     config_checksum: &str,
     tls_secret: &str,
     dkim_secrets: &[String],
+    auth_secret: Option<&str>,
 ) -> StatefulSet {
     let spec = &listener.spec;
     let mut pod_labels = owned_meta(listener, String::new(), "mta")
@@ -159,6 +162,17 @@ pub fn stateful_set(
             ..VolumeMount::default()
         },
     ];
+    if let Some(secret) = auth_secret {
+        volumes.push(Volume {
+            name: "auth".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.to_owned()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("auth", AUTH_DIR));
+    }
     for (i, secret) in dkim_secrets.iter().enumerate() {
         let volume = format!("dkim-{i}");
         volumes.push(Volume {

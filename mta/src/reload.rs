@@ -1,0 +1,166 @@
+//! Hot reload of the config file.
+//!
+//! The file is checked every [`POLL_INTERVAL`] (a mounted ConfigMap changes by a symlink
+//! swap, which inotify on the path would miss) and on SIGHUP. A changed file is parsed and
+//! validated with the same code as at start-up:
+//! * valid: it becomes the config for new sessions, scheduling decisions and deliveries at
+//!   once; listeners that disappeared stop accepting (their sessions finish), new ones are
+//!   bound. Settings that need a restart (spool path, TLS and users file *names*, admin
+//!   address) are logged as such; the *contents* of the TLS and users files are reloaded
+//!   on their own.
+//! * invalid: refused with a log line; the old config stays, and the error is kept in
+//!   [`ReloadState`] for the health endpoint.
+
+use crate::context::Context;
+use crate::shutdown::Shutdown;
+use mta_config::{ListenerKind, MtaConfig};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The outcome of the last reload, for health reporting.
+#[derive(Debug, Default)]
+pub struct ReloadState {
+    /// Why the newest config file was refused; `None` when the config in force is the
+    /// newest one.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ReloadState {
+    pub fn error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    fn set(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+}
+
+/// A running listener and how to stop it.
+pub struct RunningListener {
+    pub bound: SocketAddr,
+    pub stop: oneshot::Sender<()>,
+}
+
+/// The listeners currently open, by their configured (address, kind).
+pub type Listeners = HashMap<(SocketAddr, ListenerKind), RunningListener>;
+
+/// Starts a listener task that ends on shutdown or when its `stop` fires.
+pub fn spawn_listener(
+    socket: TcpListener,
+    kind: ListenerKind,
+    ctx: Arc<Context>,
+    shutdown: Shutdown,
+) -> RunningListener {
+    let bound = socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let (stop, stopped) = oneshot::channel();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = crate::listener::run(socket, kind, ctx, shutdown) => {}
+            _ = stopped => tracing::info!(%bound, "listener closed by config reload"),
+        }
+    });
+    RunningListener { bound, stop }
+}
+
+/// Watches `path` until shutdown.
+pub async fn watch(
+    path: PathBuf,
+    ctx: Arc<Context>,
+    mut listeners: Listeners,
+    subscribe: impl Fn() -> Shutdown + Send + 'static,
+    mut shutdown: Shutdown,
+) {
+    let mut seen = stamp(&path);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let forced = tokio::select! {
+            () = tokio::time::sleep(POLL_INTERVAL) => false,
+            _ = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            () = shutdown.recv() => return,
+        };
+        let now = stamp(&path);
+        if now == seen && !forced {
+            continue;
+        }
+        seen = now;
+        match MtaConfig::from_file(&path) {
+            Ok(config) => apply(&ctx, config, &mut listeners, &subscribe).await,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "config reload refused; keeping the running config");
+                ctx.reload.set(Some(e.to_string()));
+            }
+        }
+    }
+}
+
+/// Makes `config` the running config and reconciles the listeners.
+pub async fn apply(
+    ctx: &Arc<Context>,
+    config: MtaConfig,
+    listeners: &mut Listeners,
+    subscribe: &impl Fn() -> Shutdown,
+) {
+    let old = ctx.config();
+    for (what, changed) in [
+        ("spool.path", old.spool.path != config.spool.path),
+        ("tls file names", old.tls != config.tls),
+        (
+            "smtpd.auth_users_file",
+            old.smtpd.auth_users_file != config.smtpd.auth_users_file,
+        ),
+        ("admin.address", old.admin != config.admin),
+    ] {
+        if changed {
+            tracing::warn!(
+                setting = what,
+                "changed in the config file; takes effect after a restart"
+            );
+        }
+    }
+    let wanted: Vec<(SocketAddr, ListenerKind)> = config
+        .listeners
+        .iter()
+        .map(|l| (l.address, l.kind))
+        .collect();
+    ctx.set_config(config);
+    ctx.reload.set(None);
+
+    listeners.retain(|key, _| wanted.contains(key));
+    // Dropping a RunningListener fires its stop channel.
+    for key in wanted {
+        if listeners.contains_key(&key) {
+            continue;
+        }
+        match TcpListener::bind(key.0).await {
+            Ok(socket) => {
+                let running = spawn_listener(socket, key.1, ctx.clone(), subscribe());
+                tracing::info!(address = %running.bound, kind = ?key.1, "listener opened by config reload");
+                println!("petrel-mta: listening for SMTP on {}", running.bound);
+                listeners.insert(key, running);
+            }
+            Err(e) => {
+                tracing::error!(address = %key.0, error = %e, "cannot open listener from reloaded config");
+                ctx.reload
+                    .set(Some(format!("cannot listen on {}: {e}", key.0)));
+            }
+        }
+    }
+    tracing::info!("config reloaded");
+}
+
+fn stamp(path: &std::path::Path) -> Option<(u64, i64, i64, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.len()))
+}
