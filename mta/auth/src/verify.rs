@@ -20,6 +20,7 @@
 use crate::Error;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::system_conf::read_system_conf;
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
@@ -162,12 +163,21 @@ impl fmt::Debug for Verifier {
 
 impl Verifier {
     /// A verifier querying `nameservers` (UDP with TCP fallback, each on its own port), or
-    /// the system's resolv.conf when the list is empty.
+    /// the system's resolv.conf when the list is empty, with a 5-second query timeout.
     ///
     /// Must be called inside a tokio runtime.
     pub fn new(nameservers: &[SocketAddr]) -> Result<Self, Error> {
-        let authenticator = if nameservers.is_empty() {
-            MessageAuthenticator::new_system_conf()
+        Self::with_query_timeout(nameservers, DNS_QUERY_TIMEOUT)
+    }
+
+    /// As [`Verifier::new`], with `timeout` per DNS query attempt (the resolver makes two
+    /// attempts per name server).
+    pub fn with_query_timeout(
+        nameservers: &[SocketAddr],
+        timeout: Duration,
+    ) -> Result<Self, Error> {
+        let (config, mut options) = if nameservers.is_empty() {
+            read_system_conf().map_err(|e| Error::Resolver(format!("system resolver: {e}")))?
         } else {
             let servers = nameservers
                 .iter()
@@ -179,11 +189,14 @@ impl Verifier {
                     ns
                 })
                 .collect();
-            let mut options = ResolverOpts::default();
-            options.timeout = DNS_QUERY_TIMEOUT;
-            MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), options)
-        }
-        .map_err(|e| Error::Resolver(e.to_string()))?;
+            (
+                ResolverConfig::from_name_servers(servers),
+                ResolverOpts::default(),
+            )
+        };
+        options.timeout = timeout;
+        let authenticator = MessageAuthenticator::new(config, options)
+            .map_err(|e| Error::Resolver(e.to_string()))?;
         Ok(Verifier { authenticator })
     }
 
