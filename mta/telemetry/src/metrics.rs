@@ -1,0 +1,759 @@
+//! The MTA's instruments: one prometheus-client registry served on `/metrics`, mirrored
+//! into OpenTelemetry instruments that the OTLP exporter pushes when it is configured.
+//!
+//! Every method records into both. The OpenTelemetry side uses the global meter provider
+//! as it is when [`MtaMetrics::new`] runs: call [`crate::init`] first. Without an OTLP
+//! endpoint that provider is the no-op one, and the mirror costs a virtual call.
+//!
+//! Names follow the OpenTelemetry semantic conventions where they exist (there are none
+//! for SMTP), otherwise `petrel_mta_*` with the unit as suffix. Labels are closed sets
+//! (`&'static str` or enums): never an address, a host name or a queue id.
+//!
+//! | Prometheus | labels | OTLP |
+//! |---|---|---|
+//! | `petrel_mta_smtp_sessions_total` | | `petrel.mta.smtp.sessions` |
+//! | `petrel_mta_smtp_sessions_active` | | `petrel.mta.smtp.sessions.active` |
+//! | `petrel_mta_smtp_replies_total` | `command`, `class` | `petrel.mta.smtp.replies` |
+//! | `petrel_mta_messages_accepted_total` | | `petrel.mta.messages.accepted` |
+//! | `petrel_mta_message_size_bytes` | | `petrel.mta.message.size` |
+//! | `petrel_mta_accept_duration_seconds` | | `petrel.mta.accept.duration` |
+//! | `petrel_mta_delivery_attempts_total` | `outcome` | `petrel.mta.delivery.attempts` |
+//! | `petrel_mta_delivery_duration_seconds` | `outcome` | `petrel.mta.delivery.duration` |
+//! | `petrel_mta_messages_bounced_total` | | `petrel.mta.messages.bounced` |
+//! | `petrel_mta_messages_expired_total` | | `petrel.mta.messages.expired` |
+//! | `petrel_mta_queue_messages` | `state` | `petrel.mta.queue.messages` |
+//! | `petrel_mta_spool_sync_duration_seconds` | | `petrel.mta.spool.sync.duration` |
+//! | `petrel_mta_spool_sync_batch_messages` | | `petrel.mta.spool.sync.batch` |
+//! | `petrel_mta_tls_handshakes_total` | `result` | `petrel.mta.tls.handshakes` |
+//! | `petrel_mta_auth_failures_total` | | `petrel.mta.auth.failures` |
+//! | `petrel_mta_rate_limited_total` | `limit` | `petrel.mta.rate_limited` |
+//! | `petrel_mta_otel_spans_dropped_total` | `reason` | (not mirrored) |
+//! | `petrel_mta_otel_spans_exported_total` | | (not mirrored) |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{
+    Counter as OtelCounter, Gauge as OtelGauge, Histogram as OtelHistogram, UpDownCounter,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::export;
+
+/// What one delivery attempt came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The next hop took responsibility (2xx), or the local store has it.
+    Delivered,
+    /// Temporary failure (4xx, timeout, DNS): retried later.
+    Deferred,
+    /// Permanent failure (5xx): the sender gets a notice.
+    Failed,
+}
+
+impl Outcome {
+    /// The label value: `delivered`, `deferred`, `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Deferred => "deferred",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// The states a queued message can be in, for the queue depth gauge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QueueState {
+    /// Waiting for its next attempt.
+    Waiting,
+    /// Held by an administrator.
+    Held,
+    /// Being delivered right now.
+    Active,
+}
+
+impl QueueState {
+    /// The label value: `waiting`, `held`, `active`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueState::Waiting => "waiting",
+            QueueState::Held => "held",
+            QueueState::Active => "active",
+        }
+    }
+}
+
+/// The class of an SMTP reply code, as a label value.
+pub fn reply_class(code: u16) -> &'static str {
+    match code / 100 {
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "other",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplyLabels {
+    command: &'static str,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Latency buckets for the accept path: 1 ms to 16 s.
+const ACCEPT_BUCKETS: (f64, f64, u16) = (0.001, 2.0, 15);
+/// Latency buckets for delivery attempts: 10 ms to about 160 s.
+const DELIVERY_BUCKETS: (f64, f64, u16) = (0.01, 2.0, 15);
+/// Message size buckets: 1 KiB to 64 MiB.
+const SIZE_BUCKETS: (f64, f64, u16) = (1024.0, 4.0, 9);
+/// fdatasync latency buckets: 100 µs to about 1.6 s.
+const SYNC_BUCKETS: (f64, f64, u16) = (0.0001, 2.0, 15);
+/// Group-commit batch size buckets: 1 to 512 messages.
+const BATCH_BUCKETS: (f64, f64, u16) = (1.0, 2.0, 10);
+
+fn buckets((start, factor, n): (f64, f64, u16)) -> Vec<f64> {
+    exponential_buckets(start, factor, n).collect()
+}
+
+fn delivery_histogram() -> Histogram {
+    Histogram::new(buckets(DELIVERY_BUCKETS))
+}
+
+/// The MTA's metrics. Cheap to clone: every clone records into the same instruments.
+#[derive(Clone)]
+pub struct MtaMetrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MtaMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MtaMetrics").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    registry: Registry,
+    prom: Prom,
+    otel: Otel,
+}
+
+struct Prom {
+    sessions: Counter,
+    sessions_active: Gauge,
+    replies: Family<ReplyLabels, Counter>,
+    accepted: Counter,
+    message_size: Histogram,
+    accept_duration: Histogram,
+    delivery_attempts: Family<OutcomeLabels, Counter>,
+    delivery_duration: HistogramFamily<OutcomeLabels>,
+    bounced: Counter,
+    expired: Counter,
+    queue: Family<StateLabels, Gauge>,
+    sync_duration: Histogram,
+    sync_batch: Histogram,
+    tls_handshakes: Family<ResultLabels, Counter>,
+    auth_failures: Counter,
+    rate_limited: Family<LimitLabels, Counter>,
+}
+
+struct Otel {
+    sessions: OtelCounter<u64>,
+    sessions_active: UpDownCounter<i64>,
+    replies: OtelCounter<u64>,
+    accepted: OtelCounter<u64>,
+    message_size: OtelHistogram<u64>,
+    accept_duration: OtelHistogram<f64>,
+    delivery_attempts: OtelCounter<u64>,
+    delivery_duration: OtelHistogram<f64>,
+    bounced: OtelCounter<u64>,
+    expired: OtelCounter<u64>,
+    queue: OtelGauge<u64>,
+    sync_duration: OtelHistogram<f64>,
+    sync_batch: OtelHistogram<u64>,
+    tls_handshakes: OtelCounter<u64>,
+    auth_failures: OtelCounter<u64>,
+    rate_limited: OtelCounter<u64>,
+}
+
+impl Default for MtaMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MtaMetrics {
+    /// A fresh registry with every instrument registered (and zero), plus the
+    /// OpenTelemetry mirror on the current global meter provider.
+    pub fn new() -> Self {
+        let prom = Prom {
+            sessions: Counter::default(),
+            sessions_active: Gauge::default(),
+            replies: Family::default(),
+            accepted: Counter::default(),
+            message_size: Histogram::new(buckets(SIZE_BUCKETS)),
+            accept_duration: Histogram::new(buckets(ACCEPT_BUCKETS)),
+            delivery_attempts: Family::default(),
+            delivery_duration: Family::new_with_constructor(delivery_histogram),
+            bounced: Counter::default(),
+            expired: Counter::default(),
+            queue: Family::default(),
+            sync_duration: Histogram::new(buckets(SYNC_BUCKETS)),
+            sync_batch: Histogram::new(buckets(BATCH_BUCKETS)),
+            tls_handshakes: Family::default(),
+            auth_failures: Counter::default(),
+            rate_limited: Family::default(),
+        };
+        // Known label values start at zero, so a scraper sees the series before the
+        // first event and `rate()` works from the start.
+        for outcome in [Outcome::Delivered, Outcome::Deferred, Outcome::Failed] {
+            let _ = prom.delivery_attempts.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
+        }
+        for state in [QueueState::Waiting, QueueState::Held, QueueState::Active] {
+            let _ = prom.queue.get_or_create(&StateLabels {
+                state: state.as_str(),
+            });
+        }
+        for result in ["ok", "error"] {
+            let _ = prom.tls_handshakes.get_or_create(&ResultLabels { result });
+        }
+
+        let mut registry = Registry::default();
+        let r = registry.sub_registry_with_prefix("petrel_mta");
+        r.register(
+            "smtp_sessions",
+            "SMTP sessions started",
+            prom.sessions.clone(),
+        );
+        r.register(
+            "smtp_sessions_active",
+            "SMTP sessions in progress",
+            prom.sessions_active.clone(),
+        );
+        r.register(
+            "smtp_replies",
+            "SMTP replies sent, by command and reply class",
+            prom.replies.clone(),
+        );
+        r.register(
+            "messages_accepted",
+            "Messages accepted (250 after DATA/BDAT, spooled)",
+            prom.accepted.clone(),
+        );
+        r.register_with_unit(
+            "message_size",
+            "Size of accepted messages",
+            Unit::Bytes,
+            prom.message_size.clone(),
+        );
+        r.register_with_unit(
+            "accept_duration",
+            "From end of data to the 250 reply (spool write and sync)",
+            Unit::Seconds,
+            prom.accept_duration.clone(),
+        );
+        r.register(
+            "delivery_attempts",
+            "Delivery attempts, by outcome",
+            prom.delivery_attempts.clone(),
+        );
+        r.register_with_unit(
+            "delivery_duration",
+            "Duration of delivery attempts, by outcome",
+            Unit::Seconds,
+            prom.delivery_duration.clone(),
+        );
+        r.register(
+            "messages_bounced",
+            "Non-delivery notices generated",
+            prom.bounced.clone(),
+        );
+        r.register(
+            "messages_expired",
+            "Messages that reached the queue lifetime",
+            prom.expired.clone(),
+        );
+        r.register(
+            "queue_messages",
+            "Messages in the queue, by state",
+            prom.queue.clone(),
+        );
+        r.register_with_unit(
+            "spool_sync_duration",
+            "Latency of one group-commit fdatasync",
+            Unit::Seconds,
+            prom.sync_duration.clone(),
+        );
+        r.register(
+            "spool_sync_batch_messages",
+            "Messages made durable by one group-commit fdatasync",
+            prom.sync_batch.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "Inbound TLS handshakes, by result",
+            prom.tls_handshakes.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Failed SMTP AUTH attempts",
+            prom.auth_failures.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Commands refused by a rate limit, by limit",
+            prom.rate_limited.clone(),
+        );
+        export::register(r);
+
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                prom,
+                otel: Otel::new(),
+            }),
+        }
+    }
+
+    /// An SMTP session started (connection accepted).
+    pub fn session_started(&self) {
+        let i = &self.inner;
+        i.prom.sessions.inc();
+        i.prom.sessions_active.inc();
+        i.otel.sessions.add(1, &[]);
+        i.otel.sessions_active.add(1, &[]);
+    }
+
+    /// An SMTP session ended, for any reason.
+    pub fn session_ended(&self) {
+        let i = &self.inner;
+        i.prom.sessions_active.dec();
+        i.otel.sessions_active.add(-1, &[]);
+    }
+
+    /// A reply was sent to `command` (an upper-case verb such as `"RCPT"`, or a
+    /// pseudo-command such as `"CONNECT"` or `"DATA-END"`; keep the set closed).
+    pub fn reply(&self, command: &'static str, code: u16) {
+        let i = &self.inner;
+        let class = reply_class(code);
+        i.prom
+            .replies
+            .get_or_create(&ReplyLabels { command, class })
+            .inc();
+        i.otel.replies.add(
+            1,
+            &[
+                KeyValue::new("command", command),
+                KeyValue::new("class", class),
+            ],
+        );
+    }
+
+    /// A message was accepted: `size` bytes, `accept_latency` from end of data to `250`.
+    pub fn message_accepted(&self, size: u64, accept_latency: Duration) {
+        let i = &self.inner;
+        i.prom.accepted.inc();
+        i.prom.message_size.observe(size as f64);
+        i.prom.accept_duration.observe(accept_latency.as_secs_f64());
+        i.otel.accepted.add(1, &[]);
+        i.otel.message_size.record(size, &[]);
+        i.otel
+            .accept_duration
+            .record(accept_latency.as_secs_f64(), &[]);
+    }
+
+    /// One delivery attempt ended with `outcome` after `latency`.
+    pub fn delivery_attempt(&self, outcome: Outcome, latency: Duration) {
+        let i = &self.inner;
+        let labels = OutcomeLabels {
+            outcome: outcome.as_str(),
+        };
+        i.prom.delivery_attempts.get_or_create(&labels).inc();
+        i.prom
+            .delivery_duration
+            .get_or_create(&labels)
+            .observe(latency.as_secs_f64());
+        let attrs = [KeyValue::new("outcome", outcome.as_str())];
+        i.otel.delivery_attempts.add(1, &attrs);
+        i.otel
+            .delivery_duration
+            .record(latency.as_secs_f64(), &attrs);
+    }
+
+    /// A non-delivery notice was generated.
+    pub fn message_bounced(&self) {
+        self.inner.prom.bounced.inc();
+        self.inner.otel.bounced.add(1, &[]);
+    }
+
+    /// A message reached its queue lifetime.
+    pub fn message_expired(&self) {
+        self.inner.prom.expired.inc();
+        self.inner.otel.expired.add(1, &[]);
+    }
+
+    /// There are now `n` messages in `state`.
+    pub fn set_queue_depth(&self, state: QueueState, n: u64) {
+        let i = &self.inner;
+        i.prom
+            .queue
+            .get_or_create(&StateLabels {
+                state: state.as_str(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+        i.otel
+            .queue
+            .record(n, &[KeyValue::new("state", state.as_str())]);
+    }
+
+    /// One group commit: `fdatasync` took `latency` and made `batch_size` messages durable.
+    pub fn spool_sync(&self, latency: Duration, batch_size: usize) {
+        let i = &self.inner;
+        i.prom.sync_duration.observe(latency.as_secs_f64());
+        i.prom.sync_batch.observe(batch_size as f64);
+        i.otel.sync_duration.record(latency.as_secs_f64(), &[]);
+        i.otel.sync_batch.record(batch_size as u64, &[]);
+    }
+
+    /// An inbound TLS handshake finished (`ok`) or failed.
+    pub fn tls_handshake(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.inner
+            .prom
+            .tls_handshakes
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.inner
+            .otel
+            .tls_handshakes
+            .add(1, &[KeyValue::new("result", result)]);
+    }
+
+    /// An AUTH attempt failed.
+    pub fn auth_failure(&self) {
+        self.inner.prom.auth_failures.inc();
+        self.inner.otel.auth_failures.add(1, &[]);
+    }
+
+    /// A rate limit refused something; `limit` names the limit (`"client_ip"`, `"user"`, ...).
+    pub fn rate_limited(&self, limit: &'static str) {
+        self.inner
+            .prom
+            .rate_limited
+            .get_or_create(&LimitLabels { limit })
+            .inc();
+        self.inner
+            .otel
+            .rate_limited
+            .add(1, &[KeyValue::new("limit", limit)]);
+    }
+
+    /// The registry in the text exposition format (OpenMetrics 1.0, which Prometheus
+    /// scrapes natively; it ends with `# EOF`).
+    pub fn encode_prometheus(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+}
+
+impl Otel {
+    fn new() -> Self {
+        let m = opentelemetry::global::meter("petrel-mta");
+        let seconds =
+            |name: &'static str, description: &'static str, (start, factor, n): (f64, f64, u16)| {
+                m.f64_histogram(name)
+                    .with_unit("s")
+                    .with_description(description)
+                    .with_boundaries(exponential_buckets(start, factor, n).collect())
+                    .build()
+            };
+        Otel {
+            sessions: m
+                .u64_counter("petrel.mta.smtp.sessions")
+                .with_unit("{session}")
+                .build(),
+            sessions_active: m
+                .i64_up_down_counter("petrel.mta.smtp.sessions.active")
+                .with_unit("{session}")
+                .build(),
+            replies: m
+                .u64_counter("petrel.mta.smtp.replies")
+                .with_unit("{reply}")
+                .build(),
+            accepted: m
+                .u64_counter("petrel.mta.messages.accepted")
+                .with_unit("{message}")
+                .build(),
+            message_size: m
+                .u64_histogram("petrel.mta.message.size")
+                .with_unit("By")
+                .with_boundaries(buckets(SIZE_BUCKETS))
+                .build(),
+            accept_duration: seconds(
+                "petrel.mta.accept.duration",
+                "End of data to the 250 reply",
+                ACCEPT_BUCKETS,
+            ),
+            delivery_attempts: m
+                .u64_counter("petrel.mta.delivery.attempts")
+                .with_unit("{attempt}")
+                .build(),
+            delivery_duration: seconds(
+                "petrel.mta.delivery.duration",
+                "Duration of delivery attempts",
+                DELIVERY_BUCKETS,
+            ),
+            bounced: m
+                .u64_counter("petrel.mta.messages.bounced")
+                .with_unit("{message}")
+                .build(),
+            expired: m
+                .u64_counter("petrel.mta.messages.expired")
+                .with_unit("{message}")
+                .build(),
+            queue: m
+                .u64_gauge("petrel.mta.queue.messages")
+                .with_unit("{message}")
+                .build(),
+            sync_duration: seconds(
+                "petrel.mta.spool.sync.duration",
+                "Latency of one group-commit fdatasync",
+                SYNC_BUCKETS,
+            ),
+            sync_batch: m
+                .u64_histogram("petrel.mta.spool.sync.batch")
+                .with_unit("{message}")
+                .with_boundaries(buckets(BATCH_BUCKETS))
+                .build(),
+            tls_handshakes: m
+                .u64_counter("petrel.mta.tls.handshakes")
+                .with_unit("{handshake}")
+                .build(),
+            auth_failures: m
+                .u64_counter("petrel.mta.auth.failures")
+                .with_unit("{failure}")
+                .build(),
+            rate_limited: m
+                .u64_counter("petrel.mta.rate_limited")
+                .with_unit("{refusal}")
+                .build(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    fn value(text: &str, series: &str) -> f64 {
+        let l = line(text, &format!("{series} "))
+            .unwrap_or_else(|| panic!("no series {series} in\n{text}"));
+        l.rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("a number")
+    }
+
+    #[test]
+    fn a_known_sequence_shows_up_in_the_exposition() {
+        let m = MtaMetrics::new();
+        m.session_started();
+        m.session_started();
+        m.session_ended();
+        m.reply("CONNECT", 220);
+        m.reply("RCPT", 250);
+        m.reply("RCPT", 250);
+        m.reply("RCPT", 550);
+        m.reply("DATA", 354);
+        m.message_accepted(2000, Duration::from_millis(3));
+        m.delivery_attempt(Outcome::Delivered, Duration::from_millis(20));
+        m.delivery_attempt(Outcome::Deferred, Duration::from_secs(2));
+        m.delivery_attempt(Outcome::Deferred, Duration::from_secs(3));
+        m.message_bounced();
+        m.message_expired();
+        m.message_expired();
+        m.set_queue_depth(QueueState::Waiting, 7);
+        m.set_queue_depth(QueueState::Waiting, 5);
+        m.set_queue_depth(QueueState::Held, 1);
+        m.spool_sync(Duration::from_micros(800), 12);
+        m.tls_handshake(true);
+        m.tls_handshake(false);
+        m.tls_handshake(false);
+        m.auth_failure();
+        m.rate_limited("client_ip");
+
+        let text = m.encode_prometheus();
+        assert_eq!(value(&text, "petrel_mta_smtp_sessions_total"), 2.0);
+        assert_eq!(value(&text, "petrel_mta_smtp_sessions_active"), 1.0);
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_smtp_replies_total{command="RCPT",class="2xx"}"#
+            ),
+            2.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_smtp_replies_total{command="RCPT",class="5xx"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_smtp_replies_total{command="DATA",class="3xx"}"#
+            ),
+            1.0
+        );
+        assert_eq!(value(&text, "petrel_mta_messages_accepted_total"), 1.0);
+        assert_eq!(value(&text, "petrel_mta_message_size_bytes_sum"), 2000.0);
+        assert_eq!(value(&text, "petrel_mta_message_size_bytes_count"), 1.0);
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_message_size_bytes_bucket{le="1024.0"}"#
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_message_size_bytes_bucket{le="4096.0"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "petrel_mta_accept_duration_seconds_count"),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_delivery_attempts_total{outcome="delivered"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_delivery_attempts_total{outcome="deferred"}"#
+            ),
+            2.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_delivery_attempts_total{outcome="failed"}"#
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_delivery_duration_seconds_sum{outcome="deferred"}"#
+            ),
+            5.0
+        );
+        assert_eq!(value(&text, "petrel_mta_messages_bounced_total"), 1.0);
+        assert_eq!(value(&text, "petrel_mta_messages_expired_total"), 2.0);
+        assert_eq!(
+            value(&text, r#"petrel_mta_queue_messages{state="waiting"}"#),
+            5.0
+        );
+        assert_eq!(
+            value(&text, r#"petrel_mta_queue_messages{state="held"}"#),
+            1.0
+        );
+        assert_eq!(
+            value(&text, r#"petrel_mta_queue_messages{state="active"}"#),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "petrel_mta_spool_sync_batch_messages_sum"),
+            12.0
+        );
+        assert_eq!(
+            value(&text, "petrel_mta_spool_sync_duration_seconds_count"),
+            1.0
+        );
+        assert_eq!(
+            value(&text, r#"petrel_mta_tls_handshakes_total{result="ok"}"#),
+            1.0
+        );
+        assert_eq!(
+            value(&text, r#"petrel_mta_tls_handshakes_total{result="error"}"#),
+            2.0
+        );
+        assert_eq!(value(&text, "petrel_mta_auth_failures_total"), 1.0);
+        assert_eq!(
+            value(&text, r#"petrel_mta_rate_limited_total{limit="client_ip"}"#),
+            1.0
+        );
+        assert!(
+            line(&text, "petrel_mta_otel_spans_dropped_total").is_some(),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn clones_share_instruments_and_registries_are_separate() {
+        let a = MtaMetrics::new();
+        let b = MtaMetrics::new();
+        a.clone().auth_failure();
+        assert_eq!(
+            value(&a.encode_prometheus(), "petrel_mta_auth_failures_total"),
+            1.0
+        );
+        assert_eq!(
+            value(&b.encode_prometheus(), "petrel_mta_auth_failures_total"),
+            0.0
+        );
+    }
+
+    #[test]
+    fn reply_classes() {
+        assert_eq!(reply_class(220), "2xx");
+        assert_eq!(reply_class(334), "3xx");
+        assert_eq!(reply_class(421), "4xx");
+        assert_eq!(reply_class(554), "5xx");
+        assert_eq!(reply_class(99), "other");
+    }
+}
