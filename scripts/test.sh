@@ -13,6 +13,7 @@ command -v swaks >/dev/null || apt_missing+=(swaks)
 command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || apt_missing+=(postfix)
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || apt_missing+=(dnsmasq-base)
 command -v openssl >/dev/null || apt_missing+=(openssl)
+command -v dovecot >/dev/null || [ -x /usr/sbin/dovecot ] || apt_missing+=(dovecot-lmtpd)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     say "installing Debian packages needed by the tests: ${apt_missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -27,6 +28,8 @@ python3 -c 'import pytest' 2>/dev/null || py_missing+=(pytest)
 python3 -c 'import aiosmtpd' 2>/dev/null || py_missing+=(aiosmtpd)
 python3 -c 'import dkim' 2>/dev/null || py_missing+=(dkimpy)
 python3 -c 'import dns' 2>/dev/null || py_missing+=(dnspython)
+python3 -c 'import nacl' 2>/dev/null || py_missing+=(pynacl)
+python3 -c 'import yaml' 2>/dev/null || py_missing+=(pyyaml)
 if [ ${#py_missing[@]} -gt 0 ]; then
     say "installing Python packages needed by the tests: ${py_missing[*]}"
     python3 -m pip install -q --disable-pip-version-check "${py_missing[@]}"
