@@ -35,6 +35,8 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The attribute names, for `span.record(field::X, value)`.
+///
+/// Record integers as `i64`: tracing-opentelemetry 0.34 exports a `u64` field as a string.
 pub mod field {
     /// Session: the HELO/EHLO name the client gave.
     pub const HELO: &str = "petrel.smtp.helo";
@@ -72,7 +74,7 @@ pub fn session(client: SocketAddr) -> Span {
         otel.kind = "server",
         otel.status_code = Empty,
         client.address = %client.ip(),
-        client.port = client.port(),
+        client.port = i64::from(client.port()),
         network.transport = "tcp",
         petrel.smtp.helo = Empty,
         tls.protocol.version = Empty,
@@ -164,8 +166,8 @@ mod tests {
             session.record(field::USER_ID, "alice");
             let transaction = session.in_scope(transaction);
             transaction.record(field::QUEUE_ID, "Q1");
-            transaction.record(field::SIZE, 1234_u64);
-            transaction.record(field::REPLY_CODE, 250_u64);
+            transaction.record(field::SIZE, 1234_i64);
+            transaction.record(field::REPLY_CODE, 250_i64);
             let reception = traceparent(&transaction).expect("exported span has a traceparent");
             drop(transaction);
             drop(session);
@@ -201,7 +203,16 @@ mod tests {
         assert_eq!(attr(s, field::HELO).as_deref(), Some("client.example"));
         assert_eq!(attr(s, field::USER_ID).as_deref(), Some("alice"));
         assert_eq!(attr(t, field::QUEUE_ID).as_deref(), Some("Q1"));
-        assert_eq!(attr(t, field::SIZE).as_deref(), Some("1234"));
+        let size = t
+            .attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == field::SIZE)
+            .map(|kv| kv.value.clone());
+        assert_eq!(
+            size,
+            Some(opentelemetry::Value::I64(1234)),
+            "integers stay integers"
+        );
         assert_eq!(attr(d, field::MX_HOST).as_deref(), Some("mx.example.net"));
         assert_eq!(
             attr(d, "petrel.delivery.destination").as_deref(),
