@@ -11,10 +11,20 @@ use crate::spool;
 use mta_config::MtaConfig;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// How a message arrived, as far as cleanup cares.
+pub struct Arrival<'a> {
+    /// `with` of the Received header (see [`protocol_name`]).
+    pub protocol: String,
+    /// Skip inbound checks (authenticated client or trusted network).
+    pub exempt: bool,
+    /// Header lines decided earlier in the session (e.g. a DNSBL tag).
+    pub extra_headers: &'a str,
+}
+
 pub async fn accept(
     ctx: &Context,
     config: &MtaConfig,
-    protocol: &str,
+    arrival: &Arrival<'_>,
     envelope: &mut Envelope,
     content: &[u8],
 ) -> Result<QueueId, Reply> {
@@ -24,15 +34,45 @@ pub async fn accept(
     if has_bare_line_ending(content) {
         return Err(Reply::BARE_LINE_ENDING);
     }
+    let verified = if arrival.exempt {
+        None
+    } else {
+        let facts = mta_auth::InboundFacts {
+            client_ip: envelope.client_ip,
+            helo: &envelope.helo,
+            mail_from: &envelope.sender,
+            authserv_id: &config.hostname,
+        };
+        crate::checks::verify(ctx, config, &facts, content).await?
+    };
+    let (content, auth_headers) = match &verified {
+        Some(v) => (v.content.as_slice(), v.headers.as_str()),
+        None => (content, ""),
+    };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     envelope.received_at = now;
     let id = ctx.spool.next_id();
-    let header = received_header(config, protocol, envelope, id, now);
+    let header = received_header(config, &arrival.protocol, envelope, id, now);
+    // Newest first: our signature, our verdicts, our trace header, then the message.
+    let signature = ctx
+        .signer()
+        .map(|signer| crate::signing::sign(&signer, config, envelope, content))
+        .unwrap_or_default();
     ctx.spool
-        .store(id, envelope, &[header.as_bytes(), content])
+        .store(
+            id,
+            envelope,
+            &[
+                signature.as_bytes(),
+                auth_headers.as_bytes(),
+                arrival.extra_headers.as_bytes(),
+                header.as_bytes(),
+                content,
+            ],
+        )
         .await
         .map_err(|e| spool_reply(&e))?;
     tracing::info!(

@@ -30,6 +30,10 @@ pub struct Context {
     pub users: Option<Arc<Users>>,
     /// Message and recipient rates.
     pub limiter: RateLimiter,
+    /// DKIM signer for the configured keys; replaced on config reload.
+    signer: RwLock<Option<Arc<mta_auth::Signer>>>,
+    /// SPF/DKIM/DMARC and DNSBL checks, when any are configured at start.
+    pub verifier: Option<mta_auth::Verifier>,
     /// Outcome of the last config reload.
     pub reload: crate::reload::ReloadState,
     /// Recent AUTH failures per `ip:…` and `user:…` key: (count, window start).
@@ -88,6 +92,8 @@ impl Context {
             certificates,
             users: users.map(Arc::new),
             limiter: RateLimiter::default(),
+            signer: RwLock::new(None),
+            verifier: None,
             reload: crate::reload::ReloadState::default(),
             auth_failures: Mutex::new(HashMap::new()),
             connections: Mutex::new(Connections::default()),
@@ -125,6 +131,19 @@ impl Context {
             ctx: self.clone(),
             ip,
         })
+    }
+
+    /// The DKIM signer in force.
+    pub fn signer(&self) -> Option<Arc<mta_auth::Signer>> {
+        self.signer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the DKIM signer (start-up and config reload).
+    pub fn set_signer(&self, signer: Option<mta_auth::Signer>) {
+        *self.signer.write().unwrap_or_else(|e| e.into_inner()) = signer.map(Arc::new);
     }
 
     /// Whether AUTH attempts from `ip` (or against `user`) are refused for now.

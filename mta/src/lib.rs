@@ -9,6 +9,7 @@
 //! every stage shares; [`shutdown`] stops them in order.
 
 pub mod admin;
+pub mod checks;
 pub mod cleanup;
 pub mod context;
 pub mod delivery;
@@ -22,6 +23,7 @@ pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod signing;
 pub mod spool;
 pub mod stream;
 pub mod tls;

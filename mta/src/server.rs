@@ -31,6 +31,8 @@ pub enum StartError {
     Tls(String),
     #[error("smtpd.auth_users_file: {0}")]
     Users(String),
+    #[error("{0}")]
+    Dkim(String),
 }
 
 pub struct Server {
@@ -83,7 +85,22 @@ impl Server {
         let (handle, commands) = SchedulerHandle::channel();
         let kinds: Vec<ListenerKind> = config.listeners.iter().map(|l| l.kind).collect();
         let configured: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
-        let ctx = Arc::new(Context::new(config, spool, handle, certificates, users));
+        let signer = crate::signing::signer(&config.dkim).map_err(StartError::Dkim)?;
+        let verifier = if config.mail_auth.verify || !config.mail_auth.dnsbl_zones.is_empty() {
+            Some(
+                mta_auth::Verifier::with_query_timeout(
+                    &config.dns.nameservers,
+                    config.mail_auth.dns_timeout,
+                )
+                .map_err(|e| StartError::Dkim(format!("resolver for mail_auth: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let mut context = Context::new(config, spool, handle, certificates, users);
+        context.verifier = verifier;
+        context.set_signer(signer);
+        let ctx = Arc::new(context);
         let count = recovered.len();
         if count > 0 {
             tracing::info!(messages = count, "recovered queued messages from the spool");

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use outbound::{
-    AdminConfig, DnsConfig, QueueConfig, RelayConfig, RouteAuth, RouteConfig, SmtpClientConfig,
-    TlsMode,
+    AdminConfig, DkimConfig, DkimKeyConfig, DnsConfig, DnsblAction, MailAuthConfig, QueueConfig,
+    RelayConfig, RouteAuth, RouteConfig, SmtpClientConfig, TlsMode,
 };
 pub use validate::{ConfigError, Problem, is_maildir_safe_local_part};
 
@@ -61,6 +61,10 @@ pub struct MtaConfig {
     pub admin: AdminConfig,
     /// The server certificate for STARTTLS and implicit TLS.
     pub tls: TlsConfig,
+    /// DKIM signing keys for outbound mail.
+    pub dkim: DkimConfig,
+    /// SPF/DKIM/DMARC/ARC verification and DNSBL checks of inbound mail.
+    pub mail_auth: MailAuthConfig,
 }
 
 /// The server's TLS certificate. The files are re-read when they change on disk (a
@@ -287,6 +291,8 @@ impl Default for MtaConfig {
             dns: DnsConfig::default(),
             admin: AdminConfig::default(),
             tls: TlsConfig::default(),
+            dkim: DkimConfig::default(),
+            mail_auth: MailAuthConfig::default(),
         }
     }
 }

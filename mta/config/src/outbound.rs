@@ -172,3 +172,73 @@ impl Default for SmtpClientConfig {
         }
     }
 }
+
+/// DKIM signing of outbound mail (RFC 6376), relaxed/relaxed, From over-signed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct DkimConfig {
+    /// Signing keys. A message whose From domain has keys here, and that goes to at least
+    /// one non-local recipient, gets one signature per key of that domain (several
+    /// selectors may be active at once during a key rotation). Default: none.
+    pub keys: Vec<DkimKeyConfig>,
+}
+
+/// One DKIM key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct DkimKeyConfig {
+    /// Signing domain (`d=`). Required.
+    pub domain: String,
+    /// Selector (`s=`); its public key is published at `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// PEM private key: RSA (PKCS#1 or PKCS#8) or Ed25519 (PKCS#8). Required.
+    pub key_file: std::path::PathBuf,
+}
+
+/// What to do with a client listed on a DNSBL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsblAction {
+    /// Refuse its recipients with `554 5.7.1`, naming the list.
+    #[default]
+    Reject,
+    /// Accept, and add an `X-Petrel-DNSBL:` header naming the list.
+    Tag,
+}
+
+/// Inbound checks on mail arriving on `smtp` listeners. Authenticated clients and
+/// `trusted_networks` are exempt. Relay policy lives elsewhere (`relay`): nothing here can
+/// widen who may relay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct MailAuthConfig {
+    /// Check SPF, DKIM, DMARC and ARC and add an `Authentication-Results:` header (after
+    /// removing forged ones that claim our host name). Default: `false`.
+    pub verify: bool,
+    /// Refuse (`550 5.7.1`) a message failing DMARC whose domain publishes `p=reject`;
+    /// `p=quarantine` failures get `X-Petrel-Quarantine: yes`. Default: `true`.
+    pub dmarc_enforce: bool,
+    /// DNSBL zones to look the client address up in, e.g. `zen.spamhaus.org`.
+    /// Default: none.
+    pub dnsbl_zones: Vec<String>,
+    /// Default: `reject`.
+    pub dnsbl_action: DnsblAction,
+    /// Client networks exempt from these checks. Default: none.
+    pub trusted_networks: Vec<ipnet::IpNet>,
+    /// Time allowed for each DNS query of these checks. Default: `5s`.
+    #[serde(with = "duration")]
+    pub dns_timeout: Duration,
+}
+
+impl Default for MailAuthConfig {
+    fn default() -> Self {
+        Self {
+            verify: false,
+            dmarc_enforce: true,
+            dnsbl_zones: Vec::new(),
+            dnsbl_action: DnsblAction::Reject,
+            trusted_networks: Vec::new(),
+            dns_timeout: Duration::from_secs(5),
+        }
+    }
+}

@@ -120,6 +120,33 @@ impl MtaConfig {
             }
         }
 
+        for (i, key) in self.dkim.keys.iter().enumerate() {
+            if !is_domain_name(&key.domain) {
+                problem(
+                    format!("dkim.keys[{i}].domain"),
+                    format!("{:?} is not a domain name", key.domain),
+                );
+            }
+            let selector_ok = !key.selector.is_empty()
+                && key.selector.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !selector_ok {
+                problem(
+                    format!("dkim.keys[{i}].selector"),
+                    format!("{:?} is not a valid selector", key.selector),
+                );
+            }
+        }
+        for (i, zone) in self.mail_auth.dnsbl_zones.iter().enumerate() {
+            if !is_domain_name(zone) {
+                problem(
+                    format!("mail_auth.dnsbl_zones[{i}]"),
+                    format!("{zone:?} is not a domain name"),
+                );
+            }
+        }
+
         let smtpd = &self.smtpd;
         if smtpd.max_message_size < 1024 {
             problem(

@@ -77,10 +77,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.user.is_some(),
             tx.envelope.smtputf8,
         );
+        let arrival = cleanup::Arrival {
+            protocol,
+            exempt: crate::checks::exempt(&self.config, self.peer.ip(), self.user.is_some()),
+            extra_headers: self.dnsbl_tag.as_deref().unwrap_or(""),
+        };
         let outcome = cleanup::accept(
             &self.ctx,
             &self.config,
-            &protocol,
+            &arrival,
             &mut tx.envelope,
             &tx.content,
         )

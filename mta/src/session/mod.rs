@@ -88,6 +88,8 @@ pub struct Session<S> {
     sasl_line: Vec<u8>,
     /// LOGIN's user name while its password is awaited.
     pending_login: Option<String>,
+    /// The DNSBL verdict, looked up at the first RCPT: `None` before; `Some("")` clean.
+    dnsbl_tag: Option<String>,
     ctx: Arc<Context>,
     /// Snapshot of the config when the session started: a reload applies to new sessions.
     config: Arc<MtaConfig>,
@@ -115,6 +117,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             auth_failures: 0,
             sasl_line: Vec::new(),
             pending_login: None,
+            dnsbl_tag: None,
             ctx,
             config,
             peer,
@@ -299,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Helo { host } => self.ehlo(host, false),
             Request::Lhlo { .. } => self.error(Reply::UNKNOWN_COMMAND),
             Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => self.rcpt(to),
+            Request::Rcpt { to } => self.rcpt(to).await,
             Request::Data => self.data(),
             Request::Bdat {
                 chunk_size,

@@ -10,9 +10,20 @@ use smtp_proto::{
 use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub(super) fn rcpt(&mut self, to: RcptTo<String>) -> Flow {
+    pub(super) async fn rcpt(&mut self, to: RcptTo<String>) -> Flow {
         if self.tx.is_none() {
             return self.error(Reply::NEED_MAIL);
+        }
+        // Spam policy, reported at RCPT (Postfix's delayed evaluation): the client is
+        // looked up once per session.
+        if self.dnsbl_tag.is_none()
+            && !crate::checks::exempt(&self.config, self.peer.ip(), self.user.is_some())
+        {
+            match crate::checks::dnsbl(&self.ctx, &self.config, self.peer.ip()).await {
+                Ok(crate::checks::Dnsbl::Clean) => self.dnsbl_tag = Some(String::new()),
+                Ok(crate::checks::Dnsbl::Tag(header)) => self.dnsbl_tag = Some(header),
+                Err(reply) => return self.error(reply),
+            }
         }
         if self.recipients().len() >= self.config.smtpd.max_recipients {
             return self.error(Reply::TOO_MANY_RECIPIENTS);

@@ -138,6 +138,18 @@ impl Reply {
     pub const SENDER_NOT_OWNED: Reply =
         reply(553, [5, 7, 1], "Sender address not allowed for this user");
     pub const RATE_LIMITED: Reply = reply(451, [4, 7, 1], "Rate limit exceeded, try again later");
+    pub const DNSBL_LISTED: Reply =
+        reply(554, [5, 7, 1], "Service unavailable; client host blocked");
+    pub const DNSBL_TEMPFAIL: Reply = reply(
+        451,
+        [4, 7, 1],
+        "Temporary DNS failure during policy check, try again later",
+    );
+    pub const DMARC_REJECT: Reply = reply(
+        550,
+        [5, 7, 1],
+        "Message rejected: the sender domain's DMARC policy says reject",
+    );
 
     // --- local trouble -----------------------------------------------------------------
     pub const SPOOL_FULL: Reply = reply(452, [4, 3, 1], "Insufficient system storage");
@@ -279,6 +291,9 @@ mod tests {
             Reply::AUTH_SESSION_FAILURES,
             Reply::SENDER_NOT_OWNED,
             Reply::RATE_LIMITED,
+            Reply::DNSBL_LISTED,
+            Reply::DNSBL_TEMPFAIL,
+            Reply::DMARC_REJECT,
             Reply::queued("X"),
         ];
         for r in all {
