@@ -34,7 +34,8 @@ def wait_for(condition, timeout=60.0, interval=0.05, what="condition"):
 class Mta:
     """One running petrel-mta process."""
 
-    def __init__(self, workdir: Path, config_text: str):
+    def __init__(self, workdir: Path, config_text: str, env=None):
+        self.env = env
         self.workdir = workdir
         self.config_path = workdir / "mta.yaml"
         self.config_path.write_text(config_text)
@@ -51,6 +52,7 @@ class Mta:
             stdout=subprocess.PIPE,
             stderr=open(self.workdir / "mta.log", "ab"),
             text=True,
+            env={**os.environ, **(self.env or {})},
         )
         ready = threading.Event()
 

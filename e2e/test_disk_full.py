@@ -9,6 +9,7 @@ import pytest
 
 from conftest import Mta, config, maildir_files, wait_for
 from test_inbound import message
+from test_observe import http_get
 
 
 @pytest.fixture
@@ -41,7 +42,9 @@ def test_full_spool_gives_452_and_recovers(workdir, tiny_spool):
     stuck = "  - name: stuck.test\n    delivery:\n      maildir:\n        root: /dev/null/nowhere\n"
     filler = tiny_spool / "filler"
     filler.write_bytes(b"\0" * (1024 * 1024))
-    mta = Mta(workdir, config(workdir, extra_domains=stuck, spool=tiny_spool / "spool")).start()
+    with_http = config(workdir, extra_domains=stuck, spool=tiny_spool / "spool").replace(
+        "admin:\n", "http:\n  address: 127.0.0.1:0\nadmin:\n")
+    mta = Mta(workdir, with_http).start()
     accepted = []
     try:
         code, text = 250, b""
@@ -52,12 +55,15 @@ def test_full_spool_gives_452_and_recovers(workdir, tiny_spool):
             accepted.append(f"fill-{i}")
         assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
         assert accepted, "some mail fit before the disk filled"
+        status, body = http_get(mta, "/readyz")
+        assert status == 503 and "spool not writable" in body, (status, body)
         # Still full: still a temporary refusal, never a permanent one.
         assert send(mta, "still-full", 100_000)[0] == 452
 
         os.unlink(filler)  # space returns
         assert send(mta, "after-space", 100_000)[0] == 250
         accepted.append("after-space")
+        assert http_get(mta, "/readyz")[0] == 200, "ready again once writes succeed"
     finally:
         mta.kill()
 

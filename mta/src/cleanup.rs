@@ -28,6 +28,7 @@ pub async fn accept(
     envelope: &mut Envelope,
     content: &[u8],
 ) -> Result<QueueId, Reply> {
+    let began = std::time::Instant::now();
     if content.len() as u64 > config.smtpd.max_message_size {
         return Err(Reply::MESSAGE_TOO_BIG);
     }
@@ -54,6 +55,7 @@ pub async fn accept(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     envelope.received_at = now;
+    envelope.trace_parent = mta_telemetry::spans::traceparent(&tracing::Span::current());
     let id = ctx.spool.next_id();
     let header = received_header(config, &arrival.protocol, envelope, id, now);
     // Newest first: our signature, our verdicts, our trace header, then the message.
@@ -75,6 +77,8 @@ pub async fn accept(
         )
         .await
         .map_err(|e| spool_reply(&e))?;
+    ctx.metrics
+        .message_accepted(content.len() as u64, began.elapsed());
     tracing::info!(
         queue_id = %id,
         from = %envelope.sender,

@@ -34,6 +34,10 @@ pub struct Context {
     signer: RwLock<Option<Arc<mta_auth::Signer>>>,
     /// SPF/DKIM/DMARC and DNSBL checks, when any are configured at start.
     pub verifier: Option<mta_auth::Verifier>,
+    /// Counters and histograms (Prometheus and OTLP).
+    pub metrics: mta_telemetry::MtaMetrics,
+    /// Shutdown has begun: not ready for new traffic.
+    pub draining: std::sync::atomic::AtomicBool,
     /// Outcome of the last config reload.
     pub reload: crate::reload::ReloadState,
     /// Recent AUTH failures per `ip:…` and `user:…` key: (count, window start).
@@ -94,6 +98,8 @@ impl Context {
             limiter: RateLimiter::default(),
             signer: RwLock::new(None),
             verifier: None,
+            metrics: mta_telemetry::MtaMetrics::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             reload: crate::reload::ReloadState::default(),
             auth_failures: Mutex::new(HashMap::new()),
             connections: Mutex::new(Connections::default()),
@@ -131,6 +137,21 @@ impl Context {
             ctx: self.clone(),
             ip,
         })
+    }
+
+    /// Why this MTA should not get new traffic now, if it should not: draining, spool not
+    /// writable, or a refused config file (what `/readyz` reports).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("draining".into());
+        }
+        self.spool
+            .healthy()
+            .map_err(|e| format!("spool not writable: {e}"))?;
+        if let Some(e) = self.reload.error() {
+            return Err(format!("config file refused: {e}"));
+        }
+        Ok(())
     }
 
     /// The DKIM signer in force.

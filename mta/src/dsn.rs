@@ -38,10 +38,15 @@ pub fn retire(ctx: &Arc<Context>, id: QueueId, envelope: Envelope) {
         for kind in [Kind::Failure, Kind::Success] {
             notify(&ctx, id, &envelope, kind).await;
         }
+        let mut bounced = false;
         for recipient in &envelope.recipients {
             if let Status::Failed { detail } = &recipient.status {
                 tracing::warn!(queue_id = %id, to = %recipient.address, detail, "bounced");
+                bounced = true;
             }
+        }
+        if bounced {
+            ctx.metrics.message_bounced();
         }
         ctx.spool.remove_detached(id);
     });
@@ -131,6 +136,7 @@ fn notice_envelope(config: &MtaConfig, original: &Envelope, to: String, now: u64
         held: false,
         delay_notified: false,
         require_tls: false,
+        trace_parent: None,
     }
 }
 

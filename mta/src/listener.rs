@@ -67,8 +67,12 @@ async fn open(stream: TcpStream, kind: ListenerKind, ctx: &Context) -> Option<St
     let acceptor = ctx.certificates.as_ref()?.acceptor();
     let timeout = ctx.config().smtpd.command_timeout;
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls))),
+        Ok(Ok(tls)) => {
+            ctx.metrics.tls_handshake(true);
+            Some(Stream::Tls(Box::new(tls)))
+        }
         Ok(Err(e)) => {
+            ctx.metrics.tls_handshake(false);
             tracing::info!(error = %e, "implicit TLS handshake failed");
             None
         }

@@ -89,7 +89,15 @@ enum QueueOp {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Logs, and traces/metrics over OTLP when the standard OTEL_* variables ask for them.
+    let json = matches!(cli.log_format, LogFormat::Json);
+    let _telemetry = match mta_telemetry::init("petrel-mta", json) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            eprintln!("petrel-mta: telemetry not started: {e}");
+            None
+        }
+    };
     match cli.command {
         Command::CheckConfig { file } => match MtaConfig::from_file(&file) {
             Ok(_) => {
@@ -219,6 +227,9 @@ async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
     for address in &server.addresses {
         println!("petrel-mta: listening for SMTP on {address}");
     }
+    if let Some(address) = server.http_address {
+        println!("petrel-mta: /metrics, /healthz and /readyz on http://{address}");
+    }
     if let Some(address) = server.admin_address {
         println!("petrel-mta: admin endpoint (petrel-mta queue --admin {address}) on {address}");
     }
@@ -277,17 +288,5 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -42,6 +42,10 @@ pub struct Server {
     pub addresses: Vec<SocketAddr>,
     /// Listeners, when no reloader owns them (dropping one closes it).
     _listeners: Option<Listeners>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub http_address: Option<SocketAddr>,
+    /// Stops the HTTP endpoint (dropped at the end of shutdown).
+    http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// Where the admin endpoint listens.
     pub admin_address: Option<SocketAddr>,
     /// Messages found in the spool at start.
@@ -60,11 +64,20 @@ impl Server {
             Some(path) => Some(Users::load(path).map_err(StartError::Users)?),
             None => None,
         };
-        let (spool, recovered) = Spool::open(&config.spool.path, config.spool.segment_size)
-            .map_err(|source| StartError::Spool {
-                path: config.spool.path.clone(),
-                source,
-            })?;
+        let metrics = mta_telemetry::MtaMetrics::new();
+        let observer: crate::spool::SyncObserver = {
+            let metrics = metrics.clone();
+            Arc::new(move |latency, batch| metrics.spool_sync(latency, batch))
+        };
+        let (spool, recovered) = Spool::open_observed(
+            &config.spool.path,
+            config.spool.segment_size,
+            Some(observer),
+        )
+        .map_err(|source| StartError::Spool {
+            path: config.spool.path.clone(),
+            source,
+        })?;
         let mut sockets = Vec::new();
         for listener in &config.listeners {
             let socket = TcpListener::bind(listener.address)
@@ -99,6 +112,7 @@ impl Server {
         };
         let mut context = Context::new(config, spool, handle, certificates, users);
         context.verifier = verifier;
+        context.metrics = metrics;
         context.set_signer(signer);
         let ctx = Arc::new(context);
         let count = recovered.len();
@@ -116,6 +130,31 @@ impl Server {
                 source,
             })?;
         let admin_address = admin.local_addr().ok();
+        let mut http_stop = None;
+        let http_address = match ctx.config().http.address {
+            Some(address) => {
+                let http = TcpListener::bind(address)
+                    .await
+                    .map_err(|source| StartError::Bind { address, source })?;
+                let bound = http.local_addr().ok();
+                let readiness_ctx = ctx.clone();
+                let readiness: Arc<dyn mta_telemetry::Readiness> =
+                    Arc::new(move || readiness_ctx.readiness());
+                // Stopped only after draining, so /readyz can say "draining" meanwhile.
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                http_stop = Some(stop);
+                tokio::spawn(mta_telemetry::serve_http(
+                    http,
+                    ctx.metrics.clone(),
+                    readiness,
+                    async move {
+                        let _ = stopped.await;
+                    },
+                ));
+                bound
+            }
+            None => None,
+        };
         tokio::spawn(crate::admin::serve(admin, ctx.clone(), trigger.subscribe()));
         let mut listeners = Listeners::new();
         for ((socket, kind), configured) in sockets.into_iter().zip(kinds).zip(configured) {
@@ -142,6 +181,8 @@ impl Server {
             trigger,
             addresses,
             admin_address,
+            http_address,
+            http_stop,
             recovered: count,
             _listeners: kept,
         })
@@ -150,6 +191,10 @@ impl Server {
     /// Stops accepting, lets sessions finish their message, waits for deliveries in
     /// progress, and returns.
     pub async fn shutdown(self) {
+        self.ctx
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.trigger.shutdown().await;
+        drop(self.http_stop);
     }
 }

@@ -65,6 +65,18 @@ pub struct MtaConfig {
     pub dkim: DkimConfig,
     /// SPF/DKIM/DMARC/ARC verification and DNSBL checks of inbound mail.
     pub mail_auth: MailAuthConfig,
+    /// The observability endpoint: `/metrics`, `/healthz`, `/readyz`.
+    pub http: HttpConfig,
+}
+
+/// The HTTP endpoint for probes and Prometheus (separate from SMTP and from the admin
+/// endpoint).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct HttpConfig {
+    /// Address to serve on, e.g. `0.0.0.0:8080` in a pod. Default: none (not served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
 }
 
 /// The server's TLS certificate. The files are re-read when they change on disk (a
@@ -293,6 +305,7 @@ impl Default for MtaConfig {
             tls: TlsConfig::default(),
             dkim: DkimConfig::default(),
             mail_auth: MailAuthConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }

@@ -19,11 +19,14 @@ use crate::local::{self, Delivered};
 use crate::queue::{Envelope, QueueId, Status, split_address};
 use crate::shutdown::Shutdown;
 use mta_config::{LocalDelivery, MtaConfig, RouteAuth, TlsMode};
+use mta_telemetry::Outcome;
+use mta_telemetry::spans::field;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 /// Where a group of recipients goes. Two recipients with equal routes share connections.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -43,6 +46,25 @@ pub enum Route {
     Unroutable {
         status: Status,
     },
+}
+
+impl Route {
+    /// A low-cardinality description for spans: the kind and the next hop.
+    pub fn label(&self) -> String {
+        match self {
+            Route::Maildir { .. } => "maildir".into(),
+            Route::Lmtp { address } => format!("lmtp:{address}"),
+            Route::Smtp {
+                next_hop: NextHop::Mx { domain },
+                ..
+            } => format!("mx:{domain}"),
+            Route::Smtp {
+                next_hop: NextHop::Smarthost { host_port },
+                ..
+            } => format!("smarthost:{host_port}"),
+            Route::Unroutable { .. } => "unroutable".into(),
+        }
+    }
 }
 
 /// The SMTP next hop.
@@ -224,10 +246,25 @@ impl Destination {
 async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: Shutdown) {
     let mut connection = smtp::Session::default();
     while let Some(item) = destination.next(&mut shutdown).await {
-        let results = deliver(&ctx, &destination.route, &item, &mut connection).await;
+        let span = mta_telemetry::spans::delivery_attempt(
+            &item.id.to_string(),
+            &destination.route.label(),
+            item.envelope.trace_parent.as_deref(),
+        );
+        span.record(field::ATTEMPT, i64::from(item.envelope.attempts) + 1);
+        span.record(field::RECIPIENTS, item.recipients.len() as i64);
+        let began = std::time::Instant::now();
+        let results = deliver(&ctx, &destination.route, &item, &mut connection)
+            .instrument(span.clone())
+            .await;
+        let latency = began.elapsed();
         for (index, status) in &results {
             log_result(item.id, &item.envelope.recipients[*index].address, status);
+            if let Some(outcome) = metric_outcome(status) {
+                ctx.metrics.delivery_attempt(outcome, latency);
+            }
         }
+        record_outcome(&span, &results);
         ctx.scheduler.attempted(item.id, results);
     }
     connection.close().await;
@@ -312,6 +349,46 @@ async fn deliver_maildir(
         results.push((index, status));
     }
     results
+}
+
+fn metric_outcome(status: &Status) -> Option<Outcome> {
+    match status {
+        Status::Delivered { .. } => Some(Outcome::Delivered),
+        Status::Deferred { .. } => Some(Outcome::Deferred),
+        Status::Failed { .. } => Some(Outcome::Failed),
+        Status::Scheduled => None,
+    }
+}
+
+/// The attempt's outcome on its span: failed if any recipient failed, deferred if any was
+/// deferred, else delivered; the reply code is the first recipient's.
+fn record_outcome(span: &tracing::Span, results: &[(usize, Status)]) {
+    let outcome = if results
+        .iter()
+        .any(|(_, s)| matches!(s, Status::Failed { .. }))
+    {
+        Outcome::Failed
+    } else if results
+        .iter()
+        .any(|(_, s)| matches!(s, Status::Deferred { .. }))
+    {
+        Outcome::Deferred
+    } else {
+        Outcome::Delivered
+    };
+    span.record(field::OUTCOME, outcome.as_str());
+    if outcome != Outcome::Delivered {
+        span.record(field::STATUS, "error");
+    }
+    let code = results.first().and_then(|(_, s)| match s {
+        Status::Delivered { detail } | Status::Deferred { detail } | Status::Failed { detail } => {
+            detail.get(..3).and_then(|c| c.parse::<i64>().ok())
+        }
+        Status::Scheduled => None,
+    });
+    if let Some(code) = code {
+        span.record(field::REPLY_CODE, code);
+    }
 }
 
 /// One log line per recipient disposition, with the queue id (`grep ID` tells the story).

@@ -173,7 +173,18 @@ async fn connect(
     let mut last = None;
     for Target { name, address } in targets {
         match Connection::connect(&mta_client::Target::Tcp(address), &name, &client).await {
-            Ok(connection) => return Ok((connection, verified)),
+            Ok(connection) => {
+                let span = tracing::Span::current();
+                span.record(mta_telemetry::spans::field::MX_HOST, name.as_str());
+                span.record(
+                    mta_telemetry::spans::field::SERVER_PORT,
+                    i64::from(address.port()),
+                );
+                if let Some(version) = connection.tls_version() {
+                    span.record(mta_telemetry::spans::field::TLS_VERSION, version);
+                }
+                return Ok((connection, verified));
+            }
             Err(error) => {
                 tracing::info!(host = %name, %address, error = %error, "connection attempt failed");
                 last = Some(error);

@@ -51,6 +51,7 @@ fn envelope() -> Envelope {
         held: false,
         delay_notified: false,
         require_tls: false,
+        trace_parent: None,
     }
 }
 

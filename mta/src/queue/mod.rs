@@ -137,6 +137,10 @@ pub struct Envelope {
     /// MAIL FROM had REQUIRETLS (RFC 8689): relay only over verified TLS.
     #[serde(default)]
     pub require_tls: bool,
+    /// W3C `traceparent` of the reception span, so delivery attempts (even after a
+    /// restart, on another pod) join the message's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 /// One recipient and its delivery state.

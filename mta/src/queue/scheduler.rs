@@ -179,6 +179,8 @@ struct Scheduler {
     due: BTreeSet<(u64, QueueId)>,
     expiry: BTreeSet<(u64, QueueId)>,
     destinations: Destinations,
+    /// Messages with an attempt round out.
+    active: usize,
 }
 
 /// Runs until shutdown; deliveries in progress are then left to finish on their own (their
@@ -195,8 +197,10 @@ pub async fn run(
         messages: HashMap::new(),
         due: BTreeSet::new(),
         expiry: BTreeSet::new(),
+        active: 0,
     };
     loop {
+        scheduler.report_depth();
         let wake = scheduler.next_wake();
         tokio::select! {
             command = commands.recv() => match command {
@@ -217,6 +221,21 @@ async fn sleep_until(wake: Option<Instant>) {
 }
 
 impl Scheduler {
+    /// Queue depth gauges, O(1): waiting messages are exactly the `due` index, active ones
+    /// are counted as rounds start and end, the rest are held.
+    fn report_depth(&self) {
+        use mta_telemetry::QueueState;
+        let metrics = &self.ctx.metrics;
+        let waiting = self.due.len();
+        let total = self.messages.len();
+        metrics.set_queue_depth(QueueState::Waiting, waiting as u64);
+        metrics.set_queue_depth(QueueState::Active, self.active as u64);
+        metrics.set_queue_depth(
+            QueueState::Held,
+            total.saturating_sub(waiting + self.active) as u64,
+        );
+    }
+
     fn next_wake(&self) -> Option<Instant> {
         let due = self.due.first().map(|(ms, _)| *ms);
         let expiry = self.expiry.first().map(|(ms, _)| *ms);
@@ -294,10 +313,12 @@ impl Scheduler {
         if groups.is_empty() {
             // Nothing pending (e.g. recovered after the last recipient was recorded).
             entry.phase = Phase::Active(0);
+            self.active += 1;
             self.end_round(id);
             return;
         }
         entry.phase = Phase::Active(groups.len());
+        self.active += 1;
         for (destination, recipients) in groups {
             self.destinations.push(
                 destination,
@@ -329,6 +350,7 @@ impl Scheduler {
 
     /// An attempt round is complete: retire the message or schedule the next round.
     fn end_round(&mut self, id: QueueId) {
+        self.active = self.active.saturating_sub(1);
         let now = self.clock.now_ms();
         let config = self.ctx.config();
         let Some(entry) = self.messages.get_mut(&id) else {
@@ -410,6 +432,9 @@ impl Scheduler {
                 }
             }
             tracing::warn!(queue_id = %id, reason, "retired undelivered");
+            if matches!(how, Retirement::Expired) {
+                self.ctx.metrics.message_expired();
+            }
         }
         if matches!(how, Retirement::Deleted) {
             tracing::warn!(queue_id = %id, "deleted by operator");

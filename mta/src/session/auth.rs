@@ -156,6 +156,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match verified {
             Some(user) => {
                 tracing::info!(peer = %self.peer, user = %user.name, "authenticated");
+                self.span
+                    .record(mta_telemetry::spans::field::USER_ID, user.name.as_str());
                 self.user = Some(user);
                 self.reply(Reply::AUTH_OK)
             }
@@ -165,6 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn auth_failed(&mut self, name: String) -> Flow {
         self.auth_failures += 1;
+        self.ctx.metrics.auth_failure();
         self.ctx.auth_failed(self.peer.ip(), &name);
         tracing::warn!(peer = %self.peer, user = %name, failures = self.auth_failures, "authentication failed");
         // A tarpit, not synchronisation: each failure makes the next guess slower.

@@ -3,8 +3,10 @@
 
 use super::{Flow, Input, Reply, Session};
 use crate::cleanup;
+use mta_telemetry::spans::field;
 use smtp_proto::request::receiver::{BdatReceiver, DataReceiver, DummyDataReceiver};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) fn data(&mut self) -> Flow {
@@ -82,6 +84,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             exempt: crate::checks::exempt(&self.config, self.peer.ip(), self.user.is_some()),
             extra_headers: self.dnsbl_tag.as_deref().unwrap_or(""),
         };
+        let span = mta_telemetry::spans::transaction();
+        span.record(field::SIZE, tx.content.len() as i64);
+        span.record(field::RECIPIENTS, tx.envelope.recipients.len() as i64);
         let outcome = cleanup::accept(
             &self.ctx,
             &self.config,
@@ -89,7 +94,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             &mut tx.envelope,
             &tx.content,
         )
+        .instrument(span.clone())
         .await;
+        match &outcome {
+            Ok(id) => {
+                span.record(field::QUEUE_ID, id.to_string());
+                span.record(field::REPLY_CODE, 250_i64);
+            }
+            Err(reply) => {
+                span.record(field::REPLY_CODE, i64::from(reply.code));
+                span.record(field::STATUS, "error");
+            }
+        }
         match outcome {
             Ok(id) => self.reply(Reply::queued(id)),
             Err(reply) => self.error(reply),

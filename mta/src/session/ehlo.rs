@@ -10,6 +10,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // RFC 5321 §4.1.4: EHLO/HELO resets any transaction.
         self.tx = None;
+        self.span
+            .record(mta_telemetry::spans::field::HELO, host.as_str());
         self.helo = Some(host);
         self.extended = extended;
         let greeting = Reply::OK.with_text(self.config.hostname.clone());

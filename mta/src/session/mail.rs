@@ -12,12 +12,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Counts one event against a configured rate; `false` when over it.
-    pub(super) fn within_rate(&self, key: &str, rate: &str) -> bool {
+    pub(super) fn within_rate(&self, key: &str, rate: &str, limit: &'static str) -> bool {
         match crate::limits::parse(rate) {
             Some(rate) => {
                 let ok = self.ctx.limiter.allow(key, rate);
                 if !ok {
                     tracing::warn!(peer = %self.peer, key, "rate limit hit");
+                    self.ctx.metrics.rate_limited(limit);
                 }
                 ok
             }
@@ -49,6 +50,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.within_rate(
             &format!("ip:{}", self.peer.ip()),
             &self.config.smtpd.rate_limits.messages_per_ip.clone(),
+            "messages_per_ip",
         ) {
             return self.error(Reply::RATE_LIMITED);
         }
@@ -56,6 +58,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             && !self.within_rate(
                 &format!("user:{}", user.name),
                 &self.config.smtpd.rate_limits.messages_per_user.clone(),
+                "messages_per_user",
             )
         {
             return self.error(Reply::RATE_LIMITED);
@@ -98,6 +101,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             held: false,
             delay_notified: false,
             require_tls,
+            trace_parent: None,
         };
         self.tx = Some(Transaction {
             envelope,

@@ -29,6 +29,7 @@ use crate::shutdown::Shutdown;
 use crate::stream::Stream;
 use crate::users::User;
 use mta_config::{ListenerKind, MtaConfig};
+use mta_telemetry::spans::field;
 pub use reply::Reply;
 use smtp_proto::request::receiver::{
     BdatReceiver, DataReceiver, DummyDataReceiver, MAX_LINE_LENGTH, RequestReceiver,
@@ -37,6 +38,7 @@ use smtp_proto::{Error as ProtoError, Request};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::Instrument;
 
 /// What the session reads next.
 enum Input {
@@ -88,6 +90,10 @@ pub struct Session<S> {
     sasl_line: Vec<u8>,
     /// LOGIN's user name while its password is awaited.
     pending_login: Option<String>,
+    /// The verb the next reply answers (a metrics label).
+    verb: &'static str,
+    /// This session's trace span (client address, HELO, TLS version, user).
+    span: tracing::Span,
     /// The DNSBL verdict, looked up at the first RCPT: `None` before; `Some("")` clean.
     dnsbl_tag: Option<String>,
     ctx: Arc<Context>,
@@ -117,6 +123,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             auth_failures: 0,
             sasl_line: Vec::new(),
             pending_login: None,
+            verb: "CONNECT",
+            span: mta_telemetry::spans::session(peer),
             dnsbl_tag: None,
             ctx,
             config,
@@ -134,10 +142,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Runs the session to its end. I/O errors end it quietly (the peer went away).
     pub async fn run(mut self, mut shutdown: Shutdown) {
-        Reply::greeting(&self.config.hostname).write_to(&mut self.out);
-        if let Err(e) = self.serve(&mut shutdown).await {
-            tracing::debug!(peer = %self.peer, error = %e, "session ended by I/O error");
+        self.ctx.metrics.session_started();
+        if let Some(version) = self.stream.tls_version() {
+            self.span.record(field::TLS_VERSION, version);
         }
+        let span = self.span.clone();
+        async {
+            self.send(Reply::greeting(&self.config.hostname));
+            if let Err(e) = self.serve(&mut shutdown).await {
+                tracing::debug!(peer = %self.peer, error = %e, "session ended by I/O error");
+            }
+        }
+        .instrument(span)
+        .await;
+        self.ctx.metrics.session_ended();
     }
 
     async fn serve(&mut self, shutdown: &mut Shutdown) -> std::io::Result<()> {
@@ -297,6 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn command(&mut self, request: Request<String>) -> Flow {
+        self.verb = request.name();
         match request {
             Request::Ehlo { host } => self.ehlo(host, true),
             Request::Helo { host } => self.ehlo(host, false),
@@ -385,6 +404,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn send(&mut self, reply: Reply) {
+        self.ctx.metrics.reply(self.verb, reply.code);
         if reply.is_error() {
             tracing::debug!(peer = %self.peer, code = reply.code, text = %reply.text, "reply");
         }

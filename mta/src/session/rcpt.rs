@@ -35,7 +35,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(reply);
         }
         let limits = self.config.smtpd.rate_limits.clone();
-        if !self.within_rate(&format!("ip:{}", self.peer.ip()), &limits.recipients_per_ip) {
+        if !self.within_rate(
+            &format!("ip:{}", self.peer.ip()),
+            &limits.recipients_per_ip,
+            "recipients_per_ip",
+        ) {
             return self.error(Reply::RATE_LIMITED);
         }
         if let Some((_, domain)) = crate::queue::split_address(&to.address)
@@ -43,6 +47,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             && !self.within_rate(
                 &format!("domain:{}", domain.to_ascii_lowercase()),
                 &limits.recipients_per_domain,
+                "recipients_per_domain",
             )
         {
             return self.error(Reply::RATE_LIMITED);

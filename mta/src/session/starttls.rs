@@ -34,11 +34,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let handshake = self.stream.upgrade(acceptor);
         match tokio::time::timeout(self.config.smtpd.command_timeout, handshake).await {
             Ok(Ok(())) => {
+                self.ctx.metrics.tls_handshake(true);
+                if let Some(version) = self.stream.tls_version() {
+                    self.span
+                        .record(mta_telemetry::spans::field::TLS_VERSION, version);
+                }
                 self.reset_after_tls();
                 tracing::debug!(peer = %self.peer, version = ?self.stream.tls_version(), "TLS started");
                 true
             }
             Ok(Err(e)) => {
+                self.ctx.metrics.tls_handshake(false);
                 tracing::info!(peer = %self.peer, error = %e, "TLS handshake failed");
                 false
             }

@@ -96,21 +96,40 @@ struct Inner {
     ids: QueueIdGenerator,
     index: Arc<Mutex<Index>>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// The last write error, until a later write succeeds.
+    health: Arc<Mutex<Option<String>>>,
 }
+
+/// Called by the writer after each group commit with its sync time and batch size.
+pub type SyncObserver = Arc<dyn Fn(std::time::Duration, usize) + Send + Sync>;
 
 impl Spool {
     /// Opens (creating if needed) the spool in `dir`, recovers every queued message, and
     /// starts the writer thread on a fresh segment.
     pub fn open(dir: &Path, segment_size: u64) -> Result<(Spool, Vec<Recovered>), Error> {
+        Self::open_observed(dir, segment_size, None)
+    }
+
+    /// [`Spool::open`], reporting every group commit to `observer` (metrics).
+    pub fn open_observed(
+        dir: &Path,
+        segment_size: u64,
+        observer: Option<SyncObserver>,
+    ) -> Result<(Spool, Vec<Recovered>), Error> {
         std::fs::create_dir_all(dir).map_err(Error::from_io)?;
         let (index, recovered, last_segment, max_id) = recover(dir)?;
         let index = Arc::new(Mutex::new(index));
         let (appends, requests) = mpsc::unbounded_channel();
+        let health = Arc::new(Mutex::new(None));
         Writer::start(
-            dir.to_owned(),
-            last_segment + 1,
-            segment_size,
-            index.clone(),
+            writer::Setup {
+                dir: dir.to_owned(),
+                first_segment: last_segment + 1,
+                segment_size,
+                index: index.clone(),
+                health: health.clone(),
+                observer,
+            },
             requests,
         )
         .map_err(Error::from_io)?;
@@ -121,6 +140,7 @@ impl Spool {
                 ids: QueueIdGenerator::new(max_id),
                 index,
                 readers: Mutex::new(HashMap::new()),
+                health,
             }),
         };
         Ok((spool, recovered))
@@ -176,6 +196,14 @@ impl Spool {
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
+    }
+
+    /// `Err` with the last write error while writes are failing (disk full, I/O error).
+    pub fn healthy(&self) -> Result<(), String> {
+        match &*self.inner.health.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
     }
 
     /// Number of messages currently in the spool.

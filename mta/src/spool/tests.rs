@@ -23,6 +23,7 @@ fn envelope(rcpt: &str) -> Envelope {
         held: false,
         delay_notified: false,
         require_tls: false,
+        trace_parent: None,
     }
 }
 

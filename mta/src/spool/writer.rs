@@ -84,27 +84,35 @@ pub struct Writer {
     offset: u64,
     segment_size: u64,
     index: Arc<Mutex<Index>>,
+    health: Arc<Mutex<Option<String>>>,
+    observer: Option<super::SyncObserver>,
+}
+
+/// What the writer is started with.
+pub struct Setup {
+    pub dir: PathBuf,
+    pub first_segment: u32,
+    pub segment_size: u64,
+    pub index: Arc<Mutex<Index>>,
+    pub health: Arc<Mutex<Option<String>>>,
+    pub observer: Option<super::SyncObserver>,
 }
 
 impl Writer {
     /// Creates segment `first_segment` and runs the writer on its own thread until every
     /// sender is dropped.
-    pub fn start(
-        dir: PathBuf,
-        first_segment: u32,
-        segment_size: u64,
-        index: Arc<Mutex<Index>>,
-        requests: mpsc::UnboundedReceiver<Append>,
-    ) -> std::io::Result<()> {
-        let file = create_segment(&dir, first_segment)?;
-        lock(&index).live.insert(first_segment, 0);
+    pub fn start(setup: Setup, requests: mpsc::UnboundedReceiver<Append>) -> std::io::Result<()> {
+        let file = create_segment(&setup.dir, setup.first_segment)?;
+        lock(&setup.index).live.insert(setup.first_segment, 0);
         let writer = Writer {
-            dir,
-            segment: first_segment,
+            dir: setup.dir,
+            segment: setup.first_segment,
             file,
             offset: 0,
-            segment_size,
-            index,
+            segment_size: setup.segment_size,
+            index: setup.index,
+            health: setup.health,
+            observer: setup.observer,
         };
         std::thread::Builder::new()
             .name("spool-writer".into())
@@ -132,6 +140,7 @@ impl Writer {
 
     fn commit(&mut self, batch: &mut Vec<Append>) {
         let start = self.offset;
+        let began = std::time::Instant::now();
         let result = self.write_all(batch).and_then(|()| {
             if batch.iter().any(|a| a.durability == Durability::Sync) {
                 self.file.sync_data().map_err(SyncFailed)
@@ -139,6 +148,21 @@ impl Writer {
                 Ok(())
             }
         });
+        if let Some(observer) = &self.observer {
+            observer(began.elapsed(), batch.len());
+        }
+        // Health follows message stores: a small status record fitting after a failed
+        // message does not make the spool writable again for mail.
+        let stored_message = batch
+            .iter()
+            .any(|a| matches!(a.effect, Effect::Insert { .. }));
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(()) if stored_message => *health = None,
+            Ok(()) => {}
+            Err(SyncFailed(e)) => *health = Some(e.to_string()),
+        }
+        drop(health);
         match result {
             Ok(()) => {
                 self.index_batch(batch, start);
