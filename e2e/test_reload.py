@@ -41,6 +41,7 @@ def test_mta_runs_a_rendered_config_and_accepts_mail(workdir):
         listener["address"] = "127.0.0.1:0"
     config_doc["spool"]["path"] = str(workdir / "spool")
     config_doc["admin"] = {"address": "127.0.0.1:0"}
+    config_doc["http"] = {"address": "127.0.0.1:0"}
     config_doc["tls"] = {"cert_file": str(workdir / "tls/cert.pem"),
                          "key_file": str(workdir / "tls/key.pem"),
                          "generate_self_signed": True}

@@ -14,8 +14,8 @@ use crds::relay_policy::{OutboundTlsMode, RouteMode};
 use crds::smtp_listener::ListenerPortKind;
 use kube::ResourceExt;
 use mta_config::{
-    ListenerConfig, ListenerKind, LocalDelivery, LocalDomainConfig, MtaConfig, RouteConfig,
-    SpoolConfig, TlsConfig, TlsMode,
+    HttpConfig, ListenerConfig, ListenerKind, LocalDelivery, LocalDomainConfig, MtaConfig,
+    RouteConfig, SpoolConfig, TlsConfig, TlsMode,
 };
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -97,6 +97,13 @@ pub fn for_listener(
             ..SpoolConfig::default()
         },
         local_domains: Vec::new(),
+        // The kubelet probes /healthz and /readyz here; Prometheus scrapes /metrics.
+        http: HttpConfig {
+            address: Some(SocketAddr::from((
+                Ipv4Addr::UNSPECIFIED,
+                u16::try_from(super::workload::HTTP_PORT).unwrap_or(8080),
+            ))),
+        },
         tls: TlsConfig {
             cert_file: Some(PathBuf::from(TLS_DIR).join("tls.crt")),
             key_file: Some(PathBuf::from(TLS_DIR).join("tls.key")),
