@@ -159,10 +159,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn serve(&mut self, shutdown: &mut Shutdown) -> std::io::Result<()> {
-        let mut buf = vec![0u8; 16 * 1024];
+        // Small while the client sends commands (idle connections stay cheap), large
+        // once message content is flowing.
+        let mut buf = vec![0u8; COMMAND_READ_BUFFER];
         loop {
             self.flush().await?;
             let idle = matches!(self.input, Input::Command);
+            if !idle && buf.len() < CONTENT_READ_BUFFER {
+                buf.resize(CONTENT_READ_BUFFER, 0);
+            }
             let limit = if idle {
                 self.config.smtpd.command_timeout
             } else {
@@ -432,6 +437,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .unwrap_or_default()
     }
 }
+
+/// Read buffer while commands are exchanged.
+const COMMAND_READ_BUFFER: usize = 1024;
+/// Read buffer once DATA or BDAT content flows.
+const CONTENT_READ_BUFFER: usize = 32 * 1024;
 
 /// Upper bound on how much content buffer a client's `SIZE=` may pre-allocate.
 const MAX_PREALLOCATION: usize = 1 << 20;
