@@ -5,10 +5,10 @@ binaries (dkim_sign, auth_verify) built once, and dnsmasq serving TXT records on
 import base64
 import json
 import os
-import socket
 import subprocess
-import time
 from pathlib import Path
+
+from outbound import Dns
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,63 +83,13 @@ def txt_dnsfunc(records):
     return lookup
 
 
-def free_udp_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _txt_arg(name, text):
-    # One DNS character-string holds at most 255 bytes (RFC 1035 §3.3): split, as
-    # operators do for 2048-bit keys; verifiers concatenate the strings (RFC 6376 §3.6.2.2).
-    # dnsmasq separates the strings with commas (quotes would be kept literally when no
-    # shell strips them), so a record may not contain one.
-    assert "," not in text, text
-    chunks = [text[i:i + 250] for i in range(0, len(text), 250)] or [""]
-    return f"--txt-record={name}," + ",".join(chunks)
-
-
-class TxtDns:
+class TxtDns(Dns):
     """dnsmasq on 127.0.0.1 answering TXT (and A) records from its command line only;
     NXDOMAIN for every other name under .test."""
 
     def __init__(self, txt=(), hosts=()):
-        for _ in range(10):  # the chosen UDP port may be taken for TCP: pick again
-            if self._start(txt, hosts):
-                return
-        raise AssertionError("dnsmasq could not get a port")
-
-    def _start(self, txt, hosts):
-        import dns.resolver
-        self.port = free_udp_port()
-        args = ["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", f"--port={self.port}",
-                "--listen-address=127.0.0.1", "--bind-interfaces", "--local=/test/",
-                "--cache-size=0"]
-        args += [_txt_arg(name, text) for name, text in txt]
-        args += [f"--host-record={name},{ip}" for name, ip in hosts]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while True:
-            r = dns.resolver.Resolver(configure=False)
-            r.nameservers, r.port, r.lifetime = ["127.0.0.1"], self.port, 1
-            try:
-                r.resolve("probe.test", "A")
-            except dns.resolver.NXDOMAIN:
-                return True
-            except Exception:
-                if self.proc.poll() is not None:
-                    err = self.proc.stderr.read()
-                    if b"Address already in use" in err:
-                        return False
-                    raise AssertionError(f"dnsmasq did not start: {err}")
-                if time.monotonic() > deadline:
-                    raise AssertionError("dnsmasq did not answer")
-                time.sleep(0.05)
+        super().__init__(hosts=hosts, txt=txt)
 
     @property
     def address(self):
         return f"127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait(10)

@@ -16,16 +16,25 @@ def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def txt_arg(name, text):
+    """dnsmasq's --txt-record for `text`, split into 250-byte character-strings (RFC 1035
+    §3.3 allows 255 per string; verifiers concatenate them, RFC 6376 §3.6.2.2). dnsmasq
+    separates the strings with commas, so a record may not contain one."""
+    assert "," not in text, text
+    chunks = [text[i:i + 250] for i in range(0, len(text), 250)] or [""]
+    return f"--txt-record={name}," + ",".join(chunks)
+
+
 class Dns:
     """dnsmasq answering only from its command line; NXDOMAIN for other names in .test."""
 
-    def __init__(self, mx=(), hosts=()):
+    def __init__(self, mx=(), hosts=(), txt=()):
         for _ in range(10):  # the OS-chosen UDP port may be taken for TCP: pick again
-            if self._start(mx, hosts):
+            if self._start(mx, hosts, txt):
                 return
         raise AssertionError("dnsmasq could not get a port")
 
-    def _start(self, mx, hosts):
+    def _start(self, mx, hosts, txt):
         import dns.resolver
         self.port = free_port(socket.SOCK_DGRAM)
         args = ["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--log-queries",
@@ -33,6 +42,7 @@ class Dns:
                 "--local=/test/", "--cache-size=0"]
         args += [f"--mx-host={domain},{host},{pref}" for domain, host, pref in mx]
         args += [f"--host-record={name},{ip}" for name, ip in hosts]
+        args += [txt_arg(name, text) for name, text in txt]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
         while True:  # wait until it answers

@@ -113,30 +113,16 @@ fn wants(recipient: &Recipient, kind: Kind) -> bool {
 }
 
 fn notice_envelope(config: &MtaConfig, original: &Envelope, to: String, now: u64) -> Envelope {
+    let mut recipient = Recipient::new(to);
+    // A notice about a notice is never wanted.
+    recipient.notify = Some(crate::queue::DsnNotify::default());
     Envelope {
-        sender: String::new(),
-        recipients: vec![Recipient {
-            address: to,
-            // A notice about a notice is never wanted.
-            notify: Some(crate::queue::DsnNotify::default()),
-            orcpt: None,
-            status: Status::Scheduled,
-        }],
-        declared_size: 0,
+        recipients: vec![recipient],
         // An 8-bit original returned in full makes the notice 8-bit too.
         body: original.body,
         smtputf8: original.smtputf8,
-        dsn_ret: None,
-        dsn_envid: None,
-        client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
-        helo: config.hostname.clone(),
         received_at: now,
-        attempts: 0,
-        next_attempt_at: 0,
-        held: false,
-        delay_notified: false,
-        require_tls: false,
-        trace_parent: None,
+        ..Envelope::new("", std::net::IpAddr::from([127, 0, 0, 1]), &config.hostname)
     }
 }
 

@@ -3,11 +3,10 @@
 //! `<name>.actual` for review (set `PETREL_BLESS=1` to accept it).
 
 use super::*;
-use crate::queue::{BodyType, DsnNotify};
+use crate::queue::DsnNotify;
 
 fn envelope() -> Envelope {
     Envelope {
-        sender: "alice@sender.test".into(),
         recipients: vec![
             Recipient {
                 address: "bob@remote.test".into(),
@@ -38,20 +37,14 @@ fn envelope() -> Envelope {
                 },
             },
         ],
-        declared_size: 0,
-        body: BodyType::SevenBit,
-        smtputf8: false,
-        dsn_ret: None,
         dsn_envid: Some("ENV-42".into()),
-        client_ip: "192.0.2.1".parse().expect("ip"),
-        helo: "client.test".into(),
         received_at: 1_795_435_200,
         attempts: 1,
-        next_attempt_at: 0,
-        held: false,
-        delay_notified: false,
-        require_tls: false,
-        trace_parent: None,
+        ..Envelope::new(
+            "alice@sender.test",
+            "192.0.2.1".parse().expect("ip"),
+            "client.test",
+        )
     }
 }
 

@@ -143,6 +143,42 @@ pub struct Envelope {
     pub trace_parent: Option<String>,
 }
 
+impl Envelope {
+    /// A fresh envelope: no recipients yet, 7-bit, no DSN or TLS requests, never attempted.
+    pub fn new(sender: impl Into<String>, client_ip: IpAddr, helo: impl Into<String>) -> Self {
+        Self {
+            sender: sender.into(),
+            recipients: Vec::new(),
+            declared_size: 0,
+            body: BodyType::SevenBit,
+            smtputf8: false,
+            dsn_ret: None,
+            dsn_envid: None,
+            client_ip,
+            helo: helo.into(),
+            received_at: 0,
+            attempts: 0,
+            next_attempt_at: 0,
+            held: false,
+            delay_notified: false,
+            require_tls: false,
+            trace_parent: None,
+        }
+    }
+}
+
+impl Recipient {
+    /// A recipient not yet attempted, without DSN parameters.
+    pub fn new(address: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            notify: None,
+            orcpt: None,
+            status: Status::Scheduled,
+        }
+    }
+}
+
 /// One recipient and its delivery state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recipient {

@@ -82,8 +82,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None
         };
         let envelope = Envelope {
-            sender: from.address,
-            recipients: Vec::new(),
             declared_size: from.size as u64,
             body: if from.flags & MAIL_BODY_8BITMIME != 0 {
                 BodyType::EightBitMime
@@ -93,15 +91,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
             dsn_ret,
             dsn_envid: from.env_id,
-            client_ip: self.peer.ip(),
-            helo,
-            received_at: 0,
-            attempts: 0,
-            next_attempt_at: 0,
-            held: false,
-            delay_notified: false,
             require_tls,
-            trace_parent: None,
+            ..Envelope::new(from.address, self.peer.ip(), helo)
         };
         self.tx = Some(Transaction {
             envelope,

@@ -1,29 +1,15 @@
 use super::*;
-use crate::queue::{BodyType, Recipient, Status};
+use crate::queue::{Recipient, Status};
 
 fn envelope(rcpt: &str) -> Envelope {
     Envelope {
-        sender: "a@sender.test".into(),
-        recipients: vec![Recipient {
-            address: rcpt.into(),
-            notify: None,
-            orcpt: None,
-            status: Status::Scheduled,
-        }],
-        declared_size: 0,
-        body: BodyType::SevenBit,
-        smtputf8: false,
-        dsn_ret: None,
-        dsn_envid: None,
-        client_ip: "127.0.0.1".parse().expect("ip"),
-        helo: "client.test".into(),
+        recipients: vec![Recipient::new(rcpt)],
         received_at: 1,
-        attempts: 0,
-        next_attempt_at: 0,
-        held: false,
-        delay_notified: false,
-        require_tls: false,
-        trace_parent: None,
+        ..Envelope::new(
+            "a@sender.test",
+            "127.0.0.1".parse().expect("ip"),
+            "client.test",
+        )
     }
 }
 
