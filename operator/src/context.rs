@@ -19,6 +19,8 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// Skip live DNS lookups (tests without a DNS server).
     pub check_dns: bool,
+    /// Reconcile runs, failures and durations.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Context {
@@ -37,6 +39,7 @@ impl Context {
             dns_server,
             failures: Mutex::new(HashMap::new()),
             check_dns: true,
+            metrics: crate::metrics::Metrics::default(),
         }
     }
 

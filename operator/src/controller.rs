@@ -32,7 +32,10 @@ fn listeners_near<K: Resource>(
 }
 
 /// Runs until SIGTERM/ctrl-c.
-pub async fn run(dns_server: Option<SocketAddr>) -> crate::Result<()> {
+pub async fn run(
+    dns_server: Option<SocketAddr>,
+    metrics_address: Option<SocketAddr>,
+) -> crate::Result<()> {
     let client = Client::try_default().await?;
     if let Err(e) = Api::<SmtpListener>::all(client.clone())
         .list(&ListParams::default().limit(1))
@@ -44,6 +47,15 @@ pub async fn run(dns_server: Option<SocketAddr>) -> crate::Result<()> {
         return Err(e.into());
     }
     let ctx = Arc::new(Context::new(client.clone(), dns_server));
+    if let Some(address) = metrics_address {
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => {
+                tracing::info!(%address, "serving /metrics and /healthz");
+                tokio::spawn(crate::metrics::serve(listener, ctx.metrics.clone()));
+            }
+            Err(e) => tracing::error!(%address, error = %e, "cannot serve /metrics"),
+        }
+    }
     let wc = watcher::Config::default;
     let managed =
         || watcher::Config::default().labels("app.kubernetes.io/managed-by=petrel-operator");

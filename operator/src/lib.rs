@@ -14,6 +14,7 @@ pub mod controller;
 pub mod dns;
 pub mod input;
 pub mod keys;
+pub mod metrics;
 pub mod reconcile;
 pub mod render;
 pub mod status;

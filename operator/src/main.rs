@@ -27,6 +27,9 @@ enum Command {
         /// DNS server used to check MailDomain records (default: the system resolvers).
         #[arg(long, env = "PETREL_DNS_SERVER")]
         dns_server: Option<SocketAddr>,
+        /// Where to serve the operator's /metrics and /healthz.
+        #[arg(long, env = "PETREL_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+        metrics_address: Option<SocketAddr>,
     },
     /// Print every object the operator would apply for the given CR files, as YAML.
     Render {
@@ -52,19 +55,24 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { dns_server } => run(dns_server),
+        Command::Run {
+            dns_server,
+            metrics_address,
+        } => run(dns_server, metrics_address),
         Command::Render { files, namespace } => render_cmd(&files, &namespace),
         Command::Dns { files, namespace } => dns_cmd(&files, &namespace),
     }
 }
 
-fn run(dns_server: Option<SocketAddr>) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+fn run(dns_server: Option<SocketAddr>, metrics_address: Option<SocketAddr>) -> ExitCode {
+    // Logs, and a trace per reconcile over OTLP when OTEL_* variables ask for it.
+    let _telemetry = match mta_telemetry::init("petrel-operator", false) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            eprintln!("petrel-operator: telemetry not started: {e}");
+            None
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -72,7 +80,7 @@ fn run(dns_server: Option<SocketAddr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(operator::controller::run(dns_server)) {
+    match runtime.block_on(operator::controller::run(dns_server, metrics_address)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("petrel-operator: {e}");

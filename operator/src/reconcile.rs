@@ -149,7 +149,9 @@ fn notes_for<'a>(notes: &'a [Note], kind: &str, name: &str) -> Vec<&'a Note> {
 }
 
 /// Reconciles one SmtpListener: config, TLS Secret, workload, Services; status.
+#[tracing::instrument(name = "reconcile", skip_all, fields(kind = "SmtpListener", namespace = obj.metadata.namespace.as_deref().unwrap_or_default(), name = obj.metadata.name.as_deref().unwrap_or_default()))]
 pub async fn listener(obj: Arc<SmtpListener>, ctx: Arc<Context>) -> Result<Action> {
+    let _measure = ctx.metrics.measure("SmtpListener");
     let result = listener_inner(&obj, &ctx).await;
     finish(
         &*obj,
@@ -237,6 +239,9 @@ where
     S: Serialize + PartialEq,
 {
     let key = failure_key(obj);
+    if let Err(error) = &result {
+        ctx.metrics.failed(&K::kind(&()), error.metric_label());
+    }
     match result {
         Ok(action) => {
             ctx.succeeded(&key);
@@ -301,7 +306,9 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
 }
 
 /// Reconciles one DkimKey: its key Secret and status (phase, public record).
+#[tracing::instrument(name = "reconcile", skip_all, fields(kind = "DkimKey", namespace = obj.metadata.namespace.as_deref().unwrap_or_default(), name = obj.metadata.name.as_deref().unwrap_or_default()))]
 pub async fn dkim_key(obj: Arc<DkimKey>, ctx: Arc<Context>) -> Result<Action> {
+    let _measure = ctx.metrics.measure("DkimKey");
     let result = dkim_key_inner(&obj, &ctx).await;
     finish(
         &*obj,
@@ -419,7 +426,9 @@ async fn dkim_key_inner(obj: &DkimKey, ctx: &Context) -> Result<Action> {
 }
 
 /// Reconciles one MailDomain: DNS guidance and its live check, and status.
+#[tracing::instrument(name = "reconcile", skip_all, fields(kind = "MailDomain", namespace = obj.metadata.namespace.as_deref().unwrap_or_default(), name = obj.metadata.name.as_deref().unwrap_or_default()))]
 pub async fn mail_domain(obj: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action> {
+    let _measure = ctx.metrics.measure("MailDomain");
     let result = mail_domain_inner(&obj, &ctx).await;
     finish(
         &*obj,
@@ -500,7 +509,9 @@ async fn mail_domain_inner(obj: &MailDomain, ctx: &Context) -> Result<Action> {
 }
 
 /// Reconciles one RelayPolicy: status only (nothing of it reaches the MTA yet).
+#[tracing::instrument(name = "reconcile", skip_all, fields(kind = "RelayPolicy", namespace = obj.metadata.namespace.as_deref().unwrap_or_default(), name = obj.metadata.name.as_deref().unwrap_or_default()))]
 pub async fn relay_policy(obj: Arc<RelayPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    let _measure = ctx.metrics.measure("RelayPolicy");
     let world = World {
         relay_policies: vec![(*obj).clone()],
         ..World::default()

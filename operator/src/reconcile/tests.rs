@@ -164,6 +164,14 @@ async fn api_errors_mark_the_resource_degraded_and_back_off() {
         .await
         .expect_err("must fail");
     assert_eq!(err.metric_label(), "KubeApiError");
+    let metrics = ctx.metrics.encode();
+    assert!(
+        metrics.contains(
+            "petrel_operator_reconcile_failures_total{kind=\"SmtpListener\",error=\"KubeApiError\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("petrel_operator_reconcile_runs_total{kind=\"SmtpListener\"} 1"));
     let writes = fake.take_writes();
     assert!(
         writes.contains(&format!("PATCH {}/status", listener_path())),
