@@ -48,6 +48,10 @@ cargo test --workspace --quiet
 say "building binaries for the end-to-end suite"
 cargo build --workspace --bins --quiet
 
+# --- rendered Kubernetes objects ---------------------------------------------------------
+say "validating every rendered object with kubernetes-validate"
+operator/tests/validate_rendered.sh
+
 # --- end-to-end, with real peers ---------------------------------------------------------
 say "end-to-end suite (e2e/)"
 PETREL_MTA_BIN="$PWD/target/debug/petrel-mta" python3 -m pytest -q -rs e2e
