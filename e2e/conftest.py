@@ -99,7 +99,8 @@ hostname: mx.petrel.test
 listeners:
   - address: 127.0.0.1:0
 smtpd:
-{lines if lines else "  max_errors: 10"}
+  rate_limits: {{messages_per_ip: "off", recipients_per_ip: "off"}}
+{lines}
 spool:
   path: {spool}
   segment_size: 1048576

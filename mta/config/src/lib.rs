@@ -166,11 +166,11 @@ pub struct SmtpdConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct RateLimitsConfig {
-    /// Messages (MAIL commands) per client IP. Default: `600/1m`.
+    /// Messages (MAIL commands) per client IP. Default: `3000/1m`.
     pub messages_per_ip: String,
-    /// Recipients per client IP. Default: `3000/1m`.
+    /// Recipients per client IP. Default: `15000/1m`.
     pub recipients_per_ip: String,
-    /// Messages per authenticated user. Default: `300/1m`.
+    /// Messages per authenticated user. Default: `1000/1m`.
     pub messages_per_user: String,
     /// Recipients per destination domain (outbound, at RCPT). Default: `off`.
     pub recipients_per_domain: String,
@@ -179,9 +179,9 @@ pub struct RateLimitsConfig {
 impl Default for RateLimitsConfig {
     fn default() -> Self {
         Self {
-            messages_per_ip: "600/1m".into(),
-            recipients_per_ip: "3000/1m".into(),
-            messages_per_user: "300/1m".into(),
+            messages_per_ip: "3000/1m".into(),
+            recipients_per_ip: "15000/1m".into(),
+            messages_per_user: "1000/1m".into(),
             recipients_per_domain: "off".into(),
         }
     }
