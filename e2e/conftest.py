@@ -117,6 +117,20 @@ local_domains:
 {extra_domains}"""
 
 
+def mta_header(workdir: Path) -> str:
+    """The start of most test configs: our host name, one listener and the admin
+    endpoint on OS-chosen loopback ports, and a spool in `workdir`."""
+    return f"""\
+hostname: mx.petrel.test
+listeners:
+  - address: 127.0.0.1:0
+admin:
+  address: 127.0.0.1:0
+spool:
+  path: {workdir / "spool"}
+"""
+
+
 @pytest.fixture
 def workdir(tmp_path):
     return tmp_path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mta, maildir_files, wait_for
+from conftest import mta_header, Mta, maildir_files, wait_for
 from outbound import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("dovecot") is None,
@@ -82,14 +82,7 @@ service anvil {{
 
 def lmtp_config(workdir, tcp, socket_path):
     return f"""\
-hostname: mx.petrel.test
-listeners:
-  - address: 127.0.0.1:0
-admin:
-  address: 127.0.0.1:0
-spool:
-  path: {workdir / "spool"}
-queue:
+{mta_header(workdir)}queue:
   retry_interval: 1s
   max_retry_interval: 2s
 local_domains:

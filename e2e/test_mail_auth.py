@@ -8,7 +8,7 @@ import smtplib
 import dkim
 import pytest
 
-from conftest import Mta, maildir_files, wait_for
+from conftest import mta_header, Mta, maildir_files, wait_for
 from dkim_helpers import KeyPair, TxtDns, txt_dnsfunc
 from outbound import Sink, free_port
 
@@ -21,14 +21,7 @@ def keys(tmp_path_factory):
 
 def base_config(workdir, extra):
     return f"""\
-hostname: mx.petrel.test
-listeners:
-  - address: 127.0.0.1:0
-admin:
-  address: 127.0.0.1:0
-spool:
-  path: {workdir / "spool"}
-local_domains:
+{mta_header(workdir)}local_domains:
   - name: example.test
     delivery:
       maildir:

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, Mta, maildir_files, wait_for
+from conftest import mta_header, BIN, Mta, maildir_files, wait_for
 from outbound import Dns, Sink, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed")
@@ -57,14 +57,7 @@ def outbound_config(workdir, dns_port, smtp_port, **queue):
     queue_lines = "\n".join(f"  {k}: {v}" for k, v in {
         "retry_interval": "1s", "max_retry_interval": "2s", **queue}.items())
     return f"""\
-hostname: mx.petrel.test
-listeners:
-  - address: 127.0.0.1:0
-admin:
-  address: 127.0.0.1:0
-spool:
-  path: {workdir / "spool"}
-relay:
+{mta_header(workdir)}relay:
   client_networks: ["127.0.0.0/8"]
 dns:
   nameservers: ["127.0.0.1:{dns_port}"]
