@@ -276,3 +276,23 @@ def test_expiry_bounces_deferred_mail(workdir, world):
         assert "Status: 5.4.7" in text and "expired" in text
     finally:
         mta.kill()
+
+
+def test_delay_notice_then_expiry_bounce(workdir, world):
+    dns, port, _ = world
+    config = outbound_config(workdir, dns.port, port, delay_warning_after="2s", max_age="6s")
+    mta = Mta(workdir, config).start()
+    try:
+        send(mta, "alice@example.test", ["user@down.test"], subject="slow")
+        first = wait_for(lambda: maildir_files(workdir / "maildir", "alice"), timeout=60,
+                         what="delay notice")
+        notice = first[0].read_bytes().decode()
+        assert "Action: delayed" in notice and "Will-Retry-Until:" in notice
+        assert "Subject: Delayed Mail" in notice
+        both = wait_for(lambda: len(f := maildir_files(workdir / "maildir", "alice")) >= 2 and f,
+                        timeout=60, what="expiry bounce after the delay notice")
+        texts = [f.read_bytes().decode() for f in both]
+        assert sum("Action: delayed" in t for t in texts) == 1, "one delay notice only"
+        assert any("Action: failed" in t and "Status: 5.4.7" in t for t in texts)
+    finally:
+        mta.kill()
