@@ -142,6 +142,9 @@ pub struct Destinations {
     ctx: Arc<Context>,
     shutdown: Shutdown,
     queues: HashMap<Route, Arc<Destination>>,
+    /// Idle destinations are forgotten when the map grows past this size (so the work
+    /// per push stays constant on average, whatever the number of destinations).
+    prune_at: usize,
 }
 
 struct Destination {
@@ -169,6 +172,7 @@ impl Destinations {
             ctx,
             shutdown,
             queues: HashMap::new(),
+            prune_at: 64,
         }
     }
 
@@ -200,10 +204,13 @@ impl Destinations {
             tokio::spawn(worker(self.ctx.clone(), destination, self.shutdown.clone()));
         }
         // Forget destinations that have gone idle, so the map does not grow forever.
-        self.queues.retain(|_, d| {
-            let state = d.lock();
-            state.workers > 0 || !state.items.is_empty()
-        });
+        if self.queues.len() > self.prune_at {
+            self.queues.retain(|_, d| {
+                let state = d.lock();
+                state.workers > 0 || !state.items.is_empty()
+            });
+            self.prune_at = (self.queues.len() * 2).max(64);
+        }
     }
 }
 

@@ -49,7 +49,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if !self.within_rate(
             &format!("ip:{}", self.peer.ip()),
-            &self.config.smtpd.rate_limits.messages_per_ip.clone(),
+            &self.config.smtpd.rate_limits.messages_per_ip,
             "messages_per_ip",
         ) {
             return self.error(Reply::RATE_LIMITED);
@@ -57,7 +57,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(user) = &self.user
             && !self.within_rate(
                 &format!("user:{}", user.name),
-                &self.config.smtpd.rate_limits.messages_per_user.clone(),
+                &self.config.smtpd.rate_limits.messages_per_user,
                 "messages_per_user",
             )
         {

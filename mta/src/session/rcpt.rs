@@ -34,7 +34,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         {
             return self.error(reply);
         }
-        let limits = self.config.smtpd.rate_limits.clone();
+        let config = self.config.clone();
+        let limits = &config.smtpd.rate_limits;
         if !self.within_rate(
             &format!("ip:{}", self.peer.ip()),
             &limits.recipients_per_ip,
