@@ -36,6 +36,9 @@ if [ ${#py_missing[@]} -gt 0 ]; then
 fi
 
 # --- Rust ------------------------------------------------------------------------------
+# A full run builds once from scratch: incremental caches would only double the disk used.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+say "disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 say "cargo fmt --check"
 cargo fmt --all -- --check
 
