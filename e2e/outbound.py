@@ -67,6 +67,51 @@ class Dns:
         self.proc.wait(10)
 
 
+class FlakyDns:
+    """A UDP DNS front for a real server (dnsmasq): while `broken`, every query gets
+    SERVFAIL (dnspython builds the answer); otherwise queries are passed to `upstream`
+    and its answers passed back unchanged."""
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.broken = True
+        self.servfails = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        import dns.message
+        import dns.rcode
+        while self.running:
+            try:
+                query, client = self.sock.recvfrom(4096)
+            except socket.timeout:
+                continue
+            if self.broken:
+                answer = dns.message.make_response(dns.message.from_wire(query))
+                answer.set_rcode(dns.rcode.SERVFAIL)
+                self.servfails += 1
+                self.sock.sendto(answer.to_wire(), client)
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+                up.settimeout(5)
+                up.sendto(query, ("127.0.0.1", self.upstream_port))
+                try:
+                    self.sock.sendto(up.recvfrom(65535)[0], client)
+                except socket.timeout:
+                    pass
+
+    def stop(self):
+        self.running = False
+        self.thread.join(5)
+        self.sock.close()
+
+
 @dataclass
 class Received:
     peer: tuple

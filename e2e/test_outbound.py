@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from conftest import mta_header, BIN, Mta, maildir_files, wait_for
-from outbound import Dns, Sink, free_port
+from outbound import Dns, FlakyDns, Sink, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed")
 
@@ -294,5 +294,59 @@ def test_delay_notice_then_expiry_bounce(workdir, world):
         texts = [f.read_bytes().decode() for f in both]
         assert sum("Action: delayed" in t for t in texts) == 1, "one delay notice only"
         assert any("Action: failed" in t and "Status: 5.4.7" in t for t in texts)
+    finally:
+        mta.kill()
+
+
+def test_dns_servfail_defers_then_delivers(workdir, world):
+    """SERVFAIL is a temporary failure: the message waits (no bounce), and goes out once
+    DNS answers again."""
+    dns, port, sink = world
+    mx = sink("127.0.0.2")
+    flaky = FlakyDns(dns.port)
+    mta = Mta(workdir, outbound_config(workdir, flaky.port, port)).start()
+    try:
+        send(mta, "alice@example.test", ["user@remote.test"], subject="dns-trouble")
+        entry = wait_for(
+            lambda: [m for m in json.loads(queue_cli(mta, "--json", "list").stdout)["messages"]
+                     if m["attempts"] >= 2],
+            what="two attempts deferred by SERVFAIL")[0]
+        status = entry["recipients"][0]["status"]
+        assert status["state"] == "deferred", status
+        assert status["detail"].startswith("451 4.4.3"), status
+        assert flaky.servfails >= 2
+        assert not mx.messages and not maildir_files(workdir / "maildir", "alice")
+        flaky.broken = False
+        got = wait_for(lambda: mx.messages, what="delivery once DNS answers")
+        assert b"Subject: dns-trouble" in got[0].content
+        assert not maildir_files(workdir / "maildir", "alice"), "no bounce, no delay notice"
+    finally:
+        mta.kill()
+        flaky.stop()
+
+
+def test_hold_all_keeps_mail_held_across_restart_until_released(workdir, world):
+    """queue.hold_all holds what is accepted, and the hold is stored with the message:
+    switching hold_all off and restarting does not release it; `release --all` does."""
+    dns, port, sink = world
+    mx = sink("127.0.0.2")
+    held_config = outbound_config(workdir, dns.port, port, hold_all="true")
+    mta = Mta(workdir, held_config).start()
+    try:
+        for i in range(3):
+            send(mta, "alice@example.test", ["user@remote.test"], subject=f"held-{i}")
+        listing = json.loads(queue_cli(mta, "--json", "list").stdout)["messages"]
+        assert len(listing) == 3 and all(m["state"] == "held" for m in listing), listing
+    finally:
+        mta.stop()
+    mta = Mta(workdir, outbound_config(workdir, dns.port, port)).start()
+    try:
+        listing = json.loads(queue_cli(mta, "--json", "list").stdout)["messages"]
+        assert len(listing) == 3 and all(m["state"] == "held" for m in listing), listing
+        assert not mx.messages
+        out = queue_cli(mta, "release", "--all")
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: len(mx.messages) == 3, what="the three released messages")
+        assert queue_cli(mta, "release").returncode != 0, "an id or --all is required"
     finally:
         mta.kill()

@@ -99,15 +99,15 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
-def wait_port(port: int, timeout: float = 30.0) -> None:
+def wait_port(port: int, timeout: float = 30.0, host: str = HOST) -> None:
     def ok():
         try:
-            with socket.create_connection((HOST, port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return True
         except OSError:
             return False
 
-    wait_until(ok, timeout, f"a listener on {HOST}:{port}", interval=0.05)
+    wait_until(ok, timeout, f"a listener on {host}:{port}", interval=0.05)
 
 
 # --------------------------------------------------------------------------------------
@@ -515,12 +515,16 @@ def postfix_parent(workdir: Path) -> Path:
 
 
 class Postfix:
-    def __init__(self, workdir: Path, mode: str, relay_port: int | None = None):
-        """mode: 'accept' (messages held) or 'relay' (relayhost = the sink)."""
+    def __init__(self, workdir: Path, mode: str, relay_port: int | None = None,
+                 host: str = HOST, relay_host: str = HOST, main_cf: tuple[str, ...] = ()):
+        """mode: 'accept' (messages held), 'relay' (relayhost = relay_host:relay_port), or
+        'peer' (nothing added: main_cf says what it does). main_cf lines come last, so they
+        override the defaults. The e2e suite uses this class for Postfix as a real peer."""
         self.dir = postfix_parent(workdir) / f"postfix-{mode}-{time.monotonic_ns()}"
         self.etc = self.dir / "etc"
         self.queue = self.dir / "queue"
         self.data = self.dir / "data"
+        self.host = host
         self.port = free_port()
         self.mode = mode
         self.etc.mkdir(parents=True)
@@ -539,7 +543,7 @@ class Postfix:
             "myhostname = mx.postfix.bench.test",
             "mydomain = postfix.bench.test",
             "mydestination =",
-            "inet_interfaces = 127.0.0.1",
+            "inet_interfaces = 127.0.0.1",  # binds nothing itself: master.cf names the address
             "inet_protocols = ipv4",
             "mynetworks = 127.0.0.0/8",
             "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
@@ -554,8 +558,9 @@ class Postfix:
         ]
         if mode == "accept":
             main.append("smtpd_end_of_data_restrictions = check_client_access static:HOLD")
-        else:
-            main.append(f"relayhost = [{HOST}]:{relay_port}")
+        elif mode == "relay":
+            main.append(f"relayhost = [{relay_host}]:{relay_port}")
+        main.extend(main_cf)
         (self.etc / "main.cf").write_text("\n".join(main) + "\n")
         (self.etc / "master.cf").write_text(self._master_cf())
         self.master_pid: int | None = None
@@ -575,7 +580,7 @@ class Postfix:
             if len(cols) >= 8:
                 cols[4] = "n"  # no chroot: the instance has no chroot jail set up
                 if cols[0] == "smtp" and cols[1] == "inet":
-                    cols[0] = f"{HOST}:{self.port}"
+                    cols[0] = f"{self.host}:{self.port}"
                     seen_smtpd = True
                 line = " ".join(cols[:8]) + (" " + " ".join(cols[8:]) if cols[8:] else "")
             out.append(line)
@@ -611,7 +616,7 @@ class Postfix:
             return pid if Path(f"/proc/{pid}").exists() else None
 
         self.master_pid = wait_until(master, 30, "the Postfix master pid file")
-        wait_port(self.port)
+        wait_port(self.port, host=self.host)
         return self
 
     def pids(self) -> list[int]:
@@ -722,6 +727,19 @@ class Petrel:
 
     def group(self) -> ProcGroup:
         return ProcGroup(lambda: [self.proc.pid] if self.proc and self.proc.poll() is None else [])
+
+    def admin_address(self) -> str:
+        """The loopback admin endpoint, as petrel-mta printed it."""
+        line = wait_until(
+            lambda: next((l for l in self.stdout if "admin endpoint" in l), None),
+            30, "the admin endpoint line", interval=0.05,
+        )
+        return line.rsplit(" on ", 1)[1]
+
+    def queue(self, *args: str) -> None:
+        """Runs `petrel-mta queue ARGS` against this instance."""
+        subprocess.run([str(self.binary), "queue", "--admin", self.admin_address(), *args],
+                       check=True, capture_output=True, timeout=120)
 
     def status_kib(self, key: str) -> int:
         return proc_status_kib(self.proc.pid, key) or 0
@@ -1189,16 +1207,24 @@ def dir_bytes(path: Path) -> int:
 
 
 def queue_scaling(args, workdir: Path, modes: PetrelModes) -> dict:
+    """Per size: enqueue N held messages for a relayed domain, restart (recovery from the
+    spool alone), then `queue release --all` and time until smtp-sink counted all N."""
+    flush = modes.hold_all and modes.relay and modes.queue_cli
     results = []
     for size in args.queue_sizes:
         d = workdir / f"petrel-queue-{size}"
-        mta = Petrel(args.binary, d, modes.accept_config(d)).start()
+        d.mkdir()
+        sink = Sink(d) if flush else None
+        cfg = (petrel_config(d / "spool", str(d / "maildir"), True, relay_port=sink.port)
+               if sink else modes.accept_config(d))
+        rcpt = PetrelRelay.rcpt if sink else "user@example.test"
+        mta = Petrel(args.binary, d, cfg).start()
         try:
             time.sleep(0.3)
             rss0 = mta.status_kib("VmRSS")
             cpu0 = mta.group().cpu()
             os.sync()
-            elapsed = run_source(mta.port, args, size, "user@example.test", source_timeout(size))
+            elapsed = run_source(mta.port, args, size, rcpt, source_timeout(size))
             time.sleep(1.0)
             rss1 = mta.status_kib("VmRSS")
             cpu = mta.group().cpu() - cpu0
@@ -1228,16 +1254,23 @@ def queue_scaling(args, workdir: Path, modes: PetrelModes) -> dict:
                 entry["restart_reported"] = ""
             time.sleep(1.0)
             entry["rss_after_restart_mib"] = round(mta.status_kib("VmRSS") / 1024, 1)
+            if sink:
+                t0 = time.monotonic()
+                mta.queue("release", "--all")
+                done = sink.wait_count(size, source_timeout(size))
+                entry["flush_s"] = round(done - t0, 2)
+                entry["flush_msgs_per_s"] = round(size / (done - t0), 1)
             results.append(entry)
             log(f"queue scaling {size}: {entry}")
         finally:
             mta.stop()
+            if sink:
+                sink.stop()
     return {
         "sizes": results,
         "held_by": modes.hold_note,
-        "flush": "skipped: `petrel-mta queue flush` does not exist yet"
-        if not modes.queue_cli
-        else "skipped: the harness does not drive `petrel-mta queue flush` yet",
+        "flush": "released with `petrel-mta queue release --all`, timed until smtp-sink "
+        "counted every message" if flush else "skipped: this build cannot hold and relay",
     }
 
 
@@ -1497,13 +1530,15 @@ def main(argv=None) -> int:
             if "sizes" in q:
                 print("queue scaling (" + q["held_by"] + "):")
                 print("| queued | enqueue µs/msg | msg/s | CPU s / 1k | RSS bytes / queued msg "
-                      "| spool bytes / msg | restart s | RSS after restart MiB |")
-                print("|---|---|---|---|---|---|---|---|")
+                      "| spool bytes / msg | restart s | RSS after restart MiB | flush s "
+                      "| flush msg/s |")
+                print("|---|---|---|---|---|---|---|---|---|---|")
                 for e in q["sizes"]:
                     print(
                         f"| {e['queued']:,} | {e['enqueue_us_per_msg']} | {e['msgs_per_s']:,.0f} "
                         f"| {e['cpu_s_per_1k']} | {e['rss_bytes_per_queued_msg']:,} | "
-                        f"{e['spool_bytes_per_msg']:,} | {e['restart_s']} | {e['rss_after_restart_mib']} |"
+                        f"{e['spool_bytes_per_msg']:,} | {e['restart_s']} | {e['rss_after_restart_mib']} "
+                        f"| {fmt(e.get('flush_s'), 2)} | {fmt(e.get('flush_msgs_per_s'), 0)} |"
                     )
                 print(f"queue flush: {q['flush']}")
             else:

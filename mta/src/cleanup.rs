@@ -55,6 +55,9 @@ pub async fn accept(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     envelope.received_at = now;
+    // Stored with the message, so the hold outlives restarts and config changes until
+    // an operator releases it.
+    envelope.held = config.queue.hold_all;
     envelope.trace_parent = mta_telemetry::spans::traceparent(&tracing::Span::current());
     let id = ctx.spool.next_id();
     let header = received_header(config, &arrival.protocol, envelope, id, now);
@@ -103,7 +106,6 @@ pub fn spool_reply(error: &spool::Error) -> Reply {
     }
 }
 
-/// True when a CR is not followed by LF, or an LF is not preceded by CR.
 /// The `with` protocol of a `Received:` header: SMTP or ESMTP, `S` for TLS, `A` for AUTH
 /// (RFC 3848), `UTF8` prefix for SMTPUTF8 (RFC 6531).
 pub fn protocol_name(extended: bool, tls: bool, authenticated: bool, smtputf8: bool) -> String {
@@ -120,6 +122,7 @@ pub fn protocol_name(extended: bool, tls: bool, authenticated: bool, smtputf8: b
     name
 }
 
+/// True when a CR is not followed by LF, or an LF is not preceded by CR.
 pub fn has_bare_line_ending(content: &[u8]) -> bool {
     let mut prev = 0u8;
     for (i, &b) in content.iter().enumerate() {

@@ -212,6 +212,9 @@ pub fn build(
             "Action: {action}\r\nStatus: {}\r\n",
             status_code(&r.status)
         );
+        if let Some(host) = &r.remote_mta {
+            let _ = write!(out, "Remote-MTA: dns; {host}\r\n");
+        }
         let text = detail(&r.status);
         if starts_with_reply_code(text) {
             let _ = write!(out, "Diagnostic-Code: smtp; {text}\r\n");

@@ -79,8 +79,13 @@ enum QueueOp {
     },
     /// Stop attempting a message until released.
     Hold { id: QueueId },
-    /// Release a held message.
-    Release { id: QueueId },
+    /// Release a held message, or with --all every held message.
+    Release {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<QueueId>,
+        #[arg(long)]
+        all: bool,
+    },
     /// Remove a message without notifying anyone.
     Delete { id: QueueId },
     /// Fail a message's pending recipients now and notify its sender.
@@ -190,7 +195,7 @@ async fn queue_command(address: std::net::SocketAddr, op: QueueOp, json: bool) -
         QueueOp::Show { id } => AdminRequest::Show { id },
         QueueOp::Flush { id, domain } => AdminRequest::Flush { id, domain },
         QueueOp::Hold { id } => AdminRequest::Hold { id },
-        QueueOp::Release { id } => AdminRequest::Release { id },
+        QueueOp::Release { id, .. } => AdminRequest::Release { id },
         QueueOp::Delete { id } => AdminRequest::Delete { id },
         QueueOp::Bounce { id } => AdminRequest::Bounce { id },
     };

@@ -272,7 +272,11 @@ async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: 
             }
         }
         record_outcome(&span, &results);
-        ctx.scheduler.attempted(item.id, results);
+        let remote_mta = match destination.route {
+            Route::Maildir { .. } | Route::Unroutable { .. } => None,
+            Route::Lmtp { .. } | Route::Smtp { .. } => connection.remote_host().map(String::from),
+        };
+        ctx.scheduler.attempted(item.id, results, remote_mta);
     }
     connection.close().await;
 }

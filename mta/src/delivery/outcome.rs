@@ -53,6 +53,26 @@ pub fn from_error(error: &ClientError) -> Status {
     }
 }
 
+/// [`from_error`] for a REQUIRETLS message (RFC 8689 §5): when the next hop cannot give
+/// verified TLS the message fails for good instead of waiting for a plain-text route.
+pub fn from_error_requiring_tls(error: &ClientError) -> Status {
+    match error {
+        ClientError::Tls { .. } | ClientError::TlsUnavailable => Status::Failed {
+            detail: format!("550 5.7.10 REQUIRETLS: no verified TLS to the next hop ({error})"),
+        },
+        ClientError::Connect { .. }
+        | ClientError::Timeout { .. }
+        | ClientError::Io { .. }
+        | ClientError::Protocol { .. }
+        | ClientError::AuthFailed { .. }
+        | ClientError::AuthUnavailable
+        | ClientError::Rejected { .. }
+        | ClientError::MessageTooBig { .. }
+        | ClientError::EightBitUnsupported
+        | ClientError::Smtputf8Unsupported => from_error(error),
+    }
+}
+
 fn describe(reply: &Reply) -> String {
     match reply.enhanced {
         Some([a, b, c]) => format!("{} {a}.{b}.{c} {}", reply.code, reply.text),

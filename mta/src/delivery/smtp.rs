@@ -20,6 +20,9 @@ pub struct Session {
     sent: usize,
     /// `connection` was made with verified TLS (it may carry REQUIRETLS messages).
     verified: bool,
+    /// The host of the connection the last message went to (kept after an error, since
+    /// that host's failure is what gets reported); `None` when no host was reached.
+    remote_host: Option<String>,
 }
 
 impl Session {
@@ -51,13 +54,16 @@ impl Session {
         }
         if self.connection.is_none() {
             match connect(ctx, &config, route, require_tls).await {
-                Ok((connection, verified)) => {
+                Ok((connection, verified, host)) => {
                     self.connection = Some(connection);
                     self.sent = 0;
                     self.verified = verified;
+                    self.remote_host = Some(host);
                 }
-                Err(status) if require_tls => return all(requiretls_failure(status)),
-                Err(status) => return all(status),
+                Err(status) => {
+                    self.remote_host = None;
+                    return all(status);
+                }
             }
         }
         let Some(connection) = self.connection.as_mut() else {
@@ -105,6 +111,11 @@ impl Session {
         }
     }
 
+    /// See [`Session::remote_host`]'s field.
+    pub fn remote_host(&self) -> Option<&str> {
+        self.remote_host.as_deref()
+    }
+
     pub async fn close(&mut self) {
         if let Some(connection) = self.connection.take() {
             connection.quit().await;
@@ -114,24 +125,14 @@ impl Session {
     }
 }
 
-/// A REQUIRETLS message whose next hop cannot do verified TLS fails (RFC 8689 §5).
-fn requiretls_failure(status: Status) -> Status {
-    match status {
-        Status::Deferred { detail } if detail.contains("TLS") => Status::Failed {
-            detail: format!("550 5.7.10 REQUIRETLS: no verified TLS to the next hop ({detail})"),
-        },
-        other => other,
-    }
-}
-
 /// Resolves the route and connects to the first host that answers. Also says whether the
-/// connection's TLS was verified (REQUIRETLS messages need that).
+/// connection's TLS was verified (REQUIRETLS messages need that), and the host's name.
 async fn connect(
     ctx: &Arc<Context>,
     config: &MtaConfig,
     route: &Route,
     require_tls: bool,
-) -> Result<(Connection, bool), Status> {
+) -> Result<(Connection, bool, String), Status> {
     let (targets, client) = match route {
         Route::Lmtp { address } => {
             let client = client_config(config, true, TlsMode::None, None)?;
@@ -140,7 +141,7 @@ async fn connect(
                 // A local socket needs no TLS, even for REQUIRETLS.
                 return Connection::connect(&target, "localhost", &client)
                     .await
-                    .map(|c| (c, true))
+                    .map(|c| (c, true, address.clone()))
                     .map_err(|e| outcome::from_error(&e));
             }
             let resolver = ctx.resolver()?;
@@ -183,7 +184,7 @@ async fn connect(
                 if let Some(version) = connection.tls_version() {
                     span.record(mta_telemetry::spans::field::TLS_VERSION, version);
                 }
-                return Ok((connection, verified));
+                return Ok((connection, verified, name));
             }
             Err(error) => {
                 tracing::info!(host = %name, %address, error = %error, "connection attempt failed");
@@ -192,6 +193,7 @@ async fn connect(
         }
     }
     Err(match last {
+        Some(error) if require_tls => outcome::from_error_requiring_tls(&error),
         Some(error) => outcome::from_error(&error),
         None => Status::Deferred {
             detail: "451 4.4.4 no host to connect to".into(),

@@ -15,6 +15,7 @@ fn envelope() -> Envelope {
                 status: Status::Failed {
                     detail: "550 5.1.1 <bob@remote.test>: user unknown".into(),
                 },
+                remote_mta: Some("mx1.remote.test".into()),
             },
             Recipient {
                 address: "carol@remote.test".into(),
@@ -27,6 +28,7 @@ fn envelope() -> Envelope {
                 status: Status::Delivered {
                     detail: "250 2.0.0 ok".into(),
                 },
+                remote_mta: Some("mx1.remote.test".into()),
             },
             Recipient {
                 address: "dave@slow.test".into(),
@@ -35,6 +37,7 @@ fn envelope() -> Envelope {
                 status: Status::Deferred {
                     detail: "451 4.7.1 greylisted".into(),
                 },
+                remote_mta: None,
             },
         ],
         dsn_envid: Some("ENV-42".into()),

@@ -175,6 +175,7 @@ impl Recipient {
             notify: None,
             orcpt: None,
             status: Status::Scheduled,
+            remote_mta: None,
         }
     }
 }
@@ -191,6 +192,10 @@ pub struct Recipient {
     pub orcpt: Option<String>,
     #[serde(default)]
     pub status: Status,
+    /// The host that gave the last attempt's answer for this recipient (a bounce's
+    /// `Remote-MTA`); `None` when no host was reached or delivery is local.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_mta: Option<String>,
 }
 
 /// Where a recipient stands. The same value drives the queue, the logs and (later) DSNs.

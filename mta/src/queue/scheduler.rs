@@ -40,10 +40,16 @@ pub enum Command {
     Attempted {
         id: QueueId,
         results: Vec<(usize, Status)>,
+        /// The host that answered, when one was reached.
+        remote_mta: Option<String>,
     },
     /// An operator's request (`petrel-mta queue …`).
     Admin(AdminRequest, oneshot::Sender<AdminResponse>),
 }
+
+/// Most messages relocated per compaction tick (each is read and rewritten by the spool
+/// writer, between group commits).
+const MAX_RELOCATIONS_PER_TICK: usize = 1000;
 
 /// Queue operations, as the admin endpoint receives them.
 #[derive(Debug, Clone, serde::Deserialize, Serialize)]
@@ -61,8 +67,9 @@ pub enum AdminRequest {
     Hold {
         id: QueueId,
     },
+    /// Release one held message, or (`id: None`) every held message.
     Release {
-        id: QueueId,
+        id: Option<QueueId>,
     },
     /// Remove without notifying anyone.
     Delete {
@@ -116,8 +123,17 @@ impl SchedulerHandle {
         let _ = self.commands.send(Command::Enqueue { id, envelope });
     }
 
-    pub fn attempted(&self, id: QueueId, results: Vec<(usize, Status)>) {
-        let _ = self.commands.send(Command::Attempted { id, results });
+    pub fn attempted(
+        &self,
+        id: QueueId,
+        results: Vec<(usize, Status)>,
+        remote_mta: Option<String>,
+    ) {
+        let _ = self.commands.send(Command::Attempted {
+            id,
+            results,
+            remote_mta,
+        });
     }
 
     pub async fn admin(&self, request: AdminRequest) -> Option<AdminResponse> {
@@ -199,6 +215,8 @@ pub async fn run(
         expiry: BTreeSet::new(),
         active: 0,
     };
+    let mut compaction = tokio::time::interval(crate::spool::COMPACTION_INTERVAL);
+    compaction.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         scheduler.report_depth();
         let wake = scheduler.next_wake();
@@ -208,6 +226,7 @@ pub async fn run(
                 None => break,
             },
             () = sleep_until(wake) => scheduler.fire_timers(),
+            _ = compaction.tick() => scheduler.compact(),
             () = shutdown.recv() => break,
         }
     }
@@ -249,7 +268,11 @@ impl Scheduler {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Enqueue { id, envelope } => self.enqueue(id, envelope),
-            Command::Attempted { id, results } => self.attempted(id, results),
+            Command::Attempted {
+                id,
+                results,
+                remote_mta,
+            } => self.attempted(id, results, remote_mta),
             Command::Admin(request, reply) => {
                 let response = self.admin(request);
                 let _ = reply.send(response);
@@ -257,12 +280,11 @@ impl Scheduler {
         }
     }
 
-    fn enqueue(&mut self, id: QueueId, mut envelope: Envelope) {
+    fn enqueue(&mut self, id: QueueId, envelope: Envelope) {
         let config = self.ctx.config();
         let expires_ms = schedule::expires_at_ms(&config.queue, envelope.received_at);
         self.expiry.insert((expires_ms, id));
-        let phase = if envelope.held || config.queue.hold_all {
-            envelope.held = true;
+        let phase = if envelope.held {
             Phase::Held
         } else {
             let at = self
@@ -331,13 +353,19 @@ impl Scheduler {
         }
     }
 
-    fn attempted(&mut self, id: QueueId, results: Vec<(usize, Status)>) {
+    fn attempted(
+        &mut self,
+        id: QueueId,
+        results: Vec<(usize, Status)>,
+        remote_mta: Option<String>,
+    ) {
         let Some(entry) = self.messages.get_mut(&id) else {
             return;
         };
         for (index, status) in results {
             if let Some(recipient) = entry.envelope.recipients.get_mut(index) {
                 recipient.status = status;
+                recipient.remote_mta.clone_from(&remote_mta);
             }
         }
         if let Phase::Active(left) = &mut entry.phase {
@@ -388,6 +416,44 @@ impl Scheduler {
             self.due.insert((at, id));
         }
         self.ctx.spool.update_detached(id, &entry.envelope);
+    }
+
+    /// Relocates the messages that keep old spool segments on disk (see the `spool`
+    /// module doc), with their current envelopes.
+    fn compact(&mut self) {
+        let mut moved = 0;
+        for id in self
+            .ctx
+            .spool
+            .compaction_candidates(MAX_RELOCATIONS_PER_TICK)
+        {
+            // One the scheduler does not know (yet) is left for a later tick.
+            if let Some(entry) = self.messages.get(&id) {
+                self.ctx.spool.relocate_detached(id, &entry.envelope);
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            tracing::info!(
+                messages = moved,
+                "spool: relocating messages out of the oldest segment"
+            );
+        }
+    }
+
+    /// Takes a message off hold (a no-op for one that is not held): due at once.
+    fn release(&mut self, id: QueueId) {
+        let now = self.clock.now_ms();
+        let Some(entry) = self.messages.get_mut(&id) else {
+            return;
+        };
+        entry.hold_after_round = false;
+        if entry.phase == Phase::Held {
+            entry.envelope.held = false;
+            entry.phase = Phase::Waiting(now);
+            self.due.insert((now, id));
+            self.ctx.spool.update_detached(id, &entry.envelope);
+        }
     }
 
     fn expire(&mut self, id: QueueId) {
@@ -514,19 +580,26 @@ impl Scheduler {
                 }
                 AdminResponse::Done { affected: 1 }
             }
-            AdminRequest::Release { id } => {
-                let now = self.clock.now_ms();
-                let Some(entry) = self.messages.get_mut(&id) else {
+            AdminRequest::Release { id: Some(id) } => {
+                if !self.messages.contains_key(&id) {
                     return AdminResponse::NotFound { id };
-                };
-                entry.hold_after_round = false;
-                if entry.phase == Phase::Held {
-                    entry.envelope.held = false;
-                    entry.phase = Phase::Waiting(now);
-                    self.due.insert((now, id));
-                    self.ctx.spool.update_detached(id, &entry.envelope);
                 }
+                self.release(id);
                 AdminResponse::Done { affected: 1 }
+            }
+            AdminRequest::Release { id: None } => {
+                let held: Vec<QueueId> = self
+                    .messages
+                    .iter()
+                    .filter(|(_, e)| e.phase == Phase::Held || e.hold_after_round)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for &id in &held {
+                    self.release(id);
+                }
+                AdminResponse::Done {
+                    affected: held.len(),
+                }
             }
             AdminRequest::Delete { id } | AdminRequest::Bounce { id } => {
                 let Some(entry) = self.messages.get_mut(&id) else {

@@ -66,6 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             notify,
             orcpt: to.orcpt,
             status: Status::Scheduled,
+            remote_mta: None,
         };
         if let Some(tx) = self.tx.as_mut() {
             tx.envelope.recipients.push(recipient);

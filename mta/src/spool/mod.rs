@@ -13,8 +13,14 @@
 //! first, so no `Done` or `Update` record is lost while the message it refers to still
 //! exists in an older segment).
 //!
-//! Not done yet: a long-deferred message keeps its (and every newer) segment on disk until
-//! it leaves the queue; relocating such stragglers into the active segment is future work.
+//! Compaction: a long-deferred message would keep its segment, and (oldest first) every
+//! newer one, on disk until it leaves the queue. When the segments on disk hold more than
+//! twice the live bytes (plus two segments of slack), [`Spool::compaction_candidates`]
+//! names the messages of the oldest segment, and the scheduler relocates them
+//! ([`Spool::relocate_detached`]): the writer copies each message with its current
+//! envelope into the active segment as a new `Message` record with the same queue id. The
+//! copy is synced before the old segment can be deleted; recovery keeps the later copy.
+//! So the spool stays within about twice its live data.
 
 mod record;
 mod writer;
@@ -27,6 +33,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use writer::{Append, Durability, Writer};
+
+/// How often the scheduler asks for [`Spool::compaction_candidates`].
+pub const COMPACTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Why the spool could not do what was asked. Each variant's doc names the SMTP reply the
 /// session sends for it (see `session::reply`).
@@ -73,7 +82,38 @@ struct Location {
 struct Index {
     messages: HashMap<QueueId, Location>,
     /// Live messages per segment; a segment leaves this map when its file is deleted.
-    live: BTreeMap<u32, usize>,
+    live: BTreeMap<u32, Live>,
+}
+
+/// What of a segment is still needed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Live {
+    messages: usize,
+    bytes: u64,
+}
+
+impl Index {
+    fn add(&mut self, id: QueueId, location: Location) {
+        if let Some(old) = self.messages.insert(id, location) {
+            self.release(old);
+        }
+        let live = self.live.entry(location.segment).or_default();
+        live.messages += 1;
+        live.bytes += u64::from(location.len);
+    }
+
+    fn remove(&mut self, id: QueueId) {
+        if let Some(old) = self.messages.remove(&id) {
+            self.release(old);
+        }
+    }
+
+    fn release(&mut self, location: Location) {
+        if let Some(live) = self.live.get_mut(&location.segment) {
+            live.messages = live.messages.saturating_sub(1);
+            live.bytes = live.bytes.saturating_sub(u64::from(location.len));
+        }
+    }
 }
 
 /// A message found in the spool at start-up.
@@ -98,6 +138,7 @@ struct Inner {
     readers: Mutex<HashMap<u32, Arc<File>>>,
     /// The last write error, until a later write succeeds.
     health: Arc<Mutex<Option<String>>>,
+    segment_size: u64,
 }
 
 /// Called by the writer after each group commit with its sync time and batch size.
@@ -141,6 +182,7 @@ impl Spool {
                 index,
                 readers: Mutex::new(HashMap::new()),
                 health,
+                segment_size,
             }),
         };
         Ok((spool, recovered))
@@ -272,6 +314,43 @@ impl Spool {
         log_failure(id, self.submit(Append::other(id, bytes), Durability::Sync));
     }
 
+    /// Messages to relocate (at most `max`), when the segments on disk hold more than twice
+    /// the live bytes plus two segments: those of the oldest segment, which is what
+    /// blocks deletion. Empty otherwise. Scans the index, so call it now and then (the
+    /// scheduler does, every [`COMPACTION_INTERVAL`]), not per message.
+    pub fn compaction_candidates(&self, max: usize) -> Vec<QueueId> {
+        let index = self.inner.index.lock().unwrap_or_else(|e| e.into_inner());
+        let segment_size = self.inner.segment_size.max(1);
+        let on_disk = index.live.len() as u64 * segment_size;
+        let live: u64 = index.live.values().map(|l| l.bytes).sum();
+        let Some((&oldest, _)) = index.live.first_key_value() else {
+            return Vec::new();
+        };
+        if index.live.len() < 3 || on_disk <= 2 * live + 2 * segment_size {
+            return Vec::new();
+        }
+        index
+            .messages
+            .iter()
+            .filter(|(_, location)| location.segment == oldest)
+            .map(|(id, _)| *id)
+            .take(max)
+            .collect()
+    }
+
+    /// Copies a queued message, with `envelope` as its state, into the active segment (see
+    /// the module doc). Returns once the request is queued; a message already removed by
+    /// then is left alone.
+    pub fn relocate_detached(&self, id: QueueId, envelope: &Envelope) {
+        log_failure(
+            id,
+            self.submit(
+                Append::relocate(id, envelope_json(envelope)),
+                Durability::Sync,
+            ),
+        );
+    }
+
     /// Like [`Spool::remove`], but returns once the record is queued.
     pub fn remove_detached(&self, id: QueueId) {
         let bytes = record::encode_done(id);
@@ -319,7 +398,7 @@ fn recover(dir: &Path) -> Result<(Index, Vec<Recovered>, u32, u64), Error> {
     for &segment in &segments {
         let path = segment_path(dir, segment);
         let data = std::fs::read(&path).map_err(Error::from_io)?;
-        index.live.insert(segment, 0);
+        index.live.insert(segment, Live::default());
         let mut offset = 0;
         loop {
             let decoded = match record::decode(&data[offset..]) {
@@ -352,10 +431,8 @@ fn recover(dir: &Path) -> Result<(Index, Vec<Recovered>, u32, u64), Error> {
                         offset: (offset + decoded.message_offset) as u64,
                         len: decoded.message.len() as u32,
                     };
-                    if let Some(old) = index.messages.insert(decoded.id, location) {
-                        release(&mut index.live, old.segment);
-                    }
-                    *index.live.entry(segment).or_default() += 1;
+                    // A later copy (relocated by compaction) supersedes the earlier one.
+                    index.add(decoded.id, location);
                     envelopes.insert(decoded.id, envelope);
                 }
                 record::Kind::Update => {
@@ -365,9 +442,7 @@ fn recover(dir: &Path) -> Result<(Index, Vec<Recovered>, u32, u64), Error> {
                     }
                 }
                 record::Kind::Done => {
-                    if let Some(old) = index.messages.remove(&decoded.id) {
-                        release(&mut index.live, old.segment);
-                    }
+                    index.remove(decoded.id);
                     envelopes.remove(&decoded.id);
                 }
             }
@@ -381,12 +456,6 @@ fn recover(dir: &Path) -> Result<(Index, Vec<Recovered>, u32, u64), Error> {
     recovered.sort_by_key(|r| r.id);
     let last = segments.last().copied().unwrap_or(0);
     Ok((index, recovered, last, max_id))
-}
-
-fn release(live: &mut BTreeMap<u32, usize>, segment: u32) {
-    if let Some(count) = live.get_mut(&segment) {
-        *count = count.saturating_sub(1);
-    }
 }
 
 fn truncate(path: &Path, len: u64) -> std::io::Result<()> {

@@ -160,3 +160,68 @@ fn segments(dir: &Path) -> Vec<u32> {
     numbers.sort_unstable();
     numbers
 }
+
+/// A straggler in an old segment is relocated: the old segments are deleted, the message
+/// keeps its id, content and latest envelope across a restart, and a message removed
+/// before its relocation is processed stays removed.
+#[tokio::test]
+async fn compaction_relocates_stragglers_and_frees_old_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let segment_size = 4096;
+    let (spool, _) = Spool::open(dir.path(), segment_size).expect("open");
+    let body = vec![b'x'; 1000];
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let id = spool.next_id();
+        spool
+            .store(id, &envelope(&format!("u{i}@x.test")), &[&body])
+            .await
+            .expect("store");
+        ids.push(id);
+    }
+    assert!(
+        spool.compaction_candidates(100).is_empty(),
+        "all live: nothing to gain"
+    );
+    // Everything is delivered but the first two messages (both in the first segment).
+    let (straggler, removed_late) = (ids[0], ids[1]);
+    for &id in &ids[2..] {
+        spool.remove(id).await.expect("remove");
+    }
+    let segments_before = spool.segment_count();
+    let mut candidates = spool.compaction_candidates(100);
+    candidates.sort();
+    assert_eq!(candidates, vec![straggler, removed_late]);
+
+    let mut latest = envelope("u0@x.test");
+    latest.attempts = 7;
+    spool.relocate_detached(straggler, &latest);
+    // Its Done is queued before its relocation is processed: the relocation is dropped.
+    spool.remove(removed_late).await.expect("remove");
+    spool.relocate_detached(removed_late, &envelope("u1@x.test"));
+    // A synced record behind both: when it returns, they have been handled.
+    let marker = spool.next_id();
+    spool
+        .store(marker, &envelope("m@x.test"), &[b"marker"])
+        .await
+        .expect("store");
+
+    assert!(
+        spool.segment_count() < segments_before,
+        "old segments deleted ({} -> {})",
+        segments_before,
+        spool.segment_count()
+    );
+    assert_eq!(spool.read_message(straggler).await.expect("read"), body);
+    assert!(spool.compaction_candidates(100).is_empty());
+    drop(spool);
+
+    let (spool, recovered) = Spool::open(dir.path(), segment_size).expect("reopen");
+    let got: Vec<_> = recovered.iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![straggler, marker]);
+    assert_eq!(
+        recovered[0].envelope, latest,
+        "the relocated copy's envelope wins"
+    );
+    assert_eq!(spool.read_message(straggler).await.expect("read"), body);
+}

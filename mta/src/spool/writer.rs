@@ -44,6 +44,9 @@ enum Effect {
     Remove,
     /// Nothing to index (status update).
     None,
+    /// Compaction: `bytes` holds the envelope JSON; the writer reads the message from where
+    /// the index has it and turns this into an `Insert` in the active segment.
+    Relocate,
 }
 
 /// One request to the writer.
@@ -65,6 +68,9 @@ impl Append {
     }
     pub fn other(id: QueueId, bytes: Vec<u8>) -> Self {
         Self::new(id, bytes, Effect::None)
+    }
+    pub fn relocate(id: QueueId, envelope_json: Vec<u8>) -> Self {
+        Self::new(id, envelope_json, Effect::Relocate)
     }
     fn new(id: QueueId, bytes: Vec<u8>, effect: Effect) -> Self {
         Self {
@@ -103,7 +109,9 @@ impl Writer {
     /// sender is dropped.
     pub fn start(setup: Setup, requests: mpsc::UnboundedReceiver<Append>) -> std::io::Result<()> {
         let file = create_segment(&setup.dir, setup.first_segment)?;
-        lock(&setup.index).live.insert(setup.first_segment, 0);
+        lock(&setup.index)
+            .live
+            .insert(setup.first_segment, Default::default());
         let writer = Writer {
             dir: setup.dir,
             segment: setup.first_segment,
@@ -139,6 +147,7 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut Vec<Append>) {
+        self.prepare_relocations(batch);
         let start = self.offset;
         let began = std::time::Instant::now();
         let result = self.write_all(batch).and_then(|()| {
@@ -190,6 +199,35 @@ impl Writer {
         }
     }
 
+    /// Turns each `Relocate` into a message record for the active segment, or into nothing
+    /// when the message is gone (its `Done` came first) or already in the active segment.
+    fn prepare_relocations(&mut self, batch: &mut [Append]) {
+        for append in batch
+            .iter_mut()
+            .filter(|a| matches!(a.effect, Effect::Relocate))
+        {
+            let location = lock(&self.index).messages.get(&append.id).copied();
+            let content = location
+                .filter(|l| l.segment != self.segment)
+                .map(|l| read_at(&self.dir, l))
+                .transpose();
+            let envelope = std::mem::take(&mut append.bytes);
+            append.effect = Effect::None;
+            match content {
+                Ok(Some(content)) => {
+                    append.bytes = super::record::encode_message(append.id, &envelope, &[&content]);
+                    append.effect = Effect::Insert {
+                        envelope_len: envelope.len(),
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(queue_id = %append.id, error = %e, "spool: cannot relocate message");
+                }
+            }
+        }
+    }
+
     fn write_all(&mut self, batch: &[Append]) -> Result<(), SyncFailed> {
         for append in batch {
             self.file.write_all(&append.bytes).map_err(SyncFailed)?;
@@ -205,7 +243,7 @@ impl Writer {
             match append.effect {
                 Effect::Insert { envelope_len } => {
                     let message_offset = super::record::message_offset(envelope_len);
-                    index.messages.insert(
+                    index.add(
                         append.id,
                         Location {
                             segment: self.segment,
@@ -213,21 +251,16 @@ impl Writer {
                             len: (append.bytes.len() - message_offset) as u32,
                         },
                     );
-                    *index.live.entry(self.segment).or_default() += 1;
                 }
-                Effect::Remove => {
-                    if let Some(old) = index.messages.remove(&append.id) {
-                        super::release(&mut index.live, old.segment);
-                    }
-                }
-                Effect::None => {}
+                Effect::Remove => index.remove(append.id),
+                Effect::None | Effect::Relocate => {}
             }
             offset += append.bytes.len() as u64;
         }
         self.offset = offset;
         // Oldest first: see the module doc of `spool` for why order matters.
-        while let Some((&oldest, &live)) = index.live.first_key_value() {
-            if live != 0 || oldest == self.segment {
+        while let Some((&oldest, live)) = index.live.first_key_value() {
+            if live.messages != 0 || oldest == self.segment {
                 break;
             }
             index.live.remove(&oldest);
@@ -267,7 +300,7 @@ impl Writer {
                 self.file = file;
                 self.segment = next;
                 self.offset = 0;
-                lock(&self.index).live.insert(next, 0);
+                lock(&self.index).live.insert(next, Default::default());
             }
             Err(e) => {
                 // Keep appending to the current segment; the next rotation retries.
@@ -288,6 +321,15 @@ fn create_segment(dir: &std::path::Path, segment: u32) -> std::io::Result<File> 
     // The new directory entry must be durable before records in it are acknowledged.
     File::open(dir)?.sync_all()?;
     Ok(file)
+}
+
+/// A message's bytes from its segment file.
+fn read_at(dir: &std::path::Path, location: Location) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(segment_path(dir, location.segment))?;
+    let mut buf = vec![0; location.len as usize];
+    file.read_exact_at(&mut buf, location.offset)?;
+    Ok(buf)
 }
 
 fn lock(index: &Mutex<Index>) -> std::sync::MutexGuard<'_, Index> {
