@@ -135,3 +135,43 @@ mail_auth:
     finally:
         mta.kill()
         dns.stop()
+
+
+def test_dkim_keys_follow_config_reload(workdir, keys):
+    """A selector added by editing the config signs the next message without a restart (key
+    rotation relies on it); a config naming an unreadable key is refused whole."""
+    from test_reload import swap_config
+    rsa, ed = keys
+    port = free_port()
+    sink = Sink("127.0.0.1", port)
+    relay = f"""\
+relay:
+  client_networks: ["127.0.0.0/8"]
+routes:
+  - domain: "*"
+    smarthost: 127.0.0.1:{port}
+    tls: none
+"""
+    one_key = relay + f"dkim:\n  keys:\n    - {{domain: example.test, selector: ed1, key_file: {ed.path}}}\n"
+    two_keys = one_key + f"    - {{domain: example.test, selector: rsa1, key_file: {rsa.path}}}\n"
+    mta = Mta(workdir, base_config(workdir, one_key)).start()
+    message = b"From: alice@example.test\r\nTo: bob@remote.test\r\nSubject: s\r\n\r\nhi\r\n"
+
+    def send_and_count_signatures(n):
+        with smtplib.SMTP(mta.host, mta.port, timeout=30) as s:
+            s.sendmail("alice@example.test", ["bob@remote.test"], message)
+        got = wait_for(lambda: len(sink.messages) >= n and sink.messages, what=f"message {n}")
+        return got[n - 1].content.count(b"DKIM-Signature:")
+
+    try:
+        assert send_and_count_signatures(1) == 1
+        swap_config(mta.config_path, base_config(workdir, two_keys))
+        wait_for(lambda: mta.log().count("config reloaded") >= 1, what="reload")
+        assert send_and_count_signatures(2) == 2
+        broken = two_keys.replace(str(rsa.path), str(workdir / "missing.pem"))
+        swap_config(mta.config_path, base_config(workdir, broken))
+        wait_for(lambda: "config reload refused" in mta.log(), what="refusal logged")
+        assert send_and_count_signatures(3) == 2, "the running keys stay"
+    finally:
+        mta.kill()
+        sink.stop()

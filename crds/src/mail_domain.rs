@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.catchAll) || has(self.recipients)").message("catchAll needs recipients: without a recipient list every local part exists"))]
 pub struct MailDomainSpec {
     /// The domain name, lower case, e.g. `example.com`. Immutable: create a new MailDomain to
     /// serve another domain.
@@ -152,7 +153,7 @@ fn default_smtp_port() -> u16 {
 #[serde(rename_all = "camelCase")]
 pub struct Alias {
     /// The local part, e.g. `postmaster`.
-    #[x_kube(validation = Rule::new("self.matches('^[^@\\\\s]+$')").message("alias name is a local part, without '@'"))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9._-]+$')").message("alias name is a plain local part: letters, digits, '.', '_', '-'"))]
     pub name: String,
     /// Full addresses that receive its mail.
     #[x_kube(validation = Rule::new("self.size() > 0 && self.all(a, a.matches('^[^@\\\\s]+@[^@\\\\s]+$'))").message("alias targets must be full addresses like alice@example.com"))]

@@ -265,6 +265,10 @@ fn describe(config: &MtaConfig) -> String {
                 "petrel-mta: mail for <user>@{} goes to LMTP at {address}\n",
                 domain.name
             ),
+            LocalDelivery::Relay { host, .. } => format!(
+                "petrel-mta: mail for <user>@{} is forwarded to {host}\n",
+                domain.name
+            ),
         };
     }
     if config.relay.client_networks.is_empty() {

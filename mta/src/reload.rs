@@ -95,11 +95,19 @@ pub async fn watch(
             continue;
         }
         seen = now;
-        match MtaConfig::from_file(&path) {
-            Ok(config) => apply(&ctx, config, &mut listeners, &subscribe).await,
+        // DKIM keys are loaded before anything changes: a config naming an unreadable key
+        // is refused whole, like any other invalid config.
+        let loaded = MtaConfig::from_file(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| crate::signing::signer(&config.dkim).map(|signer| (config, signer)));
+        match loaded {
+            Ok((config, signer)) => {
+                ctx.set_signer(signer);
+                apply(&ctx, config, &mut listeners, &subscribe).await;
+            }
             Err(e) => {
                 tracing::error!(file = %path.display(), error = %e, "config reload refused; keeping the running config");
-                ctx.reload.set(Some(e.to_string()));
+                ctx.reload.set(Some(e));
             }
         }
     }

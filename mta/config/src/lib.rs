@@ -13,6 +13,7 @@ mod outbound;
 mod validate;
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -266,6 +267,18 @@ pub struct LocalDomainConfig {
     /// when absent, every local part is accepted. Default: absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipients: Option<Vec<String>>,
+    /// Virtual aliases: a local part and the addresses its mail goes to instead, local or
+    /// remote (forwarding). Expanded at RCPT, through local aliases again (at most 8
+    /// levels); each target becomes a recipient of its own, with the address the client
+    /// gave as its DSN original recipient. An alias exists even when `recipients` does not
+    /// list it. Keys are plain local parts, matched like mailboxes (case-insensitive,
+    /// `+detail` ignored). Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub aliases: BTreeMap<String, Vec<String>>,
+    /// The address that receives mail for local parts that do not exist (instead of
+    /// `550 5.1.1`). Needs `recipients`: without it every local part exists. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_all: Option<String>,
 }
 
 /// A local delivery target.
@@ -281,6 +294,15 @@ pub enum LocalDelivery {
     Lmtp {
         /// `host:port` for TCP, or an absolute path to a unix socket.
         address: String,
+    },
+    /// Another SMTP server that holds the mailboxes (an internal groupware server, say):
+    /// this MTA accepts the domain's mail from anyone and forwards it there.
+    Relay {
+        /// `host:port` of that server.
+        host: String,
+        /// TLS towards it. Default: `opportunistic`.
+        #[serde(default)]
+        tls: TlsMode,
     },
 }
 
@@ -321,6 +343,8 @@ impl MtaConfig {
                 root: PathBuf::from("./petrel-data/maildir").join(domain),
             },
             recipients: None,
+            aliases: BTreeMap::new(),
+            catch_all: None,
         };
         Self {
             local_domains: vec![maildir("localhost"), maildir("example.test")],

@@ -63,6 +63,36 @@ local_domains:
 }
 
 #[test]
+fn alias_catch_all_and_relay_problems_name_their_keys() {
+    let yaml = "\
+local_domains:
+  - name: a.test
+    delivery: { relay: { host: 'no-port' } }
+    aliases:
+      'sales+x': [ok@a.test]
+      empty: []
+      team: ['not an address', 'x@bad_domain']
+    catch_all: nobody@a.test
+";
+    let err = MtaConfig::from_yaml(yaml).expect_err("refused");
+    let ConfigError::Invalid(problems) = err else {
+        panic!("expected semantic problems, got {err}");
+    };
+    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "local_domains[0].delivery.relay.host",
+            "local_domains[0].aliases.empty",
+            "local_domains[0].aliases.sales+x",
+            "local_domains[0].aliases.team[0]",
+            "local_domains[0].aliases.team[1]",
+            "local_domains[0].catch_all"
+        ]
+    );
+}
+
+#[test]
 fn domain_name_table() {
     for (name, ok) in [
         ("example.test", true),

@@ -212,6 +212,50 @@ impl MtaConfig {
                         );
                     }
                 }
+                LocalDelivery::Relay { host, .. } => {
+                    if !is_host_port(host) {
+                        problem(
+                            format!("{key}.delivery.relay.host"),
+                            format!("{host:?} is not host:port"),
+                        );
+                    }
+                }
+            }
+            for (name, targets) in &domain.aliases {
+                if !is_maildir_safe_local_part(name) || name.contains('+') {
+                    problem(
+                        format!("{key}.aliases.{name}"),
+                        "is not a plain local part (letters, digits, . _ -)".into(),
+                    );
+                }
+                if targets.is_empty() {
+                    problem(
+                        format!("{key}.aliases.{name}"),
+                        "needs at least one target address".into(),
+                    );
+                }
+                for (j, target) in targets.iter().enumerate() {
+                    if !is_mail_address(target) {
+                        problem(
+                            format!("{key}.aliases.{name}[{j}]"),
+                            format!("{target:?} is not an address like user@domain"),
+                        );
+                    }
+                }
+            }
+            if let Some(target) = &domain.catch_all {
+                if !is_mail_address(target) {
+                    problem(
+                        format!("{key}.catch_all"),
+                        format!("{target:?} is not an address like user@domain"),
+                    );
+                }
+                if domain.recipients.is_none() {
+                    problem(
+                        format!("{key}.catch_all"),
+                        "needs `recipients`: without a list every local part exists".into(),
+                    );
+                }
             }
             for (j, local) in domain.recipients.iter().flatten().enumerate() {
                 if !is_maildir_safe_local_part(local) {
@@ -318,6 +362,21 @@ impl MtaConfig {
 fn is_host_port(text: &str) -> bool {
     match text.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok(),
+        None => false,
+    }
+}
+
+/// `local@domain` with a non-empty local part without spaces, `@` or angle brackets, and a
+/// valid domain name: what an alias or catch-all target must look like.
+fn is_mail_address(text: &str) -> bool {
+    match text.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !local
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || "@<>".contains(c))
+                && is_domain_name(domain)
+        }
         None => false,
     }
 }

@@ -115,6 +115,13 @@ fn route_for(config: &MtaConfig, address: &str) -> Route {
             LocalDelivery::Lmtp { address } => Route::Lmtp {
                 address: address.clone(),
             },
+            LocalDelivery::Relay { host, tls } => Route::Smtp {
+                next_hop: NextHop::Smarthost {
+                    host_port: host.clone(),
+                },
+                tls: *tls,
+                auth: None,
+            },
         };
     }
     let route = config.route(domain);

@@ -29,11 +29,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(Reply::TOO_MANY_RECIPIENTS);
         }
         let authenticated = self.user.is_some();
-        if let Err(reply) =
-            policy::check_recipient(&self.config, self.peer.ip(), authenticated, &to.address)
-        {
-            return self.error(reply);
-        }
+        let targets = match policy::resolve_recipient(
+            &self.config,
+            self.peer.ip(),
+            authenticated,
+            &to.address,
+        ) {
+            Ok(targets) => targets,
+            Err(reply) => return self.error(reply),
+        };
         let config = self.config.clone();
         let limits = &config.smtpd.rate_limits;
         if !self.within_rate(
@@ -61,15 +65,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 failure: to.flags & RCPT_NOTIFY_FAILURE != 0,
                 delay: to.flags & RCPT_NOTIFY_DELAY != 0,
             });
-        let recipient = Recipient {
-            address: to.address,
-            notify,
-            orcpt: to.orcpt,
-            status: Status::Scheduled,
-            remote_mta: None,
-        };
         if let Some(tx) = self.tx.as_mut() {
-            tx.envelope.recipients.push(recipient);
+            for target in targets {
+                // An expanded alias keeps the address the client gave as its original
+                // recipient (RFC 3461 ORCPT), so notices name what the sender wrote.
+                let orcpt = match &to.orcpt {
+                    Some(orcpt) => Some(orcpt.clone()),
+                    None if target != to.address => Some(to.address.clone()),
+                    None => None,
+                };
+                let known = tx
+                    .envelope
+                    .recipients
+                    .iter()
+                    .any(|r| r.address.eq_ignore_ascii_case(&target));
+                if !known {
+                    tx.envelope.recipients.push(Recipient {
+                        address: target,
+                        notify,
+                        orcpt,
+                        status: Status::Scheduled,
+                        remote_mta: None,
+                    });
+                }
+            }
         }
         self.reply(Reply::RECIPIENT_OK)
     }

@@ -102,6 +102,8 @@ impl Reply {
         [5, 1, 3],
         "Recipient local part not acceptable for local delivery",
     );
+    pub const ALIAS_LOOP: Reply =
+        reply(554, [5, 4, 6], "Recipient aliases loop or nest too deeply");
 
     // --- TLS and AUTH --------------------------------------------------------------------
     pub const READY_FOR_TLS: Reply = reply(220, [2, 0, 0], "Ready to start TLS");
@@ -272,6 +274,7 @@ mod tests {
             Reply::RELAY_DENIED,
             Reply::NO_SUCH_USER,
             Reply::BAD_LOCAL_PART,
+            Reply::ALIAS_LOOP,
             Reply::SPOOL_FULL,
             Reply::SPOOL_ERROR,
             Reply::SHUTTING_DOWN,

@@ -4,6 +4,16 @@
 use super::*;
 use std::path::PathBuf;
 
+/// The example MailDomain for example.com.
+fn example_com(world: &World) -> crds::mail_domain::MailDomain {
+    world
+        .domains
+        .iter()
+        .find(|d| d.spec.domain == "example.com")
+        .expect("example.com in manifests/examples")
+        .clone()
+}
+
 fn example_world() -> World {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     crate::input::load(&[repo.join("manifests/examples")], "default").expect("examples")
@@ -18,7 +28,7 @@ fn guidance_lists_every_record_the_example_domain_needs() {
             world.secrets.push(s);
         }
     }
-    let domain = world.domains[0].clone();
+    let domain = example_com(&world);
     let g = guidance(&domain, &world, &["192.0.2.10".parse().expect("ip")]);
     let lines: Vec<String> = g
         .records
@@ -50,7 +60,7 @@ fn guidance_lists_every_record_the_example_domain_needs() {
 #[test]
 fn a_dkim_key_without_its_secret_is_listed_as_pending() {
     let world = example_world().in_namespace("mail");
-    let g = guidance(&world.domains[0], &world, &[]);
+    let g = guidance(&example_com(&world), &world, &[]);
     assert_eq!(
         g.pending_dkim,
         vec!["petrel-1._domainkey.example.com.".to_owned()]

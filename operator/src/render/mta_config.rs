@@ -2,7 +2,8 @@
 //! itself parses; validated by the caller with the MTA's own `validate`).
 //!
 //! Carries: hostname, one listener per port, session limits, the spool on the queue volume,
-//! the TLS Secret's files, Maildir and LMTP domains with their recipients, and the
+//! the TLS Secret's files, Maildir, LMTP and relay domains with their recipients, aliases
+//! and catch-all, and the
 //! RelayPolicies of the namespace (client networks, AUTH users Secret, rate limits,
 //! outbound route and TLS). Everything else a resource asks for becomes a [`Note`], never
 //! a silent drop.
@@ -17,6 +18,7 @@ use mta_config::{
     HttpConfig, ListenerConfig, ListenerKind, LocalDelivery, LocalDomainConfig, MtaConfig,
     RouteConfig, SpoolConfig, TlsConfig, TlsMode,
 };
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
@@ -150,12 +152,6 @@ pub fn local_domain(domain: &MailDomain, notes: &mut Vec<Note>) -> Option<LocalD
         });
     };
     let mut unsupported = Vec::new();
-    if !spec.aliases.is_empty() {
-        unsupported.push("aliases");
-    }
-    if spec.catch_all.is_some() {
-        unsupported.push("catchAll");
-    }
     if spec.dkim_key_ref.is_some() {
         unsupported.push("dkimKeyRef (signing)");
     }
@@ -165,33 +161,51 @@ pub fn local_domain(domain: &MailDomain, notes: &mut Vec<Note>) -> Option<LocalD
             unsupported.join(", ")
         ));
     }
-    let delivery = &spec.delivery;
-    if let Some(lmtp) = &delivery.lmtp {
-        return Some(LocalDomainConfig {
-            name: spec.domain.clone(),
-            delivery: LocalDelivery::Lmtp {
-                address: format!("{}:{}", lmtp.host, lmtp.port),
-            },
-            recipients: spec.recipients.clone(),
-        });
+    let mut aliases: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for alias in &spec.aliases {
+        aliases
+            .entry(alias.name.to_ascii_lowercase())
+            .or_default()
+            .extend(alias.to.iter().cloned());
     }
-    let Some(maildir) = &delivery.maildir else {
+    let catch_all = match (&spec.catch_all, &spec.recipients) {
+        (Some(_), None) => {
+            note("catchAll has no effect without recipients: every local part exists".into());
+            None
+        }
+        (catch_all, _) => catch_all.clone(),
+    };
+    let delivery = &spec.delivery;
+    let delivery = if let Some(lmtp) = &delivery.lmtp {
+        LocalDelivery::Lmtp {
+            address: format!("{}:{}", lmtp.host, lmtp.port),
+        }
+    } else if let Some(relay) = &delivery.relay {
+        LocalDelivery::Relay {
+            host: format!("{}:{}", relay.host, relay.port),
+            tls: TlsMode::Opportunistic,
+        }
+    } else if let Some(maildir) = &delivery.maildir {
+        let sub_path = maildir
+            .sub_path
+            .clone()
+            .unwrap_or_else(|| format!("maildir/{}", spec.domain));
+        LocalDelivery::Maildir {
+            root: PathBuf::from(DATA_DIR).join(sub_path),
+        }
+    } else {
         note(format!(
-            "delivery.relay is not supported by the MTA config yet; mail for {} is not accepted",
+            "delivery names no target; mail for {} is not accepted",
             spec.domain
         ));
         return None;
     };
-    let sub_path = maildir
-        .sub_path
-        .clone()
-        .unwrap_or_else(|| format!("maildir/{}", spec.domain));
     Some(LocalDomainConfig {
         name: spec.domain.clone(),
-        delivery: LocalDelivery::Maildir {
-            root: PathBuf::from(DATA_DIR).join(sub_path),
-        },
+        delivery,
         recipients: spec.recipients.clone(),
+        aliases,
+        catch_all,
     })
 }
 
