@@ -139,7 +139,8 @@ mail_auth:
 
 def test_dkim_keys_follow_config_reload(workdir, keys):
     """A selector added by editing the config signs the next message without a restart (key
-    rotation relies on it); a config naming an unreadable key is refused whole."""
+    rotation relies on it); a config naming an unreadable key is refused whole, and applied
+    once the key can be read."""
     from test_reload import swap_config
     rsa, ed = keys
     port = free_port()
@@ -172,6 +173,12 @@ routes:
         swap_config(mta.config_path, base_config(workdir, broken))
         wait_for(lambda: "config reload refused" in mta.log(), what="refusal logged")
         assert send_and_count_signatures(3) == 2, "the running keys stay"
+        # The key file appears later (a Secret mounted after the ConfigMap): the same file
+        # is tried again and applied, without another edit.
+        reloads = mta.log().count("config reloaded")
+        (workdir / "missing.pem").write_bytes(rsa.path.read_bytes())
+        wait_for(lambda: mta.log().count("config reloaded") > reloads, what="retried reload")
+        assert mta.log().count("config reload refused") == 1, "refusal logged once"
     finally:
         mta.kill()
         sink.stop()

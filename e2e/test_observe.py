@@ -41,7 +41,9 @@ local_domains:
 
 
 def http_get(mta, path):
-    line = next(l for l in mta.stdout_lines if "/readyz on http://" in l)
+    # Printed just after the SMTP listener line that Mta.start() waits for.
+    line = wait_for(lambda: next((l for l in mta.stdout_lines if "/readyz on http://" in l), None),
+                    what="the HTTP endpoint line")
     base = line.rsplit(" on ", 1)[1]
     try:
         with urllib.request.urlopen(base + path, timeout=30) as r:

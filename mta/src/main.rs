@@ -229,14 +229,16 @@ async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    for address in &server.addresses {
-        println!("petrel-mta: listening for SMTP on {address}");
-    }
+    let stop = StopSignals::install();
     if let Some(address) = server.http_address {
         println!("petrel-mta: /metrics, /healthz and /readyz on http://{address}");
     }
     if let Some(address) = server.admin_address {
         println!("petrel-mta: admin endpoint (petrel-mta queue --admin {address}) on {address}");
+    }
+    // Last: whoever waits for this line (scripts, the e2e suite) finds the others printed.
+    for address in &server.addresses {
+        println!("petrel-mta: listening for SMTP on {address}");
     }
     print!("{summary}");
     if server.recovered > 0 {
@@ -245,7 +247,7 @@ async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
             server.recovered
         );
     }
-    wait_for_signal().await;
+    stop.recv().await;
     println!("petrel-mta: shutting down (finishing sessions in progress)");
     server.shutdown().await;
     println!("petrel-mta: stopped");
@@ -285,17 +287,34 @@ fn describe(config: &MtaConfig) -> String {
     out
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+/// SIGINT and SIGTERM handlers. Installed before the MTA says it listens, so a signal sent
+/// as soon as that line appears asks for a clean stop instead of killing the process.
+struct StopSignals {
+    interrupt: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    async fn recv(mut self) {
+        async fn next(signal: Option<&mut tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            () = next(self.interrupt.as_mut()) => {}
+            () = next(self.terminate.as_mut()) => {}
         }
     }
 }

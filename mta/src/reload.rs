@@ -91,7 +91,10 @@ pub async fn watch(
             () = shutdown.recv() => return,
         };
         let now = stamp(&path);
-        if now == seen && !forced {
+        // A refused file is tried again on every poll: what it names may appear later (a
+        // DKIM key Secret mounted after the ConfigMap that refers to it).
+        let refused = ctx.reload.error().is_some();
+        if now == seen && !forced && !refused {
             continue;
         }
         seen = now;
@@ -106,7 +109,10 @@ pub async fn watch(
                 apply(&ctx, config, &mut listeners, &subscribe).await;
             }
             Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "config reload refused; keeping the running config");
+                // Logged once per distinct problem, not on every retry.
+                if ctx.reload.error().as_deref() != Some(e.as_str()) {
+                    tracing::error!(file = %path.display(), error = %e, "config reload refused; keeping the running config");
+                }
                 ctx.reload.set(Some(e));
             }
         }

@@ -489,6 +489,7 @@ async fn mail_domain_inner(obj: &MailDomain, ctx: &Context) -> Result<Action> {
     );
     let mut notes = Vec::new();
     let _ = render::mta_config::local_domain(obj, &mut notes);
+    let _ = render::mta_config::signing_key(obj, &world, &mut notes);
     let notes: Vec<&Note> = notes.iter().collect();
     let previous = obj.status.clone().unwrap_or_default();
     let status = MailDomainStatus {

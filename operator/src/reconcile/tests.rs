@@ -293,8 +293,8 @@ async fn mail_domain_status_carries_dns_guidance() {
     assert_eq!(dns["reason"], "NotChecked");
     let ready = conditions.iter().find(|c| c["type"] == "Ready").unwrap();
     assert_eq!(
-        ready["reason"], "NotYetSupported",
-        "dkimKeyRef is not carried yet"
+        ready["reason"], "DkimKeyNotActive",
+        "the DkimKey's record is not visible yet: nothing is signed"
     );
     fake.take_writes();
     mail_domain(typed(&fake, &path), ctx).await.expect("again");

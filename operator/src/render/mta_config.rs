@@ -15,8 +15,8 @@ use crds::relay_policy::{OutboundTlsMode, RouteMode};
 use crds::smtp_listener::ListenerPortKind;
 use kube::ResourceExt;
 use mta_config::{
-    HttpConfig, ListenerConfig, ListenerKind, LocalDelivery, LocalDomainConfig, MtaConfig,
-    RouteConfig, SpoolConfig, TlsConfig, TlsMode,
+    DkimKeyConfig, HttpConfig, ListenerConfig, ListenerKind, LocalDelivery, LocalDomainConfig,
+    MtaConfig, RouteConfig, SpoolConfig, TlsConfig, TlsMode,
 };
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -135,8 +135,65 @@ pub fn for_listener(
         if let Some(local) = local_domain(domain, notes) {
             config.local_domains.push(local);
         }
+        if let Some(key) = signing_key(domain, world, notes) {
+            config.dkim.keys.push(key);
+        }
     }
     Ok(config)
+}
+
+/// The DKIM key that signs mail from `domain`: its `dkimKeyRef`'s active selector, read
+/// from the key Secret's mount. `None` (with a note) while the key is not Active, that is
+/// until its TXT record is visible in DNS: nothing is signed with an unpublished key.
+pub fn signing_key(
+    domain: &MailDomain,
+    world: &World,
+    notes: &mut Vec<Note>,
+) -> Option<DkimKeyConfig> {
+    let wanted = domain.spec.dkim_key_ref.as_ref()?;
+    let mut note = |reason: &'static str, message: String| {
+        notes.push(Note {
+            kind: "MailDomain",
+            name: domain.name_any(),
+            reason,
+            message,
+        });
+    };
+    let Some(key) = world.dkim_keys.iter().find(|k| k.name_any() == *wanted) else {
+        note(
+            "DkimKeyNotFound",
+            format!("dkimKeyRef {wanted}: no such DkimKey in the namespace; mail is not signed"),
+        );
+        return None;
+    };
+    if !key.spec.domain.eq_ignore_ascii_case(&domain.spec.domain) {
+        note(
+            "DkimKeyDomainMismatch",
+            format!(
+                "dkimKeyRef {wanted} signs for {}, not {}; mail is not signed",
+                key.spec.domain, domain.spec.domain
+            ),
+        );
+        return None;
+    }
+    let Some(selector) = key.status.as_ref().and_then(|s| s.active_selector.clone()) else {
+        note(
+            "DkimKeyNotActive",
+            format!(
+                "DkimKey {wanted} is not Active yet (its TXT record is not visible in DNS); mail from {} is not signed until it is",
+                domain.spec.domain
+            ),
+        );
+        return None;
+    };
+    let secret = super::secrets::dkim_secret_name(key, &selector);
+    Some(DkimKeyConfig {
+        domain: domain.spec.domain.clone(),
+        selector,
+        key_file: PathBuf::from(DKIM_DIR)
+            .join(secret)
+            .join(super::secrets::DKIM_PRIVATE_KEY),
+    })
 }
 
 /// The local-domain entry of `domain`, or `None` (with a note) when its delivery target
@@ -151,16 +208,6 @@ pub fn local_domain(domain: &MailDomain, notes: &mut Vec<Note>) -> Option<LocalD
             message,
         });
     };
-    let mut unsupported = Vec::new();
-    if spec.dkim_key_ref.is_some() {
-        unsupported.push("dkimKeyRef (signing)");
-    }
-    if !unsupported.is_empty() {
-        note(format!(
-            "not carried into the MTA config yet: {}",
-            unsupported.join(", ")
-        ));
-    }
     let mut aliases: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for alias in &spec.aliases {
         aliases

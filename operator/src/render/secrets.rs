@@ -5,8 +5,8 @@
 //! reconcile never rotates a key by accident and applying it again changes nothing. Fresh
 //! material comes from the [`KeySource`] only when no such Secret exists.
 
-use super::{Desired, Note, Object, RenderError, World, owned_meta};
-use crate::keys::{KeyError, KeySource};
+use super::{Desired, Object, RenderError, World, owned_meta};
+use crate::keys::KeySource;
 use crds::{DkimKey, SmtpListener};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -116,8 +116,8 @@ pub fn dkim_record_value(key: &DkimKey, public_b64: &str) -> String {
     )
 }
 
-/// Renders the key Secret of a DkimKey, reusing an existing one; algorithms this build
-/// cannot generate leave a note (the key stays `Pending`) instead of an error.
+/// Renders the key Secret of a DkimKey, reusing an existing one (its key never changes
+/// behind a published record).
 pub fn dkim_key(
     key: &DkimKey,
     world: &World,
@@ -144,17 +144,6 @@ pub fn dkim_key(
                     ByteString(selector.clone().into_bytes()),
                 ),
             ]),
-            Err(e @ KeyError::Unsupported(_)) => {
-                desired.notes.push(Note {
-                    kind: "DkimKey",
-                    name: key.name_any(),
-                    reason: "KeyGenerationUnsupported",
-                    message: format!(
-                        "{e} (Secret {name}, keys {DKIM_PRIVATE_KEY} and {DKIM_RECORD})"
-                    ),
-                });
-                return Ok(desired);
-            }
             Err(source) => {
                 return Err(RenderError::Keys {
                     kind: "DkimKey",

@@ -220,3 +220,42 @@ fn an_invalid_config_is_refused_with_the_mtas_message() {
         "{err}"
     );
 }
+
+/// A MailDomain's dkimKeyRef signs only once the DkimKey is Active (its record visible):
+/// before that the config has no key and the domain says why; after, the key file is the
+/// active selector's Secret as the StatefulSet mounts it.
+#[test]
+fn dkim_key_signs_only_once_active() {
+    let mut world =
+        crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    let config = desired.configs.values().next().expect("a config");
+    assert!(config.dkim.keys.is_empty(), "not Active: nothing signs");
+    assert!(
+        desired
+            .notes
+            .iter()
+            .any(|n| n.reason == "DkimKeyNotActive" && n.name == "example-com")
+    );
+
+    world.dkim_keys[0].status = Some(crds::dkim_key::DkimKeyStatus {
+        active_selector: Some("petrel-1".into()),
+        ..Default::default()
+    });
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    let config = desired.configs.values().next().expect("a config");
+    let expected = ::mta_config::DkimKeyConfig {
+        domain: "example.com".into(),
+        selector: "petrel-1".into(),
+        key_file: "/etc/petrel/dkim/example-com-ed25519-petrel-1/private.pem".into(),
+    };
+    assert_eq!(config.dkim.keys, vec![expected]);
+    let mounted = desired.objects.iter().any(|o| match o {
+        Object::StatefulSet(s) => serde_json::to_string(s)
+            .expect("json")
+            .contains("/etc/petrel/dkim/example-com-ed25519-petrel-1"),
+        _ => false,
+    });
+    assert!(mounted, "the key file's directory is the Secret's mount");
+    assert!(!desired.notes.iter().any(|n| n.reason == "DkimKeyNotActive"));
+}
