@@ -132,7 +132,8 @@ impl Default for AdminConfig {
     }
 }
 
-/// SMTP client timeouts, one per phase (RFC 5321 §4.5.3.2 defaults).
+/// The outbound SMTP client: MX port, trusted CAs, MTA-STS, and timeouts per phase
+/// (RFC 5321 §4.5.3.2 defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct SmtpClientConfig {
@@ -142,6 +143,18 @@ pub struct SmtpClientConfig {
     /// Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// Apply MTA-STS (RFC 8461) to delivery by MX: when the recipient domain publishes an
+    /// `_mta-sts` TXT record, fetch its policy from `https://mta-sts.<domain>/` (certificate
+    /// checked against the Mozilla roots and `ca_file`) and cache it for its `max_age`.
+    /// With `mode: enforce` only MX hosts the policy lists are used, always over TLS
+    /// verified for the MX name (whatever the route's `tls` says); a failure defers with
+    /// `4.7.5`. With `mode: testing` mail goes as usual and what enforce would have
+    /// refused is logged as a warning. Smarthost and LMTP routes are never affected.
+    /// Default: `true`.
+    pub mta_sts: bool,
+    /// TCP port of the HTTPS servers MTA-STS policies are fetched from. Default: `443`;
+    /// change it only for tests.
+    pub mta_sts_port: u16,
     /// TCP connect. Default: `30s`.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
@@ -164,6 +177,8 @@ impl Default for SmtpClientConfig {
         Self {
             port: 25,
             ca_file: None,
+            mta_sts: true,
+            mta_sts_port: 443,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(5 * 60),
             data_init_timeout: Duration::from_secs(2 * 60),

@@ -8,8 +8,10 @@
 //! nothing left to do exits, so an idle destination costs nothing.
 //!
 //! Routes: local Maildir ([`crate::local`]), LMTP, and SMTP to a smarthost or to the
-//! domain's MX hosts ([`route`] resolves them; [`smtp`] speaks to them).
+//! domain's MX hosts ([`route`] resolves them; [`mta_sts`] says which of them may be used
+//! and how; [`smtp`] speaks to them).
 
+pub mod mta_sts;
 pub mod outcome;
 pub mod route;
 pub mod smtp;
