@@ -30,6 +30,7 @@ python3 -c 'import dkim' 2>/dev/null || py_missing+=(dkimpy)
 python3 -c 'import dns' 2>/dev/null || py_missing+=(dnspython)
 python3 -c 'import nacl' 2>/dev/null || py_missing+=(pynacl)
 python3 -c 'import yaml' 2>/dev/null || py_missing+=(pyyaml)
+python3 -c 'import cryptography' 2>/dev/null || py_missing+=(cryptography)
 if [ ${#py_missing[@]} -gt 0 ]; then
     say "installing Python packages needed by the tests: ${py_missing[*]}"
     python3 -m pip install -q --disable-pip-version-check "${py_missing[@]}"

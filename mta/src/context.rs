@@ -43,6 +43,8 @@ pub struct Context {
     /// Recent AUTH failures per `ip:…` and `user:…` key: (count, window start).
     auth_failures: Mutex<HashMap<String, (u32, Instant)>>,
     connections: Mutex<Connections>,
+    /// MTA-STS policies of recipient domains (RFC 8461), cached per domain.
+    pub mta_sts: crate::delivery::mta_sts::PolicyCache,
     /// Built on first use, rebuilt when `dns` in the config changes.
     resolver: Mutex<Option<(mta_config::DnsConfig, Arc<TokioResolver>)>>,
 }
@@ -103,6 +105,7 @@ impl Context {
             reload: crate::reload::ReloadState::default(),
             auth_failures: Mutex::new(HashMap::new()),
             connections: Mutex::new(Connections::default()),
+            mta_sts: Default::default(),
             resolver: Mutex::new(None),
         }
     }

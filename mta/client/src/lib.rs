@@ -56,3 +56,12 @@ pub use connection::Connection;
 pub use error::{ClientError, Phase};
 pub use message::{OutboundMessage, OutboundRecipient};
 pub use reply::Reply;
+
+/// The rustls configuration [`TlsMode::Verified`] uses: Mozilla's roots plus
+/// `extra_roots_pem`, on the `ring` provider. Shared with the delivery stage's other TLS
+/// client (the MTA-STS policy fetch), so both trust exactly the same roots.
+pub fn verified_tls_config(
+    extra_roots_pem: Option<&[u8]>,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    tls::verified_config(extra_roots_pem)
+}

@@ -49,12 +49,18 @@ pub struct RouteConfig {
     pub auth: Option<RouteAuth>,
 }
 
-/// Credentials for a smarthost; the password is read from a file (a mounted Secret).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Credentials for a smarthost; the password (and, if wanted, the user name) is read from a
+/// file (a mounted Secret) at each connection, so a rotated Secret applies without a reload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct RouteAuth {
+    /// User name. Required unless `username_file` is set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub username: String,
-    /// File whose content (trailing newline removed) is the password.
+    /// File whose content (trailing newline removed) is the user name. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_file: Option<std::path::PathBuf>,
+    /// File whose content (trailing newline removed) is the password. Required.
     pub password_file: std::path::PathBuf,
 }
 
@@ -132,7 +138,8 @@ impl Default for AdminConfig {
     }
 }
 
-/// SMTP client timeouts, one per phase (RFC 5321 §4.5.3.2 defaults).
+/// The outbound SMTP client: MX port, trusted CAs, MTA-STS, and timeouts per phase
+/// (RFC 5321 §4.5.3.2 defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct SmtpClientConfig {
@@ -142,6 +149,18 @@ pub struct SmtpClientConfig {
     /// Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// Apply MTA-STS (RFC 8461) to delivery by MX: when the recipient domain publishes an
+    /// `_mta-sts` TXT record, fetch its policy from `https://mta-sts.<domain>/` (certificate
+    /// checked against the Mozilla roots and `ca_file`) and cache it for its `max_age`.
+    /// With `mode: enforce` only MX hosts the policy lists are used, always over TLS
+    /// verified for the MX name (whatever the route's `tls` says); a failure defers with
+    /// `4.7.5`. With `mode: testing` mail goes as usual and what enforce would have
+    /// refused is logged as a warning. Smarthost and LMTP routes are never affected.
+    /// Default: `true`.
+    pub mta_sts: bool,
+    /// TCP port of the HTTPS servers MTA-STS policies are fetched from. Default: `443`;
+    /// change it only for tests.
+    pub mta_sts_port: u16,
     /// TCP connect. Default: `30s`.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
@@ -164,6 +183,8 @@ impl Default for SmtpClientConfig {
         Self {
             port: 25,
             ca_file: None,
+            mta_sts: true,
+            mta_sts_port: 443,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(5 * 60),
             data_init_timeout: Duration::from_secs(2 * 60),

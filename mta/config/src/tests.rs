@@ -93,6 +93,21 @@ local_domains:
 }
 
 #[test]
+fn smarthost_auth_needs_exactly_one_user_name() {
+    let route = |auth: &str| {
+        format!(
+            "routes:\n  - domain: '*'\n    smarthost: relay.test:587\n    auth: {{{auth}password_file: /p}}\n"
+        )
+    };
+    assert!(MtaConfig::from_yaml(&route("username: u, ")).is_ok());
+    assert!(MtaConfig::from_yaml(&route("username_file: /u, ")).is_ok());
+    for bad in ["", "username: u, username_file: /u, "] {
+        let err = MtaConfig::from_yaml(&route(bad)).expect_err("refused");
+        assert!(err.to_string().contains("routes[0].auth"), "{err}");
+    }
+}
+
+#[test]
 fn domain_name_table() {
     for (name, ok) in [
         ("example.test", true),

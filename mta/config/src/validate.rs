@@ -296,6 +296,14 @@ impl MtaConfig {
                     "credentials are only sent to a smarthost".into(),
                 );
             }
+            if let Some(auth) = &route.auth
+                && auth.username.is_empty() == auth.username_file.is_none()
+            {
+                problem(
+                    format!("{key}.auth"),
+                    "set exactly one of username and username_file".into(),
+                );
+            }
         }
 
         let queue = &self.queue;

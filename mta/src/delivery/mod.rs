@@ -8,8 +8,10 @@
 //! nothing left to do exits, so an idle destination costs nothing.
 //!
 //! Routes: local Maildir ([`crate::local`]), LMTP, and SMTP to a smarthost or to the
-//! domain's MX hosts ([`route`] resolves them; [`smtp`] speaks to them).
+//! domain's MX hosts ([`route`] resolves them; [`mta_sts`] says which of them may be used
+//! and how; [`smtp`] speaks to them).
 
+pub mod mta_sts;
 pub mod outcome;
 pub mod route;
 pub mod smtp;
@@ -40,7 +42,7 @@ pub enum Route {
     Smtp {
         next_hop: NextHop,
         tls: TlsMode,
-        auth: Option<(String, PathBuf)>,
+        auth: Option<RouteAuth>,
     },
     /// The recipient cannot be routed; the detail says why. Reported without any I/O.
     Unroutable {
@@ -133,14 +135,7 @@ fn route_for(config: &MtaConfig, address: &str) -> Route {
             },
         },
         tls: route.map(|r| r.tls).unwrap_or_default(),
-        auth: route.and_then(|r| {
-            r.auth.as_ref().map(
-                |RouteAuth {
-                     username,
-                     password_file,
-                 }| (username.clone(), password_file.clone()),
-            )
-        }),
+        auth: route.and_then(|r| r.auth.clone()),
     }
 }
 

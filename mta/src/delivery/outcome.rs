@@ -73,9 +73,74 @@ pub fn from_error_requiring_tls(error: &ClientError) -> Status {
     }
 }
 
+/// [`from_error`] for a connection an MTA-STS `enforce` policy governs (RFC 8461 §5): when
+/// the MX host cannot give TLS verified for its name, the attempt is deferred with
+/// `4.7.5` and never retried in plain text.
+pub fn from_error_under_mta_sts(error: &ClientError, host: &str) -> Status {
+    match error {
+        ClientError::Tls { .. } | ClientError::TlsUnavailable => Status::Deferred {
+            detail: format!("451 4.7.5 MTA-STS: no verified TLS to {host} ({error})"),
+        },
+        ClientError::Connect { .. }
+        | ClientError::Timeout { .. }
+        | ClientError::Io { .. }
+        | ClientError::Protocol { .. }
+        | ClientError::AuthFailed { .. }
+        | ClientError::AuthUnavailable
+        | ClientError::Rejected { .. }
+        | ClientError::MessageTooBig { .. }
+        | ClientError::EightBitUnsupported
+        | ClientError::Smtputf8Unsupported => from_error(error),
+    }
+}
+
 fn describe(reply: &Reply) -> String {
     match reply.enhanced {
         Some([a, b, c]) => format!("{} {a}.{b}.{c} {}", reply.code, reply.text),
         None => format!("{} {}", reply.code, reply.text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detail(status: &Status) -> (&'static str, &str) {
+        match status {
+            Status::Delivered { detail } => ("delivered", detail),
+            Status::Deferred { detail } => ("deferred", detail),
+            Status::Failed { detail } => ("failed", detail),
+            Status::Scheduled => ("scheduled", ""),
+        }
+    }
+
+    #[test]
+    fn mta_sts_defers_tls_failures_with_4_7_5_and_leaves_the_rest_alone() {
+        let tls = ClientError::Tls {
+            detail: "invalid peer certificate: UnknownIssuer".into(),
+        };
+        let refused = ClientError::Connect {
+            target: "127.0.0.1:25".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        for (error, kind, prefix) in [
+            (
+                &tls,
+                "deferred",
+                "451 4.7.5 MTA-STS: no verified TLS to mx.example.com (",
+            ),
+            (
+                &ClientError::TlsUnavailable,
+                "deferred",
+                "451 4.7.5 MTA-STS: no verified TLS to mx.example.com (peer does not offer",
+            ),
+            (&refused, "deferred", "451 4.4.0 cannot connect"),
+            (&ClientError::EightBitUnsupported, "failed", "554 5.6.3 "),
+        ] {
+            let status = from_error_under_mta_sts(error, "mx.example.com");
+            let (got_kind, got_detail) = detail(&status);
+            assert_eq!(got_kind, kind, "{error}");
+            assert!(got_detail.starts_with(prefix), "{got_detail}");
+        }
     }
 }

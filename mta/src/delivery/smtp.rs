@@ -1,15 +1,18 @@
-//! SMTP and LMTP delivery for one worker: resolves the route's hosts, keeps one client
-//! [`Connection`] open across messages (up to `queue.max_messages_per_connection`), and
-//! turns replies and errors into per-recipient statuses ([`super::outcome`]).
+//! SMTP and LMTP delivery for one worker: resolves the route's hosts (and, for MX routes,
+//! applies the domain's MTA-STS policy), keeps one client [`Connection`] open across
+//! messages (up to `queue.max_messages_per_connection`), and turns replies and errors into
+//! per-recipient statuses ([`super::outcome`]).
 
+use super::mta_sts::{self, Mode, Policy};
 use super::route::{self, Target};
 use super::{NextHop, Route, WorkItem, outcome};
 use crate::context::Context;
 use crate::queue::{BodyType, DsnReturn, Status};
 use mta_client::{
-    ClientConfig, Connection, Credentials, OutboundMessage, OutboundRecipient, Timeouts,
+    ClientConfig, ClientError, Connection, Credentials, OutboundMessage, OutboundRecipient,
+    Timeouts,
 };
-use mta_config::{MtaConfig, TlsMode};
+use mta_config::{MtaConfig, RouteAuth, TlsMode};
 use std::sync::Arc;
 
 /// A worker's connection, reused while it delivers to the same destination.
@@ -125,6 +128,17 @@ impl Session {
     }
 }
 
+/// How MTA-STS (RFC 8461, [`mta_sts`]) shapes the connection attempts of one delivery.
+enum Sts {
+    /// No policy applies (no policy, `mode: none`, MTA-STS off, not an MX route).
+    Off,
+    /// `enforce`: the targets are already those the policy allows and the client asks
+    /// for verified TLS; TLS failures are reported as MTA-STS deferrals.
+    Enforce,
+    /// `testing`: mail goes as configured; what `enforce` would refuse is logged.
+    Testing { policy: Arc<Policy>, domain: String },
+}
+
 /// Resolves the route and connects to the first host that answers. Also says whether the
 /// connection's TLS was verified (REQUIRETLS messages need that), and the host's name.
 async fn connect(
@@ -133,7 +147,7 @@ async fn connect(
     route: &Route,
     require_tls: bool,
 ) -> Result<(Connection, bool, String), Status> {
-    let (targets, client) = match route {
+    let (targets, client, sts) = match route {
         Route::Lmtp { address } => {
             let client = client_config(config, true, TlsMode::None, None)?;
             if address.starts_with('/') {
@@ -145,7 +159,8 @@ async fn connect(
                     .map_err(|e| outcome::from_error(&e));
             }
             let resolver = ctx.resolver()?;
-            (route::host_port_targets(&resolver, address).await?, client)
+            let targets = route::host_port_targets(&resolver, address).await?;
+            (targets, client, Sts::Off)
         }
         Route::Smtp {
             next_hop,
@@ -153,16 +168,44 @@ async fn connect(
             auth,
         } => {
             let resolver = ctx.resolver()?;
-            let targets = match next_hop {
+            let mut mode = if require_tls { TlsMode::Verified } else { *tls };
+            let (targets, sts) = match next_hop {
                 NextHop::Mx { domain } => {
-                    route::mx_targets(&resolver, domain, config.smtp_client.port).await?
+                    let targets =
+                        route::mx_targets(&resolver, domain, config.smtp_client.port).await?;
+                    let policy = if config.smtp_client.mta_sts {
+                        ctx.mta_sts
+                            .policy(&resolver, &config.smtp_client, domain)
+                            .await
+                    } else {
+                        None
+                    };
+                    match policy {
+                        Some(policy) if policy.mode == Mode::Enforce => {
+                            mode = TlsMode::Verified;
+                            let targets = mta_sts::enforce_hosts(&policy, domain, targets)?;
+                            (targets, Sts::Enforce)
+                        }
+                        Some(policy) if policy.mode == Mode::Testing => (
+                            targets,
+                            Sts::Testing {
+                                policy,
+                                domain: domain.clone(),
+                            },
+                        ),
+                        Some(_) | None => (targets, Sts::Off),
+                    }
                 }
-                NextHop::Smarthost { host_port } => {
-                    route::host_port_targets(&resolver, host_port).await?
-                }
+                NextHop::Smarthost { host_port } => (
+                    route::host_port_targets(&resolver, host_port).await?,
+                    Sts::Off,
+                ),
             };
-            let mode = if require_tls { TlsMode::Verified } else { *tls };
-            (targets, client_config(config, false, mode, auth.as_ref())?)
+            (
+                targets,
+                client_config(config, false, mode, auth.as_ref())?,
+                sts,
+            )
         }
         Route::Maildir { .. } | Route::Unroutable { .. } => {
             return Err(Status::Deferred {
@@ -173,8 +216,17 @@ async fn connect(
     let verified = client.tls == mta_client::TlsMode::Verified;
     let mut last = None;
     for Target { name, address } in targets {
-        match Connection::connect(&mta_client::Target::Tcp(address), &name, &client).await {
-            Ok(connection) => {
+        let target = mta_client::Target::Tcp(address);
+        let attempt = match &sts {
+            Sts::Testing { policy, domain } => {
+                connect_testing(policy, domain, &target, &name, &client).await
+            }
+            Sts::Off | Sts::Enforce => Connection::connect(&target, &name, &client)
+                .await
+                .map(|c| (c, verified)),
+        };
+        match attempt {
+            Ok((connection, verified)) => {
                 let span = tracing::Span::current();
                 span.record(mta_telemetry::spans::field::MX_HOST, name.as_str());
                 span.record(
@@ -188,24 +240,66 @@ async fn connect(
             }
             Err(error) => {
                 tracing::info!(host = %name, %address, error = %error, "connection attempt failed");
-                last = Some(error);
+                last = Some((name, error));
             }
         }
     }
     Err(match last {
-        Some(error) if require_tls => outcome::from_error_requiring_tls(&error),
-        Some(error) => outcome::from_error(&error),
+        Some((_, error)) if require_tls => outcome::from_error_requiring_tls(&error),
+        Some((host, error)) if matches!(sts, Sts::Enforce) => {
+            outcome::from_error_under_mta_sts(&error, &host)
+        }
+        Some((_, error)) => outcome::from_error(&error),
         None => Status::Deferred {
             detail: "451 4.4.4 no host to connect to".into(),
         },
     })
 }
 
+/// One attempt under an MTA-STS `testing` policy (RFC 8461 §5): to a host the policy
+/// allows, verified TLS is tried first; when that fails on TLS, or when the host is not
+/// allowed, a warning says what `enforce` would have done and the configured TLS mode is
+/// used. Returns the connection and whether its TLS was verified.
+async fn connect_testing(
+    policy: &Policy,
+    domain: &str,
+    target: &mta_client::Target,
+    name: &str,
+    client: &ClientConfig,
+) -> Result<(Connection, bool), ClientError> {
+    let configured_verified = client.tls == mta_client::TlsMode::Verified;
+    if !policy.allows(name) {
+        tracing::warn!(
+            domain,
+            host = name,
+            "MTA-STS testing: MX host not in the policy; enforce would skip it"
+        );
+    } else if !configured_verified {
+        let mut strict = client.clone();
+        strict.tls = mta_client::TlsMode::Verified;
+        match Connection::connect(target, name, &strict).await {
+            Ok(connection) => return Ok((connection, true)),
+            Err(error @ (ClientError::Tls { .. } | ClientError::TlsUnavailable)) => {
+                tracing::warn!(
+                    domain,
+                    host = name,
+                    %error,
+                    "MTA-STS testing: no verified TLS to the MX host; enforce would defer"
+                );
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Connection::connect(target, name, client)
+        .await
+        .map(|c| (c, configured_verified))
+}
+
 fn client_config(
     config: &MtaConfig,
     lmtp: bool,
     tls: TlsMode,
-    auth: Option<&(String, std::path::PathBuf)>,
+    auth: Option<&RouteAuth>,
 ) -> Result<ClientConfig, Status> {
     let c = &config.smtp_client;
     let extra_roots_pem = match &c.ca_file {
@@ -217,20 +311,21 @@ fn client_config(
         })?),
         None => None,
     };
-    let auth = match auth {
-        Some((username, password_file)) => {
-            let password =
-                std::fs::read_to_string(password_file).map_err(|e| Status::Deferred {
-                    detail: format!(
-                        "451 4.3.5 cannot read password file {}: {e}",
-                        password_file.display()
-                    ),
-                })?;
-            Some(Credentials {
-                username: username.clone(),
-                password: password.trim_end_matches(['\r', '\n']).to_owned(),
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
+            .map_err(|e| Status::Deferred {
+                detail: format!("451 4.3.5 cannot read {}: {e}", path.display()),
             })
-        }
+    };
+    let auth = match auth {
+        Some(auth) => Some(Credentials {
+            username: match &auth.username_file {
+                Some(path) => read(path)?,
+                None => auth.username.clone(),
+            },
+            password: read(&auth.password_file)?,
+        }),
         None => None,
     };
     let mut client = ClientConfig::new(config.hostname.clone());

@@ -302,7 +302,7 @@ async fn mail_domain_status_carries_dns_guidance() {
 }
 
 #[tokio::test]
-async fn relay_policy_says_it_does_not_take_effect_yet() {
+async fn relay_policy_is_ready_when_all_of_it_takes_effect() {
     let (fake, ctx) = seeded();
     let path = format!("/apis/mail.petrel.dev/v1alpha1{NS}/relaypolicies/internal");
     relay_policy(typed(&fake, &path), ctx)
@@ -310,8 +310,8 @@ async fn relay_policy_says_it_does_not_take_effect_yet() {
         .expect("reconciles");
     let status = &fake.get(&path).unwrap()["status"];
     assert_eq!(status["conditions"][0]["type"], "Ready");
-    assert_eq!(status["conditions"][0]["status"], "False");
-    assert_eq!(status["conditions"][0]["reason"], "NotYetSupported");
+    assert_eq!(status["conditions"][0]["status"], "True");
+    assert_eq!(status["conditions"][0]["reason"], "Reconciled");
 }
 
 #[test]

@@ -285,12 +285,14 @@ pub fn render_listener(
     let dkim_secrets = secrets::dkim_secret_names(world);
     let checksum = sha256_hex(yaml.as_bytes());
     let auth_secret = mta_config::auth_secret(world).map(|(name, _)| name);
+    let smarthost_secret = mta_config::smarthost_secret(world);
     objects.push(Object::StatefulSet(workload::stateful_set(
         listener,
         &checksum,
         &tls_secret,
         &dkim_secrets,
         auth_secret.as_deref(),
+        smarthost_secret.as_deref(),
     )));
     objects.extend(
         workload::services(listener)

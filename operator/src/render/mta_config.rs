@@ -16,7 +16,7 @@ use crds::smtp_listener::ListenerPortKind;
 use kube::ResourceExt;
 use mta_config::{
     DkimKeyConfig, HttpConfig, ListenerConfig, ListenerKind, LocalDelivery, LocalDomainConfig,
-    MtaConfig, RouteConfig, SpoolConfig, TlsConfig, TlsMode,
+    MtaConfig, RouteAuth, RouteConfig, SpoolConfig, TlsConfig, TlsMode,
 };
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -34,6 +34,19 @@ pub const TLS_DIR: &str = "/etc/petrel/tls";
 pub const DKIM_DIR: &str = "/etc/petrel/dkim";
 /// Mount point of the AUTH users Secret (key `users`, written by `petrel-mta passwd`).
 pub const AUTH_DIR: &str = "/etc/petrel/auth";
+
+/// Mount point of the smarthost credentials Secret (keys `username`, `password`).
+pub const SMARTHOST_DIR: &str = "/etc/petrel/smarthost";
+
+/// The smarthost credentials Secret of the namespace's route: that of the first
+/// RelayPolicy (by name), whose route is the one in force.
+pub fn smarthost_secret(world: &World) -> Option<String> {
+    let route = &world.relay_policies.first()?.spec.route;
+    match (&route.mode, &route.smarthost) {
+        (RouteMode::Smarthost, Some(host)) => host.credentials_secret.clone(),
+        _ => None,
+    }
+}
 
 /// The Secret holding AUTH users for this namespace: the first RelayPolicy (by name) that
 /// names one.
@@ -299,32 +312,37 @@ fn apply_relay_policies(config: &mut MtaConfig, world: &World, notes: &mut Vec<N
             config.smtpd.rate_limits.recipients_per_domain =
                 format!("{}/{}", rate.messages, rate.interval);
         }
-        if spec.outbound_tls.mta_sts || spec.outbound_tls.dane {
-            note("outboundTls.mtaSts and outboundTls.dane are not enforced yet".to_owned());
+        if spec.outbound_tls.dane {
+            note("outboundTls.dane is not enforced yet".to_owned());
         }
         if route_set {
             continue;
         }
         route_set = true;
+        // MTA-STS is one switch for the whole MTA: the route's policy sets it.
+        config.smtp_client.mta_sts = spec.outbound_tls.mta_sts;
         let tls = match spec.outbound_tls.mode {
             OutboundTlsMode::Opportunistic => TlsMode::Opportunistic,
             OutboundTlsMode::Required => TlsMode::Required,
         };
-        let smarthost = match (&spec.route.mode, &spec.route.smarthost) {
-            (RouteMode::Smarthost, Some(host)) => {
-                if host.credentials_secret.is_some() {
-                    note("route.smarthost.credentialsSecret is not carried yet: no AUTH to the smarthost".to_owned());
-                }
-                Some(format!("{}:{}", host.host, host.port))
-            }
-            _ => None,
+        let (smarthost, auth) = match (&spec.route.mode, &spec.route.smarthost) {
+            (RouteMode::Smarthost, Some(host)) => (
+                Some(format!("{}:{}", host.host, host.port)),
+                // The Secret is mounted at SMARTHOST_DIR (see `smarthost_secret`).
+                host.credentials_secret.as_ref().map(|_| RouteAuth {
+                    username: String::new(),
+                    username_file: Some(PathBuf::from(SMARTHOST_DIR).join("username")),
+                    password_file: PathBuf::from(SMARTHOST_DIR).join("password"),
+                }),
+            ),
+            _ => (None, None),
         };
         if smarthost.is_some() || tls != TlsMode::Opportunistic {
             config.routes.push(RouteConfig {
                 domain: "*".to_owned(),
                 smarthost,
                 tls,
-                auth: None,
+                auth,
             });
         }
     }

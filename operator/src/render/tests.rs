@@ -259,3 +259,50 @@ fn dkim_key_signs_only_once_active() {
     assert!(mounted, "the key file's directory is the Secret's mount");
     assert!(!desired.notes.iter().any(|n| n.reason == "DkimKeyNotActive"));
 }
+
+/// A smarthost route with a credentials Secret: the config reads user name and password
+/// from the Secret's mount, and the StatefulSet mounts it there.
+#[test]
+fn smarthost_credentials_are_mounted_and_named_in_the_route() {
+    let mut world =
+        crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
+    world.relay_policies[0].spec.route = serde_json::from_value(serde_json::json!({
+        "mode": "Smarthost",
+        "smarthost": {"host": "relay.example.net", "port": 587, "credentialsSecret": "relay-creds"}
+    }))
+    .expect("route");
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    let config = desired.configs.values().next().expect("a config");
+    let route = config.routes.first().expect("a route");
+    assert_eq!(route.smarthost.as_deref(), Some("relay.example.net:587"));
+    assert_eq!(
+        route.auth,
+        Some(::mta_config::RouteAuth {
+            username: String::new(),
+            username_file: Some("/etc/petrel/smarthost/username".into()),
+            password_file: "/etc/petrel/smarthost/password".into(),
+        })
+    );
+    config.validate().expect("the MTA accepts it");
+    let set = desired
+        .objects
+        .iter()
+        .find_map(|o| match o {
+            Object::StatefulSet(s) => Some(serde_json::to_value(s).expect("json")),
+            _ => None,
+        })
+        .expect("a StatefulSet");
+    let volumes = set["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(
+        volumes.contains(r#""secretName":"relay-creds""#),
+        "{volumes}"
+    );
+    let mounts = set["spec"]["template"]["spec"]["containers"][0]["volumeMounts"].to_string();
+    assert!(mounts.contains("/etc/petrel/smarthost"), "{mounts}");
+    assert!(
+        !desired
+            .notes
+            .iter()
+            .any(|n| n.message.contains("credentialsSecret"))
+    );
+}

@@ -7,7 +7,7 @@
 //! They get no service-account token: MTA pods never talk to the Kubernetes API.
 
 use super::mta_config::{
-    AUTH_DIR, CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_DIR, TLS_DIR, container_port,
+    AUTH_DIR, CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_DIR, SMARTHOST_DIR, TLS_DIR, container_port,
 };
 use super::{CONFIG_CHECKSUM_ANNOTATION, labels, owned_meta};
 use crds::SmtpListener;
@@ -101,6 +101,7 @@ pub fn stateful_set(
     tls_secret: &str,
     dkim_secrets: &[String],
     auth_secret: Option<&str>,
+    smarthost_secret: Option<&str>,
 ) -> StatefulSet {
     let spec = &listener.spec;
     let mut pod_labels = owned_meta(listener, String::new(), "mta")
@@ -172,6 +173,17 @@ pub fn stateful_set(
             ..Volume::default()
         });
         mounts.push(mount("auth", AUTH_DIR));
+    }
+    if let Some(secret) = smarthost_secret {
+        volumes.push(Volume {
+            name: "smarthost".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.to_owned()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("smarthost", SMARTHOST_DIR));
     }
     for (i, secret) in dkim_secrets.iter().enumerate() {
         let volume = format!("dkim-{i}");
