@@ -53,13 +53,11 @@ pub fn from_error(error: &ClientError) -> Status {
     }
 }
 
-/// [`from_error`] for a REQUIRETLS message (RFC 8689 §5): when the next hop cannot give
-/// verified TLS the message fails for good instead of waiting for a plain-text route.
-pub fn from_error_requiring_tls(error: &ClientError) -> Status {
+/// True when the peer could not give TLS (the handshake or its verification failed, or it
+/// offers no STARTTLS). Exhaustive, like [`from_error`].
+fn is_tls_failure(error: &ClientError) -> bool {
     match error {
-        ClientError::Tls { .. } | ClientError::TlsUnavailable => Status::Failed {
-            detail: format!("550 5.7.10 REQUIRETLS: no verified TLS to the next hop ({error})"),
-        },
+        ClientError::Tls { .. } | ClientError::TlsUnavailable => true,
         ClientError::Connect { .. }
         | ClientError::Timeout { .. }
         | ClientError::Io { .. }
@@ -69,7 +67,19 @@ pub fn from_error_requiring_tls(error: &ClientError) -> Status {
         | ClientError::Rejected { .. }
         | ClientError::MessageTooBig { .. }
         | ClientError::EightBitUnsupported
-        | ClientError::Smtputf8Unsupported => from_error(error),
+        | ClientError::Smtputf8Unsupported => false,
+    }
+}
+
+/// [`from_error`] for a REQUIRETLS message (RFC 8689 §5): when the next hop cannot give
+/// verified TLS the message fails for good instead of waiting for a plain-text route.
+pub fn from_error_requiring_tls(error: &ClientError) -> Status {
+    if is_tls_failure(error) {
+        Status::Failed {
+            detail: format!("550 5.7.10 REQUIRETLS: no verified TLS to the next hop ({error})"),
+        }
+    } else {
+        from_error(error)
     }
 }
 
@@ -77,20 +87,12 @@ pub fn from_error_requiring_tls(error: &ClientError) -> Status {
 /// the MX host cannot give TLS verified for its name, the attempt is deferred with
 /// `4.7.5` and never retried in plain text.
 pub fn from_error_under_mta_sts(error: &ClientError, host: &str) -> Status {
-    match error {
-        ClientError::Tls { .. } | ClientError::TlsUnavailable => Status::Deferred {
+    if is_tls_failure(error) {
+        Status::Deferred {
             detail: format!("451 4.7.5 MTA-STS: no verified TLS to {host} ({error})"),
-        },
-        ClientError::Connect { .. }
-        | ClientError::Timeout { .. }
-        | ClientError::Io { .. }
-        | ClientError::Protocol { .. }
-        | ClientError::AuthFailed { .. }
-        | ClientError::AuthUnavailable
-        | ClientError::Rejected { .. }
-        | ClientError::MessageTooBig { .. }
-        | ClientError::EightBitUnsupported
-        | ClientError::Smtputf8Unsupported => from_error(error),
+        }
+    } else {
+        from_error(error)
     }
 }
 

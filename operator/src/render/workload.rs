@@ -94,6 +94,19 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// A volume of the Secret `secret`; `optional` lets the pod start before it exists.
+fn secret_volume(name: &str, secret: &str, optional: bool) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_owned()),
+            optional: Some(optional),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
 /// The StatefulSet of MTA pods.
 pub fn stateful_set(
     listener: &SmtpListener,
@@ -133,16 +146,8 @@ pub fn stateful_set(
             }),
             ..Volume::default()
         },
-        Volume {
-            name: "tls".to_owned(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(tls_secret.to_owned()),
-                // cert-manager may not have issued it yet; the MTA reloads it when it appears.
-                optional: Some(spec.tls.issuer_ref.is_some()),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
+        // cert-manager may not have issued it yet; the MTA reloads it when it appears.
+        secret_volume("tls", tls_secret, spec.tls.issuer_ref.is_some()),
         Volume {
             name: "tmp".to_owned(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -164,39 +169,17 @@ pub fn stateful_set(
         },
     ];
     if let Some(secret) = auth_secret {
-        volumes.push(Volume {
-            name: "auth".to_owned(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.to_owned()),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        volumes.push(secret_volume("auth", secret, false));
         mounts.push(mount("auth", AUTH_DIR));
     }
     if let Some(secret) = smarthost_secret {
-        volumes.push(Volume {
-            name: "smarthost".to_owned(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.to_owned()),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        volumes.push(secret_volume("smarthost", secret, false));
         mounts.push(mount("smarthost", SMARTHOST_DIR));
     }
     for (i, secret) in dkim_secrets.iter().enumerate() {
         let volume = format!("dkim-{i}");
-        volumes.push(Volume {
-            name: volume.clone(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                // A key that is still Pending must not keep the MTA from starting.
-                optional: Some(true),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        // A key that is still Pending must not keep the MTA from starting.
+        volumes.push(secret_volume(&volume, secret, true));
         mounts.push(mount(&volume, &format!("{DKIM_DIR}/{secret}")));
     }
     let container = Container {
