@@ -25,8 +25,9 @@ use std::net::{IpAddr, SocketAddr};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-/// Longest header accepted: a v2 header's 16 fixed bytes plus the largest length its
-/// 16-bit field can give (v1 lines stop at 107 bytes, checked by `ppp`).
+/// Longest header there is: a v2 header's 16 fixed bytes plus the largest length its
+/// 16-bit field can give (v1 lines stop at 107 bytes). A parse never answers
+/// [`Parsed::Incomplete`] for this many bytes.
 pub const MAX_HEADER: usize = 16 + 0xFFFF;
 
 /// Bytes looked at per peek. Covers a v1 line and a v2 header for IPv6 with the usual
@@ -115,9 +116,7 @@ pub fn parse(bytes: &[u8]) -> Parsed {
     let v2 = ppp::v2::PROTOCOL_PREFIX;
     let n = bytes.len().min(v2.len());
     if bytes[..n] == v2[..n] {
-        if bytes.len() >= MAX_HEADER {
-            return Parsed::Invalid(format!("v2: longer than {MAX_HEADER} bytes"));
-        }
+        // Bounded by its own 16-bit length field: at most MAX_HEADER bytes.
         return parse_v2(bytes);
     }
     let n = bytes.len().min(V1_PREFIX.len());
@@ -200,8 +199,8 @@ pub async fn read_header(stream: &mut TcpStream) -> Result<Origin, Error> {
     let mut header = Vec::new();
     let mut chunk = [0u8; PEEK_CHUNK];
     loop {
-        let want = PEEK_CHUNK.min(MAX_HEADER - header.len()).max(1);
-        let n = stream.peek(&mut chunk[..want]).await?;
+        // `header` stays under MAX_HEADER bytes: `parse` never asks for more beyond it.
+        let n = stream.peek(&mut chunk).await?;
         if n == 0 {
             return Err(Error::Closed);
         }
@@ -329,6 +328,22 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn the_largest_v2_header_is_complete() {
+        let mut header = v2(0x1, 0x11, &[0; 12], &[]);
+        header[14..16].copy_from_slice(&0xFFFFu16.to_be_bytes());
+        header.resize(MAX_HEADER, 0);
+        assert_eq!(parse(&header[..MAX_HEADER - 1]), Parsed::Incomplete);
+        header.extend_from_slice(b"EHLO");
+        assert!(matches!(
+            parse(&header),
+            Parsed::Complete {
+                length: MAX_HEADER,
+                ..
+            }
+        ));
     }
 
     #[test]
