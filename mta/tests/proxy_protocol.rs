@@ -145,3 +145,21 @@ async fn a_connection_without_a_header_is_closed_and_others_go_on() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reload_turns_the_header_off_without_a_rebind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, address) = start(&dir).await;
+    let mut plain = Client::connect(address, b"").await;
+    plain.writer.shutdown().await.expect("half close");
+    assert_eq!(plain.reply().await, None, "no header: closed");
+
+    // The listener looks its settings up in the config in force at each accept.
+    let mut config = (*server.ctx.config()).clone();
+    config.listeners[0].proxy_protocol = false;
+    server.ctx.set_config(config);
+    let mut plain = Client::connect(address, b"").await;
+    assert!(plain.reply().await.expect("greeting").starts_with("220 "));
+    assert!(plain.command("QUIT").await.starts_with("221 "));
+    server.shutdown().await;
+}
