@@ -56,10 +56,9 @@ pub async fn run(
                 continue;
             }
         };
-        let admitted = if proxied {
-            ctx.admit_connection()
-        } else {
-            ctx.admit(peer.ip())
+        let admitted = match proxied {
+            ProxyHeader::Expected => ctx.admit_connection(),
+            ProxyHeader::NotExpected => ctx.admit(peer.ip()),
         };
         match admitted {
             Ok(slot) => {
@@ -83,13 +82,20 @@ pub async fn run(
     }
 }
 
+/// Whether a connection starts with a PROXY header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyHeader {
+    Expected,
+    NotExpected,
+}
+
 /// Whether a connection from `peer` starts with a PROXY header; an error when the
 /// listener wants one but `peer` may not send it.
 fn expects_proxy_header(
     ctx: &Context,
     configured: &ListenerConfig,
     peer: SocketAddr,
-) -> Result<bool, proxy::Error> {
+) -> Result<ProxyHeader, proxy::Error> {
     let config = ctx.config();
     // A listener is only removed by a reload after the new config is in force, so for a
     // moment it may not be in the config: it then keeps the settings it started with.
@@ -99,12 +105,12 @@ fn expects_proxy_header(
         .find(|l| l.address == configured.address && l.kind == configured.kind)
         .unwrap_or(configured);
     if !current.proxy_protocol {
-        return Ok(false);
+        return Ok(ProxyHeader::NotExpected);
     }
     if !proxy::trusted(current, peer.ip()) {
         return Err(proxy::Error::Untrusted(peer.ip()));
     }
-    Ok(true)
+    Ok(ProxyHeader::Expected)
 }
 
 /// An accepted connection until its session starts.
@@ -118,18 +124,19 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(mut self, proxied: bool, ctx: Arc<Context>, shutdown: Shutdown) {
-        let peer = if proxied {
-            let Some(client) = self.read_proxy_header(&ctx).await else {
-                return;
-            };
-            if let Err(refused) = self.slot.count_ip(client.ip()) {
-                tracing::warn!(peer = %client, proxy = %self.socket_peer, ?refused, "connection refused by limit");
-                return refuse(self.stream, refused).await;
+    async fn serve(mut self, header: ProxyHeader, ctx: Arc<Context>, shutdown: Shutdown) {
+        let peer = match header {
+            ProxyHeader::NotExpected => self.socket_peer,
+            ProxyHeader::Expected => {
+                let Some(client) = self.read_proxy_header(&ctx).await else {
+                    return;
+                };
+                if let Err(refused) = self.slot.count_ip(client.ip()) {
+                    tracing::warn!(peer = %client, proxy = %self.socket_peer, ?refused, "connection refused by limit");
+                    return refuse(self.stream, refused).await;
+                }
+                client
             }
-            client
-        } else {
-            self.socket_peer
         };
         if let Some(stream) = open(self.stream, self.kind, &ctx, peer).await {
             Session::new(stream, ctx, peer, self.kind)

@@ -222,6 +222,9 @@ async fn queue_command(address: std::net::SocketAddr, op: QueueOp, json: bool) -
 
 async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
     let summary = describe(&config);
+    // Before "listening" is printed: a SIGTERM sent as soon as that line appears must
+    // drain, not kill with the default action.
+    let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let server = match Server::start(config, path).await {
         Ok(server) => server,
         Err(e) => {
@@ -245,7 +248,7 @@ async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
             server.recovered
         );
     }
-    wait_for_signal().await;
+    wait_for_signal(terminate).await;
     println!("petrel-mta: shutting down (finishing sessions in progress)");
     server.shutdown().await;
     println!("petrel-mta: stopped");
@@ -281,16 +284,15 @@ fn describe(config: &MtaConfig) -> String {
     out
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+async fn wait_for_signal(terminate: Option<tokio::signal::unix::Signal>) {
+    match terminate {
+        Some(mut term) => {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
         }
-        Err(_) => {
+        None => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
