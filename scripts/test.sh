@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole Petrel test suite: formatting, lints, Rust tests, and the end-to-end suite that
 # drives the real binaries with independent peers (Python smtplib/aiosmtpd, swaks, Postfix
-# tools, dkimpy). Installs what those tests need when it is missing, and says so.
+# tools, dkimpy, HAProxy). Installs what those tests need when it is missing, and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,7 @@ command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || apt_missing
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || apt_missing+=(dnsmasq-base)
 command -v openssl >/dev/null || apt_missing+=(openssl)
 command -v dovecot >/dev/null || [ -x /usr/sbin/dovecot ] || apt_missing+=(dovecot-lmtpd)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || apt_missing+=(haproxy)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     say "installing Debian packages needed by the tests: ${apt_missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

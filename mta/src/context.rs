@@ -64,20 +64,42 @@ pub enum ConnectionRefused {
     PerIp,
 }
 
-/// Counts one open connection until dropped.
+/// Counts one open connection until dropped: against `smtpd.max_connections` always, and
+/// against `smtpd.max_connections_per_ip` once its client address is known.
 pub struct ConnectionSlot {
     ctx: Arc<Context>,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
+}
+
+impl ConnectionSlot {
+    /// Counts this connection for client `ip` too, or says that `ip` has too many. On a
+    /// `proxy_protocol` listener this happens after the header, with the client's address
+    /// rather than the proxy's. Counts once: a second call does nothing.
+    pub fn count_ip(&mut self, ip: IpAddr) -> Result<(), ConnectionRefused> {
+        if self.ip.is_some() {
+            return Ok(());
+        }
+        let max = self.ctx.config().smtpd.max_connections_per_ip;
+        let mut conns = self.ctx.connections();
+        if conns.per_ip.get(&ip).is_some_and(|n| *n >= max) {
+            return Err(ConnectionRefused::PerIp);
+        }
+        *conns.per_ip.entry(ip).or_default() += 1;
+        self.ip = Some(ip);
+        Ok(())
+    }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut conns = self.ctx.connections();
         conns.total -= 1;
-        if let Some(n) = conns.per_ip.get_mut(&self.ip) {
+        if let Some(ip) = self.ip
+            && let Some(n) = conns.per_ip.get_mut(&ip)
+        {
             *n -= 1;
             if *n == 0 {
-                conns.per_ip.remove(&self.ip);
+                conns.per_ip.remove(&ip);
             }
         }
     }
@@ -125,20 +147,23 @@ impl Context {
 
     /// Takes a connection slot for `ip`, or says which limit refuses it.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, ConnectionRefused> {
-        let config = self.config();
+        let mut slot = self.admit_connection()?;
+        slot.count_ip(ip)?;
+        Ok(slot)
+    }
+
+    /// Takes a connection slot whose client address is not known yet (a `proxy_protocol`
+    /// listener before the header); [`ConnectionSlot::count_ip`] adds it later.
+    pub fn admit_connection(self: &Arc<Self>) -> Result<ConnectionSlot, ConnectionRefused> {
+        let max = self.config().smtpd.max_connections;
         let mut conns = self.connections();
-        if conns.total >= config.smtpd.max_connections {
+        if conns.total >= max {
             return Err(ConnectionRefused::Total);
         }
-        let per_ip = conns.per_ip.entry(ip).or_default();
-        if *per_ip >= config.smtpd.max_connections_per_ip {
-            return Err(ConnectionRefused::PerIp);
-        }
-        *per_ip += 1;
         conns.total += 1;
         Ok(ConnectionSlot {
             ctx: self.clone(),
-            ip,
+            ip: None,
         })
     }
 

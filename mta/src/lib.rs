@@ -1,12 +1,13 @@
 //! petrel-mta: the Petrel SMTP server, as a library the binary and the tests share.
 //!
 //! Modules in the order mail flows through them:
-//! [`listener`] accepts connections → [`session`] speaks SMTP → [`policy`] decides about
-//! each recipient → [`cleanup`] adds trace headers and is the only writer of the
-//! [`spool`] → [`queue`]'s scheduler decides when each message is attempted →
-//! [`delivery`] sends it (SMTP/LMTP, or [`local`] Maildirs) → [`dsn`] tells the sender
-//! about failures and delays. [`admin`] serves `petrel-mta queue`; [`context`] holds what
-//! every stage shares; [`shutdown`] stops them in order.
+//! [`listener`] accepts connections (after a [`proxy`] header where configured) →
+//! [`session`] speaks SMTP → [`policy`] decides about each recipient → [`cleanup`] adds
+//! trace headers and is the only writer of the [`spool`] → [`queue`]'s scheduler decides
+//! when each message is attempted → [`delivery`] sends it (SMTP/LMTP, or [`local`]
+//! Maildirs) → [`dsn`] tells the sender about failures and delays. [`admin`] serves
+//! `petrel-mta queue`; [`context`] holds what every stage shares; [`shutdown`] stops them
+//! in order.
 
 pub mod admin;
 pub mod checks;
@@ -18,6 +19,7 @@ pub mod limits;
 pub mod listener;
 pub mod local;
 pub mod policy;
+pub mod proxy;
 pub mod queue;
 pub mod reload;
 pub mod server;

@@ -1,26 +1,39 @@
-//! Accepts TCP connections on one listening socket, applies the connection limits, and
-//! starts a [`Session`] per connection.
+//! Accepts TCP connections on one listening socket, applies the connection limits, reads
+//! the PROXY protocol header where the listener expects one, and starts a [`Session`] per
+//! connection.
 //!
 //! Never blocks the accept loop: a refused connection gets its `421 4.7.0` from a task of
-//! its own, and accept errors (e.g. out of file descriptors) are logged and retried after a
+//! its own, the PROXY header and the implicit TLS handshake are read in the connection's
+//! task, and accept errors (e.g. out of file descriptors) are logged and retried after a
 //! short pause instead of ending the listener.
+//!
+//! Order on a connection: `smtpd.max_connections` at accept → the PROXY header (when
+//! `proxy_protocol` is on) → `smtpd.max_connections_per_ip` on the client address →
+//! the TLS handshake (`smtps`) → the session. Behind a proxy the per-IP limit must wait
+//! for the header: at accept, every connection comes from the proxy's address, and
+//! limiting that would cap the whole service at one client's share.
 
-use crate::context::{ConnectionRefused, Context};
+use crate::context::{ConnectionRefused, ConnectionSlot, Context};
+use crate::proxy;
 use crate::session::{Reply, Session};
 use crate::shutdown::Shutdown;
 use crate::stream::Stream;
-use mta_config::ListenerKind;
+use mta_config::{ListenerConfig, ListenerKind};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+/// Serves `listener`, configured as `configured`. Settings that can change on reload
+/// without rebinding (PROXY protocol) are looked up in the config in force at each accept.
 pub async fn run(
     listener: TcpListener,
-    kind: ListenerKind,
+    configured: ListenerConfig,
     ctx: Arc<Context>,
     mut shutdown: Shutdown,
 ) {
+    let kind = configured.kind;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -35,24 +48,123 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
-        match ctx.admit(peer.ip()) {
+        let proxied = match expects_proxy_header(&ctx, &configured, peer) {
+            Ok(proxied) => proxied,
+            Err(e) => {
+                ctx.metrics.proxy_header(e.metric_label());
+                tracing::warn!(peer = %peer, error = %e, "connection closed");
+                continue;
+            }
+        };
+        let admitted = match proxied {
+            ProxyHeader::Expected => ctx.admit_connection(),
+            ProxyHeader::NotExpected => ctx.admit(peer.ip()),
+        };
+        match admitted {
             Ok(slot) => {
                 let ctx = ctx.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    if let Some(stream) = open(stream, kind, &ctx).await {
-                        Session::new(stream, ctx, peer, kind).run(shutdown).await;
-                    }
-                    drop(slot);
+                    let connection = Connection {
+                        stream,
+                        socket_peer: peer,
+                        kind,
+                        slot,
+                    };
+                    connection.serve(proxied, ctx, shutdown).await;
                 });
             }
             Err(refused) => {
                 tracing::warn!(peer = %peer, ?refused, "connection refused by limit");
-                let reply = match refused {
-                    ConnectionRefused::Total => Reply::TOO_MANY_CONNECTIONS,
-                    ConnectionRefused::PerIp => Reply::TOO_MANY_CONNECTIONS_FROM_IP,
+                tokio::spawn(refuse(stream, refused));
+            }
+        }
+    }
+}
+
+/// Whether a connection starts with a PROXY header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyHeader {
+    Expected,
+    NotExpected,
+}
+
+/// Whether a connection from `peer` starts with a PROXY header; an error when the
+/// listener wants one but `peer` may not send it.
+fn expects_proxy_header(
+    ctx: &Context,
+    configured: &ListenerConfig,
+    peer: SocketAddr,
+) -> Result<ProxyHeader, proxy::Error> {
+    let config = ctx.config();
+    // A listener is only removed by a reload after the new config is in force, so for a
+    // moment it may not be in the config: it then keeps the settings it started with.
+    let current = config
+        .listeners
+        .iter()
+        .find(|l| l.address == configured.address && l.kind == configured.kind)
+        .unwrap_or(configured);
+    if !current.proxy_protocol {
+        return Ok(ProxyHeader::NotExpected);
+    }
+    if !proxy::trusted(current, peer.ip()) {
+        return Err(proxy::Error::Untrusted(peer.ip()));
+    }
+    Ok(ProxyHeader::Expected)
+}
+
+/// An accepted connection until its session starts.
+struct Connection {
+    stream: TcpStream,
+    /// The TCP peer: the client, or the proxy in front of it.
+    socket_peer: SocketAddr,
+    kind: ListenerKind,
+    /// Held until the session ends.
+    slot: ConnectionSlot,
+}
+
+impl Connection {
+    async fn serve(mut self, header: ProxyHeader, ctx: Arc<Context>, shutdown: Shutdown) {
+        let peer = match header {
+            ProxyHeader::NotExpected => self.socket_peer,
+            ProxyHeader::Expected => {
+                let Some(client) = self.read_proxy_header(&ctx).await else {
+                    return;
                 };
-                tokio::spawn(refuse(stream, reply));
+                if let Err(refused) = self.slot.count_ip(client.ip()) {
+                    tracing::warn!(peer = %client, proxy = %self.socket_peer, ?refused, "connection refused by limit");
+                    return refuse(self.stream, refused).await;
+                }
+                client
+            }
+        };
+        if let Some(stream) = open(self.stream, self.kind, &ctx, peer).await {
+            Session::new(stream, ctx, peer, self.kind)
+                .run(shutdown)
+                .await;
+        }
+        drop(self.slot);
+    }
+
+    /// The client address from the PROXY header, or `None` when the connection is to be
+    /// closed (logged and counted).
+    async fn read_proxy_header(&mut self, ctx: &Context) -> Option<SocketAddr> {
+        let limit = ctx.config().smtpd.proxy_header_timeout;
+        let read = tokio::time::timeout(limit, proxy::read_header(&mut self.stream)).await;
+        match read.unwrap_or(Err(proxy::Error::Timeout(limit))) {
+            Ok(origin) => {
+                let client = origin.resolve(self.socket_peer);
+                ctx.metrics.proxy_header(match origin {
+                    proxy::Origin::Client(_) => "ok",
+                    proxy::Origin::Socket => "local",
+                });
+                tracing::debug!(peer = %client, proxy = %self.socket_peer, "PROXY header read");
+                Some(client)
+            }
+            Err(e) => {
+                ctx.metrics.proxy_header(e.metric_label());
+                tracing::info!(proxy = %self.socket_peer, error = %e, "connection closed");
+                None
             }
         }
     }
@@ -60,7 +172,12 @@ pub async fn run(
 
 /// Plain for `smtp` and `submission`; for `smtps`, the TLS handshake comes first (RFC
 /// 8314). A failed handshake ends this connection only.
-async fn open(stream: TcpStream, kind: ListenerKind, ctx: &Context) -> Option<Stream<TcpStream>> {
+async fn open(
+    stream: TcpStream,
+    kind: ListenerKind,
+    ctx: &Context,
+    peer: SocketAddr,
+) -> Option<Stream<TcpStream>> {
     if kind != ListenerKind::Smtps {
         return Some(Stream::Plain(stream));
     }
@@ -73,14 +190,18 @@ async fn open(stream: TcpStream, kind: ListenerKind, ctx: &Context) -> Option<St
         }
         Ok(Err(e)) => {
             ctx.metrics.tls_handshake(false);
-            tracing::info!(error = %e, "implicit TLS handshake failed");
+            tracing::info!(peer = %peer, error = %e, "implicit TLS handshake failed");
             None
         }
         Err(_) => None,
     }
 }
 
-async fn refuse(mut stream: TcpStream, reply: Reply) {
+async fn refuse(mut stream: TcpStream, refused: ConnectionRefused) {
+    let reply = match refused {
+        ConnectionRefused::Total => Reply::TOO_MANY_CONNECTIONS,
+        ConnectionRefused::PerIp => Reply::TOO_MANY_CONNECTIONS_FROM_IP,
+    };
     let mut out = Vec::new();
     reply.write_to(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;

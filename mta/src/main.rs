@@ -222,6 +222,9 @@ async fn queue_command(address: std::net::SocketAddr, op: QueueOp, json: bool) -
 
 async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
     let summary = describe(&config);
+    // Before anything listens: a signal sent as soon as "listening" appears must drain,
+    // not kill with the default action.
+    let stop = StopSignals::install();
     let server = match Server::start(config, path).await {
         Ok(server) => server,
         Err(e) => {
@@ -229,7 +232,6 @@ async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let stop = StopSignals::install();
     if let Some(address) = server.http_address {
         println!("petrel-mta: /metrics, /healthz and /readyz on http://{address}");
     }

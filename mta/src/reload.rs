@@ -13,7 +13,7 @@
 
 use crate::context::Context;
 use crate::shutdown::Shutdown;
-use mta_config::{ListenerKind, MtaConfig};
+use mta_config::{ListenerConfig, ListenerKind, MtaConfig};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -57,7 +57,7 @@ pub type Listeners = HashMap<(SocketAddr, ListenerKind), RunningListener>;
 /// Starts a listener task that ends on shutdown or when its `stop` fires.
 pub fn spawn_listener(
     socket: TcpListener,
-    kind: ListenerKind,
+    configured: ListenerConfig,
     ctx: Arc<Context>,
     shutdown: Shutdown,
 ) -> RunningListener {
@@ -67,7 +67,7 @@ pub fn spawn_listener(
     let (stop, stopped) = oneshot::channel();
     tokio::spawn(async move {
         tokio::select! {
-            () = crate::listener::run(socket, kind, ctx, shutdown) => {}
+            () = crate::listener::run(socket, configured, ctx, shutdown) => {}
             _ = stopped => tracing::info!(%bound, "listener closed by config reload"),
         }
     });
@@ -143,23 +143,22 @@ pub async fn apply(
             );
         }
     }
-    let wanted: Vec<(SocketAddr, ListenerKind)> = config
-        .listeners
-        .iter()
-        .map(|l| (l.address, l.kind))
-        .collect();
+    // Listeners are keyed by address and kind; their other settings (PROXY protocol) are
+    // read from the config in force at each accept, so a change needs no rebind.
+    let wanted: Vec<ListenerConfig> = config.listeners.clone();
     ctx.set_config(config);
     ctx.reload.set(None);
 
-    listeners.retain(|key, _| wanted.contains(key));
+    listeners.retain(|key, _| wanted.iter().any(|l| (l.address, l.kind) == *key));
     // Dropping a RunningListener fires its stop channel.
-    for key in wanted {
+    for listener in wanted {
+        let key = (listener.address, listener.kind);
         if listeners.contains_key(&key) {
             continue;
         }
         match TcpListener::bind(key.0).await {
             Ok(socket) => {
-                let running = spawn_listener(socket, key.1, ctx.clone(), subscribe());
+                let running = spawn_listener(socket, listener, ctx.clone(), subscribe());
                 tracing::info!(address = %running.bound, kind = ?key.1, "listener opened by config reload");
                 println!("petrel-mta: listening for SMTP on {}", running.bound);
                 listeners.insert(key, running);

@@ -9,7 +9,7 @@ use crate::shutdown::Trigger;
 use crate::spool::{self, Spool};
 use crate::tls::Certificates;
 use crate::users::Users;
-use mta_config::{ListenerKind, MtaConfig};
+use mta_config::MtaConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,8 +96,7 @@ impl Server {
 
         let trigger = Trigger::new();
         let (handle, commands) = SchedulerHandle::channel();
-        let kinds: Vec<ListenerKind> = config.listeners.iter().map(|l| l.kind).collect();
-        let configured: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
+        let configured = config.listeners.clone();
         let signer = crate::signing::signer(&config.dkim).map_err(StartError::Dkim)?;
         let verifier = if config.mail_auth.verify || !config.mail_auth.dnsbl_zones.is_empty() {
             Some(
@@ -157,9 +156,11 @@ impl Server {
         };
         tokio::spawn(crate::admin::serve(admin, ctx.clone(), trigger.subscribe()));
         let mut listeners = Listeners::new();
-        for ((socket, kind), configured) in sockets.into_iter().zip(kinds).zip(configured) {
-            let running = reload::spawn_listener(socket, kind, ctx.clone(), trigger.subscribe());
-            listeners.insert((configured, kind), running);
+        for (socket, configured) in sockets.into_iter().zip(configured) {
+            let key = (configured.address, configured.kind);
+            let running =
+                reload::spawn_listener(socket, configured, ctx.clone(), trigger.subscribe());
+            listeners.insert(key, running);
         }
         // Without a file there is nothing to reload: the server keeps the listeners.
         let mut kept = None;

@@ -119,6 +119,44 @@ pub struct ListenerConfig {
     /// Protocol flavour of this port. Default: `smtp`.
     #[serde(default = "default_listener_kind")]
     pub kind: ListenerKind,
+    /// Every connection starts with a PROXY protocol header (HAProxy's v1 text or v2
+    /// binary form, told apart automatically), as sent by a load balancer that keeps the
+    /// client's address this way. The address in the header then stands for the client
+    /// everywhere: per-IP connection and rate limits, `relay.client_networks`, SPF and
+    /// DNSBL checks, the `Received:` header and the logs. The header is read before the
+    /// greeting and, on `smtps`, before the TLS handshake; a connection without a valid
+    /// header within `smtpd.proxy_header_timeout` is closed. A v2 `LOCAL` header (a
+    /// health check) or v1 `UNKNOWN` keeps the socket's address. Only turn this on behind
+    /// a proxy that sends the header: plain clients are dropped. Default: `false`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub proxy_protocol: bool,
+    /// Networks (CIDR) whose connections may carry the PROXY header; a connection from
+    /// anywhere else is closed before a byte is read, so a client that reaches the port
+    /// directly cannot claim another address. Set it when the port is reachable by more
+    /// than the proxy (e.g. a pod address inside the cluster). Needs `proxy_protocol`, and
+    /// an empty list is refused (it would close every connection). Default: absent, which
+    /// trusts any sender: a cloud load balancer's source addresses are often neither known
+    /// nor stable, and the port is then guarded by the network (a NetworkPolicy) instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_trusted_networks: Option<Vec<ipnet::IpNet>>,
+}
+
+impl ListenerConfig {
+    /// A listener on `address` of `kind` with every other setting at its default.
+    pub fn new(address: SocketAddr, kind: ListenerKind) -> Self {
+        Self {
+            address,
+            kind,
+            proxy_protocol: false,
+            proxy_trusted_networks: None,
+        }
+    }
+}
+
+// Left out of the serialised form when off, so a config rendered without PROXY protocol
+// reads exactly as before the setting existed.
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 fn default_listener_kind() -> ListenerKind {
@@ -148,8 +186,16 @@ pub struct SmtpdConfig {
     /// Concurrent connections over all listeners; further ones get `421 4.7.0` and are
     /// closed. Default: `5000`.
     pub max_connections: usize,
-    /// Concurrent connections from one client IP address. Default: `50`.
+    /// Concurrent connections from one client IP address. On a `proxy_protocol`
+    /// listener the address is the one in the PROXY header, counted once the header has
+    /// been read (the proxy's own address is not limited). Default: `50`.
     pub max_connections_per_ip: usize,
+    /// Time allowed for the PROXY protocol header on `proxy_protocol` listeners, from
+    /// accept to the header's last byte; expiry closes the connection without a reply.
+    /// A proxy sends the header at once. Default: `5s` (Postfix's
+    /// `smtpd_upstream_proxy_timeout`).
+    #[serde(with = "duration")]
+    pub proxy_header_timeout: Duration,
     /// File of `user:argon2-PHC-hash[:sender,...]` lines (write entries with
     /// `petrel-mta passwd`). Senders are addresses or `@domain`s the user may use in MAIL
     /// FROM; without them, only the user name itself (when it is an address). AUTH is
@@ -227,6 +273,7 @@ impl Default for SmtpdConfig {
             max_errors: 10,
             max_connections: 5000,
             max_connections_per_ip: 50,
+            proxy_header_timeout: Duration::from_secs(5),
             auth_users_file: None,
             auth_allow_plaintext: false,
             rate_limits: RateLimitsConfig::default(),
@@ -311,10 +358,10 @@ impl Default for MtaConfig {
         Self {
             version: CONFIG_VERSION,
             hostname: "localhost".to_owned(),
-            listeners: vec![ListenerConfig {
-                address: SocketAddr::from(([127, 0, 0, 1], 2525)),
-                kind: ListenerKind::Smtp,
-            }],
+            listeners: vec![ListenerConfig::new(
+                SocketAddr::from(([127, 0, 0, 1], 2525)),
+                ListenerKind::Smtp,
+            )],
             smtpd: SmtpdConfig::default(),
             spool: SpoolConfig::default(),
             local_domains: Vec::new(),

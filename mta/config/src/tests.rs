@@ -123,3 +123,70 @@ fn domain_name_table() {
         assert_eq!(validate::is_domain_name(name), ok, "{name:?}");
     }
 }
+
+#[test]
+fn proxy_protocol_is_off_by_default_and_left_out_when_off() {
+    let config = MtaConfig::from_yaml("listeners:\n  - address: 127.0.0.1:25\n").expect("valid");
+    assert!(!config.listeners[0].proxy_protocol);
+    assert_eq!(config.listeners[0].proxy_trusted_networks, None);
+    assert!(!config.to_yaml().contains("proxy_protocol"));
+}
+
+#[test]
+fn proxy_protocol_settings_parse_and_round_trip() {
+    let yaml = "\
+listeners:
+  - address: 0.0.0.0:10025
+    proxy_protocol: true
+    proxy_trusted_networks: [10.0.0.0/8, 'fd00::/8']
+smtpd:
+  proxy_header_timeout: 500ms
+";
+    let config = MtaConfig::from_yaml(yaml).expect("valid");
+    let listener = &config.listeners[0];
+    assert!(listener.proxy_protocol);
+    assert_eq!(
+        listener.proxy_trusted_networks.as_deref().map(<[_]>::len),
+        Some(2)
+    );
+    assert_eq!(
+        config.smtpd.proxy_header_timeout,
+        Duration::from_millis(500)
+    );
+    let back = MtaConfig::from_yaml(&config.to_yaml()).expect("round trip");
+    assert_eq!(back, config);
+}
+
+#[test]
+fn proxy_settings_problems_name_their_keys() {
+    let yaml = "\
+listeners:
+  - address: 127.0.0.1:25
+    proxy_trusted_networks: [10.0.0.0/8]
+  - address: 127.0.0.1:26
+    proxy_protocol: true
+    proxy_trusted_networks: []
+smtpd:
+  proxy_header_timeout: 0s
+";
+    let err = MtaConfig::from_yaml(yaml).expect_err("refused");
+    let ConfigError::Invalid(problems) = err else {
+        panic!("expected semantic problems, got {err}");
+    };
+    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "listeners[0].proxy_trusted_networks",
+            "listeners[1].proxy_trusted_networks",
+            "smtpd.proxy_header_timeout"
+        ]
+    );
+}
+
+#[test]
+fn proxy_trusted_networks_must_be_networks() {
+    let yaml = "listeners:\n  - address: 127.0.0.1:25\n    proxy_protocol: true\n    proxy_trusted_networks: [haproxy]\n";
+    let text = MtaConfig::from_yaml(yaml).expect_err("refused").to_string();
+    assert!(text.contains("proxy_trusted_networks"), "{text}");
+}

@@ -100,6 +100,18 @@ impl MtaConfig {
                     "smtps (implicit TLS) needs tls.cert_file and tls.key_file".into(),
                 );
             }
+            match &listener.proxy_trusted_networks {
+                Some(_) if !listener.proxy_protocol => problem(
+                    format!("listeners[{i}].proxy_trusted_networks"),
+                    "has no effect without proxy_protocol: true".into(),
+                ),
+                Some(networks) if networks.is_empty() => problem(
+                    format!("listeners[{i}].proxy_trusted_networks"),
+                    "an empty list would close every connection; remove the key to trust any sender"
+                        .into(),
+                ),
+                _ => {}
+            }
             if listener.kind != crate::ListenerKind::Smtp && self.smtpd.auth_users_file.is_none() {
                 problem(
                     format!("listeners[{i}].kind"),
@@ -162,6 +174,12 @@ impl MtaConfig {
         }
         if smtpd.data_timeout.as_secs() == 0 {
             problem("smtpd.data_timeout".into(), "must be at least 1s".into());
+        }
+        if smtpd.proxy_header_timeout.is_zero() {
+            problem(
+                "smtpd.proxy_header_timeout".into(),
+                "must be longer than 0s".into(),
+            );
         }
         if smtpd.max_connections == 0 {
             problem("smtpd.max_connections".into(), "must be at least 1".into());

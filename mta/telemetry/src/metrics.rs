@@ -25,6 +25,7 @@
 //! | `petrel_mta_spool_sync_duration_seconds` | | `petrel.mta.spool.sync.duration` |
 //! | `petrel_mta_spool_sync_batch_messages` | | `petrel.mta.spool.sync.batch` |
 //! | `petrel_mta_tls_handshakes_total` | `result` | `petrel.mta.tls.handshakes` |
+//! | `petrel_mta_proxy_headers_total` | `result` | `petrel.mta.proxy.headers` |
 //! | `petrel_mta_auth_failures_total` | | `petrel.mta.auth.failures` |
 //! | `petrel_mta_rate_limited_total` | `limit` | `petrel.mta.rate_limited` |
 //! | `petrel_mta_otel_spans_dropped_total` | `reason` | (not mirrored) |
@@ -148,6 +149,18 @@ fn delivery_histogram() -> Histogram {
     Histogram::new(buckets(DELIVERY_BUCKETS))
 }
 
+/// The `result` label values of `petrel_mta_proxy_headers_total`: a header read (`ok`,
+/// `local`), or why a connection was closed without one.
+pub const PROXY_HEADER_RESULTS: [&str; 7] = [
+    "ok",
+    "local",
+    "untrusted",
+    "closed",
+    "malformed",
+    "timeout",
+    "io_error",
+];
+
 /// The MTA's metrics. Cheap to clone: every clone records into the same instruments.
 #[derive(Clone)]
 pub struct MtaMetrics {
@@ -181,6 +194,7 @@ struct Prom {
     sync_duration: Histogram,
     sync_batch: Histogram,
     tls_handshakes: Family<ResultLabels, Counter>,
+    proxy_headers: Family<ResultLabels, Counter>,
     auth_failures: Counter,
     rate_limited: Family<LimitLabels, Counter>,
 }
@@ -200,6 +214,7 @@ struct Otel {
     sync_duration: OtelHistogram<f64>,
     sync_batch: OtelHistogram<u64>,
     tls_handshakes: OtelCounter<u64>,
+    proxy_headers: OtelCounter<u64>,
     auth_failures: OtelCounter<u64>,
     rate_limited: OtelCounter<u64>,
 }
@@ -229,6 +244,7 @@ impl MtaMetrics {
             sync_duration: Histogram::new(buckets(SYNC_BUCKETS)),
             sync_batch: Histogram::new(buckets(BATCH_BUCKETS)),
             tls_handshakes: Family::default(),
+            proxy_headers: Family::default(),
             auth_failures: Counter::default(),
             rate_limited: Family::default(),
         };
@@ -246,6 +262,9 @@ impl MtaMetrics {
         }
         for result in ["ok", "error"] {
             let _ = prom.tls_handshakes.get_or_create(&ResultLabels { result });
+        }
+        for result in PROXY_HEADER_RESULTS {
+            let _ = prom.proxy_headers.get_or_create(&ResultLabels { result });
         }
 
         let mut registry = Registry::default();
@@ -323,6 +342,11 @@ impl MtaMetrics {
             "tls_handshakes",
             "Inbound TLS handshakes, by result",
             prom.tls_handshakes.clone(),
+        );
+        r.register(
+            "proxy_headers",
+            "PROXY protocol headers on proxy_protocol listeners, by result",
+            prom.proxy_headers.clone(),
         );
         r.register(
             "auth_failures",
@@ -459,6 +483,22 @@ impl MtaMetrics {
             .add(1, &[KeyValue::new("result", result)]);
     }
 
+    /// A connection to a `proxy_protocol` listener got its header (`ok`, or `local` when
+    /// the header names no client) or was closed for the want of one; `result` is one of
+    /// [`PROXY_HEADER_RESULTS`].
+    pub fn proxy_header(&self, result: &'static str) {
+        debug_assert!(PROXY_HEADER_RESULTS.contains(&result), "{result}");
+        self.inner
+            .prom
+            .proxy_headers
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.inner
+            .otel
+            .proxy_headers
+            .add(1, &[KeyValue::new("result", result)]);
+    }
+
     /// An AUTH attempt failed.
     pub fn auth_failure(&self) {
         self.inner.prom.auth_failures.inc();
@@ -560,6 +600,10 @@ impl Otel {
             tls_handshakes: m
                 .u64_counter("petrel.mta.tls.handshakes")
                 .with_unit("{handshake}")
+                .build(),
+            proxy_headers: m
+                .u64_counter("petrel.mta.proxy.headers")
+                .with_unit("{connection}")
                 .build(),
             auth_failures: m
                 .u64_counter("petrel.mta.auth.failures")

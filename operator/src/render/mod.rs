@@ -313,14 +313,6 @@ pub fn render_listener(
             ),
         });
     }
-    if listener.spec.proxy_protocol {
-        notes.push(Note {
-            kind: "SmtpListener",
-            name: name.clone(),
-            reason: "NotYetSupported",
-            message: "proxyProtocol is not carried into the MTA config yet".to_owned(),
-        });
-    }
     let mut configs = BTreeMap::new();
     configs.insert(name, config);
     Ok(Desired {

@@ -1,12 +1,12 @@
 //! SmtpListener + MailDomains -> the `MtaConfig` its pods run (the `mta-config` type the MTA
 //! itself parses; validated by the caller with the MTA's own `validate`).
 //!
-//! Carries: hostname, one listener per port, session limits, the spool on the queue volume,
-//! the TLS Secret's files, Maildir, LMTP and relay domains with their recipients, aliases
-//! and catch-all, and the
-//! RelayPolicies of the namespace (client networks, AUTH users Secret, rate limits,
-//! outbound route and TLS). Everything else a resource asks for becomes a [`Note`], never
-//! a silent drop.
+//! Carries: hostname, one listener per port (with PROXY protocol when the SmtpListener
+//! asks), session limits, the spool on the queue volume, the TLS Secret's files, Maildir,
+//! LMTP and relay domains with their recipients, aliases and catch-all, the DKIM key of each
+//! MailDomain once it is Active, and the RelayPolicies of the namespace (client networks,
+//! AUTH users Secret, rate limits, outbound route, TLS and MTA-STS, smarthost credentials).
+//! Everything else a resource asks for becomes a [`Note`], never a silent drop.
 
 use super::{Note, RenderError, World};
 use crds::SmtpListener;
@@ -102,6 +102,11 @@ pub fn for_listener(
                 ListenerPortKind::Submission => ListenerKind::Submission,
                 ListenerPortKind::Smtps => ListenerKind::Smtps,
             },
+            // The load balancer in front of the Service sends the header on every port.
+            // Any sender is trusted: the SmtpListener names no balancer addresses (a cloud
+            // balancer's are neither known here nor stable).
+            proxy_protocol: spec.proxy_protocol,
+            proxy_trusted_networks: None,
         })
         .collect();
     let mut config = MtaConfig {

@@ -306,3 +306,32 @@ fn smarthost_credentials_are_mounted_and_named_in_the_route() {
             .any(|n| n.message.contains("credentialsSecret"))
     );
 }
+
+#[test]
+fn proxy_protocol_reaches_every_listener_of_the_mta_config() {
+    let mut world = crate::input::load(
+        &[repo().join("manifests/examples/05-autoscaled-submission.yaml")],
+        "default",
+    )
+    .expect("load");
+    let plain = render(&world, &mut FixedKeys).expect("render");
+    world.listeners[0].spec.proxy_protocol = true;
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    let config = desired.configs.values().next().expect("a config");
+    assert!(!config.listeners.is_empty());
+    assert!(config.listeners.iter().all(|l| l.proxy_protocol));
+    assert!(
+        config
+            .listeners
+            .iter()
+            .all(|l| l.proxy_trusted_networks.is_none()),
+        "any sender: the SmtpListener names no balancer addresses"
+    );
+    assert!(config.to_yaml().contains("proxy_protocol: true"));
+    assert_eq!(
+        desired.notes, plain.notes,
+        "no 'not yet supported' note any more"
+    );
+    let off = plain.configs.values().next().expect("a config");
+    assert!(off.listeners.iter().all(|l| !l.proxy_protocol));
+}
