@@ -9,7 +9,6 @@
 
 use std::future::Future;
 use std::io;
-use std::mem;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -175,7 +174,7 @@ impl Connection {
 
     /// Whether STARTTLS succeeded.
     pub fn tls_active(&self) -> bool {
-        matches!(self.stream, Stream::Tls(_))
+        self.stream.is_tls()
     }
 
     /// The negotiated protocol version, e.g. `"TLSv1.3"`.
@@ -541,7 +540,7 @@ impl Connection {
             },
         };
 
-        let Stream::Plain(plain) = mem::replace(&mut self.stream, Stream::Upgrading) else {
+        let Some(plain) = self.stream.take_plain() else {
             self.broken = true;
             return Err(ClientError::Protocol {
                 phase: Phase::StartTls,

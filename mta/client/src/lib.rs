@@ -56,6 +56,7 @@ pub use connection::Connection;
 pub use error::{ClientError, Phase};
 pub use message::{OutboundMessage, OutboundRecipient};
 pub use reply::Reply;
+pub use stream::MaybeTls;
 
 /// The rustls configuration [`TlsMode::Verified`] uses: Mozilla's roots plus
 /// `extra_roots_pem`, on the `ring` provider. Shared with the delivery stage's other TLS

@@ -143,7 +143,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Runs the session to its end. I/O errors end it quietly (the peer went away).
     pub async fn run(mut self, mut shutdown: Shutdown) {
         self.ctx.metrics.session_started();
-        if let Some(version) = self.stream.tls_version() {
+        if let Some(version) = crate::stream::tls_version(&self.stream) {
             self.span.record(field::TLS_VERSION, version);
         }
         let span = self.span.clone();

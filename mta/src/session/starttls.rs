@@ -31,16 +31,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return false;
         };
         let acceptor = certificates.acceptor();
-        let handshake = self.stream.upgrade(acceptor);
+        let handshake = crate::stream::upgrade(&mut self.stream, acceptor);
         match tokio::time::timeout(self.config.smtpd.command_timeout, handshake).await {
             Ok(Ok(())) => {
                 self.ctx.metrics.tls_handshake(true);
-                if let Some(version) = self.stream.tls_version() {
+                if let Some(version) = crate::stream::tls_version(&self.stream) {
                     self.span
                         .record(mta_telemetry::spans::field::TLS_VERSION, version);
                 }
                 self.reset_after_tls();
-                tracing::debug!(peer = %self.peer, version = ?self.stream.tls_version(), "TLS started");
+                tracing::debug!(peer = %self.peer, version = ?crate::stream::tls_version(&self.stream), "TLS started");
                 true
             }
             Ok(Err(e)) => {
