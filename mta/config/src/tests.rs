@@ -33,6 +33,15 @@ fn bad_duration_is_explained() {
     assert!(text.contains("invalid duration"), "{text}");
 }
 
+/// The keys named by the semantic problems `yaml` has (it must parse).
+fn problem_keys(yaml: &str) -> Vec<String> {
+    let err = MtaConfig::from_yaml(yaml).expect_err("refused");
+    let ConfigError::Invalid(problems) = err else {
+        panic!("expected semantic problems, got {err}");
+    };
+    problems.into_iter().map(|p| p.key).collect()
+}
+
 #[test]
 fn semantic_problems_are_all_listed_with_keys() {
     let yaml = "\
@@ -46,13 +55,8 @@ local_domains:
     delivery: { maildir: { root: /tmp/b } }
     recipients: ['../etc']
 ";
-    let err = MtaConfig::from_yaml(yaml).expect_err("refused");
-    let ConfigError::Invalid(problems) = err else {
-        panic!("expected semantic problems, got {err}");
-    };
-    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(
-        keys,
+        problem_keys(yaml),
         [
             "hostname",
             "smtpd.max_recipients",
@@ -74,13 +78,8 @@ local_domains:
       team: ['not an address', 'x@bad_domain']
     catch_all: nobody@a.test
 ";
-    let err = MtaConfig::from_yaml(yaml).expect_err("refused");
-    let ConfigError::Invalid(problems) = err else {
-        panic!("expected semantic problems, got {err}");
-    };
-    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(
-        keys,
+        problem_keys(yaml),
         [
             "local_domains[0].delivery.relay.host",
             "local_domains[0].aliases.empty",
@@ -169,13 +168,8 @@ listeners:
 smtpd:
   proxy_header_timeout: 0s
 ";
-    let err = MtaConfig::from_yaml(yaml).expect_err("refused");
-    let ConfigError::Invalid(problems) = err else {
-        panic!("expected semantic problems, got {err}");
-    };
-    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(
-        keys,
+        problem_keys(yaml),
         [
             "listeners[0].proxy_trusted_networks",
             "listeners[1].proxy_trusted_networks",
