@@ -113,3 +113,72 @@ def test_changed_config_file_reconfigures_without_restart(workdir):
         assert mta.proc.pid == pid and mta.proc.poll() is None, "no restart"
     finally:
         mta.kill()
+
+
+def test_rendered_dkim_key_signs_mail_that_dkimpy_verifies(workdir):
+    """The operator→MTA signing contract with real keys: an Active rsa-2048 DkimKey renders a
+    key Secret and a `dkim.keys` entry; the MTA, given the Secret's file where the pod would
+    mount it, signs relayed mail, and dkimpy verifies it with the record the Secret
+    publishes."""
+    import base64
+    import dkim
+    from outbound import Sink, free_port
+
+    examples = ROOT / "manifests" / "examples"
+    crs = workdir / "crs"
+    crs.mkdir()
+    for name in ("01-smtplistener.yaml", "02-maildomain.yaml"):
+        (crs / name).write_text((examples / name).read_text())
+    (crs / "03-dkimkey.yaml").write_text("""\
+apiVersion: mail.petrel.dev/v1alpha1
+kind: DkimKey
+metadata: {name: example-com-ed25519, namespace: mail}
+spec: {domain: example.com, algorithm: rsa-2048}
+status: {activeSelector: petrel-1}
+""")
+    out = subprocess.run([str(OPERATOR), "render", "-f", str(crs)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    secret = next(d for d in docs if d.get("kind") == "Secret"
+                  and d["metadata"]["name"] == "example-com-ed25519-petrel-1")
+    private_pem = base64.b64decode(secret["data"]["private.pem"])
+    record = base64.b64decode(secret["data"]["dns.txt"])
+    assert b"k=rsa" in record
+    config_doc = yaml.safe_load(next(d["data"]["mta.yaml"] for d in docs
+                                     if d.get("kind") == "ConfigMap"))
+    (key,) = config_doc["dkim"]["keys"]
+    assert (key["domain"], key["selector"]) == ("example.com", "petrel-1")
+    assert key["key_file"] == "/etc/petrel/dkim/example-com-ed25519-petrel-1/private.pem"
+    # What the pod's Secret mount provides, at a path of this test.
+    key_file = workdir / "private.pem"
+    key_file.write_bytes(private_pem)
+    key["key_file"] = str(key_file)
+    port = free_port()
+    sink = Sink("127.0.0.1", port)
+    config_doc["listeners"] = [{"address": "127.0.0.1:0"}]
+    config_doc["spool"]["path"] = str(workdir / "spool")
+    config_doc["admin"] = {"address": "127.0.0.1:0"}
+    config_doc["http"] = {"address": "127.0.0.1:0"}
+    config_doc.pop("tls", None)
+    config_doc["smtpd"].pop("auth_users_file", None)
+    config_doc["local_domains"] = []
+    config_doc["relay"] = {"client_networks": ["127.0.0.0/8"]}
+    config_doc["routes"] = [{"domain": "*", "smarthost": f"127.0.0.1:{port}", "tls": "none"}]
+    mta = Mta(workdir, yaml.safe_dump(config_doc)).start()
+    try:
+        with smtplib.SMTP(mta.host, mta.port, timeout=30) as s:
+            s.sendmail("alice@example.com", ["bob@remote.test"],
+                       b"From: alice@example.com\r\nTo: bob@remote.test\r\n"
+                       b"Subject: signed by a rendered key\r\n\r\nHello.\r\n")
+        got = wait_for(lambda: sink.messages, what="relayed message")[0].content
+        assert b"DKIM-Signature:" in got and b"s=petrel-1" in got
+
+        def dnsfunc(name, timeout=5):
+            assert name == b"petrel-1._domainkey.example.com.", name
+            return record
+
+        assert dkim.verify(got, dnsfunc=dnsfunc), "dkimpy verifies the signature"
+    finally:
+        mta.kill()
+        sink.stop()
