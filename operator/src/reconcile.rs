@@ -327,7 +327,15 @@ pub async fn dkim_key(obj: Arc<DkimKey>, ctx: Arc<Context>) -> Result<Action> {
 async fn dkim_key_inner(obj: &DkimKey, ctx: &Context) -> Result<Action> {
     let ns = namespace_of(obj)?;
     let world = load_world(&ctx.client, &ns).await?;
-    let desired = secrets::dkim_key(obj, &world, &mut SystemKeys)?;
+    // Generating a key (RSA-2048 takes a good fraction of a second) stays off the async
+    // workers, which serve every other reconcile meanwhile.
+    let key = obj.clone();
+    let rendered =
+        tokio::task::spawn_blocking(move || secrets::dkim_key(&key, &world, &mut SystemKeys)).await;
+    let desired = match rendered {
+        Ok(desired) => desired?,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    };
     let changed = converge(&ctx.client, obj, &desired.objects).await?;
     if !changed.is_empty() {
         publish(
