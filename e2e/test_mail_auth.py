@@ -118,6 +118,39 @@ mail_auth:
         dns.stop()
 
 
+def test_inbound_checks_can_be_off_for_one_listener(workdir):
+    """`inbound_checks: false` on an internal port: the DMARC p=reject spoof the public port
+    refuses is accepted there, untagged (no Authentication-Results)."""
+    dns = TxtDns(txt=[
+        ("spoof.test", "v=spf1 ip4:192.0.2.1 -all"),
+        ("_dmarc.spoof.test", "v=DMARC1; p=reject"),
+    ])
+    config = base_config(workdir, f"""dns:
+  nameservers: ["127.0.0.1:{dns.port}"]
+mail_auth:
+  verify: true
+""").replace("listeners:\n  - address: 127.0.0.1:0\n", "listeners:\n  - address: 127.0.0.1:0\n"
+             "  - address: 127.0.0.2:0\n    inbound_checks: false\n")
+    mta = Mta(workdir, config).start()
+    try:
+        internal = wait_for(lambda: next((l for l in mta.stdout_lines if "on 127.0.0.2:" in l), None),
+                            what="the internal listener")
+        internal_port = int(internal.rsplit(":", 1)[1])
+        spoof = b"From: ceo@spoof.test\r\nTo: bob@example.test\r\nSubject: pay\r\n\r\nnow\r\n"
+        with smtplib.SMTP(mta.host, mta.port, timeout=60) as s:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                s.sendmail("ceo@spoof.test", ["bob@example.test"], spoof)
+            assert refused.value.smtp_code == 550
+        with smtplib.SMTP("127.0.0.2", internal_port, timeout=60) as s:
+            s.sendmail("ceo@spoof.test", ["bob@example.test"], spoof)
+        files = wait_for(lambda: maildir_files(workdir / "maildir", "bob"), what="delivery")
+        assert len(files) == 1
+        assert b"Authentication-Results:" not in files[0].read_bytes()
+    finally:
+        mta.kill()
+        dns.stop()
+
+
 def test_dnsbl_listed_client_is_refused_naming_the_list(workdir):
     dns = TxtDns(hosts=[("1.0.0.127.bl.test", "127.0.0.2")])
     mta = Mta(workdir, base_config(workdir, f"""\

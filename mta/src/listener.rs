@@ -48,7 +48,8 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
-        let proxied = match expects_proxy_header(&ctx, &configured, peer) {
+        let current = current_settings(&ctx, &configured);
+        let proxied = match expects_proxy_header(&current, peer) {
             Ok(proxied) => proxied,
             Err(e) => {
                 ctx.metrics.proxy_header(e.metric_label());
@@ -69,6 +70,7 @@ pub async fn run(
                         stream,
                         socket_peer: peer,
                         kind,
+                        inbound_checks: current.inbound_checks,
                         slot,
                     };
                     connection.serve(proxied, ctx, shutdown).await;
@@ -89,21 +91,25 @@ enum ProxyHeader {
     NotExpected,
 }
 
-/// Whether a connection from `peer` starts with a PROXY header; an error when the
-/// listener wants one but `peer` may not send it.
-fn expects_proxy_header(
-    ctx: &Context,
-    configured: &ListenerConfig,
-    peer: SocketAddr,
-) -> Result<ProxyHeader, proxy::Error> {
+/// The listener's settings in the config in force now, so a reload changes them without a
+/// rebind. A listener is only removed by a reload after the new config is in force, so for
+/// a moment it may not be in the config: it then keeps the settings it started with.
+fn current_settings(ctx: &Context, configured: &ListenerConfig) -> ListenerConfig {
     let config = ctx.config();
-    // A listener is only removed by a reload after the new config is in force, so for a
-    // moment it may not be in the config: it then keeps the settings it started with.
-    let current = config
+    config
         .listeners
         .iter()
         .find(|l| l.address == configured.address && l.kind == configured.kind)
-        .unwrap_or(configured);
+        .unwrap_or(configured)
+        .clone()
+}
+
+/// Whether a connection from `peer` starts with a PROXY header; an error when the
+/// listener wants one but `peer` may not send it.
+fn expects_proxy_header(
+    current: &ListenerConfig,
+    peer: SocketAddr,
+) -> Result<ProxyHeader, proxy::Error> {
     if !current.proxy_protocol {
         return Ok(ProxyHeader::NotExpected);
     }
@@ -119,6 +125,8 @@ struct Connection {
     /// The TCP peer: the client, or the proxy in front of it.
     socket_peer: SocketAddr,
     kind: ListenerKind,
+    /// The listener's `inbound_checks`.
+    inbound_checks: bool,
     /// Held until the session ends.
     slot: ConnectionSlot,
 }
@@ -140,6 +148,7 @@ impl Connection {
         };
         if let Some(stream) = open(self.stream, self.kind, &ctx, peer).await {
             Session::new(stream, ctx, peer, self.kind)
+                .with_inbound_checks(self.inbound_checks)
                 .run(shutdown)
                 .await;
         }

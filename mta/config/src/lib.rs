@@ -139,6 +139,13 @@ pub struct ListenerConfig {
     /// nor stable, and the port is then guarded by the network (a NetworkPolicy) instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_trusted_networks: Option<Vec<ipnet::IpNet>>,
+    /// Run the inbound checks of `mail_auth` (SPF/DKIM/DMARC/ARC verification and its
+    /// enforcement, DNSBL) on this listener. Turn it off for a port only trusted systems
+    /// reach (an internal relay port), so their mail is neither tagged nor refused there;
+    /// other ports keep the checks. Authenticated clients and `mail_auth.trusted_networks`
+    /// are exempt on every port anyway. Default: `true`.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub inbound_checks: bool,
 }
 
 impl ListenerConfig {
@@ -149,8 +156,18 @@ impl ListenerConfig {
             kind,
             proxy_protocol: false,
             proxy_trusted_networks: None,
+            inbound_checks: true,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+// Left out of the serialised form at its default, like `proxy_protocol`.
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 // Left out of the serialised form when off, so a config rendered without PROXY protocol

@@ -227,8 +227,8 @@ pub enum DnsblAction {
     Tag,
 }
 
-/// Inbound checks on mail arriving on `smtp` listeners. Authenticated clients and
-/// `trusted_networks` are exempt. Relay policy lives elsewhere (`relay`): nothing here can
+/// Inbound checks on arriving mail, on every listener whose `inbound_checks` is on (the
+/// default). Authenticated clients and `trusted_networks` are exempt. Relay policy lives elsewhere (`relay`): nothing here can
 /// widen who may relay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]

@@ -81,7 +81,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         );
         let arrival = cleanup::Arrival {
             protocol,
-            exempt: crate::checks::exempt(&self.config, self.peer.ip(), self.user.is_some()),
+            exempt: self.exempt_from_checks(),
             extra_headers: self.dnsbl_tag.as_deref().unwrap_or(""),
         };
         let span = mta_telemetry::spans::transaction();

@@ -82,6 +82,8 @@ pub struct Session<S> {
     stream: Stream<S>,
     /// What the listener serves (submission requires AUTH).
     kind: ListenerKind,
+    /// The listener's `inbound_checks`: run the `mail_auth` checks for unexempt clients.
+    inbound_checks: bool,
     /// Set by a successful AUTH.
     user: Option<User>,
     /// Failed AUTH attempts in this session.
@@ -119,6 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Self {
             stream,
             kind,
+            inbound_checks: true,
             user: None,
             auth_failures: 0,
             sasl_line: Vec::new(),
@@ -138,6 +141,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             input: Input::Command,
             out: Vec::with_capacity(512),
         }
+    }
+
+    /// Sets whether the `mail_auth` checks run on this session's listener (default: yes).
+    pub fn with_inbound_checks(mut self, enabled: bool) -> Self {
+        self.inbound_checks = enabled;
+        self
+    }
+
+    /// Whether this client skips the `mail_auth` checks: the listener runs none, or the
+    /// client is authenticated or in a trusted network.
+    fn exempt_from_checks(&self) -> bool {
+        !self.inbound_checks
+            || crate::checks::exempt(&self.config, self.peer.ip(), self.user.is_some())
     }
 
     /// Runs the session to its end. I/O errors end it quietly (the peer went away).

@@ -16,9 +16,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // Spam policy, reported at RCPT (Postfix's delayed evaluation): the client is
         // looked up once per session.
-        if self.dnsbl_tag.is_none()
-            && !crate::checks::exempt(&self.config, self.peer.ip(), self.user.is_some())
-        {
+        if self.dnsbl_tag.is_none() && !self.exempt_from_checks() {
             match crate::checks::dnsbl(&self.ctx, &self.config, self.peer.ip()).await {
                 Ok(crate::checks::Dnsbl::Clean) => self.dnsbl_tag = Some(String::new()),
                 Ok(crate::checks::Dnsbl::Tag(header)) => self.dnsbl_tag = Some(header),

@@ -107,6 +107,7 @@ pub fn for_listener(
             // balancer's are neither known here nor stable).
             proxy_protocol: spec.proxy_protocol,
             proxy_trusted_networks: None,
+            inbound_checks: true,
         })
         .collect();
     let mut config = MtaConfig {
