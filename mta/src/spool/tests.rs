@@ -225,3 +225,62 @@ async fn compaction_relocates_stragglers_and_frees_old_segments() {
     );
     assert_eq!(spool.read_message(straggler).await.expect("read"), body);
 }
+
+/// A crash after a relocation was synced but before the old segments' deletion reached the
+/// disk: both copies are on disk at start-up, and recovery keeps exactly one message, the
+/// relocated copy with its newer envelope.
+#[tokio::test]
+async fn recovery_after_a_relocation_whose_old_segments_survived() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let segment_size = 4096;
+    let (spool, _) = Spool::open(dir.path(), segment_size).expect("open");
+    let body = vec![b'y'; 1000];
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let id = spool.next_id();
+        spool
+            .store(id, &envelope(&format!("u{i}@x.test")), &[&body])
+            .await
+            .expect("store");
+        ids.push(id);
+    }
+    for &id in &ids[1..] {
+        spool.remove(id).await.expect("remove");
+    }
+    // The old segments as they are before compaction deletes them.
+    let saved: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .map(|p| {
+            let data = std::fs::read(&p).expect("read");
+            (p, data)
+        })
+        .collect();
+    let mut latest = envelope("u0@x.test");
+    latest.attempts = 3;
+    spool.relocate_detached(ids[0], &latest);
+    let marker = spool.next_id();
+    spool
+        .store(marker, &envelope("m@x.test"), &[b"marker"])
+        .await
+        .expect("store");
+    drop(spool);
+    // The deletions are lost; the relocated copy (synced) is not.
+    for (path, data) in &saved {
+        if !path.exists() {
+            std::fs::write(path, data).expect("restore");
+        }
+    }
+
+    let (spool, recovered) = Spool::open(dir.path(), segment_size).expect("reopen");
+    let got: Vec<_> = recovered.iter().map(|r| r.id).collect();
+    assert_eq!(
+        got,
+        vec![ids[0], marker],
+        "one copy, no resurrected messages"
+    );
+    assert_eq!(recovered[0].envelope, latest);
+    assert_eq!(spool.read_message(ids[0]).await.expect("read"), body);
+    // And the next compaction can clean up what the crash left.
+    assert_eq!(spool.len(), 2);
+}
