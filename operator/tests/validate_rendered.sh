@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validates every object `petrel-operator render` produces for manifests/examples/ (and the
-# generated CRDs) with kubernetes-validate (PyPI), strict mode, against a recent
-# Kubernetes. Exits non-zero when any object fails.
+# generated CRDs, and the operator's own install manifests) with kubernetes-validate
+# (PyPI), strict mode, against a recent Kubernetes. Exits non-zero when any object fails.
 #
 # Usage: operator/tests/validate_rendered.sh [KUBERNETES_VERSION]   (default 1.37.0)
 # Respects CARGO_TARGET_DIR; installs kubernetes-validate with pip when missing.
@@ -40,8 +40,9 @@ if n == 0:
 PY
 
 status=0
-kubernetes-validate --strict --quiet -k "$k8s_version" "$work"/object-*.yaml manifests/crds/*.yaml || status=$?
-count=$(ls "$work"/object-*.yaml manifests/crds/*.yaml | wc -l)
+installs=(manifests/crds/*.yaml manifests/operator-rbac.yaml manifests/operator.yaml)
+kubernetes-validate --strict --quiet -k "$k8s_version" "$work"/object-*.yaml "${installs[@]}" || status=$?
+count=$(( $(ls "$work"/object-*.yaml | wc -l) + $(cat "${installs[@]}" | grep -c '^kind:') ))
 if [ "$status" -eq 0 ]; then
     echo "validate_rendered: $count objects valid for Kubernetes $k8s_version"
     echo "$count passed, 0 failed"
