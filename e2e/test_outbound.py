@@ -350,3 +350,20 @@ def test_hold_all_keeps_mail_held_across_restart_until_released(workdir, world):
         assert queue_cli(mta, "release").returncode != 0, "an id or --all is required"
     finally:
         mta.kill()
+
+
+def test_queue_show_names_the_host_that_deferred(workdir, world):
+    dns, port, sink = world
+    sink("127.0.0.6", rcpt_reply="451 4.7.1 greylisted, try again")
+    mta = Mta(workdir, outbound_config(workdir, dns.port, port, retry_interval="1h",
+                                       max_retry_interval="2h")).start()
+    try:
+        send(mta, "me@example.test", ["user@defer.test"], subject="greylisted")
+        entry = wait_for(lambda: [m for m in json.loads(queue_cli(mta, "--json", "list").stdout)
+                                  ["messages"] if m["attempts"] >= 1],
+                         what="a deferred attempt")[0]
+        assert entry["recipients"][0]["remote_mta"] == "mx.defer.test"
+        show = queue_cli(mta, "show", f"{entry['id']:016X}").stdout
+        assert "451 4.7.1 greylisted, try again (from mx.defer.test)" in show, show
+    finally:
+        mta.kill()

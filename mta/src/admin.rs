@@ -127,7 +127,12 @@ pub fn render(response: &AdminResponse) -> String {
                     Status::Deferred { detail } => ("deferred", detail.as_str()),
                     Status::Failed { detail } => ("failed", detail.as_str()),
                 };
-                let _ = writeln!(out, "  <{}>  {state}  {detail}", r.address);
+                let via = r
+                    .remote_mta
+                    .as_deref()
+                    .map(|host| format!(" (from {host})"))
+                    .unwrap_or_default();
+                let _ = writeln!(out, "  <{}>  {state}  {detail}{via}", r.address);
             }
         }
         AdminResponse::Done { affected } => {
