@@ -47,6 +47,10 @@ cargo fmt --all -- --check
 say "cargo clippy -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+say "cargo check of the fuzz targets (mta/fuzz/smoke.sh runs them; here they only must build)"
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" \
+    cargo check --quiet --manifest-path mta/fuzz/Cargo.toml --bins
+
 say "cargo test"
 cargo test --workspace --quiet
 

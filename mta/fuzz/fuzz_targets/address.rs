@@ -5,9 +5,10 @@
 //! * `mailbox_name` only ever returns a safe single path component: non-empty, at most 64
 //!   bytes, lower case, no `/`, no NUL, no `+`, not starting with `.` (so neither `.` nor
 //!   `..` nor a hidden name), only `[a-z0-9._-]`;
-//! * a recipient `check_recipient` accepts from an outsider (not in a relay network, not
-//!   authenticated) is for a configured local domain, and its local part yields such a
-//!   mailbox name (which, for a domain with a recipient list, is on that list);
+//! * every address a recipient that `resolve_recipient` accepts from an outsider (not in a
+//!   relay network, not authenticated) leads to is in a configured local domain, with a
+//!   local part that yields such a mailbox name (on the domain's recipient list when it
+//!   has one), unless it is an alias or catch-all target the configuration names;
 //! * an authenticated client or a relay-network client is never refused for a remote
 //!   domain with well-formed syntax (`x@y`), i.e. the answers stay consistent.
 #![no_main]
@@ -27,6 +28,12 @@ fn config() -> &'static MtaConfig {
                 root: "/nonexistent/maildir".into(),
             },
             recipients: Some(vec!["alice".into(), "bob.smith".into()]),
+            aliases: [(
+                "team".to_owned(),
+                vec!["alice@closed.test".to_owned(), "partner@remote.test".to_owned()],
+            )]
+            .into(),
+            catch_all: None,
         });
         config.relay.client_networks = vec!["10.0.0.0/8".parse().expect("net")];
         config
@@ -59,25 +66,34 @@ fuzz_target!(|data: &[u8]| {
     let config = config();
     let outsider: IpAddr = "192.0.2.1".parse().expect("ip");
     let insider: IpAddr = "10.1.2.3".parse().expect("ip");
-    let outside = mta::policy::check_recipient(config, outsider, false, input);
-    if outside.is_ok() {
-        let (local, domain) =
-            mta::queue::split_address(input).expect("accepted address has an '@'");
-        let domain = config
-            .local_domain(domain)
-            .unwrap_or_else(|| panic!("OPEN RELAY: outsider may send to {input:?}"));
-        let mailbox = mta::local::mailbox_name(local)
-            .unwrap_or_else(|| panic!("{input:?} accepted but has no Maildir name"));
-        assert_safe_mailbox(input, &mailbox);
-        if let Some(users) = &domain.recipients {
-            assert!(
-                users.iter().any(|u| u.eq_ignore_ascii_case(&mailbox)),
-                "{input:?} accepted for a closed domain but {mailbox:?} is not listed"
-            );
+    let outside = mta::policy::resolve_recipient(config, outsider, false, input);
+    if let Ok(targets) = &outside {
+        assert!(!targets.is_empty(), "{input:?} accepted with nowhere to go");
+        for target in targets {
+            // What the domain owner configured may lead off-site; nothing else may.
+            let configured = config.local_domains.iter().any(|d| {
+                d.aliases.values().flatten().any(|t| t.eq_ignore_ascii_case(target))
+                    || d.catch_all.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(target))
+            });
+            let (local, domain) =
+                mta::queue::split_address(target).expect("a target has an '@'");
+            let Some(domain) = config.local_domain(domain) else {
+                assert!(configured, "OPEN RELAY: outsider may send to {input:?} -> {target:?}");
+                continue;
+            };
+            let mailbox = mta::local::mailbox_name(local)
+                .unwrap_or_else(|| panic!("{input:?} -> {target:?} has no Maildir name"));
+            assert_safe_mailbox(input, &mailbox);
+            if let Some(users) = &domain.recipients {
+                assert!(
+                    configured || users.iter().any(|u| u.eq_ignore_ascii_case(&mailbox)),
+                    "{input:?} accepted for a closed domain but {mailbox:?} is not listed"
+                );
+            }
         }
     }
-    let authenticated = mta::policy::check_recipient(config, outsider, true, input);
-    let relay = mta::policy::check_recipient(config, insider, false, input);
+    let authenticated = mta::policy::resolve_recipient(config, outsider, true, input);
+    let relay = mta::policy::resolve_recipient(config, insider, false, input);
     // Being trusted never makes an answer worse, and both kinds of trust are equivalent.
     if outside.is_ok() {
         assert!(authenticated.is_ok() && relay.is_ok(), "{input:?}: trust made it worse");

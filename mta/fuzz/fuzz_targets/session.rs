@@ -82,6 +82,8 @@ fn config(dir: &std::path::Path) -> MtaConfig {
             root: dir.join("maildir"),
         },
         recipients: Some(vec!["alice".into()]),
+        aliases: [("team".to_owned(), vec!["alice@closed.test".to_owned()])].into(),
+        catch_all: None,
     });
     config
 }
