@@ -18,7 +18,7 @@ use crate::proxy;
 use crate::session::{Reply, Session};
 use crate::shutdown::Shutdown;
 use crate::stream::Stream;
-use mta_config::{ListenerConfig, ListenerKind};
+use mta_config::{ListenerConfig, ListenerKind, MtaConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,8 +48,10 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
-        let current = current_settings(&ctx, &configured);
-        let proxied = match expects_proxy_header(&current, peer) {
+        let config = ctx.config();
+        let current = current_settings(&config, &configured);
+        let inbound_checks = current.inbound_checks;
+        let proxied = match expects_proxy_header(current, peer) {
             Ok(proxied) => proxied,
             Err(e) => {
                 ctx.metrics.proxy_header(e.metric_label());
@@ -70,7 +72,7 @@ pub async fn run(
                         stream,
                         socket_peer: peer,
                         kind,
-                        inbound_checks: current.inbound_checks,
+                        inbound_checks,
                         slot,
                     };
                     connection.serve(proxied, ctx, shutdown).await;
@@ -94,14 +96,15 @@ enum ProxyHeader {
 /// The listener's settings in the config in force now, so a reload changes them without a
 /// rebind. A listener is only removed by a reload after the new config is in force, so for
 /// a moment it may not be in the config: it then keeps the settings it started with.
-fn current_settings(ctx: &Context, configured: &ListenerConfig) -> ListenerConfig {
-    let config = ctx.config();
+fn current_settings<'a>(
+    config: &'a MtaConfig,
+    configured: &'a ListenerConfig,
+) -> &'a ListenerConfig {
     config
         .listeners
         .iter()
         .find(|l| l.address == configured.address && l.kind == configured.kind)
         .unwrap_or(configured)
-        .clone()
 }
 
 /// Whether a connection from `peer` starts with a PROXY header; an error when the

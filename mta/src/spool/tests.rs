@@ -161,6 +161,20 @@ fn segments(dir: &Path) -> Vec<u32> {
     numbers
 }
 
+/// Stores `n` messages with `body`, one recipient each, and returns their ids in order.
+async fn store_many(spool: &Spool, n: usize, body: &[u8]) -> Vec<QueueId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = spool.next_id();
+        spool
+            .store(id, &envelope(&format!("u{i}@x.test")), &[body])
+            .await
+            .expect("store");
+        ids.push(id);
+    }
+    ids
+}
+
 /// A straggler in an old segment is relocated: the old segments are deleted, the message
 /// keeps its id, content and latest envelope across a restart, and a message removed
 /// before its relocation is processed stays removed.
@@ -170,15 +184,7 @@ async fn compaction_relocates_stragglers_and_frees_old_segments() {
     let segment_size = 4096;
     let (spool, _) = Spool::open(dir.path(), segment_size).expect("open");
     let body = vec![b'x'; 1000];
-    let mut ids = Vec::new();
-    for i in 0..40 {
-        let id = spool.next_id();
-        spool
-            .store(id, &envelope(&format!("u{i}@x.test")), &[&body])
-            .await
-            .expect("store");
-        ids.push(id);
-    }
+    let ids = store_many(&spool, 40, &body).await;
     assert!(
         spool.compaction_candidates(100).is_empty(),
         "all live: nothing to gain"
@@ -235,15 +241,7 @@ async fn recovery_after_a_relocation_whose_old_segments_survived() {
     let segment_size = 4096;
     let (spool, _) = Spool::open(dir.path(), segment_size).expect("open");
     let body = vec![b'y'; 1000];
-    let mut ids = Vec::new();
-    for i in 0..40 {
-        let id = spool.next_id();
-        spool
-            .store(id, &envelope(&format!("u{i}@x.test")), &[&body])
-            .await
-            .expect("store");
-        ids.push(id);
-    }
+    let ids = store_many(&spool, 40, &body).await;
     for &id in &ids[1..] {
         spool.remove(id).await.expect("remove");
     }
