@@ -39,24 +39,29 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DkimKeySpec {
-    /// The signing domain (`d=`), e.g. `example.com`.
+    /// The signing domain (`d=`), e.g. `example.com`. At most 253 characters.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new(crate::DOMAIN_RULE).message("domain must be a lower-case DNS domain name"))]
     pub domain: String,
     /// Selectors are named `<selectorPrefix>-<n>`, n counting up with each rotation.
-    /// Default: `petrel`.
+    /// A lower-case DNS label of at most 32 characters. Default: `petrel`.
     #[serde(default = "default_selector_prefix")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$')").message("selectorPrefix must be a lower-case DNS label of at most 32 characters"))]
     pub selector_prefix: String,
     /// `ed25519` (RFC 8463) or `rsa-2048`. Many receivers verify only RSA; publish both
     /// (two DkimKeys) for the widest reach.
     pub algorithm: DkimAlgorithm,
-    /// How long a key signs before the next one takes over, like `90d`. Default: `90d`.
+    /// How long a key signs before the next one takes over, like `90d`; at most 32
+    /// characters. Default: `90d`.
     #[serde(default = "default_rotation_period")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(crate::DURATION_RULE).message("rotationPeriod is a duration like 90d"))]
     pub rotation_period: String,
     /// How long a retired key's TXT record stays published after the switch, so mail
-    /// signed just before it still verifies. Default: `7d`.
+    /// signed just before it still verifies. At most 32 characters. Default: `7d`.
     #[serde(default = "default_overlap")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(crate::DURATION_RULE).message("overlap is a duration like 7d"))]
     pub overlap: String,
 }

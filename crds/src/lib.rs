@@ -33,7 +33,8 @@ pub(crate) const DOMAIN_RULE: &str = "self.matches('^([a-z0-9]([-a-z0-9]{0,61}[a
 /// CEL expression that is true when `self` is a duration written like `90d`, `12h`, `30m`.
 pub(crate) const DURATION_RULE: &str = "self.matches('^[0-9]+(s|m|h|d)$')";
 
-/// Every CRD, with the file name `crdgen` writes it to under `manifests/crds/`.
+/// Every CRD, with the file name `crdgen` writes it to under `manifests/crds/` and
+/// `charts/petrel/crds/`.
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("maildomains.yaml", MailDomain::crd()),
@@ -43,7 +44,8 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     ]
 }
 
-/// Renders one CRD as the YAML document committed under `manifests/crds/`.
+/// Renders one CRD as the YAML document committed under `manifests/crds/` and
+/// `charts/petrel/crds/`.
 pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_saphyr::SerializeError> {
     let body = serde_saphyr::to_string(crd)?;
     Ok(format!(

@@ -42,8 +42,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.catchAll) || has(self.recipients)").message("catchAll needs recipients: without a recipient list every local part exists"))]
 pub struct MailDomainSpec {
-    /// The domain name, lower case, e.g. `example.com`. Immutable: create a new MailDomain to
-    /// serve another domain.
+    /// The domain name, lower case, e.g. `example.com`, at most 253 characters. Immutable:
+    /// create a new MailDomain to serve another domain.
+    #[schemars(length(max = 253))]
     #[x_kube(
         validation = Rule::new(crate::DOMAIN_RULE).message("must be a lower-case DNS domain name such as example.com"),
         validation = Rule::new("self == oldSelf").message("domain is immutable")
@@ -53,25 +54,32 @@ pub struct MailDomainSpec {
     pub delivery: DomainDelivery,
     /// Local parts that exist (e.g. `alice`). When set, mail for any other local part that is
     /// not an alias and has no catch-all is refused with `550 5.1.1` at RCPT. When absent,
-    /// every local part is accepted.
+    /// every local part is accepted. At most 10000 entries of at most 64 characters each
+    /// (the RFC 5321 limit of a local part).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 10000))]
+    #[schemars(length(max = 10000), inner(length(max = 64)))]
     #[x_kube(validation = Rule::new("self.all(r, r.matches('^[^@\\\\s]+$'))").message("recipients are local parts, without '@' or spaces"))]
     pub recipients: Option<Vec<String>>,
-    /// Local parts that forward to other addresses.
+    /// Local parts that forward to other addresses. At most 512 aliases.
+    // 512 aliases x 32 targets keeps the target rule under the API server's CEL cost budget.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 512))]
     pub aliases: Vec<Alias>,
     /// Address that receives mail for local parts that are neither recipients nor aliases.
+    /// At most 254 characters (the RFC 5321 limit of an address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 254))]
     #[x_kube(validation = Rule::new("self.matches('^[^@\\\\s]+@[^@\\\\s]+$')").message("catchAll must be an address like postmaster@example.com"))]
     pub catch_all: Option<String>,
     /// Name of the `DkimKey` (same namespace) that signs mail from this domain. Without it,
-    /// outbound mail is not DKIM-signed.
+    /// outbound mail is not DKIM-signed. At most 253 characters (a Kubernetes object name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub dkim_key_ref: Option<String>,
     /// MX hosts to publish, best first. When empty, the `hostname` of every SmtpListener in
-    /// the namespace is published at preference 10.
+    /// the namespace is published at preference 10. At most 32 hosts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub mx: Vec<MxHost>,
     /// What the SPF record says.
     #[serde(default)]
@@ -108,8 +116,9 @@ pub struct DomainDelivery {
 #[serde(rename_all = "camelCase")]
 pub struct MaildirDelivery {
     /// Sub-directory of the pod's data volume holding one Maildir per local part.
-    /// Default: `maildir/<domain>`.
+    /// Default: `maildir/<domain>`. At most 1024 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("subPath is relative to the data volume and may not contain '..'"))]
     pub sub_path: Option<String>,
 }
@@ -118,7 +127,9 @@ pub struct MaildirDelivery {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct LmtpDelivery {
-    /// Host name or address of the LMTP server, e.g. `dovecot.mail.svc`.
+    /// Host name or address of the LMTP server, e.g. `dovecot.mail.svc`. At most 253
+    /// characters.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("host must not be empty"))]
     pub host: String,
     /// TCP port. Default: 24.
@@ -135,7 +146,8 @@ fn default_lmtp_port() -> u16 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RelayDelivery {
-    /// Host name or address of the next hop.
+    /// Host name or address of the next hop. At most 253 characters.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("host must not be empty"))]
     pub host: String,
     /// TCP port. Default: 25.
@@ -152,10 +164,13 @@ fn default_smtp_port() -> u16 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Alias {
-    /// The local part, e.g. `postmaster`.
+    /// The local part, e.g. `postmaster`. At most 64 characters (RFC 5321).
+    #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9._-]+$')").message("alias name is a plain local part: letters, digits, '.', '_', '-'"))]
     pub name: String,
-    /// Full addresses that receive its mail.
+    /// Full addresses that receive its mail: at least one, at most 32, each at most 254
+    /// characters (RFC 5321).
+    #[schemars(length(max = 32), inner(length(max = 254)))]
     #[x_kube(validation = Rule::new("self.size() > 0 && self.all(a, a.matches('^[^@\\\\s]+@[^@\\\\s]+$'))").message("alias targets must be full addresses like alice@example.com"))]
     pub to: Vec<String>,
 }
@@ -164,7 +179,8 @@ pub struct Alias {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct MxHost {
-    /// Host name of the mail exchanger.
+    /// Host name of the mail exchanger. At most 253 characters.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new(crate::DOMAIN_RULE).message("MX host must be a DNS name, not an address"))]
     pub host: String,
     /// MX preference: lower is tried first. Default: 10.
@@ -183,11 +199,15 @@ pub struct SpfPolicy {
     /// Authorise the domain's MX hosts (`mx` mechanism). Default: true.
     #[serde(default = "default_true")]
     pub mx: bool,
-    /// Other domains whose SPF records are included (e.g. a newsletter provider).
+    /// Other domains whose SPF records are included (e.g. a newsletter provider). At most 32
+    /// domains of at most 253 characters each (SPF itself allows only 10 DNS lookups).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 253)))]
     pub include: Vec<String>,
-    /// Extra `ip4:`/`ip6:` networks allowed to send, e.g. `192.0.2.0/24`.
+    /// Extra `ip4:`/`ip6:` networks allowed to send, e.g. `192.0.2.0/24`. At most 256
+    /// entries of at most 43 characters each (the longest IPv6 CIDR).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 43)))]
     #[x_kube(validation = Rule::new("self.all(n, isCIDR(n) || isIP(n))").message("networks must be IP addresses or CIDRs"))]
     pub networks: Vec<String>,
     /// What happens to everyone else: `fail` (`-all`), `softfail` (`~all`) or `neutral`
@@ -238,8 +258,10 @@ pub struct DmarcPolicy {
     #[serde(default = "default_percent")]
     #[schemars(range(min = 0, max = 100))]
     pub percent: u8,
-    /// Where aggregate reports go, as `mailto:` URIs.
+    /// Where aggregate reports go, as `mailto:` URIs. At most 16 URIs of at most 2048
+    /// characters each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 2048)))]
     #[x_kube(validation = Rule::new("self.all(u, u.startsWith('mailto:'))").message("report addresses are mailto: URIs"))]
     pub rua: Vec<String>,
 }
@@ -309,7 +331,9 @@ pub enum MtaStsMode {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsRpt {
-    /// Where reports go: `mailto:` or `https:` URIs.
+    /// Where reports go: `mailto:` or `https:` URIs. At least one, at most 16, each at most
+    /// 2048 characters.
+    #[schemars(length(max = 16), inner(length(max = 2048)))]
     #[x_kube(validation = Rule::new("self.size() > 0 && self.all(u, u.startsWith('mailto:') || u.startsWith('https://'))").message("TLS-RPT rua entries are mailto: or https:// URIs"))]
     pub rua: Vec<String>,
 }

@@ -42,9 +42,10 @@ pub struct RelayPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authentication: Option<Authentication>,
     /// Client networks (CIDR) allowed to relay without authentication, e.g. a cluster's pod
-    /// network. `0.0.0.0/0` and `::/0` are refused: that would be an open relay.
+    /// network. `0.0.0.0/0` and `::/0` are refused: that would be an open relay. At most 256
+    /// entries of at most 43 characters each (the longest IPv6 CIDR).
     #[serde(default)]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 256), inner(length(max = 43)))]
     #[x_kube(
         validation = Rule::new("self.all(n, isCIDR(n))").message("clientNetworks entries must be CIDRs like 10.0.0.0/8"),
         validation = Rule::new("self.all(n, !isCIDR(n) || cidr(n).prefixLength() > 0)").message("a /0 network would make an open relay")
@@ -70,7 +71,8 @@ pub struct RelayPolicySpec {
 #[serde(rename_all = "camelCase")]
 pub struct Authentication {
     /// Secret in this namespace whose keys are user names and whose values are argon2 PHC
-    /// password hashes (`$argon2id$...`).
+    /// password hashes (`$argon2id$...`). At most 253 characters.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("secretName must not be empty"))]
     pub secret_name: String,
     /// Offer AUTH on connections without TLS. Default: false (credentials never travel in
@@ -101,7 +103,8 @@ pub struct Rate {
     /// Messages allowed per interval.
     #[schemars(range(min = 1))]
     pub messages: u32,
-    /// The interval, like `1m`, `1h` or `1d`.
+    /// The interval, like `1m`, `1h` or `1d`. At most 32 characters.
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(crate::DURATION_RULE).message("interval is a duration like 30s, 1m, 1h or 1d"))]
     pub interval: String,
 }
@@ -135,15 +138,18 @@ pub enum RouteMode {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Smarthost {
-    /// Host name of the smarthost.
+    /// Host name of the smarthost, at most 253 characters.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("host must not be empty"))]
     pub host: String,
     /// Port. Default: 587.
     #[serde(default = "default_submission_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
-    /// Secret with keys `username` and `password` for AUTH at the smarthost.
+    /// Secret with keys `username` and `password` for AUTH at the smarthost. At most 253
+    /// characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub credentials_secret: Option<String>,
 }
 

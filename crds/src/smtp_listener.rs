@@ -49,7 +49,9 @@ use std::collections::BTreeMap;
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || self.autoscaling.maxReplicas >= self.autoscaling.minReplicas").message("autoscaling.maxReplicas must be at least minReplicas"))]
 pub struct SmtpListenerSpec {
     /// Name the MTA uses for itself (greeting, EHLO, `Received:`), and the name on its TLS
-    /// certificate. Publish it as the MX host and give its addresses this PTR name.
+    /// certificate. Publish it as the MX host and give its addresses this PTR name. At most
+    /// 253 characters.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new(crate::DOMAIN_RULE).message("hostname must be a lower-case DNS name such as mx.example.com"))]
     pub hostname: String,
     /// Number of MTA pods when `autoscaling` is not set. Default: 2.
@@ -60,9 +62,12 @@ pub struct SmtpListenerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
     /// Container image of `petrel-mta`. Default: the image matching this operator's version.
+    /// At most 1024 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub image: Option<String>,
-    /// Ports to serve. Default: one `smtp` port 25.
+    /// Ports to serve: at least one, at most 8, with unique names and numbers. Default: one
+    /// `smtp` port 25.
     #[serde(default = "default_ports")]
     #[schemars(length(min = 1, max = 8))]
     #[x_kube(
@@ -131,6 +136,7 @@ fn default_cpu_target() -> i32 {
 #[serde(rename_all = "camelCase")]
 pub struct ListenerPort {
     /// Port name in the Service (IANA-style, lower case, at most 15 characters), e.g. `smtp`.
+    #[schemars(length(max = 15))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z]([-a-z0-9]{0,13}[a-z0-9])?$')").message("port name must be lower-case alphanumerics or '-', at most 15 characters"))]
     pub name: String,
     /// What the port speaks: `smtp` (MTA to MTA), `submission` (STARTTLS, usually 587) or
@@ -158,12 +164,15 @@ pub enum ListenerPortKind {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueVolume {
-    /// Size of each pod's PersistentVolumeClaim. Default: `1Gi`.
+    /// Size of each pod's PersistentVolumeClaim, at most 32 characters. Default: `1Gi`.
     #[serde(default = "default_queue_size")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(Ki|Mi|Gi|Ti)$')").message("size is a quantity like 512Mi or 10Gi"))]
     pub size: String,
-    /// StorageClass of the claims. Default: the cluster's default class.
+    /// StorageClass of the claims, at most 253 characters. Default: the cluster's default
+    /// class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
 }
 
@@ -187,7 +196,9 @@ fn default_queue_size() -> String {
 #[x_kube(validation = Rule::new("!(has(self.secretName) && has(self.issuerRef))").message("set at most one of tls.secretName and tls.issuerRef"))]
 pub struct TlsSource {
     /// An existing `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`) in this namespace.
+    /// At most 253 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub secret_name: Option<String>,
     /// A cert-manager issuer that should issue the certificate for `hostname`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -198,10 +209,12 @@ pub struct TlsSource {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct IssuerRef {
-    /// Issuer name.
+    /// Issuer name, at most 253 characters.
+    #[schemars(length(max = 253))]
     pub name: String,
-    /// `Issuer` or `ClusterIssuer`. Default: `Issuer`.
+    /// `Issuer` or `ClusterIssuer` (at most 32 characters). Default: `Issuer`.
     #[serde(default = "default_issuer_kind")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self == 'Issuer' || self == 'ClusterIssuer'").message("kind is Issuer or ClusterIssuer"))]
     pub kind: String,
 }
@@ -214,18 +227,22 @@ fn default_issuer_kind() -> String {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceShape {
-    /// `ClusterIP`, `NodePort` or `LoadBalancer`. Default: `LoadBalancer` (an MX must be
-    /// reachable from the internet).
+    /// `ClusterIP`, `NodePort` or `LoadBalancer` (at most 32 characters). Default:
+    /// `LoadBalancer` (an MX must be reachable from the internet).
     #[serde(default = "default_service_type", rename = "type")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self in ['ClusterIP', 'NodePort', 'LoadBalancer']").message("type is ClusterIP, NodePort or LoadBalancer"))]
     pub type_: String,
-    /// Annotations for the Service (cloud load-balancer settings).
+    /// Annotations for the Service (cloud load-balancer settings). At most 64 annotations,
+    /// each value at most 4096 characters.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
     pub annotations: BTreeMap<String, String>,
     /// `Local` keeps the client's source address visible to the MTA (needed for SPF,
     /// rate limits and relay decisions); `Cluster` spreads load evenly but hides it.
-    /// Ignored for `ClusterIP`. Default: `Local`.
+    /// Ignored for `ClusterIP`. At most 32 characters. Default: `Local`.
     #[serde(default = "default_traffic_policy")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self == 'Local' || self == 'Cluster'").message("externalTrafficPolicy is Local or Cluster"))]
     pub external_traffic_policy: String,
 }
@@ -252,11 +269,13 @@ fn default_traffic_policy() -> String {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Resources {
-    /// CPU request. Default: `100m`.
+    /// CPU request, at most 64 characters. Default: `100m`.
     #[serde(default = "default_cpu")]
+    #[schemars(length(max = 64))]
     pub cpu: String,
-    /// Memory request and limit. Default: `256Mi`.
+    /// Memory request and limit, at most 64 characters. Default: `256Mi`.
     #[serde(default = "default_memory")]
+    #[schemars(length(max = 64))]
     pub memory: String,
 }
 

@@ -5,29 +5,108 @@ use super::*;
 use kube::core::cel::validate_cel;
 use std::path::PathBuf;
 
-/// The committed `manifests/crds/*.yaml` must equal what the types generate. On mismatch,
-/// `<file>.actual` is written next to the committed file; regenerate with
-/// `cargo run -p crds --bin crdgen`.
+/// Where the generated CRD YAML is committed: the plain manifests and the Helm chart's
+/// `crds/` folder (same content; Helm installs those files before the chart's templates).
+const CRD_DIRS: [&str; 2] = ["manifests/crds", "charts/petrel/crds"];
+
+/// The committed `manifests/crds/*.yaml` and `charts/petrel/crds/*.yaml` must equal what the
+/// types generate. On mismatch, `<file>.actual` is written next to the committed file;
+/// regenerate both with `cargo run -p crds --bin crdgen`.
 #[test]
 fn committed_crd_yaml_matches_the_types() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut stale = Vec::new();
-    for (file, crd) in all() {
-        let generated = to_yaml(&crd).expect("CRD serialises");
-        let path = dir.join(file);
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        let actual = path.with_extension("yaml.actual");
-        if committed == generated {
-            let _ = std::fs::remove_file(&actual);
-        } else {
-            std::fs::write(&actual, &generated).expect("write .actual");
-            stale.push(file);
+    for dir in CRD_DIRS {
+        for (file, crd) in all() {
+            let generated = to_yaml(&crd).expect("CRD serialises");
+            let path = root.join(dir).join(file);
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            let actual = path.with_extension("yaml.actual");
+            if committed == generated {
+                let _ = std::fs::remove_file(&actual);
+            } else {
+                if let Some(parent) = actual.parent() {
+                    std::fs::create_dir_all(parent).expect("create the CRD folder");
+                }
+                std::fs::write(&actual, &generated).expect("write .actual");
+                stale.push(format!("{dir}/{file}"));
+            }
         }
     }
     assert!(
         stale.is_empty(),
         "committed CRDs differ from the types: {stale:?}; see the .actual files or run `cargo run -p crds --bin crdgen`"
     );
+}
+
+/// The API server estimates the worst-case cost of every CEL rule from the declared bounds
+/// and refuses the whole CRD when a rule (times the most items it can run on) exceeds its
+/// budget. An unbounded string, list or map makes that estimate huge, so every one of them
+/// under `.spec` (and under any node carrying a rule, status included) must declare
+/// `maxLength` (or `enum`/`format`), `maxItems` or `maxProperties`.
+#[test]
+fn every_spec_string_list_and_map_is_bounded() {
+    let mut unbounded = Vec::new();
+    for (file, crd) in all() {
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+        let mut found = Vec::new();
+        find_unbounded(&schema["openAPIV3Schema"], "", false, &mut found);
+        unbounded.extend(found.into_iter().map(|f| format!("{file}: {f}")));
+    }
+    assert!(
+        unbounded.is_empty(),
+        "unbounded values make the API server refuse the CEL rules: {unbounded:#?}"
+    );
+}
+
+/// Collects the JSON paths (`.spec.aliases[].to`) of strings without `maxLength`/`enum`/
+/// `format`, arrays without `maxItems` and maps (`additionalProperties`) without
+/// `maxProperties`, inside `.spec` or inside a node with `x-kubernetes-validations`.
+fn find_unbounded(schema: &serde_json::Value, path: &str, inside: bool, out: &mut Vec<String>) {
+    let inside = inside || path == ".spec" || schema.get("x-kubernetes-validations").is_some();
+    let has = |key: &str| schema.get(key).is_some();
+    if inside {
+        let here = if path.is_empty() { "." } else { path };
+        match schema.get("type").and_then(|t| t.as_str()) {
+            Some("string") if !(has("maxLength") || has("enum") || has("format")) => {
+                out.push(format!("{here}: string without maxLength"));
+            }
+            Some("array") if !has("maxItems") => {
+                out.push(format!("{here}: array without maxItems"));
+            }
+            Some("object")
+                if schema
+                    .get("additionalProperties")
+                    .is_some_and(|a| a.is_object())
+                    && !has("maxProperties") =>
+            {
+                out.push(format!("{here}: map without maxProperties"));
+            }
+            _ => {}
+        }
+    }
+    if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
+        for (name, prop) in props {
+            find_unbounded(prop, &format!("{path}.{name}"), inside, out);
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        find_unbounded(items, &format!("{path}[]"), inside, out);
+    }
+    if let Some(values) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+        find_unbounded(values, &format!("{path}.*"), inside, out);
+    }
+    for key in ["allOf", "anyOf", "oneOf"] {
+        for (i, sub) in schema
+            .get(key)
+            .and_then(|s| s.as_array())
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            find_unbounded(sub, &format!("{path}<{key}[{i}]>"), inside, out);
+        }
+    }
 }
 
 #[test]
