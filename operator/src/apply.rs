@@ -2,6 +2,8 @@
 //! cluster already holds as desired (so an unchanged world sees no writes), and pruning of
 //! objects this operator made for an owner that are no longer desired.
 //!
+//! Apply refuses to take over an object it did not make (no `managed-by` label): with
+//! RBAC that must allow writing Secrets, this is what keeps a user's Secret safe.
 //! Prune selects on the `app.kubernetes.io/managed-by`, `app.kubernetes.io/instance` and
 //! `mail.petrel.dev/owner-kind` labels, so it never touches objects someone else made.
 
@@ -26,6 +28,17 @@ pub enum Applied {
     Patched,
 }
 
+/// Whether the API server stores `value` by leaving the field out: null, and empty maps
+/// and lists (a Secret with no keys comes back without `data`).
+fn omitted(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Null => true,
+        serde_json::Value::Object(m) => m.is_empty(),
+        serde_json::Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
 /// Whether `existing` already contains everything in `desired` (fields the API server
 /// adds or defaults are ignored; lists must match element by element).
 pub fn contains(existing: &serde_json::Value, desired: &serde_json::Value) -> bool {
@@ -33,7 +46,7 @@ pub fn contains(existing: &serde_json::Value, desired: &serde_json::Value) -> bo
     match (existing, desired) {
         (Value::Object(e), Value::Object(d)) => d
             .iter()
-            .all(|(k, dv)| e.get(k).is_some_and(|ev| contains(ev, dv)) || dv.is_null()),
+            .all(|(k, dv)| e.get(k).is_some_and(|ev| contains(ev, dv)) || omitted(dv)),
         (Value::Array(e), Value::Array(d)) => {
             e.len() == d.len() && e.iter().zip(d).all(|(ev, dv)| contains(ev, dv))
         }
@@ -54,10 +67,16 @@ where
     let name = object.name_any();
     let api: Api<K> = Api::namespaced(client.clone(), &ns);
     let desired = serde_json::to_value(object)?;
-    if let Some(existing) = api.get_opt(&name).await?
-        && contains(&serde_json::to_value(&existing)?, &desired)
-    {
-        return Ok(Applied::Unchanged);
+    if let Some(existing) = api.get_opt(&name).await? {
+        if !is_managed(existing.meta()) {
+            return Err(crate::Error::NotOwned {
+                kind: K::kind(&()).into_owned(),
+                name,
+            });
+        }
+        if contains(&serde_json::to_value(&existing)?, &desired) {
+            return Ok(Applied::Unchanged);
+        }
     }
     api.patch(
         &name,
@@ -68,7 +87,16 @@ where
     Ok(Applied::Patched)
 }
 
-/// Applies one rendered object.
+/// Whether this operator made the object (its `managed-by` label says so).
+pub fn is_managed(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(labels::MANAGED_BY))
+        .is_some_and(|v| v == labels::MANAGER)
+}
+
+/// Applies one rendered object. An existing object of the same name that this operator
+/// did not make is never overwritten ([`crate::Error::NotOwned`]).
 pub async fn apply(client: &Client, object: &Object) -> Result<Applied> {
     match object {
         Object::ConfigMap(o) => apply_typed(client, o).await,
@@ -156,5 +184,9 @@ mod tests {
             &json!({"spec": {"ports": [{"port": 25}, {"port": 587}]}})
         ));
         assert!(!contains(&json!({}), &json!({"data": {"a": "b"}})));
+        assert!(
+            contains(&json!({"kind": "Secret"}), &json!({"kind": "Secret", "data": {}})),
+            "an empty map comes back as an absent field"
+        );
     }
 }

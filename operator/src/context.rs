@@ -1,6 +1,8 @@
-//! What every reconcile gets: the client, the event recorder, the DNS server to check
-//! against, and the per-object failure counts that drive error backoff.
+//! What every reconcile gets: the client, the event recorder, the reflector stores it
+//! reads its world from, the DNS server to check against, the operator-wide defaults, and
+//! the per-object failure counts that drive error backoff.
 
+use crate::stores::Stores;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use std::collections::HashMap;
@@ -21,11 +23,16 @@ pub struct Context {
     pub check_dns: bool,
     /// Reconcile runs, failures and durations.
     pub metrics: crate::metrics::Metrics,
+    /// What the reconcilers read: the resources and the Secrets this operator made.
+    pub stores: Stores,
+    /// The `petrel-mta` image for SmtpListeners that name none (`PETREL_MTA_IMAGE`);
+    /// `None` is the image matching this operator's version.
+    pub mta_image: Option<String>,
 }
 
 impl Context {
-    /// A context for `client`.
-    pub fn new(client: Client, dns_server: Option<SocketAddr>) -> Self {
+    /// A context for `client`, reading from `stores`.
+    pub fn new(client: Client, stores: Stores, dns_server: Option<SocketAddr>) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -40,6 +47,8 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             check_dns: true,
             metrics: crate::metrics::Metrics::default(),
+            stores,
+            mta_image: None,
         }
     }
 

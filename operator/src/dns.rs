@@ -324,60 +324,60 @@ pub fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
     builder.build().map_err(|e| e.to_string())
 }
 
-/// Whether live DNS serves each record. PTR hints without an address are not checked
-/// (`None`).
+/// Whether live DNS serves each record: `Some(true)` served as expected, `Some(false)`
+/// absent or different, `None` not checked (PTR hints without an address) or the lookup
+/// failed.
 pub async fn check(resolver: &TokioResolver, records: &[DnsRecord]) -> Vec<Option<bool>> {
     let mut out = Vec::with_capacity(records.len());
     for r in records {
         let result = match r.type_ {
-            "MX" => resolver
-                .mx_lookup(r.name.as_str())
-                .await
-                .ok()
-                .map(|lookup| {
-                    lookup.answers().iter().any(|rec| match &rec.data {
-                        RData::MX(mx) => format!("{} {}", mx.preference, mx.exchange.to_ascii())
-                            .eq_ignore_ascii_case(&r.value),
-                        _ => false,
-                    })
-                }),
-            "TXT" => resolver
-                .txt_lookup(r.name.as_str())
-                .await
-                .ok()
-                .map(|lookup| {
-                    lookup.answers().iter().any(|rec| match &rec.data {
-                        RData::TXT(txt) => {
-                            let joined: Vec<u8> = txt
-                                .txt_data
-                                .iter()
-                                .flat_map(|s| s.iter().copied())
-                                .collect();
-                            normalise_txt(&String::from_utf8_lossy(&joined))
-                                == normalise_txt(&r.value)
-                        }
-                        _ => false,
-                    })
-                }),
-            "PTR" if !r.name.starts_with('(') => resolver
-                .reverse_lookup(r.name.as_str())
-                .await
-                .ok()
-                .map(|lookup| {
-                    lookup.answers().iter().any(|rec| match &rec.data {
-                        RData::PTR(ptr) => ptr.0.to_ascii().eq_ignore_ascii_case(&r.value),
-                        _ => false,
-                    })
-                }),
+            "MX" => settle(resolver.mx_lookup(r.name.as_str()).await.map(|lookup| {
+                lookup.answers().iter().any(|rec| match &rec.data {
+                    RData::MX(mx) => format!("{} {}", mx.preference, mx.exchange.to_ascii())
+                        .eq_ignore_ascii_case(&r.value),
+                    _ => false,
+                })
+            })),
+            "TXT" => settle(resolver.txt_lookup(r.name.as_str()).await.map(|lookup| {
+                lookup.answers().iter().any(|rec| match &rec.data {
+                    RData::TXT(txt) => {
+                        let joined: Vec<u8> = txt
+                            .txt_data
+                            .iter()
+                            .flat_map(|s| s.iter().copied())
+                            .collect();
+                        normalise_txt(&String::from_utf8_lossy(&joined)) == normalise_txt(&r.value)
+                    }
+                    _ => false,
+                })
+            })),
+            "PTR" if !r.name.starts_with('(') => settle(
+                resolver
+                    .reverse_lookup(r.name.as_str())
+                    .await
+                    .map(|lookup| {
+                        lookup.answers().iter().any(|rec| match &rec.data {
+                            RData::PTR(ptr) => ptr.0.to_ascii().eq_ignore_ascii_case(&r.value),
+                            _ => false,
+                        })
+                    }),
+            ),
             _ => None,
         };
-        out.push(match (r.type_, result) {
-            ("PTR", None) => None,
-            (_, None) => Some(false),
-            (_, found) => found,
-        });
+        out.push(result);
     }
     out
+}
+
+/// The answer of one lookup: whether it matched, `Some(false)` when DNS says there is no
+/// such record, and `None` when DNS did not answer (timeout, SERVFAIL, refused): a failed
+/// lookup is no evidence either way.
+fn settle(result: Result<bool, hickory_resolver::net::NetError>) -> Option<bool> {
+    match result {
+        Ok(matched) => Some(matched),
+        Err(e) if e.is_no_records_found() => Some(false),
+        Err(_) => None,
+    }
 }
 
 /// TXT comparison ignores the spacing around `;` that publishers vary.

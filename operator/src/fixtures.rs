@@ -8,6 +8,8 @@
 //! what the scenarios assert on.
 
 use crate::context::Context;
+use crate::render::World;
+use crate::stores::TestWriters;
 use http::{Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
@@ -26,6 +28,9 @@ pub struct FakeApi {
     /// When set, every PATCH fails with 500.
     pub fail_patches: Arc<AtomicBool>,
     next_uid: Arc<AtomicU64>,
+    /// The reflector stores the context reads, refilled after every change (as the
+    /// operator's watches would).
+    writers: Arc<Mutex<Option<TestWriters>>>,
 }
 
 impl FakeApi {
@@ -41,9 +46,35 @@ impl FakeApi {
             }
         });
         let client = Client::new(service, "default");
-        let mut ctx = Context::new(client, None);
+        let (stores, writers) = TestWriters::new();
+        *fake.writers.lock().unwrap() = Some(writers);
+        let mut ctx = Context::new(client, stores, None);
         ctx.check_dns = false;
         (fake, Arc::new(ctx))
+    }
+
+    /// Refills the stores from the stored objects: the four kinds, and Secrets labelled
+    /// as the operator's (what its Secret watch selects).
+    fn refresh_stores(&self) {
+        let mut world = World::default();
+        for object in self.objects.lock().unwrap().values() {
+            let managed = object["metadata"]["labels"]["app.kubernetes.io/managed-by"]
+                == json!("petrel-operator");
+            let typed = object.clone();
+            match object["kind"].as_str().unwrap_or_default() {
+                "SmtpListener" => world.listeners.push(serde_json::from_value(typed).unwrap()),
+                "MailDomain" => world.domains.push(serde_json::from_value(typed).unwrap()),
+                "RelayPolicy" => world
+                    .relay_policies
+                    .push(serde_json::from_value(typed).unwrap()),
+                "DkimKey" => world.dkim_keys.push(serde_json::from_value(typed).unwrap()),
+                "Secret" if managed => world.secrets.push(serde_json::from_value(typed).unwrap()),
+                _ => {}
+            }
+        }
+        if let Some(writers) = self.writers.lock().unwrap().as_mut() {
+            writers.replace(&world);
+        }
     }
 
     /// Stores `object` at the path its apiVersion/kind/namespace/name imply.
@@ -54,6 +85,7 @@ impl FakeApi {
                 format!("uid-{}", self.next_uid.fetch_add(1, Ordering::SeqCst)).into();
         }
         self.objects.lock().unwrap().insert(path, object);
+        self.refresh_stores();
     }
 
     /// The stored object at `path` (e.g. `/api/v1/namespaces/mail/configmaps/mx-config`).
@@ -115,11 +147,16 @@ impl FakeApi {
                     }
                     merge(stored, &body);
                 }
-                reply(StatusCode::OK, stored)
+                let response = reply(StatusCode::OK, stored);
+                drop(objects);
+                self.refresh_stores();
+                response
             }
             "DELETE" => {
                 self.writes.lock().unwrap().push(format!("DELETE {key}"));
-                match self.objects.lock().unwrap().remove(&key) {
+                let removed = self.objects.lock().unwrap().remove(&key);
+                self.refresh_stores();
+                match removed {
                     Some(o) => reply(StatusCode::OK, &o),
                     None => not_found(),
                 }

@@ -1,10 +1,11 @@
 //! `petrel-operator`: turns Petrel custom resources into a fleet of `petrel-mta` pods.
 //!
-//! Modules in flow order: [`input`] reads CR files for offline use; [`render`] is the pure
-//! function from CRs (+ observed Secrets) to desired objects, using [`keys`] for fresh key
-//! material; [`dns`] computes each domain's DNS guidance and checks it against live DNS;
-//! [`apply`] server-side-applies and prunes; [`status`] builds conditions; [`reconcile`]
-//! ties them together per kind and [`controller`] runs the kube-rs Controllers.
+//! Modules in flow order: [`input`] reads CR files for offline use and [`stores`] keeps the
+//! cluster's resources in reflector stores; [`render`] is the pure function from CRs (+
+//! observed Secrets) to desired objects, using [`keys`] for fresh key material; [`dns`]
+//! computes each domain's DNS guidance and checks it against live DNS; [`apply`]
+//! server-side-applies and prunes; [`status`] builds conditions; [`reconcile`] ties them
+//! together, one file per kind, and [`controller`] runs the kube-rs Controllers.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod render;
 pub mod status;
+pub mod stores;
 
 #[cfg(test)]
 mod fixtures;
@@ -43,6 +45,17 @@ pub enum Error {
     /// JSON (de)serialisation of an object failed.
     #[error("serialisation failed: {0}")]
     Serialization(#[from] serde_json::Error),
+    /// An object the operator would write exists and was not made by it (a user's
+    /// Secret, say): it is never taken over.
+    #[error(
+        "{kind} {name} already exists and is not managed by petrel-operator; rename or delete it"
+    )]
+    NotOwned {
+        /// Kind of the object.
+        kind: String,
+        /// Its name.
+        name: String,
+    },
 }
 
 impl From<kube::Error> for Error {
@@ -60,6 +73,7 @@ impl Error {
             Self::Input(_) => "InputError",
             Self::MissingField(_) => "MissingField",
             Self::Serialization(_) => "SerializationFailed",
+            Self::NotOwned { .. } => "ObjectNotOwned",
         }
     }
 }

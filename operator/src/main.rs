@@ -2,7 +2,8 @@
 //! in KUBECONFIG/in-cluster config; `render` and `dns` run the same render and DNS
 //! guidance code on CR files with no cluster at all.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use operator::controller::Settings;
 use operator::keys::SystemKeys;
 use operator::{dns, input, render};
 use std::net::SocketAddr;
@@ -16,8 +17,19 @@ use std::process::ExitCode;
     about = "Runs Petrel mail on Kubernetes"
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "PETREL_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -27,9 +39,17 @@ enum Command {
         /// DNS server used to check MailDomain records (default: the system resolvers).
         #[arg(long, env = "PETREL_DNS_SERVER")]
         dns_server: Option<SocketAddr>,
-        /// Where to serve the operator's /metrics and /healthz.
+        /// Where to serve the operator's /metrics, /healthz and /readyz.
         #[arg(long, env = "PETREL_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
         metrics_address: Option<SocketAddr>,
+        /// Watch only these namespaces (comma-separated); Roles there are then all the
+        /// RBAC needed. Default: the whole cluster.
+        #[arg(long, env = "PETREL_WATCH_NAMESPACES", value_delimiter = ',')]
+        watch_namespaces: Vec<String>,
+        /// The petrel-mta image for SmtpListeners that name none. Default: the image
+        /// of this operator's version.
+        #[arg(long, env = "PETREL_MTA_IMAGE")]
+        mta_image: Option<String>,
     },
     /// Print every object the operator would apply for the given CR files, as YAML.
     Render {
@@ -40,6 +60,9 @@ enum Command {
         /// Namespace for resources that name none.
         #[arg(short, long, default_value = "default")]
         namespace: String,
+        /// The petrel-mta image for SmtpListeners that name none.
+        #[arg(long, env = "PETREL_MTA_IMAGE")]
+        mta_image: Option<String>,
     },
     /// Print the DNS records a MailDomain needs, as a BIND zone fragment.
     Dns {
@@ -58,15 +81,29 @@ fn main() -> ExitCode {
         Command::Run {
             dns_server,
             metrics_address,
-        } => run(dns_server, metrics_address),
-        Command::Render { files, namespace } => render_cmd(&files, &namespace),
+            watch_namespaces,
+            mta_image,
+        } => run(
+            Settings {
+                dns_server,
+                metrics_address,
+                watch_namespaces,
+                mta_image,
+            },
+            matches!(cli.log_format, LogFormat::Json),
+        ),
+        Command::Render {
+            files,
+            namespace,
+            mta_image,
+        } => render_cmd(&files, &namespace, mta_image),
         Command::Dns { files, namespace } => dns_cmd(&files, &namespace),
     }
 }
 
-fn run(dns_server: Option<SocketAddr>, metrics_address: Option<SocketAddr>) -> ExitCode {
+fn run(settings: Settings, json_logs: bool) -> ExitCode {
     // Logs, and a trace per reconcile over OTLP when OTEL_* variables ask for it.
-    let _telemetry = match mta_telemetry::init("petrel-operator", false) {
+    let _telemetry = match mta_telemetry::init("petrel-operator", json_logs) {
         Ok(guard) => Some(guard),
         Err(e) => {
             eprintln!("petrel-operator: telemetry not started: {e}");
@@ -80,7 +117,7 @@ fn run(dns_server: Option<SocketAddr>, metrics_address: Option<SocketAddr>) -> E
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(operator::controller::run(dns_server, metrics_address)) {
+    match runtime.block_on(operator::controller::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("petrel-operator: {e}");
@@ -89,9 +126,9 @@ fn run(dns_server: Option<SocketAddr>, metrics_address: Option<SocketAddr>) -> E
     }
 }
 
-fn render_cmd(files: &[PathBuf], namespace: &str) -> ExitCode {
+fn render_cmd(files: &[PathBuf], namespace: &str, mta_image: Option<String>) -> ExitCode {
     let world = match input::load(files, namespace) {
-        Ok(world) => world,
+        Ok(world) => render::World { mta_image, ..world },
         Err(e) => {
             eprintln!("petrel-operator render: {e}");
             return ExitCode::FAILURE;

@@ -114,8 +114,14 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) -> std::io::Result<()> {
+/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (`ready()` says the
+/// caches are filled and reconciles run; 503 until then) until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
     use axum::routing::get;
     let app = axum::Router::new()
         .route(
@@ -133,7 +139,20 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) -> std::
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "caches not filled yet\n")
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app).await
 }
 

@@ -2,8 +2,13 @@
 //! (a second reconcile of an unchanged world writes nothing), prune, a config change, and
 //! the error path with backoff.
 
+use super::dkim_key::reconcile as dkim_key;
+use super::mail_domain::reconcile as mail_domain;
+use super::relay_policy::reconcile as relay_policy;
+use super::smtp_listener::reconcile as listener;
 use super::*;
 use crate::fixtures::{FakeApi, examples, object_path};
+use crds::SmtpListener;
 use serde_json::Value;
 
 const NS: &str = "/namespaces/mail";
@@ -12,6 +17,11 @@ fn seeded() -> (FakeApi, Arc<Context>) {
     let (fake, ctx) = FakeApi::start();
     for example in examples() {
         fake.seed(example);
+    }
+    // The Secrets the examples name and a user provides.
+    for name in ["mail-users", "smtp-example-com-tls"] {
+        fake.seed(serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": "mail"}, "data": {}}));
     }
     (fake, ctx)
 }
@@ -34,6 +44,7 @@ async fn listener_apply_writes_objects_status_and_an_event_then_nothing() {
     for expected in [
         format!("PATCH /api/v1{NS}/configmaps/mx-config"),
         format!("PATCH /api/v1{NS}/secrets/mx-tls"),
+        format!("PATCH /api/v1{NS}/secrets/mx-dkim"),
         format!("PATCH /apis/apps/v1{NS}/statefulsets/mx"),
         format!("PATCH /api/v1{NS}/services/mx"),
         format!("PATCH /api/v1{NS}/services/mx-headless"),
@@ -46,7 +57,7 @@ async fn listener_apply_writes_objects_status_and_an_event_then_nothing() {
             "missing {expected} in {writes:#?}"
         );
     }
-    assert_eq!(writes.len(), 8, "{writes:#?}");
+    assert_eq!(writes.len(), 9, "{writes:#?}");
 
     // Owner reference, labels and the rendered config landed.
     let cm = fake
@@ -138,10 +149,9 @@ async fn a_spec_change_reapplies_only_what_it_changes() {
         objects,
         vec![
             format!("PATCH /api/v1{NS}/configmaps/mx-config"),
-            format!("PATCH /apis/apps/v1{NS}/statefulsets/mx"),
             format!("PATCH {}/status", listener_path()),
         ],
-        "only the config and the checksum-bearing StatefulSet change"
+        "only the config changes: the MTA hot-reloads it, so the pod template stays"
     );
     assert_eq!(
         events.len(),
@@ -318,4 +328,55 @@ async fn relay_policy_is_ready_when_all_of_it_takes_effect() {
 fn backoff_doubles_up_to_five_minutes() {
     let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
     assert_eq!(secs, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
+}
+
+#[tokio::test]
+async fn a_users_object_with_our_name_is_never_taken_over() {
+    let (fake, ctx) = seeded();
+    let theirs = serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {
+        "name": "mx-tls", "namespace": "mail"}, "data": {"tls.crt": "dXNlcg=="}});
+    fake.seed(theirs.clone());
+    let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
+    let err = listener(mx, ctx).await.expect_err("must refuse");
+    assert_eq!(err.metric_label(), "ObjectNotOwned");
+    assert!(err.to_string().contains("Secret mx-tls"), "{err}");
+    let stored = fake.get(&object_path(&theirs)).unwrap();
+    assert_eq!(stored["data"], theirs["data"], "untouched");
+    assert!(stored["metadata"]["labels"].is_null(), "not relabelled");
+}
+
+#[tokio::test]
+async fn a_missing_user_secret_applies_nothing_and_names_it() {
+    let (fake, ctx) = FakeApi::start();
+    for example in examples() {
+        fake.seed(example);
+    }
+    let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
+    let action = listener(mx, ctx).await.expect("reconciles");
+    assert_eq!(
+        action,
+        Action::requeue(super::smtp_listener::SECRET_RECHECK)
+    );
+    let writes = fake.take_writes();
+    assert_eq!(
+        writes,
+        vec![format!("PATCH {}/status", listener_path())],
+        "nothing applied"
+    );
+    let status = &fake.get(&listener_path()).unwrap()["status"];
+    let ready = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "SecretNotFound");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("Secret mail-users (RelayPolicy internal authentication.secretName)"),
+        "{ready}"
+    );
 }

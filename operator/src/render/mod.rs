@@ -41,10 +41,6 @@ pub mod labels {
     pub const OWNER_KIND: &str = "mail.petrel.dev/owner-kind";
 }
 
-/// Annotation on the pod template holding the SHA-256 of the rendered config, so a config
-/// change rolls the pods only when hot reload is not enough (and shows in `kubectl diff`).
-pub const CONFIG_CHECKSUM_ANNOTATION: &str = "mail.petrel.dev/config-checksum";
-
 /// The resources of one namespace and what is already there.
 #[derive(Debug, Clone, Default)]
 pub struct World {
@@ -58,6 +54,9 @@ pub struct World {
     pub dkim_keys: Vec<DkimKey>,
     /// Secrets that exist (observed): reused instead of generating new keys.
     pub secrets: Vec<Secret>,
+    /// The `petrel-mta` image for SmtpListeners that name none (the operator's
+    /// `PETREL_MTA_IMAGE`); `None` is [`workload::DEFAULT_IMAGE`].
+    pub mta_image: Option<String>,
 }
 
 impl World {
@@ -90,6 +89,7 @@ impl World {
             relay_policies: keep(&self.relay_policies, |r| ns(&r.metadata)),
             dkim_keys: keep(&self.dkim_keys, |r| ns(&r.metadata)),
             secrets: keep(&self.secrets, |r| ns(&r.metadata)),
+            mta_image: self.mta_image.clone(),
         }
     }
 
@@ -282,17 +282,24 @@ pub fn render_listener(
         }
         secrets::TlsSecret::Existing(name) => name,
     };
-    let dkim_secrets = secrets::dkim_secret_names(world);
-    let checksum = sha256_hex(yaml.as_bytes());
+    let signing = mta_config::signing_keys(world, &mut Vec::new());
+    let dkim = secrets::listener_dkim(listener, world, &signing);
+    let dkim_secret = dkim.metadata.name.clone().unwrap_or_default();
+    objects.push(Object::Secret(dkim));
     let auth_secret = mta_config::auth_secret(world).map(|(name, _)| name);
     let smarthost_secret = mta_config::smarthost_secret(world);
+    // The pod template holds only what needs a restart (image, ports, which Secrets are
+    // mounted): the config and the DKIM keys reach running pods as file updates, which
+    // the MTA hot-reloads.
     objects.push(Object::StatefulSet(workload::stateful_set(
         listener,
-        &checksum,
-        &tls_secret,
-        &dkim_secrets,
-        auth_secret.as_deref(),
-        smarthost_secret.as_deref(),
+        world.mta_image.as_deref(),
+        &workload::Mounts {
+            tls: &tls_secret,
+            dkim: &dkim_secret,
+            auth: auth_secret.as_deref(),
+            smarthost: smarthost_secret.as_deref(),
+        },
     )));
     objects.extend(
         workload::services(listener)

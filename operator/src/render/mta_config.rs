@@ -155,20 +155,46 @@ pub fn for_listener(
             config.local_domains.push(local);
         }
         if let Some(key) = signing_key(domain, world, notes) {
-            config.dkim.keys.push(key);
+            config.dkim.keys.push(key.config);
         }
     }
     Ok(config)
 }
 
+/// A DKIM key a listener signs with, and the key Secret it is copied from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigningKey {
+    /// The MtaConfig entry; its `key_file` is [`dkim_key_file`] of `secret`.
+    pub config: DkimKeyConfig,
+    /// The DkimKey's Secret holding the private key.
+    pub secret: String,
+}
+
+/// Where a listener's pods find the private key copied from the key Secret `secret`: one
+/// file per key in the listener's DKIM Secret, mounted as a whole at [`DKIM_DIR`], so a
+/// key that becomes Active changes that Secret's content and never the pod template.
+pub fn dkim_key_file(secret: &str) -> PathBuf {
+    PathBuf::from(DKIM_DIR).join(format!("{secret}.pem"))
+}
+
+/// Every key the listeners of `world` sign with (see [`signing_key`]), in domain order.
+pub fn signing_keys(world: &World, notes: &mut Vec<Note>) -> Vec<SigningKey> {
+    world
+        .domains
+        .iter()
+        .filter_map(|d| signing_key(d, world, notes))
+        .collect()
+}
+
 /// The DKIM key that signs mail from `domain`: its `dkimKeyRef`'s active selector, read
-/// from the key Secret's mount. `None` (with a note) while the key is not Active, that is
-/// until its TXT record is visible in DNS: nothing is signed with an unpublished key.
+/// from the listener's DKIM Secret mount. `None` (with a note) while the key is not
+/// Active, that is until its TXT record is visible in DNS: nothing is signed with an
+/// unpublished key.
 pub fn signing_key(
     domain: &MailDomain,
     world: &World,
     notes: &mut Vec<Note>,
-) -> Option<DkimKeyConfig> {
+) -> Option<SigningKey> {
     let wanted = domain.spec.dkim_key_ref.as_ref()?;
     let mut note = |reason: &'static str, message: String| {
         notes.push(Note {
@@ -206,12 +232,28 @@ pub fn signing_key(
         return None;
     };
     let secret = super::secrets::dkim_secret_name(key, &selector);
-    Some(DkimKeyConfig {
-        domain: domain.spec.domain.clone(),
-        selector,
-        key_file: PathBuf::from(DKIM_DIR)
-            .join(secret)
-            .join(super::secrets::DKIM_PRIVATE_KEY),
+    let namespace = domain.namespace().unwrap_or_default();
+    let has_key = world
+        .secret(&namespace, &secret)
+        .and_then(|s| s.data.as_ref())
+        .is_some_and(|d| d.contains_key(super::secrets::DKIM_PRIVATE_KEY));
+    if !has_key {
+        note(
+            "DkimKeySecretMissing",
+            format!(
+                "Secret {secret} of DkimKey {wanted} holds no private key; mail from {} is not signed",
+                domain.spec.domain
+            ),
+        );
+        return None;
+    }
+    Some(SigningKey {
+        config: DkimKeyConfig {
+            domain: domain.spec.domain.clone(),
+            selector,
+            key_file: dkim_key_file(&secret),
+        },
+        secret,
     })
 }
 

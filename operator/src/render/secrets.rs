@@ -97,15 +97,39 @@ pub fn dkim_secret_name(key: &DkimKey, selector: &str) -> String {
     format!("{}-{selector}", key.name_any())
 }
 
-/// Names of the DKIM Secrets every listener in `world` mounts, sorted.
-pub fn dkim_secret_names(world: &World) -> Vec<String> {
-    let mut names: Vec<String> = world
-        .dkim_keys
+/// Name of a listener's DKIM Secret: a copy of every private key its pods sign with.
+pub fn listener_dkim_secret_name(listener: &SmtpListener) -> String {
+    format!("{}-dkim", listener.name_any())
+}
+
+/// The listener's DKIM Secret: for each key in `signing`, the private key copied from the
+/// DkimKey's Secret, as the file [`super::mta_config::dkim_key_file`] expects. One Secret
+/// mounted whole means a key that becomes Active (or retires) changes file contents the
+/// MTA hot-reloads, never the pod template: no pod restarts for a DKIM change.
+pub fn listener_dkim(
+    listener: &SmtpListener,
+    world: &World,
+    signing: &[super::mta_config::SigningKey],
+) -> Secret {
+    let ns = listener.namespace().unwrap_or_default();
+    let data: BTreeMap<String, ByteString> = signing
         .iter()
-        .map(|k| dkim_secret_name(k, &first_selector(k)))
+        .filter_map(|key| {
+            let pem = world
+                .secret(&ns, &key.secret)?
+                .data
+                .as_ref()?
+                .get(DKIM_PRIVATE_KEY)?
+                .clone();
+            Some((format!("{}.pem", key.secret), pem))
+        })
         .collect();
-    names.sort();
-    names
+    Secret {
+        metadata: owned_meta(listener, listener_dkim_secret_name(listener), "dkim-keys"),
+        type_: Some("Opaque".to_owned()),
+        data: Some(data),
+        ..Secret::default()
+    }
 }
 
 /// The TXT record value publishing `public_b64` for `key`.

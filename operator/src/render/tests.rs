@@ -110,39 +110,56 @@ fn statefulset_is_restricted_probed_and_has_a_queue_claim_per_pod() {
         vec![10025, 10587, 8080],
         "unprivileged container ports"
     );
-    let annotations = sts
-        .spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.annotations.clone());
-    let checksum = annotations
-        .and_then(|a| a.get(CONFIG_CHECKSUM_ANNOTATION).cloned())
-        .expect("checksum annotation");
-    let config = desired.configs.get("mx").expect("mx config");
-    assert_eq!(checksum, sha256_hex(config.to_yaml().as_bytes()));
+    assert!(
+        sts.spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .is_none(),
+        "no config checksum on the pod template: a config change must not roll the pods"
+    );
 }
 
 #[test]
-fn config_checksum_changes_with_the_config_and_only_then() {
+fn hot_reloadable_changes_leave_the_pod_template_alone() {
     let base = repo().join("manifests/examples/01-smtplistener.yaml");
-    let checksum = |d: &Desired| {
+    let template = |d: &Desired| {
         d.objects.iter().find_map(|o| match o {
-            Object::StatefulSet(s) => s
-                .spec
-                .template
-                .metadata
-                .as_ref()
-                .and_then(|m| m.annotations.as_ref())
-                .and_then(|a| a.get(CONFIG_CHECKSUM_ANNOTATION).cloned()),
+            Object::StatefulSet(s) => Some(serde_json::to_value(&s.spec.template).unwrap()),
             _ => None,
         })
     };
+    let config = |d: &Desired| d.configs.get("mx").map(|c| c.to_yaml());
     let one = render_paths(std::slice::from_ref(&base));
-    let again = render_paths(std::slice::from_ref(&base));
-    let with_domain = render_paths(&[base, repo().join("manifests/examples/02-maildomain.yaml")]);
-    assert_eq!(checksum(&one), checksum(&again));
-    assert_ne!(checksum(&one), checksum(&with_domain));
+    let with_domain = render_paths(&[
+        base.clone(),
+        repo().join("manifests/examples/02-maildomain.yaml"),
+        repo().join("manifests/examples/03-dkimkey.yaml"),
+    ]);
+    assert_ne!(config(&one), config(&with_domain), "the config changes");
+    assert_eq!(template(&one), template(&with_domain), "the pods do not");
+}
+
+#[test]
+fn the_operator_wide_mta_image_applies_unless_the_listener_names_one() {
+    let base = repo().join("manifests/examples/01-smtplistener.yaml");
+    let mut world = crate::input::load(std::slice::from_ref(&base), "default").unwrap();
+    let image = |world: &World| {
+        let desired = render(world, &mut FixedKeys).unwrap();
+        desired.objects.iter().find_map(|o| match o {
+            Object::StatefulSet(s) => s.spec.template.spec.as_ref()?.containers[0].image.clone(),
+            _ => None,
+        })
+    };
+    assert_eq!(image(&world).as_deref(), Some(workload::DEFAULT_IMAGE));
+    world.mta_image = Some("registry.example/petrel-mta:dev".into());
+    assert_eq!(
+        image(&world).as_deref(),
+        Some("registry.example/petrel-mta:dev")
+    );
+    world.listeners[0].spec.image = Some("mine:1".into());
+    assert_eq!(image(&world).as_deref(), Some("mine:1"));
 }
 
 #[test]
@@ -238,25 +255,69 @@ fn dkim_key_signs_only_once_active() {
             .any(|n| n.reason == "DkimKeyNotActive" && n.name == "example-com")
     );
 
+    // Active, but its Secret is not observed yet: still nothing signs.
     world.dkim_keys[0].status = Some(crds::dkim_key::DkimKeyStatus {
         active_selector: Some("petrel-1".into()),
         ..Default::default()
     });
+    let again = render(&world, &mut FixedKeys).expect("render");
+    assert!(again.configs.values().all(|c| c.dkim.keys.is_empty()));
+    assert!(
+        again
+            .notes
+            .iter()
+            .any(|n| n.reason == "DkimKeySecretMissing")
+    );
+
+    // Once the key Secret is there, the listener's DKIM Secret carries a copy and the
+    // config names it.
+    let key_secret = desired
+        .objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Secret(s)
+                if s.metadata.name.as_deref() == Some("example-com-ed25519-petrel-1") =>
+            {
+                Some(s.clone())
+            }
+            _ => None,
+        })
+        .expect("key secret");
+    let private = key_secret.data.as_ref().unwrap()[secrets::DKIM_PRIVATE_KEY].clone();
+    world.secrets.push(key_secret);
     let desired = render(&world, &mut FixedKeys).expect("render");
-    let config = desired.configs.values().next().expect("a config");
+    let config = desired.configs.get("mx").expect("mx config");
     let expected = ::mta_config::DkimKeyConfig {
         domain: "example.com".into(),
         selector: "petrel-1".into(),
-        key_file: "/etc/petrel/dkim/example-com-ed25519-petrel-1/private.pem".into(),
+        key_file: "/etc/petrel/dkim/example-com-ed25519-petrel-1.pem".into(),
     };
     assert_eq!(config.dkim.keys, vec![expected]);
+    let copy = desired.objects.iter().find_map(|o| match o {
+        Object::Secret(s) if s.metadata.name.as_deref() == Some("mx-dkim") => s
+            .data
+            .as_ref()?
+            .get("example-com-ed25519-petrel-1.pem")
+            .cloned(),
+        _ => None,
+    });
+    assert_eq!(
+        copy,
+        Some(private),
+        "the listener's DKIM Secret holds the key"
+    );
     let mounted = desired.objects.iter().any(|o| match o {
-        Object::StatefulSet(s) => serde_json::to_string(s)
-            .expect("json")
-            .contains("/etc/petrel/dkim/example-com-ed25519-petrel-1"),
+        Object::StatefulSet(s) if s.metadata.name.as_deref() == Some("mx") => {
+            let json = serde_json::to_string(s).expect("json");
+            json.contains("\"secretName\":\"mx-dkim\"")
+                && json.contains("\"mountPath\":\"/etc/petrel/dkim\"")
+        }
         _ => false,
     });
-    assert!(mounted, "the key file's directory is the Secret's mount");
+    assert!(
+        mounted,
+        "the listener's DKIM Secret is mounted at the key directory"
+    );
     assert!(!desired.notes.iter().any(|n| n.reason == "DkimKeyNotActive"));
 }
 

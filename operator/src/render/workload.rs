@@ -9,7 +9,7 @@
 use super::mta_config::{
     AUTH_DIR, CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_DIR, SMARTHOST_DIR, TLS_DIR, container_port,
 };
-use super::{CONFIG_CHECKSUM_ANNOTATION, labels, owned_meta};
+use super::{labels, owned_meta};
 use crds::SmtpListener;
 use crds::smtp_listener::ListenerPortKind;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
@@ -107,14 +107,25 @@ fn secret_volume(name: &str, secret: &str, optional: bool) -> Volume {
     }
 }
 
-/// The StatefulSet of MTA pods.
+/// The Secrets an MTA pod mounts, by name.
+#[derive(Debug, Clone, Copy)]
+pub struct Mounts<'a> {
+    /// Certificate and key (`tls.crt`, `tls.key`).
+    pub tls: &'a str,
+    /// The listener's copy of its DKIM private keys.
+    pub dkim: &'a str,
+    /// AUTH users file, when a RelayPolicy names one.
+    pub auth: Option<&'a str>,
+    /// Smarthost credentials, when the route has them.
+    pub smarthost: Option<&'a str>,
+}
+
+/// The StatefulSet of MTA pods. `default_image` is used when the listener names none
+/// (then [`DEFAULT_IMAGE`]).
 pub fn stateful_set(
     listener: &SmtpListener,
-    config_checksum: &str,
-    tls_secret: &str,
-    dkim_secrets: &[String],
-    auth_secret: Option<&str>,
-    smarthost_secret: Option<&str>,
+    default_image: Option<&str>,
+    secrets: &Mounts<'_>,
 ) -> StatefulSet {
     let spec = &listener.spec;
     let mut pod_labels = owned_meta(listener, String::new(), "mta")
@@ -147,7 +158,8 @@ pub fn stateful_set(
             ..Volume::default()
         },
         // cert-manager may not have issued it yet; the MTA reloads it when it appears.
-        secret_volume("tls", tls_secret, spec.tls.issuer_ref.is_some()),
+        secret_volume("tls", secrets.tls, spec.tls.issuer_ref.is_some()),
+        secret_volume("dkim", secrets.dkim, false),
         Volume {
             name: "tmp".to_owned(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -157,6 +169,7 @@ pub fn stateful_set(
     let mut mounts = vec![
         mount("config", CONFIG_DIR),
         mount("tls", TLS_DIR),
+        mount("dkim", DKIM_DIR),
         VolumeMount {
             name: "queue".to_owned(),
             mount_path: DATA_DIR.to_owned(),
@@ -168,26 +181,22 @@ pub fn stateful_set(
             ..VolumeMount::default()
         },
     ];
-    if let Some(secret) = auth_secret {
+    if let Some(secret) = secrets.auth {
         volumes.push(secret_volume("auth", secret, false));
         mounts.push(mount("auth", AUTH_DIR));
     }
-    if let Some(secret) = smarthost_secret {
+    if let Some(secret) = secrets.smarthost {
         volumes.push(secret_volume("smarthost", secret, false));
         mounts.push(mount("smarthost", SMARTHOST_DIR));
-    }
-    for (i, secret) in dkim_secrets.iter().enumerate() {
-        let volume = format!("dkim-{i}");
-        // A key that is still Pending must not keep the MTA from starting.
-        volumes.push(secret_volume(&volume, secret, true));
-        mounts.push(mount(&volume, &format!("{DKIM_DIR}/{secret}")));
     }
     let container = Container {
         name: "mta".to_owned(),
         image: Some(
             spec.image
-                .clone()
-                .unwrap_or_else(|| DEFAULT_IMAGE.to_owned()),
+                .as_deref()
+                .or(default_image)
+                .unwrap_or(DEFAULT_IMAGE)
+                .to_owned(),
         ),
         args: Some(vec![
             "serve".to_owned(),
@@ -255,10 +264,6 @@ pub fn stateful_set(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(
-                        CONFIG_CHECKSUM_ANNOTATION.to_owned(),
-                        config_checksum.to_owned(),
-                    )])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
