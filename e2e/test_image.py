@@ -152,6 +152,9 @@ def test_image_metadata_and_contents(image):
     assert labels["org.opencontainers.image.source"].startswith("https://")
     version = re.search(r'^version = "(.+)"', (ROOT / "Cargo.toml").read_text(), re.M)[1]
     assert labels["org.opencontainers.image.version"] == version
+    containerfile = (ROOT / "images" / "Containerfile").read_text()
+    assert re.search(r"^ARG VERSION=(\S+)$", containerfile, re.M)[1] == version, \
+        "images/Containerfile's default VERSION differs from Cargo.toml's"
     assert image.endswith(f"/petrel-mta:{version}"), image
 
     root = Path(podman("image", "mount", image).stdout.strip())

@@ -180,7 +180,6 @@ else
 fi
 
 # --- images ----------------------------------------------------------------------------------
-revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 # On every image of every stage (podman build --label), so that the cache images these
 # builds leave behind can be told from anyone else's and removed (see prune_ours).
 BUILT_BY=io.petrel.built-by=scripts/build-images.sh
@@ -194,7 +193,6 @@ build_image() { # target tag
         --build-arg PREBUILT_DIR="$PREBUILT_DIR" \
         --build-arg RUNTIME_IMAGE="$BASE_IMAGE" \
         --build-arg VERSION="$VERSION" \
-        --build-arg REVISION="$revision" \
         -t "$2" . >/dev/null
     local new
     new=$(podman image inspect --format '{{.Id}}' "$2")
