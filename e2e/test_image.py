@@ -140,6 +140,11 @@ def token_of(data: bytes) -> str:
     return data.split(b"\r\nSubject: ", 1)[1].split(b"\r\n", 1)[0].decode()
 
 
+def test_build_context_ignore_files_agree():
+    """podman reads .containerignore, docker .dockerignore: the context must be the same."""
+    assert (ROOT / ".dockerignore").read_text() == (ROOT / ".containerignore").read_text()
+
+
 def test_image_metadata_and_contents(image):
     info = json.loads(podman("image", "inspect", image).stdout)[0]
     config = info["Config"]
