@@ -53,22 +53,27 @@ def podman(*args, check=True, timeout=120, **kwargs):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    """Loads the archive and returns the image's name."""
+    """Loads the archive; gives the image's name."""
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed (scripts/build-images.sh installs it)")
     if not ARCHIVE.is_file():
         pytest.skip(f"no image archive at {ARCHIVE}: run scripts/build-images.sh first")
-    if not os.environ.get("CONTAINERS_CONF"):
+    before = os.environ.get("CONTAINERS_CONF")
+    if not before:
         # runc, and no default ulimits (raising RLIMIT_NPROC is not permitted here).
         conf = IMAGES_DIR / "containers.conf"
         if not conf.is_file():
             conf = tmp_path_factory.mktemp("podman") / "containers.conf"
             conf.write_text('[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n')
         os.environ["CONTAINERS_CONF"] = str(conf)
-    out = podman("load", "-i", str(ARCHIVE), timeout=600)
-    names = re.findall(r"Loaded image(?:\(s\))?: (\S+)", out.stdout + out.stderr)
-    assert names, out.stdout + out.stderr
-    return names[0].split(",")[0]
+    try:
+        out = podman("load", "-i", str(ARCHIVE), timeout=600)
+        names = re.findall(r"Loaded image(?:\(s\))?: (\S+)", out.stdout + out.stderr)
+        assert names, out.stdout + out.stderr
+        yield names[0].split(",")[0]
+    finally:
+        if not before:
+            os.environ.pop("CONTAINERS_CONF", None)
 
 
 class Containers:
