@@ -26,20 +26,24 @@ def txt_arg(name, text):
 
 
 class Dns:
-    """dnsmasq answering only from its command line; NXDOMAIN for other names in .test."""
+    """dnsmasq answering only from its command line; NXDOMAIN for other names in the
+    `local` domains (.test by default). Listens on `listen` (loopback by default)."""
 
-    def __init__(self, mx=(), hosts=(), txt=()):
+    def __init__(self, mx=(), hosts=(), txt=(), listen="127.0.0.1", local=("test",), port=None):
+        self.listen, self.local = listen, local
         for _ in range(10):  # the OS-chosen UDP port may be taken for TCP: pick again
-            if self._start(mx, hosts, txt):
+            if self._start(mx, hosts, txt, port):
                 return
+            if port is not None:
+                break
         raise AssertionError("dnsmasq could not get a port")
 
-    def _start(self, mx, hosts, txt):
+    def _start(self, mx, hosts, txt, port):
         import dns.resolver
-        self.port = free_port(socket.SOCK_DGRAM)
+        self.port = port or free_port(socket.SOCK_DGRAM, self.listen)
         args = ["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--log-queries",
-                f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces",
-                "--local=/test/", "--cache-size=0"]
+                f"--port={self.port}", f"--listen-address={self.listen}", "--bind-interfaces",
+                "--cache-size=0"] + [f"--local=/{d}/" for d in self.local]
         args += [f"--mx-host={domain},{host},{pref}" for domain, host, pref in mx]
         args += [f"--host-record={name},{ip}" for name, ip in hosts]
         args += [txt_arg(name, text) for name, text in txt]
@@ -47,9 +51,9 @@ class Dns:
         deadline = time.monotonic() + 30
         while True:  # wait until it answers
             r = dns.resolver.Resolver(configure=False)
-            r.nameservers, r.port, r.lifetime = ["127.0.0.1"], self.port, 1
+            r.nameservers, r.port, r.lifetime = [self.listen], self.port, 1
             try:
-                r.resolve("probe.test", "A")
+                r.resolve(f"probe.{self.local[0]}", "A")
             except dns.resolver.NXDOMAIN:
                 return True
             except Exception:

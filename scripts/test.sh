@@ -61,8 +61,20 @@ cargo build --workspace --bins --quiet
 say "validating every rendered object with kubernetes-validate"
 operator/tests/validate_rendered.sh
 
+say "Helm chart: lint, kubernetes-validate, checkov, schema refusals, install.yaml drift"
+charts/petrel/tests/check.sh
+
+# --- container images ----------------------------------------------------------------------
+# Release binaries in images built offline (podman; see images/Containerfile). The live
+# cluster suite and e2e/test_image.py run these.
+say "release build and container images"
+cargo build --release --quiet -p mta -p operator --bins
+scripts/build-images.sh
+
 # --- end-to-end, with real peers ---------------------------------------------------------
-say "end-to-end suite (e2e/)"
+# e2e/operator/ is the live-cluster suite: KUBECONFIG's cluster, else one started with
+# ../shared/k8s/cluster.sh (stopped at the end, also on failure), else SKIPPED.
+say "end-to-end suite (e2e/, with the live-cluster suite e2e/operator/)"
 PETREL_MTA_BIN="$PWD/target/debug/petrel-mta" python3 -m pytest -q -rs e2e
 
 say "all tests passed"

@@ -185,7 +185,10 @@ mod tests {
         ));
         assert!(!contains(&json!({}), &json!({"data": {"a": "b"}})));
         assert!(
-            contains(&json!({"kind": "Secret"}), &json!({"kind": "Secret", "data": {}})),
+            contains(
+                &json!({"kind": "Secret"}),
+                &json!({"kind": "Secret", "data": {}})
+            ),
             "an empty map comes back as an absent field"
         );
     }

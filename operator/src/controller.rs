@@ -1,7 +1,7 @@
 //! Runs the four controllers of each [`Scope`] in one process: SmtpListener (owns the
 //! workload objects and re-renders when any MailDomain, DkimKey, RelayPolicy or managed
 //! Secret in its namespace changes), DkimKey (owns its key Secret), MailDomain (DNS
-//! guidance) and RelayPolicy (status).
+//! guidance; looked at again when its DkimKey changes) and RelayPolicy (status).
 //!
 //! Cluster-wide by default; with a list of namespaces (`PETREL_WATCH_NAMESPACES`) each
 //! namespace gets its own watches and controllers, so Roles in those namespaces are all
@@ -110,7 +110,7 @@ fn controllers(
         stores::reflect(scope.api::<MailDomain>(client), wc(), 2);
     let (policy_store, mut policy_triggers) =
         stores::reflect(scope.api::<RelayPolicy>(client), wc(), 2);
-    let (key_store, mut key_triggers) = stores::reflect(scope.api::<DkimKey>(client), wc(), 2);
+    let (key_store, mut key_triggers) = stores::reflect(scope.api::<DkimKey>(client), wc(), 3);
     let (secret_store, mut secret_triggers) = stores::reflect(
         scope.api::<Secret>(client),
         wc().labels(&managed_selector()),
@@ -160,7 +160,12 @@ fn controllers(
             ctx.clone(),
         )
         .for_each(|_| async {});
+    let signed_by = {
+        let domains = domain_store.clone();
+        move |key: DkimKey| domains_signed_by(&domains, &key)
+    };
     let domains = Controller::for_stream(domain_triggers.remove(0), domain_store)
+        .watches_stream(key_triggers.remove(0), signed_by)
         .shutdown_on_signal()
         .run(
             reconcile::mail_domain::reconcile,
@@ -188,6 +193,19 @@ fn near<K: kube::Resource>(
 ) -> impl Fn(K) -> Vec<ObjectRef<SmtpListener>> + Send + Sync + 'static {
     let store = store.clone();
     move |o: K| listeners_near(&store, &o)
+}
+
+/// The MailDomains whose `dkimKeyRef` names `key` (their status says whether it signs).
+fn domains_signed_by(store: &Store<MailDomain>, key: &DkimKey) -> Vec<ObjectRef<MailDomain>> {
+    store
+        .state()
+        .iter()
+        .filter(|d| {
+            d.namespace() == key.namespace()
+                && d.spec.dkim_key_ref.as_deref() == Some(key.name_any().as_str())
+        })
+        .map(|d| ObjectRef::from_obj(&**d))
+        .collect()
 }
 
 /// The DkimKey that owns a key Secret, if any.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Validates every object `petrel-operator render` produces for manifests/examples/ (and the
-# generated CRDs, and the operator's own install manifests) with kubernetes-validate
+# generated CRDs, and the operator's own install manifest, rendered from the Helm chart) with kubernetes-validate
 # (PyPI), strict mode, against a recent Kubernetes. Exits non-zero when any object fails.
 #
 # Usage: operator/tests/validate_rendered.sh [KUBERNETES_VERSION]   (default 1.37.0)
@@ -40,7 +40,7 @@ if n == 0:
 PY
 
 status=0
-installs=(manifests/crds/*.yaml manifests/operator-rbac.yaml manifests/operator.yaml)
+installs=(manifests/crds/*.yaml manifests/install.yaml)
 kubernetes-validate --strict --quiet -k "$k8s_version" "$work"/object-*.yaml "${installs[@]}" || status=$?
 count=$(( $(ls "$work"/object-*.yaml | wc -l) + $(cat "${installs[@]}" | grep -c '^kind:') ))
 if [ "$status" -eq 0 ]; then

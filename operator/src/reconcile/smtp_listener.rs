@@ -91,6 +91,10 @@ pub struct Observed {
     pub desired_replicas: i32,
     /// Pods ready.
     pub ready_replicas: i32,
+    /// Pods running the current pod template.
+    pub updated_replicas: i32,
+    /// Whether the StatefulSet controller has seen the StatefulSet's latest spec.
+    pub rollout_observed: bool,
     /// SHA-256 of the rendered MtaConfig, when rendered.
     pub config_checksum: Option<String>,
 }
@@ -114,12 +118,15 @@ pub fn status(obj: &SmtpListener, observed: &Observed, now: &str) -> SmtpListene
         .collect();
     notes.extend(observed.notes.iter().cloned());
     let notes: Vec<&Note> = notes.iter().collect();
-    let pending = (observed.ready_replicas < observed.desired_replicas).then(|| {
+    let rolled_out = observed.rollout_observed
+        && observed.updated_replicas >= observed.desired_replicas
+        && observed.ready_replicas >= observed.desired_replicas;
+    let pending = (!rolled_out).then(|| {
         (
             "RollingOut",
             format!(
-                "{} of {} MTA pods ready",
-                observed.ready_replicas, observed.desired_replicas
+                "{} of {} MTA pods ready, {} on the current pod template",
+                observed.ready_replicas, observed.desired_replicas, observed.updated_replicas
             ),
         )
     });
@@ -211,10 +218,15 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
     if let Some(replicas) = sts.as_ref().and_then(|s| s.spec.replicas) {
         observed.desired_replicas = replicas;
     }
-    observed.ready_replicas = sts
-        .as_ref()
-        .and_then(|s| s.status.as_ref()?.ready_replicas)
-        .unwrap_or(0);
+    let sts_status = sts.as_ref().and_then(|s| s.status.as_ref());
+    observed.ready_replicas = sts_status.and_then(|s| s.ready_replicas).unwrap_or(0);
+    observed.updated_replicas = sts_status.and_then(|s| s.updated_replicas).unwrap_or(0);
+    observed.rollout_observed = sts.as_ref().is_some_and(|s| {
+        s.status.as_ref().and_then(|st| st.observed_generation) == s.metadata.generation
+            && s.status.as_ref().is_some_and(|st| {
+                st.update_revision.is_none() || st.update_revision == st.current_revision
+            })
+    });
     let status = status(obj, &observed, &status::now());
     patch_status(&ctx.client, obj, obj.status.as_ref(), &status).await?;
     Ok(Action::requeue(requeue))
@@ -234,6 +246,14 @@ mod tests {
         .unwrap();
         l.status = None;
         l
+    }
+
+    fn rolled_out() -> Observed {
+        Observed {
+            updated_replicas: 2,
+            rollout_observed: true,
+            ..Observed::default()
+        }
     }
 
     fn ready(s: &SmtpListenerStatus) -> (ConditionStatus, String, String) {
@@ -259,7 +279,7 @@ mod tests {
                 Observed {
                     desired_replicas: 2,
                     ready_replicas: 2,
-                    ..Observed::default()
+                    ..rolled_out()
                 },
                 ConditionStatus::True,
                 "Reconciled",
@@ -269,7 +289,7 @@ mod tests {
                 Observed {
                     desired_replicas: 2,
                     ready_replicas: 1,
-                    ..Observed::default()
+                    ..rolled_out()
                 },
                 ConditionStatus::False,
                 "RollingOut",
@@ -281,7 +301,7 @@ mod tests {
                     ready_replicas: 2,
                     missing_secrets: missing.clone(),
                     notes: vec![note.clone()],
-                    ..Observed::default()
+                    ..rolled_out()
                 },
                 ConditionStatus::False,
                 "SecretNotFound",
@@ -292,11 +312,33 @@ mod tests {
                     desired_replicas: 2,
                     ready_replicas: 2,
                     notes: vec![note],
-                    ..Observed::default()
+                    ..rolled_out()
                 },
                 ConditionStatus::False,
                 "NoAuthentication",
                 "port 587",
+            ),
+            (
+                Observed {
+                    desired_replicas: 2,
+                    ready_replicas: 2,
+                    updated_replicas: 1,
+                    ..rolled_out()
+                },
+                ConditionStatus::False,
+                "RollingOut",
+                "1 on the current pod template",
+            ),
+            (
+                Observed {
+                    desired_replicas: 2,
+                    ready_replicas: 2,
+                    rollout_observed: false,
+                    ..rolled_out()
+                },
+                ConditionStatus::False,
+                "RollingOut",
+                "2 of 2 MTA pods ready",
             ),
         ];
         for (observed, want_status, want_reason, want_message) in cases {

@@ -1,0 +1,375 @@
+"""petrel-operator proven on a real cluster, as a user meets it.
+
+The operator runs in the cluster from its image, as the Deployment of
+manifests/install.yaml, under its own ServiceAccount: the RBAC that ships is the RBAC
+tested. The steps run in file order and build on each other:
+
+ 1. CRDs, RBAC and the operator install; the operator becomes Ready.
+ 2. The API server refuses CRs that break a CEL rule, with the rule's message.
+ 3. manifests/examples/ applied: Ready=False naming a missing Secret until it exists,
+    then MTA pods Ready with one bound PVC each, a DkimKey Active once its record is in
+    DNS, every resource Ready at its generation, DNS guidance in MailDomain status.
+ 4. Mail into a pod is delivered to a local Maildir.
+ 5. Hot reload: deleting a MailDomain and changing the RelayPolicy reach running pods
+    without a restart; relayed mail reaches a sink on the host, DKIM-signed (dkimpy).
+ 6. A second reconcile with nothing changed writes nothing.
+ 7. A reference to a missing Secret: Ready=False naming it; running pods untouched.
+ 8. Deleting the SmtpListener garbage-collects everything it owned.
+
+Pods reach the host's test servers (dnsmasq, aiosmtpd) at live.HOST_ADDRESS.
+"""
+
+import json
+import os
+import re
+import smtplib
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import dkim
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from live import HOST_ADDRESS, ROOT, log, poll  # noqa: E402
+from outbound import Dns, Sink, free_port  # noqa: E402
+
+NS = "petrel-e2e"
+OPERATOR_NS = "petrel-system"
+KINDS = "smtplisteners,maildomains,dkimkeys,relaypolicies"
+SMTP_PORT = 10025  # container port of the examples' port 25 (unprivileged pods)
+USER, PASSWORD = "alice@example.com", "correct horse battery staple"
+MTA_BIN = next((p for p in [Path(os.environ.get("PETREL_MTA_BIN", "/nonexistent")),
+                            ROOT / "target" / "debug" / "petrel-mta",
+                            ROOT / "target" / "release" / "petrel-mta"] if p.exists()),
+               None)
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dns_server():
+    """dnsmasq on the host address, authoritative (NXDOMAIN) for the example domains."""
+    server = Dns(listen=HOST_ADDRESS, local=("example.com", "corp.example.com"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sink():
+    s = Sink(HOST_ADDRESS, free_port(host=HOST_ADDRESS))
+    yield s
+    s.stop()
+
+
+def operator_manifests(dns_address):
+    """manifests/install.yaml with the operator pointed at the test DNS server."""
+    docs = list(yaml.safe_load_all((ROOT / "manifests" / "install.yaml").read_text()))
+    for doc in docs:
+        if doc and doc["kind"] == "Deployment":
+            env = doc["spec"]["template"]["spec"]["containers"][0].setdefault("env", [])
+            env.append({"name": "PETREL_DNS_SERVER", "value": dns_address})
+            env.append({"name": "RUST_LOG", "value": "info,operator=debug"})
+    return yaml.safe_dump_all([d for d in docs if d])
+
+
+@pytest.fixture(scope="module")
+def operator(kube, dns_server):
+    kube.run("apply", "--server-side", "-f", str(ROOT / "manifests" / "crds"))
+    kube.wait("--for=condition=Established",
+              *[f"crd/{k}.mail.petrel.dev" for k in KINDS.split(",")], timeout=60)
+    kube.apply(operator_manifests(f"{HOST_ADDRESS}:{dns_server.port}"))
+    yield
+    log("operator logs (tail):\n" + kube.run("logs", "-n", OPERATOR_NS, "deploy/petrel-operator",
+                                             "--tail=40", check=False).stdout)
+    kube.run("delete", "namespace", NS, "--wait=false", check=False)
+
+
+def examples_yaml():
+    out = []
+    for f in sorted((ROOT / "manifests" / "examples").glob("*.yaml")):
+        out.append(f.read_text().replace("namespace: mail", f"namespace: {NS}"))
+    return "\n---\n".join(out)
+
+
+def users_file():
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "users"
+        subprocess.run([str(MTA_BIN), "passwd", USER, "--file", str(path)], check=True,
+                       input=PASSWORD + "\n", text=True, capture_output=True)
+        return path.read_text()
+
+
+def tls_pair(hostname):
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec",
+                        "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30",
+                        "-subj", f"/CN={hostname}", "-addext", f"subjectAltName=DNS:{hostname}",
+                        "-keyout", f"{d}/k", "-out", f"{d}/c"], check=True, capture_output=True)
+        return Path(f"{d}/c").read_text(), Path(f"{d}/k").read_text()
+
+
+# --- small readers --------------------------------------------------------------------
+
+def condition(obj, type_="Ready"):
+    for c in (obj or {}).get("status", {}).get("conditions", []):
+        if c["type"] == type_:
+            return c
+    return {}
+
+
+def ready_at_generation(obj):
+    c = condition(obj)
+    return (c.get("status") == "True"
+            and c.get("observedGeneration") == obj["metadata"]["generation"]
+            and obj["status"].get("observedGeneration") == obj["metadata"]["generation"])
+
+
+def pods(kube, listener):
+    return kube.json("get", "pods", "-n", NS, "-l",
+                     f"app.kubernetes.io/instance={listener},app.kubernetes.io/name=petrel-mta")["items"]
+
+
+def pod_state(kube, listener):
+    """uid and restart count of each pod: what a restart would change."""
+    return {p["metadata"]["name"]: (p["metadata"]["uid"],
+                                    sum(c["restartCount"] for c in p["status"].get("containerStatuses", [])))
+            for p in pods(kube, listener)}
+
+
+def pod_ip(kube, name):
+    return kube.json("get", "pod", name, "-n", NS)["status"]["podIP"]
+
+
+def rcpt_reply(ip, rcpt, sender="someone@sender.test"):
+    """The reply to RCPT TO from a fresh session (nothing is sent)."""
+    with smtplib.SMTP(ip, SMTP_PORT, timeout=30) as s:
+        s.ehlo("e2e.test")
+        s.mail(sender)
+        return s.rcpt(rcpt)
+
+
+def send(ip, sender, rcpts, subject):
+    body = (f"From: <{sender}>\r\nTo: <{rcpts[0]}>\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@e2e.test>\r\n\r\nHello from the live suite.\r\n")
+    with smtplib.SMTP(ip, SMTP_PORT, timeout=30) as s:
+        s.ehlo("e2e.test")
+        refused = s.sendmail(sender, rcpts, body)
+        assert not refused, refused
+
+
+def operator_metrics(kube):
+    pod = kube.json("get", "pods", "-n", OPERATOR_NS, "-l",
+                    "app.kubernetes.io/component=operator")["items"][0]
+    ip = pod["status"]["podIP"]
+    with urllib.request.urlopen(f"http://{ip}:8080/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def reconcile_runs(kube, kind):
+    m = re.search(rf'petrel_operator_reconcile_runs_total{{kind="{kind}"}} (\d+)',
+                  operator_metrics(kube))
+    return int(m.group(1)) if m else 0
+
+
+def owned_versions(kube):
+    """resourceVersion of every object the operator made in the test namespace."""
+    out = {}
+    for kind in ["configmaps", "secrets", "statefulsets", "services", "poddisruptionbudgets",
+                 "horizontalpodautoscalers"]:
+        for o in kube.json("get", kind, "-n", NS, "-l",
+                           "app.kubernetes.io/managed-by=petrel-operator")["items"]:
+            out[f"{kind}/{o['metadata']['name']}"] = o["metadata"]["resourceVersion"]
+    return out
+
+
+# --- the steps ------------------------------------------------------------------------
+
+def test_1_operator_installs_and_becomes_ready(kube, operator):
+    kube.wait("--for=condition=Available", "deployment/petrel-operator", "-n", OPERATOR_NS)
+    pod = kube.json("get", "pods", "-n", OPERATOR_NS, "-l",
+                    "app.kubernetes.io/component=operator")["items"][0]
+    assert pod["spec"]["serviceAccountName"] == "petrel-operator"
+    assert condition(pod) and all(c["ready"] for c in pod["status"]["containerStatuses"])
+    sa = "system:serviceaccount:petrel-system:petrel-operator"
+    can = lambda *a: kube.run("auth", "can-i", *a, "--as", sa, check=False).stdout.strip()  # noqa: E731
+    assert can("create", "statefulsets", "-n", NS) == "yes"
+    assert can("create", "secrets", "-n", NS) == "yes"
+    assert can("patch", "smtplisteners.mail.petrel.dev", "--subresource=status", "-n", NS) == "yes"
+    assert can("create", "pods", "-n", NS) == "no", "least privilege"
+    assert can("patch", "smtplisteners.mail.petrel.dev", "-n", NS) == "no", "never edits a spec"
+
+
+def test_2_cel_rules_refuse_bad_input_with_their_message(kube, operator):
+    kube.run("create", "namespace", NS, check=False)
+    bad = [
+        ("RelayPolicy", {"clientNetworks": ["0.0.0.0/0"]}, "open relay"),
+        ("SmtpListener", {"hostname": "mx.example.com", "ports": [
+            {"name": "a", "kind": "smtp", "port": 25},
+            {"name": "b", "kind": "smtp", "port": 25}]}, "port numbers must be unique"),
+        ("MailDomain", {"domain": "Not A Domain", "delivery": {"maildir": {}}},
+         "must be a lower-case DNS domain name"),
+    ]
+    for kind, spec, message in bad:
+        doc = {"apiVersion": "mail.petrel.dev/v1alpha1", "kind": kind,
+               "metadata": {"name": "bad", "namespace": NS}, "spec": spec}
+        p = kube.run("apply", "-f", "-", input=json.dumps(doc), check=False)
+        assert p.returncode != 0, f"{kind} was accepted"
+        assert message in p.stderr, p.stderr
+
+
+def test_3_examples_become_ready(kube, operator, dns_server):
+    kube.apply(examples_yaml())
+    # The examples name two Secrets a user provides; until they exist nothing is applied
+    # and the listener says which one is missing.
+    poll(lambda: "Secret mail-users" in condition(kube.get("smtplistener", "mx", NS))
+         .get("message", ""), what="mx Ready=False naming Secret mail-users")
+    assert condition(kube.get("smtplistener", "mx", NS))["reason"] == "SecretNotFound"
+    # (A StatefulSet may exist, rendered before the RelayPolicy was seen, but nothing that
+    # mounts the missing Secret is ever applied: no pod can get stuck on it.)
+    sts = kube.get("statefulset", "mx", NS)
+    if sts:
+        volumes = sts["spec"]["template"]["spec"].get("volumes", [])
+        assert not [v for v in volumes if v.get("secret", {}).get("secretName") == "mail-users"]
+
+    crt, key = tls_pair("smtp.example.com")
+    secrets = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mail-users", "namespace": NS},
+         "stringData": {"users": users_file()}},
+        {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+         "metadata": {"name": "smtp-example-com-tls", "namespace": NS},
+         "stringData": {"tls.crt": crt, "tls.key": key}},
+    ]
+    kube.apply(yaml.safe_dump_all(secrets))
+
+    # The DkimKey publishes its record in status; once DNS serves it, it becomes Active.
+    key_obj = poll(lambda: (k := kube.get("dkimkey", "example-com-ed25519", NS))
+                   and k.get("status", {}).get("phase") == "Published" and k,
+                   what="DkimKey Published")
+    sel = key_obj["status"]["selectors"][0]
+    dns_server.stop()
+    dns_server.__init__(listen=HOST_ADDRESS, local=("example.com", "corp.example.com"),
+                        txt=[(sel["recordName"].rstrip("."), sel["recordValue"])],
+                        port=dns_server.port)
+    poll(lambda: kube.get("dkimkey", "example-com-ed25519", NS)["status"]["phase"] == "Active",
+         what="DkimKey Active (re-checked every 15 s while Published)")
+
+    kube.wait("--for=condition=Ready", "smtplistener/mx", "smtplistener/submission", "-n", NS,
+              timeout=300)
+    # mx has 2 replicas; submission is autoscaled and runs what its HPA (or, with no
+    # metrics in the cluster, the StatefulSet's default) says: what status reports.
+    names = []
+    for listener in ["mx", "submission"]:
+        got = pods(kube, listener)
+        desired = kube.get("smtplistener", listener, NS)["status"]["desiredReplicas"]
+        assert len(got) == desired and all(condition(p)["status"] == "True" for p in got), listener
+        names += [f"queue-{p['metadata']['name']}" for p in got]
+    assert len(pods(kube, "mx")) == 2
+    pvcs = kube.json("get", "pvc", "-n", NS)["items"]
+    assert sorted(p["metadata"]["name"] for p in pvcs) == sorted(names), "one PVC per pod"
+    assert all(p["status"]["phase"] == "Bound" for p in pvcs)
+
+    for kind in KINDS.split(","):
+        for obj in kube.json("get", kind, "-n", NS)["items"]:
+            poll(lambda: ready_at_generation(kube.get(kind, obj["metadata"]["name"], NS)),
+                 what=f"{kind}/{obj['metadata']['name']} Ready at its generation "
+                      f"({condition(kube.get(kind, obj['metadata']['name'], NS))})")
+
+    table = kube.run("get", KINDS, "-n", NS).stdout
+    log("kubectl get " + KINDS + ":\n" + table)
+    for column in ["HOSTNAME", "READY", "PHASE", "DOMAIN"]:
+        assert column in table, table
+    domain = kube.get("maildomain", "example-com", NS)
+    types = {r["type"] for r in domain["status"]["dns"]}
+    assert {"MX", "TXT"} <= types, domain["status"]["dns"]
+
+
+def test_4_mail_is_delivered_to_a_local_maildir(kube, operator):
+    ip = pod_ip(kube, "mx-0")
+    send(ip, "someone@sender.test", ["bob@example.com"], "local-delivery")
+    poll(lambda: re.search(r"delivered.*bob@example\.com|bob@example\.com.*delivered",
+                           kube.logs("mx-0", NS)), what="a delivered line for bob in mx-0's log")
+
+
+def test_5_hot_reload_without_restarts_then_relay_with_dkim(kube, operator, sink):
+    before = {l: pod_state(kube, l) for l in ["mx", "submission"]}
+    ip = pod_ip(kube, "mx-0")
+    assert rcpt_reply(ip, "ceo@corp.example.com")[0] == 250
+
+    # Deleting a MailDomain removes it from the served config, and the pods apply it.
+    kube.run("delete", "maildomain", "corp-example-com", "-n", NS)
+    poll(lambda: "corp.example.com" not in kube.json("get", "configmap", "mx-config", "-n", NS)
+         ["data"]["mta.yaml"], what="corp.example.com gone from the rendered config")
+    poll(lambda: rcpt_reply(ip, "ceo@corp.example.com")[0] == 550, timeout=240,
+         what="the running pod refusing corp.example.com (config file reloaded)")
+
+    # Relay: this host's network may relay, through the sink as smarthost.
+    kube.run("patch", "relaypolicy", "internal", "-n", NS, "--type=merge", "-p", json.dumps({
+        "spec": {"clientNetworks": ["10.0.0.0/8", "198.18.0.0/15"],
+                 "route": {"mode": "Smarthost",
+                           "smarthost": {"host": HOST_ADDRESS, "port": sink.controller.port}}}}))
+    poll(lambda: rcpt_reply(ip, "friend@elsewhere.test", USER)[0] == 250, timeout=240,
+         what="the running pod relaying for the host network")
+    send(ip, USER, ["friend@elsewhere.test"], "relayed")
+    msg = poll(lambda: [m for m in sink.messages if b"relayed@e2e.test" in m.content],
+               what="the relayed message at the sink")[0]
+    key = kube.get("dkimkey", "example-com-ed25519", NS)["status"]["selectors"][0]
+    records = {key["recordName"].rstrip("."): key["recordValue"]}
+
+    def dnsfunc(name, timeout=5):
+        value = records.get((name.decode() if isinstance(name, bytes) else name).rstrip("."))
+        return value.encode() if value else None
+
+    assert b"DKIM-Signature:" in msg.content
+    assert dkim.verify(msg.content, dnsfunc=dnsfunc), "dkimpy verifies the signature"
+
+    after = {l: pod_state(kube, l) for l in ["mx", "submission"]}
+    assert after == before, "no pod was restarted or replaced"
+
+
+def test_6_a_reconcile_with_nothing_changed_writes_nothing(kube, operator):
+    versions = owned_versions(kube)
+    statuses = {k: kube.json("get", k, "-n", NS)["items"] for k in KINDS.split(",")}
+    runs = reconcile_runs(kube, "SmtpListener")
+    # An annotation changes no spec but triggers a reconcile of each listener.
+    for listener in ["mx", "submission"]:
+        kube.run("annotate", "smtplistener", listener, "-n", NS, "e2e.petrel.dev/poke=1",
+                 "--overwrite")
+    poll(lambda: reconcile_runs(kube, "SmtpListener") >= runs + 2,
+         what="two more SmtpListener reconciles")
+    assert owned_versions(kube) == versions
+    for kind, items in statuses.items():
+        now = kube.json("get", kind, "-n", NS)["items"]
+        assert [i.get("status") for i in now] == [i.get("status") for i in items], kind
+
+
+def test_7_a_missing_secret_breaks_nothing_that_runs(kube, operator):
+    before = pod_state(kube, "submission")
+    sts = kube.get("statefulset", "submission", NS)
+    kube.run("patch", "smtplistener", "submission", "-n", NS, "--type=merge", "-p",
+             json.dumps({"spec": {"tls": {"secretName": "no-such-secret"}}}))
+    poll(lambda: "Secret no-such-secret" in condition(kube.get("smtplistener", "submission", NS))
+         .get("message", ""), what="Ready=False naming no-such-secret")
+    c = condition(kube.get("smtplistener", "submission", NS))
+    assert (c["status"], c["reason"]) == ("False", "SecretNotFound")
+    assert kube.get("statefulset", "submission", NS)["metadata"]["generation"] == \
+        sts["metadata"]["generation"], "the StatefulSet was not touched"
+    assert pod_state(kube, "submission") == before
+    kube.run("patch", "smtplistener", "submission", "-n", NS, "--type=merge", "-p",
+             json.dumps({"spec": {"tls": {"secretName": "smtp-example-com-tls"}}}))
+    kube.wait("--for=condition=Ready", "smtplistener/submission", "-n", NS)
+
+
+def test_8_deleting_the_listener_collects_what_it_owned(kube, operator):
+    owned = [o for o in owned_versions(kube)
+             if o.split("/")[1] in ("mx", "mx-config", "mx-tls", "mx-dkim", "mx-headless")]
+    assert len(owned) >= 6, owned
+    kube.run("delete", "smtplistener", "mx", "-n", NS)
+    for o in owned:
+        kind, name = o.split("/")
+        kube.wait("--for=delete", f"{kind}/{name}", "-n", NS)
+    assert not pods(kube, "mx") or poll(lambda: not pods(kube, "mx"), what="mx pods gone")
