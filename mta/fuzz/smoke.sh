@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 seconds="${SMOKE_SECONDS:-20}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(session address config proxy_header spool_record)
+    targets=(session command_numbers address config proxy_header spool_record)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

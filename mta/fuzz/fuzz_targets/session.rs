@@ -11,7 +11,8 @@
 //!
 //! Asserted: no panic; the session ends within 10 s of the client closing its side; every
 //! message the outsider got queued is for local domains only (never an open relay) and its
-//! recipients map to safe Maildir names; no stored message contains a bare CR or LF.
+//! recipients map to safe Maildir names; no stored message contains a bare CR or LF; after
+//! `421 4.5.0` (a BDAT refused without reading its chunk, issue 13) no further reply.
 //!
 //! The config uses small limits (message size 2 KiB, 3 recipients) and a high error limit
 //! so that the limit paths and the states after many errors are all reachable. Rate limits
@@ -210,15 +211,33 @@ async fn drain(h: &Harness, outsider: bool, data: &[u8]) {
     }
 }
 
+/// After a refused BDAT whose chunk is not read (`421 4.5.0`, issue 13) the session says
+/// nothing more: the bytes that followed were never taken for commands.
+fn check_chunk_not_read_is_last(replies: &[u8], data: &[u8]) {
+    let text = String::from_utf8_lossy(replies);
+    let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+    if let Some(at) = lines.iter().position(|l| l.starts_with("421 4.5.0 ")) {
+        assert_eq!(
+            at + 1,
+            lines.len(),
+            "replies after 421 4.5.0 (chunk not read): {:?}; input {:?}",
+            &lines[at..],
+            String::from_utf8_lossy(data)
+        );
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let h = harness();
     let ctx = &h.ctx;
     h.rt.block_on(async {
         let outsider: SocketAddr = "192.0.2.1:4000".parse().expect("addr");
-        converse(ctx, data, outsider, 64 * 1024).await;
+        let replies = converse(ctx, data, outsider, 64 * 1024).await;
+        check_chunk_not_read_is_last(&replies, data);
         drain(h, true, data).await;
         let insider: SocketAddr = "10.1.2.3:4000".parse().expect("addr");
-        converse(ctx, data, insider, 1 + data.len() % 16).await;
+        let replies = converse(ctx, data, insider, 1 + data.len() % 16).await;
+        check_chunk_not_read_is_last(&replies, data);
         drain(h, false, data).await;
     });
 });

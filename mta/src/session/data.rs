@@ -24,7 +24,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     pub(super) fn bdat(&mut self, chunk_size: usize, is_last: bool) -> Flow {
-        // The chunk's bytes follow the command whatever we answer: read them either way.
+        let max = self.config.smtpd.max_message_size;
+        if chunk_size as u64 > max {
+            // Reading and dropping the chunk would take unbounded time (up to 2^64 bytes):
+            // refuse it and close, so none of its bytes is ever read as a command.
+            self.send(Reply::MESSAGE_TOO_BIG);
+            return self.error(Reply::CHUNK_NOT_READ);
+        }
+        // The chunk's bytes follow the command whatever we answer: read them either way
+        // (at most `max_message_size` bytes).
         let refusal = match self.tx.as_mut() {
             None => Some(Reply::NEED_MAIL),
             Some(tx) if tx.envelope.recipients.is_empty() => Some(Reply::NO_VALID_RECIPIENTS),
@@ -32,9 +40,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 tx.bdat = true;
                 if let Some(failed) = tx.failed.clone() {
                     Some(failed)
-                } else if (tx.content.len() + chunk_size) as u64
-                    > self.config.smtpd.max_message_size
-                {
+                } else if (tx.content.len() as u64).saturating_add(chunk_size as u64) > max {
                     Some(Reply::MESSAGE_TOO_BIG)
                 } else {
                     None

@@ -11,6 +11,10 @@
 //!   then `552 5.3.4`), recipients by `smtpd.max_recipients` (`452 4.5.3`).
 //! * Only `<CRLF>.<CRLF>` ends DATA (smtp-proto's receiver), and content with a bare CR or
 //!   LF is refused whole, so nothing behind a non-standard ending runs as a command.
+//! * Numbers are exact: a BDAT chunk size or `SIZE=` that smtp-proto reads differently from
+//!   what was written (its parser wraps long numbers) is refused by [`guard`]; a refused BDAT
+//!   whose chunk cannot be skipped safely (size unknown or above `max_message_size`) gets its
+//!   reply and `421 4.5.0`, and the connection closes, so its bytes never run as commands.
 //! * Replies are buffered while more pipelined input is already here, and flushed before
 //!   the session waits for input (RFC 2920).
 //! * Every reply comes from the table in [`reply`].
@@ -18,6 +22,7 @@
 mod auth;
 mod data;
 mod ehlo;
+pub mod guard;
 mod mail;
 mod rcpt;
 pub mod reply;
@@ -111,6 +116,9 @@ pub struct Session<S> {
     requests: RequestReceiver,
     /// Inside an overlong command line: drop input up to the next LF.
     skipping_line: bool,
+    /// The raw bytes of the command line being parsed (for [`guard`]), at most
+    /// `MAX_LINE_LENGTH` + 2.
+    line: Vec<u8>,
     input: Input,
     out: Vec<u8>,
 }
@@ -138,6 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             errors: 0,
             requests: RequestReceiver::default(),
             skipping_line: false,
+            line: Vec::new(),
             input: Input::Command,
             out: Vec::with_capacity(512),
         }
@@ -229,11 +238,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if let Some(flow) = self.overlong_line(&mut bytes) {
                         flow
                     } else {
-                        match self.requests.ingest(&mut bytes) {
-                            Ok(request) => {
-                                let request = request.into_owned();
-                                self.command(request).await
-                            }
+                        let before = bytes.as_slice();
+                        let parsed = self.requests.ingest(&mut bytes).map(Request::into_owned);
+                        let consumed = &before[..before.len() - bytes.as_slice().len()];
+                        let room = (MAX_LINE_LENGTH + 2).saturating_sub(self.line.len());
+                        self.line
+                            .extend_from_slice(&consumed[..consumed.len().min(room)]);
+                        if matches!(parsed, Err(ProtoError::NeedsMoreData { .. })) {
+                            return Flow::Continue;
+                        }
+                        // The line is complete (parsed or refused): check it against its
+                        // raw bytes, then the next line starts afresh.
+                        let parsed = parsed.map(|request| {
+                            let checked = guard::check(&request, &self.line);
+                            (request, checked)
+                        });
+                        self.line.clear();
+                        match parsed {
+                            Ok((request, Ok(()))) => self.command(request).await,
+                            Ok((request, Err(refusal))) => self.refuse_number(&request, refusal),
                             Err(ProtoError::NeedsMoreData { .. }) => return Flow::Continue,
                             Err(ProtoError::ResponseTooLong) => {
                                 // The rest of this line is still to come: drop it.
@@ -372,6 +395,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// A BDAT or MAIL whose number [`guard`] refused. After a BDAT the chunk's length is
+    /// unknown, so nothing that follows can be told apart from commands: the session says
+    /// why and closes rather than guess where the chunk ends.
+    fn refuse_number(&mut self, request: &Request<String>, refusal: guard::Refusal) -> Flow {
+        self.verb = request.name();
+        let reply = match refusal {
+            guard::Refusal::Syntax if matches!(request, Request::Bdat { .. }) => Reply::BDAT_SYNTAX,
+            guard::Refusal::Syntax => Reply::SYNTAX_ERROR,
+            guard::Refusal::Overflow => Reply::MESSAGE_TOO_BIG,
+        };
+        tracing::warn!(peer = %self.peer, verb = self.verb, ?refusal, "number refused");
+        if matches!(request, Request::Bdat { .. }) {
+            self.send(reply);
+            return self.error(Reply::CHUNK_NOT_READ);
+        }
+        self.error(reply)
+    }
+
     /// The content of a rejected message or chunk has been read to its end.
     fn discarded(&mut self, reply: Reply) -> Flow {
         if let Some(tx) = self.tx.as_mut()
@@ -386,6 +427,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn protocol_error(&mut self, error: &ProtoError) -> Flow {
+        if let ProtoError::SyntaxError { syntax } = error
+            && syntax.starts_with("BDAT")
+        {
+            // A chunk of unknown length follows: never read it as commands.
+            self.verb = "BDAT";
+            self.send(Reply::BDAT_SYNTAX);
+            return self.error(Reply::CHUNK_NOT_READ);
+        }
         let reply = match error {
             ProtoError::UnknownCommand => Reply::UNKNOWN_COMMAND,
             ProtoError::ResponseTooLong => Reply::LINE_TOO_LONG,

@@ -62,6 +62,8 @@ impl Reply {
         [5, 5, 1],
         "DATA is not allowed after BDAT in one transaction",
     );
+    /// RFC 3030 §2 grammar; also a chunk size smtp-proto reads differently (issue 13).
+    pub const BDAT_SYNTAX: Reply = reply(501, [5, 5, 4], "Syntax: BDAT chunk-size [LAST]");
     pub const NO_VALID_RECIPIENTS: Reply = reply(554, [5, 5, 1], "No valid recipients");
     pub const UNSUPPORTED_PARAMETER: Reply = reply(
         555,
@@ -76,6 +78,10 @@ impl Reply {
         [5, 3, 4],
         "Message size exceeds fixed maximum message size",
     );
+    /// After a refused BDAT whose chunk is not read (its size is not a number we trust, or
+    /// larger than any message we take): the bytes that follow cannot be told apart from
+    /// commands, so the session ends.
+    pub const CHUNK_NOT_READ: Reply = reply(421, [4, 5, 0], "Chunk not read, closing connection");
     pub const TIMEOUT: Reply = reply(421, [4, 4, 2], "Timeout exceeded, closing connection");
     pub const TOO_MANY_ERRORS: Reply = reply(421, [4, 7, 0], "Too many errors, closing connection");
     pub const TOO_MANY_CONNECTIONS: Reply =
@@ -262,6 +268,8 @@ mod tests {
             Reply::NEED_MAIL,
             Reply::NEED_RCPT,
             Reply::BDAT_THEN_DATA,
+            Reply::BDAT_SYNTAX,
+            Reply::CHUNK_NOT_READ,
             Reply::NO_VALID_RECIPIENTS,
             Reply::UNSUPPORTED_PARAMETER,
             Reply::TOO_MANY_RECIPIENTS,

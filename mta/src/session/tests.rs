@@ -20,6 +20,12 @@ struct Client {
 }
 
 async fn connect_with(adjust: impl FnOnce(&mut MtaConfig)) -> Client {
+    connect_via(64 * 1024, adjust).await
+}
+
+/// A session behind a pipe of `pipe` bytes: with 1, every read the session makes returns
+/// one byte, so every command line and chunk arrives split.
+async fn connect_via(pipe: usize, adjust: impl FnOnce(&mut MtaConfig)) -> Client {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = MtaConfig::embedded_default();
     config.spool.path = dir.path().join("spool");
@@ -27,7 +33,7 @@ async fn connect_with(adjust: impl FnOnce(&mut MtaConfig)) -> Client {
     let (spool, _) = Spool::open(&config.spool.path, 1 << 20).expect("spool");
     let (handle, jobs) = SchedulerHandle::channel();
     let ctx = Arc::new(Context::new(config, spool, handle, None, None));
-    let (client, server) = tokio::io::duplex(64 * 1024);
+    let (client, server) = tokio::io::duplex(pipe);
     let trigger = Trigger::new();
     let session = Session::new(
         Stream::Plain(server),
@@ -125,6 +131,12 @@ async fn malformed_and_out_of_order_table() {
         ("MAIL FROM:<a@sender.test> FOO=BAR\r\n", "555 5.5.4"),
         ("MAIL FROM:<a@sender.test> SIZE=999999999\r\n", "552 5.3.4"),
         ("MAIL FROM:<no-domain>\r\n", "501 5.1.7"),
+        // Issue 13: smtp-proto 0.2.5 reads 23 nines as 999.
+        (
+            "MAIL FROM:<a@sender.test> SIZE=99999999999999999999999\r\n",
+            "552 5.3.4",
+        ),
+        ("MAIL FROM:<a@sender.test> SIZE=1x\r\n", "501 5.5.4"),
         ("MAIL FROM:<a@sender.test>\r\n", "250 2.1.0"),
         ("MAIL FROM:<a@sender.test>\r\n", "503 5.5.1"),
         ("RCPT TO:<x@remote.test>\r\n", "550 5.7.1"),
@@ -321,4 +333,68 @@ async fn shutdown_interrupts_idle_session_only() {
     // ...then the idle session is told to go away.
     client.expect("421 4.3.2").await;
     stopping.await.expect("shutdown completes");
+}
+
+/// Issue 13, item 3: a BDAT whose chunk size does not fit (smtp-proto 0.2.5 reads 23 nines
+/// as 999), is malformed, or exceeds `max_message_size` is refused and the connection
+/// closed: the bytes after it (here a forged second transaction after a 999-byte "chunk")
+/// are never read as commands, and nothing is queued.
+#[tokio::test]
+async fn bdat_overflow_is_refused_and_closes() {
+    let nines = "9".repeat(23);
+    let cases = [
+        (format!("BDAT {nines} LAST\r\n"), "552 5.3.4"),
+        (format!("BDAT {nines}\r\n"), "552 5.3.4"),
+        (format!("BDAT {} 5 LAST\r\n", "9".repeat(20)), "501 5.5.4"),
+        ("BDAT 12x LAST\r\n".to_owned(), "501 5.5.4"),
+        ("BDAT 4096 LAST\r\n".to_owned(), "552 5.3.4"),
+    ];
+    let chunk = format!("Subject: first\r\n\r\n{}\r\n", "x".repeat(999 - 18 - 2));
+    assert_eq!(chunk.len(), 999);
+    let smuggled = concat!(
+        "MAIL FROM:<evil@sender.test>\r\n",
+        "RCPT TO:<victim@example.test>\r\n",
+        "BDAT 20 LAST\r\n",
+        "Subject: forged\r\n\r\nx\r\n",
+    );
+    for (command, expected) in cases {
+        let mut client = connect_with(|c| c.smtpd.max_message_size = 2048).await;
+        client.ehlo_mail_rcpt().await;
+        // Errors writing mean the session already closed: fine.
+        let payload = format!("{command}{chunk}{smuggled}");
+        let _ = client.writer.write_all(payload.as_bytes()).await;
+        client.expect(expected).await;
+        client.expect("421 4.5.0").await;
+        assert!(client.closed().await, "{command:?}: the session closes");
+        assert!(
+            client.jobs.try_recv().is_err(),
+            "{command:?}: nothing may be queued"
+        );
+    }
+}
+
+/// The raw-line check sees the whole command even when it arrives one byte at a time.
+#[tokio::test]
+async fn numbers_checked_across_split_reads() {
+    let mut client = connect_via(1, |_| {}).await;
+    client.send("EHLO client.test\r\n").await;
+    client.expect("250 HELP").await;
+    client.send("MAIL FROM:<a@sender.test> SIZE=21\r\n").await;
+    client.expect("250 2.1.0").await;
+    client.send("RCPT TO:<bob@example.test>\r\n").await;
+    client.expect("250 2.1.5").await;
+    client.send("BDAT 12\r\nSubject: t\r\n").await;
+    client.expect("250 2.0.0 12 octets").await;
+    client.send("BDAT 9 LAST\r\n\r\nhello\r\n").await;
+    client.expect("250 2.0.0 Ok: queued as").await;
+    let (_, envelope) = client.queued().await;
+    assert_eq!(envelope.declared_size, 21);
+    client
+        .send("MAIL FROM:<a@sender.test> SIZE=99999999999999999999999\r\n")
+        .await;
+    client.expect("552 5.3.4").await;
+    client.send("BDAT 99999999999999999999999 LAST\r\n").await;
+    client.expect("552 5.3.4").await;
+    client.expect("421 4.5.0").await;
+    assert!(client.closed().await);
 }
