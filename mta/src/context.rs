@@ -12,13 +12,6 @@ use mta_config::MtaConfig;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
-use tokio::time::Instant;
-
-/// AUTH failures are counted over this window.
-const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
-const MAX_AUTH_FAILURES_PER_IP: u32 = 10;
-const MAX_AUTH_FAILURES_PER_USER: u32 = 5;
 
 pub struct Context {
     config: RwLock<Arc<MtaConfig>>,
@@ -40,8 +33,8 @@ pub struct Context {
     pub draining: std::sync::atomic::AtomicBool,
     /// Outcome of the last config reload.
     pub reload: crate::reload::ReloadState,
-    /// Recent AUTH failures per `ip:…` and `user:…` key: (count, window start).
-    auth_failures: Mutex<HashMap<String, (u32, Instant)>>,
+    /// Recent AUTH failures per source and per source and user.
+    auth_failures: crate::limits::AuthFailures,
     connections: Mutex<Connections>,
     /// MTA-STS policies of recipient domains (RFC 8461), cached per domain.
     pub mta_sts: crate::delivery::mta_sts::PolicyCache,
@@ -125,7 +118,7 @@ impl Context {
             metrics: mta_telemetry::MtaMetrics::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
             reload: crate::reload::ReloadState::default(),
-            auth_failures: Mutex::new(HashMap::new()),
+            auth_failures: Default::default(),
             connections: Mutex::new(Connections::default()),
             mta_sts: Default::default(),
             resolver: Mutex::new(None),
@@ -195,33 +188,17 @@ impl Context {
         *self.signer.write().unwrap_or_else(|e| e.into_inner()) = signer.map(Arc::new);
     }
 
-    /// Whether AUTH attempts from `ip` (or against `user`) are refused for now.
+    /// Whether AUTH attempts from `ip` (as `user`, once known) are refused for now: too
+    /// many failures from that source, or from it against that user, or (while failures
+    /// everywhere run high) any recent failure from it. Never because of failures that
+    /// other sources caused.
     pub fn auth_blocked(&self, ip: IpAddr, user: Option<&str>) -> bool {
-        let failures = self.auth_failures.lock().unwrap_or_else(|e| e.into_inner());
-        let recent = |key: &str| {
-            failures
-                .get(key)
-                .filter(|(_, since)| since.elapsed() < AUTH_FAILURE_WINDOW)
-                .map(|(n, _)| *n)
-                .unwrap_or(0)
-        };
-        recent(&format!("ip:{ip}")) >= MAX_AUTH_FAILURES_PER_IP
-            || user.is_some_and(|u| recent(&format!("user:{u}")) >= MAX_AUTH_FAILURES_PER_USER)
+        self.auth_failures.blocked(ip, user)
     }
 
     /// Records a failed AUTH.
     pub fn auth_failed(&self, ip: IpAddr, user: &str) {
-        let mut failures = self.auth_failures.lock().unwrap_or_else(|e| e.into_inner());
-        if failures.len() > 100_000 {
-            failures.retain(|_, (_, since)| since.elapsed() < AUTH_FAILURE_WINDOW);
-        }
-        for key in [format!("ip:{ip}"), format!("user:{user}")] {
-            let entry = failures.entry(key).or_insert((0, Instant::now()));
-            if entry.1.elapsed() >= AUTH_FAILURE_WINDOW {
-                *entry = (0, Instant::now());
-            }
-            entry.0 += 1;
-        }
+        self.auth_failures.failed(ip, user);
     }
 
     /// The DNS resolver for the current `dns` config.

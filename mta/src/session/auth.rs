@@ -2,8 +2,11 @@
 //!
 //! Offered only under TLS unless `smtpd.auth_allow_plaintext`. Failures cost the client a
 //! growing delay; the third in a session closes it (`421 4.7.0`), and too many from one
-//! address or against one user in a window refuse further attempts (`454 4.7.0`) before a
-//! password is even checked. Passwords are never logged; user names are.
+//! source (address, IPv6 /64), or from one source against one user, in a window refuse
+//! further attempts from that source (`454 4.7.0`) before a password is even checked. A
+//! user is never locked out by failures from elsewhere: counting per user alone let anyone
+//! lock a real user out (issue 13, item 2). See [`crate::limits::AuthFailures`].
+//! Passwords are never logged; user names are.
 
 use super::{Flow, Input, Reply, Session};
 use base64::Engine;
