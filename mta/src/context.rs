@@ -35,6 +35,9 @@ pub struct Context {
     pub reload: crate::reload::ReloadState,
     /// Recent AUTH failures per source and per source and user.
     auth_failures: crate::limits::AuthFailures,
+    /// Password checks running at once (each Argon2 check holds its memory cost, 19 MiB
+    /// by default): taken before the check starts, granted in arrival order.
+    pub password_checks: Arc<tokio::sync::Semaphore>,
     connections: Mutex<Connections>,
     /// MTA-STS policies of recipient domains (RFC 8461), cached per domain.
     pub mta_sts: crate::delivery::mta_sts::PolicyCache,
@@ -119,6 +122,9 @@ impl Context {
             draining: std::sync::atomic::AtomicBool::new(false),
             reload: crate::reload::ReloadState::default(),
             auth_failures: Default::default(),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(
+                crate::users::MAX_CONCURRENT_CHECKS,
+            )),
             connections: Mutex::new(Connections::default()),
             mta_sts: Default::default(),
             resolver: Mutex::new(None),

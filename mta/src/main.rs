@@ -92,7 +92,26 @@ enum QueueOp {
     Bounce { id: QueueId },
 }
 
+/// Large allocations (Argon2's 19 MiB per password check, big messages) each get their own
+/// mapping, returned to the system when freed. Without this glibc raises its mmap threshold
+/// after the first such free and serves later ones from per-thread arenas that it seldom
+/// trims, so memory taken by a burst of AUTHs stays (issue 13, item 1). musl already maps
+/// large allocations separately.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn return_large_allocations() {
+    // SAFETY: mallopt only sets an allocator tunable; it is called once, first in main,
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_large_allocations() {}
+
 fn main() -> ExitCode {
+    return_large_allocations();
     let cli = Cli::parse();
     // Logs, and traces/metrics over OTLP when the standard OTEL_* variables ask for them.
     let json = matches!(cli.log_format, LogFormat::Json);

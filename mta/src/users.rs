@@ -4,12 +4,28 @@
 //! comparison is constant-time). The file is re-read when it changes on disk. Each user may
 //! use the sender addresses (or `@domain`s) listed after the hash; without a list, only
 //! the user name itself when it is an address. Passwords never reach logs.
+//!
+//! Cost: a check holds the hash's memory cost (`m`, 19 MiB for the hashes `passwd` writes)
+//! while it runs. The session runs at most [`MAX_CONCURRENT_CHECKS`] at once, and a hash
+//! above [`MAX_M_COST_KIB`], [`MAX_T_COST`] or [`MAX_P_COST`] is refused when the file is
+//! read, so memory for password checks stays below
+//! `MAX_CONCURRENT_CHECKS × MAX_M_COST_KIB` whatever the file or the clients do.
 
-use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
+use argon2::{Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
+
+/// Password checks that may run at once (see `Context::password_checks`).
+pub const MAX_CONCURRENT_CHECKS: usize = 2;
+/// Largest Argon2 memory cost accepted, in KiB: OWASP's strongest recommended setting
+/// (m=46 MiB, t=1). `passwd` writes m=19 MiB, t=2.
+pub const MAX_M_COST_KIB: u32 = 47_104;
+/// Largest Argon2 time cost (passes) accepted.
+pub const MAX_T_COST: u32 = 10;
+/// Largest Argon2 parallelism accepted (the check runs on one thread either way).
+pub const MAX_P_COST: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -54,7 +70,9 @@ fn parse(text: &str) -> Result<Table, String> {
             return Err(format!("line {}: expected user:hash[:senders]", n + 1));
         };
         // PHC strings contain no ':'; a third field lists senders.
-        PasswordHash::new(hash).map_err(|e| format!("line {}: bad hash: {e}", n + 1))?;
+        let parsed =
+            PasswordHash::new(hash).map_err(|e| format!("line {}: bad hash: {e}", n + 1))?;
+        check_cost(&parsed).map_err(|e| format!("line {}: {e}", n + 1))?;
         let senders = fields
             .next()
             .map(|list| {
@@ -125,6 +143,25 @@ impl Users {
             .is_ok();
         if ok { user } else { None }
     }
+}
+
+/// Refuses hashes whose check would cost more than the limits above (a users file line
+/// with m=4 GiB would otherwise take 4 GiB per AUTH).
+fn check_cost(hash: &PasswordHash) -> Result<(), String> {
+    let params = Params::try_from(hash).map_err(|e| format!("bad Argon2 parameters: {e}"))?;
+    if params.m_cost() > MAX_M_COST_KIB
+        || params.t_cost() > MAX_T_COST
+        || params.p_cost() > MAX_P_COST
+    {
+        return Err(format!(
+            "Argon2 cost m={} t={} p={} is above the limit m={MAX_M_COST_KIB} t={MAX_T_COST} \
+             p={MAX_P_COST}; set the password again with `petrel-mta passwd`",
+            params.m_cost(),
+            params.t_cost(),
+            params.p_cost()
+        ));
+    }
+    Ok(())
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -204,5 +241,25 @@ mod tests {
         assert!(bob.may_send_as(""), "null sender");
         let text = std::fs::read_to_string(&file).expect("read");
         assert!(!text.contains("hunter"), "only hashes are stored");
+    }
+
+    /// Issue 13, item 1: a hash whose check would take absurd memory is refused at load.
+    #[test]
+    fn costly_hashes_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("users");
+        let salt = "c2FsdHNhbHRzYWx0c2FsdA";
+        let out = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        for (params, ok) in [
+            ("m=19456,t=2,p=1", true),
+            ("m=47104,t=1,p=1", true),
+            ("m=4194304,t=1,p=1", false),
+            ("m=19456,t=1000,p=1", false),
+            ("m=19456,t=2,p=64", false),
+        ] {
+            std::fs::write(&file, format!("u:$argon2id$v=19${params}${salt}${out}\n"))
+                .expect("write");
+            assert_eq!(Users::load(&file).is_ok(), ok, "{params}");
+        }
     }
 }

@@ -19,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 const MAX_SASL_LINE: usize = 12 * 1024;
 /// Failures in one session before it is closed.
 const MAX_SESSION_FAILURES: u32 = 3;
+/// Longest wait for a password check slot before `454 4.7.0` (try again later).
+const MAX_CHECK_QUEUE_WAIT: Duration = Duration::from_secs(60);
 
 /// What the next SASL response line is.
 #[derive(Debug, Clone, Copy)]
@@ -151,11 +153,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(users) = self.ctx.users.clone() else {
             return self.error(Reply::NOT_IMPLEMENTED);
         };
+        // Bounded memory (issue 13, item 1): a permit is taken before the Argon2 work
+        // starts, in arrival order (tokio's semaphore is fair), and held until it ends.
+        let checks = self.ctx.password_checks.clone();
+        let Ok(Ok(permit)) =
+            tokio::time::timeout(MAX_CHECK_QUEUE_WAIT, checks.acquire_owned()).await
+        else {
+            return self.error(Reply::AUTH_BUSY);
+        };
         let lookup = name.clone();
-        let verified = tokio::task::spawn_blocking(move || users.verify(&lookup, &password))
-            .await
-            .ok()
-            .flatten();
+        let verified = tokio::task::spawn_blocking(move || {
+            let user = users.verify(&lookup, &password);
+            drop(permit);
+            user
+        })
+        .await
+        .ok()
+        .flatten();
         match verified {
             Some(user) => {
                 tracing::info!(peer = %self.peer, user = %user.name, "authenticated");

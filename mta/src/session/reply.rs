@@ -138,6 +138,12 @@ impl Reply {
         [4, 7, 0],
         "Too many failed authentications, try again later",
     );
+    /// RFC 4954 §6: temporary failure; every password check slot stayed busy too long.
+    pub const AUTH_BUSY: Reply = reply(
+        454,
+        [4, 7, 0],
+        "Temporary authentication failure, try again later",
+    );
     pub const AUTH_SESSION_FAILURES: Reply = reply(
         421,
         [4, 7, 0],
@@ -300,6 +306,7 @@ mod tests {
             Reply::AUTH_DURING_TRANSACTION,
             Reply::AUTH_TOO_MANY_FAILURES,
             Reply::AUTH_SESSION_FAILURES,
+            Reply::AUTH_BUSY,
             Reply::SENDER_NOT_OWNED,
             Reply::RATE_LIMITED,
             Reply::DNSBL_LISTED,
