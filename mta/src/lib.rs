@@ -15,6 +15,7 @@ pub mod cleanup;
 pub mod context;
 pub mod delivery;
 pub mod dsn;
+pub mod files;
 pub mod limits;
 pub mod listener;
 pub mod local;

@@ -44,7 +44,7 @@ pub fn deliver(
 ) -> std::io::Result<Delivered> {
     let maildir = root.join(mailbox);
     for sub in ["tmp", "new", "cur"] {
-        fs::create_dir_all(maildir.join(sub))?;
+        crate::files::create_private_dir_all(&maildir.join(sub))?;
     }
     let host: String = hostname
         .chars()
@@ -54,11 +54,10 @@ pub fn deliver(
     let tmp = maildir.join("tmp").join(&name);
     let new = maildir.join("new").join(&name);
 
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?;
+    let mut file = crate::files::open_private(
+        OpenOptions::new().write(true).create(true).truncate(true),
+        &tmp,
+    )?;
     file.write_all(format!("Return-Path: <{sender}>\r\n").as_bytes())?;
     file.write_all(message)?;
     file.sync_all()?;

@@ -207,7 +207,23 @@ pub fn set_password(
         .collect();
     out.push(line);
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, out.join("\n") + "\n").map_err(|e| format!("{}: {e}", tmp.display()))?;
+    // A fresh temporary file, so a leftover one's mode is not kept; 0600 (issue 13, item 8).
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("{}: {e}", tmp.display()));
+        }
+        _ => {}
+    }
+    let written = crate::files::open_private(
+        std::fs::OpenOptions::new().write(true).create_new(true),
+        &tmp,
+    )
+    .and_then(|mut file| {
+        use std::io::Write;
+        file.write_all((out.join("\n") + "\n").as_bytes())?;
+        file.sync_all()
+    });
+    written.map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 

@@ -157,7 +157,7 @@ impl Spool {
         segment_size: u64,
         observer: Option<SyncObserver>,
     ) -> Result<(Spool, Vec<Recovered>), Error> {
-        std::fs::create_dir_all(dir).map_err(Error::from_io)?;
+        crate::files::create_private_dir_all(dir).map_err(Error::from_io)?;
         let (index, recovered, last_segment, max_id) = recover(dir)?;
         let index = Arc::new(Mutex::new(index));
         let (appends, requests) = mpsc::unbounded_channel();

@@ -314,10 +314,10 @@ impl Writer {
 struct SyncFailed(std::io::Error);
 
 fn create_segment(dir: &std::path::Path, segment: u32) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(segment_path(dir, segment))?;
+    let file = crate::files::open_private(
+        OpenOptions::new().create_new(true).append(true),
+        &segment_path(dir, segment),
+    )?;
     // The new directory entry must be durable before records in it are acknowledged.
     File::open(dir)?.sync_all()?;
     Ok(file)

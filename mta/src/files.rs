@@ -1,0 +1,63 @@
+//! Files and directories only the MTA's user may read: spool segments, Maildir messages
+//! and the AUTH users file hold mail and password hashes (issue 13, item 8).
+//!
+//! Files are created 0600 and directories 0700 whatever the process umask: the mode is
+//! given at creation (the umask can only take bits away) and set again on the open file
+//! or new directory, which the umask does not touch. Existing directories keep their
+//! mode: an operator may have opened one up on purpose.
+
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+pub const FILE_MODE: u32 = 0o600;
+pub const DIR_MODE: u32 = 0o700;
+
+/// `create_dir_all` with every directory it creates 0700.
+pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        create_private_dir_all(parent)?;
+    }
+    match DirBuilder::new().mode(DIR_MODE).create(path) {
+        Ok(()) => std::fs::set_permissions(path, Permissions::from_mode(DIR_MODE)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens `options` (which must create the file) with mode 0600, and makes sure of it.
+pub fn open_private(options: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    let file = options.mode(FILE_MODE).open(path)?;
+    file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_are_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let deep = dir.path().join("a/b/c");
+        create_private_dir_all(&deep).expect("mkdir");
+        for d in ["a", "a/b", "a/b/c"] {
+            let mode = std::fs::metadata(dir.path().join(d))
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, DIR_MODE, "{d}");
+        }
+        create_private_dir_all(&deep).expect("exists already");
+        let file = deep.join("f");
+        open_private(OpenOptions::new().write(true).create_new(true), &file).expect("open");
+        let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, FILE_MODE);
+    }
+}
