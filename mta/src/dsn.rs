@@ -41,7 +41,7 @@ pub fn retire(ctx: &Arc<Context>, id: QueueId, envelope: Envelope) {
         let mut bounced = false;
         for recipient in &envelope.recipients {
             if let Status::Failed { detail } = &recipient.status {
-                tracing::warn!(queue_id = %id, to = %recipient.address, detail, "bounced");
+                tracing::warn!(queue_id = %id, to = %mta_telemetry::Escaped(&recipient.address), detail, "bounced");
                 bounced = true;
             }
         }

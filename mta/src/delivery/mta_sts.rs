@@ -483,7 +483,7 @@ pub fn enforce_hosts(
     let (allowed, refused): (Vec<Target>, Vec<Target>) =
         targets.into_iter().partition(|t| policy.allows(&t.name));
     for target in &refused {
-        tracing::warn!(domain, host = %target.name, "MTA-STS: MX host not in the policy; skipped");
+        tracing::warn!(domain, host = %mta_telemetry::Escaped(&target.name.to_string()), "MTA-STS: MX host not in the policy; skipped");
     }
     if allowed.is_empty() {
         return Err(Status::Deferred {

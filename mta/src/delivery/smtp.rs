@@ -239,7 +239,7 @@ async fn connect(
                 return Ok((connection, verified, name));
             }
             Err(error) => {
-                tracing::info!(host = %name, %address, error = %error, "connection attempt failed");
+                tracing::info!(host = %mta_telemetry::Escaped(name.as_str()), %address, error = %mta_telemetry::Escaped(&error.to_string()), "connection attempt failed");
                 last = Some((name, error));
             }
         }

@@ -11,6 +11,7 @@
 use super::{Flow, Input, Reply, Session};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use mta_telemetry::Escaped;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -172,7 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         .flatten();
         match verified {
             Some(user) => {
-                tracing::info!(peer = %self.peer, user = %user.name, "authenticated");
+                tracing::info!(peer = %self.peer, user = %Escaped(&user.name), "authenticated");
                 self.span
                     .record(mta_telemetry::spans::field::USER_ID, user.name.as_str());
                 self.user = Some(user);
@@ -186,7 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.auth_failures += 1;
         self.ctx.metrics.auth_failure();
         self.ctx.auth_failed(self.peer.ip(), &name);
-        tracing::warn!(peer = %self.peer, user = %name, failures = self.auth_failures, "authentication failed");
+        tracing::warn!(peer = %self.peer, user = %Escaped(&name), failures = self.auth_failures, "authentication failed");
         // A tarpit, not synchronisation: each failure makes the next guess slower.
         tokio::time::sleep(Duration::from_millis(500 * u64::from(self.auth_failures))).await;
         if self.auth_failures >= MAX_SESSION_FAILURES {

@@ -476,7 +476,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn send(&mut self, reply: Reply) {
         self.ctx.metrics.reply(self.verb, reply.code);
         if reply.is_error() {
-            tracing::debug!(peer = %self.peer, code = reply.code, text = %reply.text, "reply");
+            tracing::debug!(peer = %self.peer, code = reply.code, text = %mta_telemetry::Escaped(&reply.text), "reply");
         }
         reply.write_to(&mut self.out);
     }

@@ -82,7 +82,12 @@ impl Drop for TelemetryGuard {
 /// [`crate::MtaMetrics`], and keep the guard until exit.
 pub fn init(service_name: &str, json: bool) -> Result<TelemetryGuard, Error> {
     let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only on a terminal: escape sequences in a log file or a collector's input
+    // are noise at best (issue 13, item 7).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     let fmt = if json {
         fmt.json().with_filter(env_filter).boxed()
     } else {

@@ -17,12 +17,14 @@
 //! Modules, in the order a process meets them: [`init`](crate::init()) (subscriber and
 //! exporters), `export` (the never-blocking span queue), [`metrics`], [`spans`], [`http`].
 
+mod escape;
 mod export;
 pub mod http;
 mod init;
 pub mod metrics;
 pub mod spans;
 
+pub use escape::Escaped;
 pub use export::spans_dropped;
 pub use http::{Readiness, serve_http};
 pub use init::{TelemetryGuard, init};
