@@ -10,6 +10,8 @@ say() { printf '\n==> %s\n' "$*"; }
 # --- test dependencies -----------------------------------------------------------------
 apt_missing=()
 command -v swaks >/dev/null || apt_missing+=(swaks)
+# swaks speaks STARTTLS through Net::SSLeay (a Recommends that minimal installs skip).
+perl -MNet::SSLeay -MIO::Socket::SSL -e1 2>/dev/null || apt_missing+=(libnet-ssleay-perl libio-socket-ssl-perl)
 command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || apt_missing+=(postfix)
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || apt_missing+=(dnsmasq-base)
 command -v openssl >/dev/null || apt_missing+=(openssl)

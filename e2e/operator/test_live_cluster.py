@@ -82,11 +82,15 @@ def operator(kube, dns_server):
     kube.run("apply", "--server-side", "-f", str(ROOT / "manifests" / "crds"))
     kube.wait("--for=condition=Established",
               *[f"crd/{k}.mail.petrel.dev" for k in KINDS.split(",")], timeout=60)
-    kube.apply(operator_manifests(f"{HOST_ADDRESS}:{dns_server.port}"))
+    manifests = operator_manifests(f"{HOST_ADDRESS}:{dns_server.port}")
+    kube.apply(manifests)
     yield
     log("operator logs (tail):\n" + kube.run("logs", "-n", OPERATOR_NS, "deploy/petrel-operator",
                                              "--tail=40", check=False).stdout)
     kube.run("delete", "namespace", NS, "--wait=false", check=False)
+    # Uninstall (the CRDs stay), so a later suite on the same cluster starts clean.
+    kube.run("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=manifests,
+             check=False)
 
 
 def examples_yaml():
@@ -327,8 +331,11 @@ def test_5_hot_reload_without_restarts_then_relay_with_dkim(kube, operator, sink
     assert b"DKIM-Signature:" in msg.content
     assert dkim.verify(msg.content, dnsfunc=dnsfunc), "dkimpy verifies the signature"
 
+    # (The autoscaled listener's HPA may add pods meanwhile; no pod may be replaced.)
     after = {l: pod_state(kube, l) for l in ["mx", "submission"]}
-    assert after == before, "no pod was restarted or replaced"
+    for listener, state in before.items():
+        for pod, uid_restarts in state.items():
+            assert after[listener].get(pod) == uid_restarts, f"{pod} was restarted or replaced"
 
 
 def test_6_a_reconcile_with_nothing_changed_writes_nothing(kube, operator):
@@ -350,15 +357,17 @@ def test_6_a_reconcile_with_nothing_changed_writes_nothing(kube, operator):
 def test_7_a_missing_secret_breaks_nothing_that_runs(kube, operator):
     before = pod_state(kube, "submission")
     sts = kube.get("statefulset", "submission", NS)
+    assert before
     kube.run("patch", "smtplistener", "submission", "-n", NS, "--type=merge", "-p",
              json.dumps({"spec": {"tls": {"secretName": "no-such-secret"}}}))
     poll(lambda: "Secret no-such-secret" in condition(kube.get("smtplistener", "submission", NS))
          .get("message", ""), what="Ready=False naming no-such-secret")
     c = condition(kube.get("smtplistener", "submission", NS))
     assert (c["status"], c["reason"]) == ("False", "SecretNotFound")
-    assert kube.get("statefulset", "submission", NS)["metadata"]["generation"] == \
-        sts["metadata"]["generation"], "the StatefulSet was not touched"
-    assert pod_state(kube, "submission") == before
+    assert kube.get("statefulset", "submission", NS)["spec"]["template"] == \
+        sts["spec"]["template"], "the pod template was not touched"
+    after = pod_state(kube, "submission")
+    assert all(after.get(pod) == state for pod, state in before.items()), "pods untouched"
     kube.run("patch", "smtplistener", "submission", "-n", NS, "--type=merge", "-p",
              json.dumps({"spec": {"tls": {"secretName": "smtp-example-com-tls"}}}))
     kube.wait("--for=condition=Ready", "smtplistener/submission", "-n", NS)
