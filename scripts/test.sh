@@ -70,7 +70,8 @@ charts/petrel/tests/check.sh
 # Release binaries in images built offline (podman; see images/Containerfile). The live
 # cluster suite and e2e/test_image.py run these.
 say "release build and container images"
-cargo build --release --quiet -p mta -p operator --bins
+# The images carry no debug info (build-images.sh strips it), so none is generated here.
+CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --quiet -p mta -p operator --bins
 scripts/build-images.sh
 
 # --- end-to-end, with real peers ---------------------------------------------------------

@@ -5,8 +5,9 @@
     sent into a pod is delivered.
  3. `helm upgrade` changing the log level rolls the operator and nothing else.
  4. `helm uninstall` removes everything but the CRDs and the users' own resources.
- 5. Install again after the uninstall works; then uninstall, leaving the cluster to the
-    next suite.
+ 5. Install again after the uninstall works.
+ 6. Namespaced mode (watchNamespaces): Roles only, the examples still run; then uninstall,
+    leaving the cluster to the next suite.
 
 Runs before test_live_cluster.py (file order) on the same cluster.
 """
@@ -140,3 +141,27 @@ def test_5_install_again_after_uninstall(kube, helm):
     helm("uninstall", RELEASE, "-n", OPERATOR_NS, "--wait", "--timeout", "5m")
     kube.wait("--for=delete", f"statefulset/{LISTENER}", "-n", EXAMPLES_NS)
     log("helm: install, upgrade, uninstall, install again: all as expected")
+    # The namespace stays, for the next test (a terminating one refuses new objects).
+
+
+def test_6_namespaced_mode_needs_no_cluster_wide_access(kube, helm):
+    """watchNamespaces: Roles in the watched namespace only; the operator still runs the
+    examples there, and cannot read a Secret anywhere else."""
+    install(helm, "--set", f"watchNamespaces={{{EXAMPLES_NS}}}")
+    sa = f"system:serviceaccount:{OPERATOR_NS}:petrel-operator"
+
+    def can(*args):
+        return kube.run("auth", "can-i", *args, "--as", sa, check=False).stdout.strip()
+
+    assert can("list", "secrets", "--all-namespaces") == "no"
+    assert can("get", "secrets", "-n", "default") == "no"
+    assert can("create", "secrets", "-n", EXAMPLES_NS) == "yes"
+    assert kube.run("get", "clusterrolebinding", "petrel-operator", check=False).returncode != 0
+    kube.wait("--for=condition=Available", "deployment", "-l",
+              "app.kubernetes.io/component=operator", "-n", OPERATOR_NS)
+    kube.wait("--for=condition=Ready", f"smtplistener/{LISTENER}", "-n", EXAMPLES_NS,
+              timeout=300)
+    env = {e["name"]: e.get("value") for e in operator_pod(kube)[0]["spec"]["containers"][0]["env"]}
+    assert env.get("PETREL_WATCH_NAMESPACES") == EXAMPLES_NS, env
+    helm("uninstall", RELEASE, "-n", OPERATOR_NS, "--wait", "--timeout", "5m")
+    kube.wait("--for=delete", f"statefulset/{LISTENER}", "-n", EXAMPLES_NS)
