@@ -157,3 +157,12 @@ def strip_received(data: bytes) -> bytes:
     while i < len(lines) and lines[i][:1] in (b"\t", b" "):
         i += 1
     return b"\r\n".join(lines[i:])
+
+
+@pytest.fixture(scope="session")
+def kube():
+    """The live Kubernetes cluster of e2e/operator/ (live.py says which one, and how)."""
+    import sys
+    sys.path.insert(0, str(ROOT / "e2e" / "operator"))
+    from live import cluster
+    yield from cluster()

@@ -16,16 +16,20 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
+
+import pytest
+from conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT.parent / "shared" / "k8s" / "cluster.sh"
 IMAGES_DIR = Path(os.environ.get("PETREL_IMAGES_DIR", ROOT / "target" / "images"))
 HOST_ADDRESS = os.environ.get("PETREL_E2E_HOST_ADDRESS", "198.18.1.1")
 
+
 def log(message):
     print(f"[live] {message}", flush=True)
+
 
 class Kube:
     """kubectl against one cluster. Every call has a timeout; nothing waits blindly."""
@@ -57,6 +61,7 @@ class Kube:
     def logs(self, pod, ns, **kw):
         return self.run("logs", pod, "-n", ns, check=False, **kw).stdout
 
+
 def kubectl_path():
     found = shutil.which("kubectl")
     if found:
@@ -67,6 +72,7 @@ def kubectl_path():
         return str(Path(tools) / "kubectl")
     return None
 
+
 def build_images():
     """The images the suite runs, from scripts/build-images.sh (release binaries)."""
     wanted = [IMAGES_DIR / "petrel-mta.tar", IMAGES_DIR / "petrel-operator.tar"]
@@ -76,13 +82,44 @@ def build_images():
                        timeout=1800)
     return wanted
 
+
 def poll(condition, timeout=180.0, interval=1.0, what="condition"):
-    """Polls `condition` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """wait_for (e2e/conftest.py) with the live suite's deadline and pace."""
+    return wait_for(condition, timeout=timeout, interval=interval, what=what)
+
+
+def cluster():
+    """Yields a Kube for the chosen cluster; stops a cluster it started (also on failure)."""
+    started = False
+    kubeconfig = os.environ.get("KUBECONFIG")
+    if kubeconfig:
+        log(f"using the cluster in KUBECONFIG={kubeconfig}")
+    elif CLUSTER_SH.exists() and os.geteuid() == 0:
+        log(f"starting a cluster with {CLUSTER_SH}")
+        up = subprocess.run(["bash", str(CLUSTER_SH), "up"], capture_output=True, text=True,
+                            timeout=300)
+        if up.returncode != 0:
+            subprocess.run(["bash", str(CLUSTER_SH), "down"], capture_output=True, timeout=300)
+            raise AssertionError(f"cluster.sh up failed:\n{up.stdout}\n{up.stderr}")
+        started = True
+        kubeconfig = "/tmp/petrel-cluster/kubeconfig"
+        for line in up.stdout.splitlines():
+            if line.startswith("export KUBECONFIG="):
+                kubeconfig = line.split("=", 1)[1]
+    else:
+        pytest.skip("live cluster: SKIPPED (no KUBECONFIG, and no ../shared/k8s/cluster.sh "
+                    "to start one as root)")
+    try:
+        k = Kube(kubeconfig, kubectl_path())
+        k.run("version")
+        archives = build_images()
+        if started or os.environ.get("PETREL_E2E_LOAD_IMAGES") == "cluster.sh":
+            for archive in archives:
+                log(f"loading {archive.name} into the cluster")
+                subprocess.run(["bash", str(CLUSTER_SH), "load-image", str(archive)],
+                               check=True, capture_output=True, timeout=600)
+        yield k
+    finally:
+        if started:
+            log("stopping the cluster (cluster.sh down)")
+            subprocess.run(["bash", str(CLUSTER_SH), "down"], capture_output=True, timeout=300)

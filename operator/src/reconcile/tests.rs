@@ -30,6 +30,17 @@ fn typed<K: DeserializeOwned>(fake: &FakeApi, path: &str) -> Arc<K> {
     Arc::new(serde_json::from_value(fake.get(path).expect("stored")).expect("typed"))
 }
 
+/// The condition of `type_` in a stored object's status.
+fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+        .expect("condition")
+}
+
 fn listener_path() -> String {
     format!("/apis/mail.petrel.dev/v1alpha1{NS}/smtplisteners/mx")
 }
@@ -81,12 +92,7 @@ async fn listener_apply_writes_objects_status_and_an_event_then_nothing() {
     let status = &fake.get(&listener_path()).unwrap()["status"];
     assert_eq!(status["observedGeneration"], 1);
     assert_eq!(status["desiredReplicas"], 2);
-    let ready = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .unwrap();
+    let ready = condition(status, "Ready");
     assert_eq!(ready["status"], "False");
     assert_eq!(ready["reason"], "RollingOut");
     assert_eq!(ready["observedGeneration"], 1);
@@ -221,12 +227,7 @@ async fn degraded_condition_names_the_error() {
     let err = listener(mx, ctx).await.expect_err("invalid config");
     assert_eq!(err.metric_label(), "RenderFailed");
     let status = &fake.get(&listener_path()).unwrap()["status"];
-    let degraded = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Degraded")
-        .unwrap();
+    let degraded = condition(status, "Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "RenderFailed");
     assert!(
@@ -364,12 +365,7 @@ async fn a_missing_user_secret_applies_nothing_and_names_it() {
         "nothing applied"
     );
     let status = &fake.get(&listener_path()).unwrap()["status"];
-    let ready = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .unwrap();
+    let ready = condition(status, "Ready");
     assert_eq!(ready["status"], "False");
     assert_eq!(ready["reason"], "SecretNotFound");
     assert!(
