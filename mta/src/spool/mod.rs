@@ -139,6 +139,23 @@ struct Inner {
     /// The last write error, until a later write succeeds.
     health: Arc<Mutex<Option<String>>>,
     segment_size: u64,
+    /// The writer thread, joined when the last handle goes: a spool reopened on the same
+    /// directory never races the old writer's last sync or segment deletions.
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Close the channel (this is its only sender) so the writer finishes its queue,
+        // syncs and exits; then wait for it.
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.appends, closed));
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("spool: the writer thread panicked");
+        }
+    }
 }
 
 /// Called by the writer after each group commit with its sync time and batch size.
@@ -162,7 +179,7 @@ impl Spool {
         let index = Arc::new(Mutex::new(index));
         let (appends, requests) = mpsc::unbounded_channel();
         let health = Arc::new(Mutex::new(None));
-        Writer::start(
+        let writer = Writer::start(
             writer::Setup {
                 dir: dir.to_owned(),
                 first_segment: last_segment + 1,
@@ -183,6 +200,7 @@ impl Spool {
                 readers: Mutex::new(HashMap::new()),
                 health,
                 segment_size,
+                writer: Some(writer),
             }),
         };
         Ok((spool, recovered))

@@ -107,7 +107,10 @@ pub struct Setup {
 impl Writer {
     /// Creates segment `first_segment` and runs the writer on its own thread until every
     /// sender is dropped.
-    pub fn start(setup: Setup, requests: mpsc::UnboundedReceiver<Append>) -> std::io::Result<()> {
+    pub fn start(
+        setup: Setup,
+        requests: mpsc::UnboundedReceiver<Append>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let file = create_segment(&setup.dir, setup.first_segment)?;
         lock(&setup.index)
             .live
@@ -124,8 +127,7 @@ impl Writer {
         };
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run(requests))?;
-        Ok(())
+            .spawn(move || writer.run(requests))
     }
 
     fn run(mut self, mut requests: mpsc::UnboundedReceiver<Append>) {
