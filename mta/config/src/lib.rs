@@ -306,6 +306,8 @@ pub struct SpoolConfig {
     /// Default: `./petrel-data/spool`.
     pub path: PathBuf,
     /// A segment file is closed and a new one started once it grows past this many bytes.
+    /// On a volume smaller than eight segments the MTA uses an eighth of the volume instead
+    /// (at least 64 KiB), so finished segments can always be deleted; it logs so at start.
     /// Default: `67108864` (64 MiB).
     pub segment_size: u64,
 }

@@ -21,6 +21,15 @@
 //! envelope into the active segment as a new `Message` record with the same queue id. The
 //! copy is synced before the old segment can be deleted; recovery keeps the later copy.
 //! So the spool stays within about twice its live data.
+//!
+//! Small volumes (issue 13, item 5): a segment is at most an eighth of the volume
+//! ([`segment_size_for`]), so a volume smaller than the configured `segment_size` still
+//! holds several segments and finished ones can be deleted. New messages are refused
+//! (`452`) while less than [`reserve_for`] bytes would stay free, so the `Update` and
+//! `Done` records that let segments go always fit; and when a message is refused for
+//! space while the active segment holds no live message, the writer moves to a new segment
+//! so that one can be deleted too. Finished segments are deleted at start-up before
+//! anything is written, and a deleted segment's read handle is closed with it.
 
 mod record;
 mod writer;
@@ -36,6 +45,55 @@ use writer::{Append, Durability, Writer};
 
 /// How often the scheduler asks for [`Spool::compaction_candidates`].
 pub const COMPACTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A segment is at most this fraction of the volume, so that finished segments can be
+/// deleted while the active one is still being written.
+const SEGMENTS_PER_VOLUME: u64 = 8;
+/// The smallest segment, however small the volume.
+const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
+/// Largest space kept free for status records (see [`reserve_for`]).
+const MAX_RESERVE: u64 = 16 * 1024 * 1024;
+
+/// The segment size used on a volume of `volume_size` bytes: `configured`, but at most an
+/// eighth of the volume. A segment the size of the volume could never be deleted: it is
+/// the active one until it is full, and it is never full before the volume is.
+pub fn segment_size_for(configured: u64, volume_size: u64) -> u64 {
+    if volume_size == 0 {
+        // Some file systems report no size at all; nothing to adapt to.
+        return configured;
+    }
+    configured.min((volume_size / SEGMENTS_PER_VOLUME).max(MIN_SEGMENT_SIZE))
+}
+
+/// Bytes kept free on a volume of `volume_size` bytes: a new message is refused (`452`)
+/// rather than eat into them. They hold the `Update` and `Done` records of the queued
+/// messages (a few dozen bytes each), without which a full volume could never record that
+/// its messages are done and so never delete a segment. 1/32 of the volume, at most 16 MiB.
+pub fn reserve_for(volume_size: u64) -> u64 {
+    (volume_size / 32).min(MAX_RESERVE)
+}
+
+/// Size and free space of the file system holding `dir`.
+#[derive(Debug, Clone, Copy)]
+struct Volume {
+    size: u64,
+    available: u64,
+}
+
+impl Volume {
+    fn of(dir: &Path) -> std::io::Result<Volume> {
+        let stat = rustix::fs::statvfs(dir)?;
+        Ok(Volume {
+            size: stat.f_blocks.saturating_mul(stat.f_frsize),
+            available: stat.f_bavail.saturating_mul(stat.f_frsize),
+        })
+    }
+}
+
+/// Open read handles, per segment. The writer removes a segment's handle when it deletes
+/// the segment, so the file's space is freed at once rather than when the next segment is
+/// first read.
+type Readers = Arc<Mutex<HashMap<u32, Arc<File>>>>;
 
 /// Why the spool could not do what was asked. Each variant's doc names the SMTP reply the
 /// session sends for it (see `session::reply`).
@@ -93,6 +151,21 @@ struct Live {
 }
 
 impl Index {
+    /// Takes the finished segments that may go now: oldest first, each with no live
+    /// message, never `active`. The caller deletes their files (see the module doc for why
+    /// the order matters).
+    fn take_finished(&mut self, active: Option<u32>) -> Vec<u32> {
+        let mut finished = Vec::new();
+        while let Some((&oldest, live)) = self.live.first_key_value() {
+            if live.messages != 0 || Some(oldest) == active {
+                break;
+            }
+            self.live.remove(&oldest);
+            finished.push(oldest);
+        }
+        finished
+    }
+
     fn add(&mut self, id: QueueId, location: Location) {
         if let Some(old) = self.messages.insert(id, location) {
             self.release(old);
@@ -135,7 +208,7 @@ struct Inner {
     appends: mpsc::UnboundedSender<Append>,
     ids: QueueIdGenerator,
     index: Arc<Mutex<Index>>,
-    readers: Mutex<HashMap<u32, Arc<File>>>,
+    readers: Readers,
     /// The last write error, until a later write succeeds.
     health: Arc<Mutex<Option<String>>>,
     segment_size: u64,
@@ -162,8 +235,9 @@ impl Drop for Inner {
 pub type SyncObserver = Arc<dyn Fn(std::time::Duration, usize) + Send + Sync>;
 
 impl Spool {
-    /// Opens (creating if needed) the spool in `dir`, recovers every queued message, and
-    /// starts the writer thread on a fresh segment.
+    /// Opens (creating if needed) the spool in `dir`, recovers every queued message,
+    /// deletes finished segments, and starts the writer thread on a fresh segment.
+    /// `segment_size` is reduced to suit a small volume ([`segment_size_for`]).
     pub fn open(dir: &Path, segment_size: u64) -> Result<(Spool, Vec<Recovered>), Error> {
         Self::open_observed(dir, segment_size, None)
     }
@@ -175,8 +249,23 @@ impl Spool {
         observer: Option<SyncObserver>,
     ) -> Result<(Spool, Vec<Recovered>), Error> {
         crate::files::create_private_dir_all(dir).map_err(Error::from_io)?;
-        let (index, recovered, last_segment, max_id) = recover(dir)?;
+        let (mut index, recovered, last_segment, max_id) = recover(dir)?;
+        // Before anything is written: on a full volume the first write would fail, and
+        // deleting waited for a successful one.
+        delete_segments(dir, &index.take_finished(None));
+        let volume = Volume::of(dir).map_err(Error::from_io)?;
+        let configured = segment_size;
+        let segment_size = segment_size_for(configured, volume.size);
+        if segment_size < configured {
+            tracing::info!(
+                configured,
+                segment_size,
+                volume_size = volume.size,
+                "spool: segments limited to an eighth of the volume"
+            );
+        }
         let index = Arc::new(Mutex::new(index));
+        let readers = Readers::default();
         let (appends, requests) = mpsc::unbounded_channel();
         let health = Arc::new(Mutex::new(None));
         let writer = Writer::start(
@@ -184,7 +273,9 @@ impl Spool {
                 dir: dir.to_owned(),
                 first_segment: last_segment + 1,
                 segment_size,
+                reserve: reserve_for(volume.size),
                 index: index.clone(),
+                readers: readers.clone(),
                 health: health.clone(),
                 observer,
             },
@@ -197,7 +288,7 @@ impl Spool {
                 appends,
                 ids: QueueIdGenerator::new(max_id),
                 index,
-                readers: Mutex::new(HashMap::new()),
+                readers,
                 health,
                 segment_size,
                 writer: Some(writer),
@@ -288,19 +379,36 @@ impl Spool {
             .unwrap_or(0)
     }
 
+    /// Number of open read handles (tests: deleted segments must not keep one).
+    #[cfg(test)]
+    fn open_readers(&self) -> usize {
+        self.inner
+            .readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     fn reader(&self, segment: u32) -> Result<Arc<File>, Error> {
         let mut readers = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(file) = readers.get(&segment) {
             return Ok(file.clone());
         }
-        // Drop handles of deleted segments so their space is freed.
-        {
-            let index = self.inner.index.lock().unwrap_or_else(|e| e.into_inner());
-            readers.retain(|seg, _| index.live.contains_key(seg));
-        }
         let file =
             Arc::new(File::open(segment_path(&self.inner.dir, segment)).map_err(Error::from_io)?);
-        readers.insert(segment, file.clone());
+        // Cached only while the segment exists. The writer deletes a segment (under the
+        // index lock) before it drops the segment's handle (under this lock, which we hold):
+        // a handle cached here is either still live or dropped by the writer afterwards.
+        let exists = self
+            .inner
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live
+            .contains_key(&segment);
+        if exists {
+            readers.insert(segment, file.clone());
+        }
         Ok(file)
     }
 
@@ -393,6 +501,16 @@ fn envelope_json(envelope: &Envelope) -> Vec<u8> {
 
 fn segment_path(dir: &Path, segment: u32) -> PathBuf {
     dir.join(format!("{segment:010}.seg"))
+}
+
+/// Deletes the files of finished segments (see [`Index::take_finished`]).
+fn delete_segments(dir: &Path, segments: &[u32]) {
+    for &segment in segments {
+        let path = segment_path(dir, segment);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(error = %e, segment = %path.display(), "spool: cannot delete finished segment");
+        }
+    }
 }
 
 fn segment_number(path: &Path) -> Option<u32> {

@@ -282,3 +282,162 @@ async fn recovery_after_a_relocation_whose_old_segments_survived() {
     // And the next compaction can clean up what the crash left.
     assert_eq!(spool.len(), 2);
 }
+
+/// Issue 13, item 5: the segment size follows the volume, and the reserve for status
+/// records is a small part of it.
+#[test]
+fn segment_size_and_reserve_follow_the_volume() {
+    const MIB: u64 = 1024 * 1024;
+    let cases = [
+        // (configured, volume size, segment size, reserve)
+        (64 * MIB, 32 * MIB, 4 * MIB, MIB),
+        (64 * MIB, 3 * MIB, 384 * 1024, 96 * 1024),
+        (64 * MIB, 100 * 1024, 64 * 1024, 3200),
+        (64 * MIB, 10 * 1024 * MIB, 64 * MIB, 16 * MIB),
+        (MIB, 32 * MIB, MIB, MIB),
+        (64 * MIB, 0, 64 * MIB, 0),
+    ];
+    for (configured, volume, segment, reserve) in cases {
+        assert_eq!(
+            (segment_size_for(configured, volume), reserve_for(volume)),
+            (segment, reserve),
+            "configured {configured}, volume {volume}"
+        );
+    }
+}
+
+/// Issue 13, item 5: segments whose messages were all done before a restart are deleted
+/// when the spool opens, before anything is written (on a full volume the first write
+/// fails, and deletion used to wait for one that succeeded).
+#[tokio::test]
+async fn finished_segments_are_deleted_at_start_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+    let ids = store_many(&spool, 3, b"m\r\n").await;
+    for id in ids {
+        spool.remove(id).await.expect("remove");
+    }
+    assert_eq!(segments(dir.path()), [1], "the active segment stays");
+    drop(spool);
+    let (spool, recovered) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+    assert!(recovered.is_empty());
+    assert_eq!(segments(dir.path()), [2], "only the new active segment");
+    assert_eq!(spool.segment_count(), 1);
+}
+
+/// Issue 13, item 5: deleting a segment closes its read handle, so its space is freed now,
+/// not when another segment is first read.
+#[tokio::test]
+async fn deleted_segments_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Tiny segments: every message rotates to a new one.
+    let (spool, _) = Spool::open(dir.path(), 1).expect("open");
+    let ids = store_many(&spool, 2, b"m\r\n").await;
+    spool.read_message(ids[0]).await.expect("read");
+    assert_eq!(spool.open_readers(), 1);
+    spool.remove(ids[0]).await.expect("remove");
+    assert!(!segments(dir.path()).contains(&1), "segment 1 deleted");
+    assert_eq!(spool.open_readers(), 0, "and its handle closed");
+    let deleted_but_open: Vec<_> = std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir.path()))
+        .filter(|target| target.to_string_lossy().ends_with(" (deleted)"))
+        .collect();
+    assert!(deleted_but_open.is_empty(), "{deleted_but_open:?}");
+}
+
+/// A tmpfs of `size` bytes mounted on a fresh directory, unmounted on drop. `None` (the
+/// test skips) when this process may not mount (not root).
+struct SmallVolume {
+    dir: tempfile::TempDir,
+}
+
+impl SmallVolume {
+    fn mount(size: u64) -> Option<SmallVolume> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        if !status.success() {
+            eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+            return None;
+        }
+        Some(SmallVolume { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Issue 13, item 5: on a volume that other files have nearly filled, the spool fills,
+/// its messages are done, and it accepts again without a restart: a message refused for
+/// space makes the writer leave the active segment, which holds no live message, so that
+/// segment is deleted. The `Done` records fit in the reserve.
+#[tokio::test]
+async fn a_full_volume_accepts_again_once_its_messages_are_done() {
+    let Some(volume) = SmallVolume::mount(4 << 20) else {
+        return;
+    };
+    // Other data leaves 400 KiB, less than one segment (an eighth of 4 MiB): the active
+    // segment fills the volume alone.
+    std::fs::write(
+        volume.path().join("filler"),
+        vec![0u8; (4 << 20) - (400 << 10)],
+    )
+    .expect("filler");
+    let dir = volume.path().join("spool");
+    let (spool, _) = Spool::open(&dir, 64 << 20).expect("open");
+    let body = vec![b'x'; 64 * 1024];
+    let mut ids = Vec::new();
+    let refusal = loop {
+        let id = spool.next_id();
+        match spool.store(id, &envelope("a@x.test"), &[&body]).await {
+            Ok(()) => ids.push(id),
+            Err(e) => break e,
+        }
+        assert!(ids.len() < 100, "400 KiB cannot hold 6 MiB");
+    };
+    assert!(matches!(refusal, Error::Full), "{refusal:?}");
+    assert!(spool.healthy().is_err());
+    assert!(ids.len() >= 2, "only {} messages fit", ids.len());
+    assert_eq!(spool.segment_count(), 1, "all in the active segment");
+    for &id in &ids {
+        spool
+            .remove(id)
+            .await
+            .expect("a Done record fits in the reserve");
+    }
+    let mut accepted = 0;
+    for _ in 0..2 * ids.len() {
+        let id = spool.next_id();
+        if spool
+            .store(id, &envelope("a@x.test"), &[&body])
+            .await
+            .is_ok()
+        {
+            accepted += 1;
+            spool.remove(id).await.expect("remove");
+        }
+    }
+    assert_eq!(
+        accepted,
+        2 * ids.len(),
+        "accepted {accepted} of {} after the drain",
+        2 * ids.len()
+    );
+    assert!(spool.healthy().is_ok());
+}

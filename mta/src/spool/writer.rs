@@ -15,8 +15,12 @@
 //!
 //! The writer also owns segment lifecycle: rotation past `segment_size` and deletion of
 //! fully-done segments, oldest first.
+//!
+//! Space: before appending new messages it checks the volume's free space; messages that
+//! would leave less than `reserve` free get `Full` (`452`) without being written, while
+//! the batch's status records still are (see the `spool` module doc).
 
-use super::{Error, Index, Location, segment_path};
+use super::{Error, Index, Location, Readers, Volume, segment_path};
 use crate::queue::QueueId;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -89,7 +93,9 @@ pub struct Writer {
     file: File,
     offset: u64,
     segment_size: u64,
+    reserve: u64,
     index: Arc<Mutex<Index>>,
+    readers: Readers,
     health: Arc<Mutex<Option<String>>>,
     observer: Option<super::SyncObserver>,
 }
@@ -99,7 +105,10 @@ pub struct Setup {
     pub dir: PathBuf,
     pub first_segment: u32,
     pub segment_size: u64,
+    /// Bytes of the volume new messages must leave free ([`super::reserve_for`]).
+    pub reserve: u64,
     pub index: Arc<Mutex<Index>>,
+    pub readers: Readers,
     pub health: Arc<Mutex<Option<String>>>,
     pub observer: Option<super::SyncObserver>,
 }
@@ -121,7 +130,9 @@ impl Writer {
             file,
             offset: 0,
             segment_size: setup.segment_size,
+            reserve: setup.reserve,
             index: setup.index,
+            readers: setup.readers,
             health: setup.health,
             observer: setup.observer,
         };
@@ -150,6 +161,10 @@ impl Writer {
 
     fn commit(&mut self, batch: &mut Vec<Append>) {
         self.prepare_relocations(batch);
+        self.refuse_messages_without_space(batch);
+        if batch.is_empty() {
+            return;
+        }
         let start = self.offset;
         let began = std::time::Instant::now();
         let result = self.write_all(batch).and_then(|()| {
@@ -188,6 +203,10 @@ impl Writer {
                 tracing::error!(error = %err, segment = self.segment, "spool: append or sync failed");
                 let kind = err.raw_os_error();
                 self.recover_from_failure(start);
+                if matches!(kind, Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                    // The next store finds the space, if this segment held it.
+                    self.leave_finished_segment();
+                }
                 for append in batch.drain(..) {
                     if let Some(done) = append.done {
                         let err = match kind {
@@ -199,6 +218,70 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Answers `Full` to the batch's new messages, and takes them out of it, when writing
+    /// them would leave less than the reserve free: the reserve is for the status records
+    /// that let finished segments go. First, though, leaves an active segment that holds
+    /// no live message, which frees its space.
+    fn refuse_messages_without_space(&mut self, batch: &mut Vec<Append>) {
+        let needed: u64 = batch
+            .iter()
+            .filter(|a| matches!(a.effect, Effect::Insert { .. }))
+            .map(|a| a.bytes.len() as u64)
+            .sum();
+        if needed == 0 {
+            return;
+        }
+        let Some(mut reason) = self.lacks_space(needed) else {
+            return;
+        };
+        if self.leave_finished_segment() {
+            match self.lacks_space(needed) {
+                Some(still) => reason = still,
+                None => return,
+            }
+        }
+        tracing::warn!(segment = self.segment, "{reason}");
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        let (refused, kept): (Vec<Append>, Vec<Append>) = batch
+            .drain(..)
+            .partition(|a| matches!(a.effect, Effect::Insert { .. }));
+        batch.extend(kept);
+        for append in refused {
+            if let Some(done) = append.done {
+                let _ = done.send(Err(Error::Full));
+            }
+        }
+    }
+
+    /// Why `needed` more bytes would eat into the reserve, or `None` when they fit (or the
+    /// free space cannot be read: then the write itself reports a full volume).
+    fn lacks_space(&self, needed: u64) -> Option<String> {
+        let volume = Volume::of(&self.dir).ok()?;
+        (volume.available < needed.saturating_add(self.reserve)).then(|| {
+            format!(
+                "spool volume is full: {} bytes free, {} needed and {} kept for status records",
+                volume.available, needed, self.reserve
+            )
+        })
+    }
+
+    /// Out of space: when the active segment holds no live message, moves to a new one so
+    /// this one can be deleted (it may be the only segment, on a volume it fills alone).
+    /// Returns whether it moved.
+    fn leave_finished_segment(&mut self) -> bool {
+        let holds_live = lock(&self.index)
+            .live
+            .get(&self.segment)
+            .is_some_and(|l| l.messages != 0);
+        if holds_live || self.offset == 0 {
+            return false;
+        }
+        let before = self.segment;
+        self.open_next_segment();
+        self.delete_finished_segments();
+        self.segment != before
     }
 
     /// Turns each `Relocate` into a message record for the active segment, or into nothing
@@ -260,16 +343,22 @@ impl Writer {
             offset += append.bytes.len() as u64;
         }
         self.offset = offset;
-        // Oldest first: see the module doc of `spool` for why order matters.
-        while let Some((&oldest, live)) = index.live.first_key_value() {
-            if live.messages != 0 || oldest == self.segment {
-                break;
-            }
-            index.live.remove(&oldest);
-            let path = segment_path(&self.dir, oldest);
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(error = %e, segment = %path.display(), "spool: cannot delete finished segment");
-            }
+        drop(index);
+        self.delete_finished_segments();
+    }
+
+    /// Deletes the segments whose messages are all done (oldest first, never the active
+    /// one) and closes their read handles, so their space is freed now.
+    fn delete_finished_segments(&mut self) {
+        let finished = lock(&self.index).take_finished(Some(self.segment));
+        if finished.is_empty() {
+            return;
+        }
+        super::delete_segments(&self.dir, &finished);
+        // After the index no longer lists them: see `Spool::reader`.
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        for segment in &finished {
+            readers.remove(segment);
         }
     }
 
