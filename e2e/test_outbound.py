@@ -90,7 +90,9 @@ def admin_address(mta):
 
 
 def queue_cli(mta, *args):
-    out = subprocess.run([str(BIN), "queue", "--admin", admin_address(mta), *args],
+    """`petrel-mta queue` as the MTA's user: the config names the admin token file."""
+    out = subprocess.run([str(BIN), "queue", "--admin", admin_address(mta),
+                          "--config", str(mta.config_path), *args],
                          capture_output=True, text=True, timeout=60)
     return out
 

@@ -2,19 +2,126 @@
 //! response per line out, on a loopback TCP address only (`admin.address`; validation
 //! refuses anything else). Requests and responses are
 //! [`AdminRequest`] / [`AdminResponse`]; the scheduler answers them.
+//!
+//! Authentication (issue 13, item 4): loopback alone lets every local user (and, through a
+//! browser or an SSRF, any web page) empty the queue. So at each start the MTA writes a
+//! random [`Token`] into `admin.token_file` (mode 0600: the MTA's own user and root only),
+//! and every request line carries it: `{"token":"…","op":"list"}`. The token is checked
+//! (in constant time) before the request is even parsed; a wrong or missing one gets an
+//! error and the connection closes. A line that is not a JSON object — an HTTP request
+//! line above all (`POST / HTTP/1.1`) — closes the connection at once, unanswered, so an
+//! HTTP body is never read, let alone run. A Unix socket was the alternative; the token
+//! works the same on a laptop and in a pod (where `kubectl exec` runs as the MTA's user)
+//! and keeps the TCP address the CLI already knows.
 
 use crate::context::Context;
+use crate::files;
 use crate::queue::scheduler::{AdminRequest, AdminResponse};
 use crate::shutdown::Shutdown;
+use std::io::Write as _;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 
-pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutdown) {
+/// Random bytes in a token (written as hex).
+const TOKEN_BYTES: usize = 32;
+
+/// The secret every admin request must carry.
+#[derive(Clone)]
+pub struct Token(Arc<str>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(…)")
+    }
+}
+
+impl Token {
+    /// A new random token, written to `path` (0600, replaced by rename so a reader never
+    /// sees half a token, and a link planted at the temporary name is not followed).
+    pub fn create(path: &Path) -> std::io::Result<Token> {
+        let bytes: [u8; TOKEN_BYTES] = rand::random();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            files::create_private_dir_all(dir)?;
+        }
+        let mut name = path.file_name().unwrap_or_default().to_owned();
+        name.push(".new");
+        let temporary = path.with_file_name(name);
+        match std::fs::remove_file(&temporary) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = files::open_private(
+            std::fs::OpenOptions::new().write(true).create_new(true),
+            &temporary,
+        )?;
+        file.write_all(format!("{hex}\n").as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)?;
+        Ok(Token(hex.into()))
+    }
+
+    /// Reads the token the MTA wrote (the CLI's side).
+    pub fn read(path: &Path) -> Result<Token, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "cannot read the admin token from {}: {e} (run as the MTA's user, or name the \
+                 file with --token-file or the MTA's config with --config)",
+                path.display()
+            )
+        })?;
+        Ok(Token(text.trim().into()))
+    }
+
+    /// Constant-time comparison, so response timing tells nothing about the token.
+    fn matches(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.0.as_bytes().ct_eq(given.as_bytes()))
+    }
+}
+
+/// What one request line turned out to be.
+enum Line {
+    /// Not a JSON object: not the admin protocol (an HTTP request line, say).
+    Foreign,
+    /// A JSON object without the right token.
+    Unauthorised,
+    /// Authenticated, but not a request this endpoint knows.
+    Invalid(String),
+    Request(AdminRequest),
+}
+
+impl Line {
+    fn parse(line: &str, token: &Token) -> Line {
+        let Ok(mut object) =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line)
+        else {
+            return Line::Foreign;
+        };
+        let authorised = match object.remove("token") {
+            Some(serde_json::Value::String(given)) => token.matches(&given),
+            _ => false,
+        };
+        if !authorised {
+            return Line::Unauthorised;
+        }
+        match serde_json::from_value(serde_json::Value::Object(object)) {
+            Ok(request) => Line::Request(request),
+            Err(e) => Line::Invalid(e.to_string()),
+        }
+    }
+}
+
+pub async fn serve(listener: TcpListener, token: Token, ctx: Arc<Context>, mut shutdown: Shutdown) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -22,7 +129,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutd
         };
         match accepted {
             Ok((stream, peer)) if peer.ip().is_loopback() => {
-                tokio::spawn(handle(stream, ctx.clone()));
+                tokio::spawn(handle(stream, peer, token.clone(), ctx.clone()));
             }
             Ok((_, peer)) => tracing::warn!(%peer, "admin: refused non-loopback client"),
             Err(e) => {
@@ -33,37 +140,61 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutd
     }
 }
 
-async fn handle(stream: TcpStream, ctx: Arc<Context>) {
+fn error_line(message: &str) -> String {
+    serde_json::json!({"result": "error", "message": message}).to_string()
+}
+
+async fn write_line(write: &mut OwnedWriteHalf, mut line: String) -> std::io::Result<()> {
+    line.push('\n');
+    write.write_all(line.as_bytes()).await
+}
+
+async fn handle(stream: TcpStream, peer: std::net::SocketAddr, token: Token, ctx: Arc<Context>) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST)).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let response = match serde_json::from_str::<AdminRequest>(&line) {
-            Ok(request) => match ctx.scheduler.admin(request).await {
-                Some(response) => serde_json::to_string(&response),
-                None => Ok(r#"{"result":"error","message":"shutting down"}"#.to_owned()),
-            },
-            Err(e) => {
-                Ok(serde_json::json!({"result": "error", "message": e.to_string()}).to_string())
+        let response = match Line::parse(&line, &token) {
+            Line::Foreign => {
+                tracing::warn!(%peer, "admin: not the admin protocol; connection closed");
+                return;
             }
+            Line::Unauthorised => {
+                tracing::warn!(%peer, "admin: request without the admin token refused");
+                let refusal = error_line("not authorised: wrong or missing admin token");
+                let _ = write_line(&mut write, refusal).await;
+                return;
+            }
+            Line::Invalid(message) => error_line(&message),
+            Line::Request(request) => match ctx.scheduler.admin(request).await {
+                Some(response) => match serde_json::to_string(&response) {
+                    Ok(text) => text,
+                    Err(_) => return,
+                },
+                None => error_line("shutting down"),
+            },
         };
-        let Ok(mut text) = response else { return };
-        text.push('\n');
-        if write.write_all(text.as_bytes()).await.is_err() {
+        if write_line(&mut write, response).await.is_err() {
             return;
         }
     }
 }
 
-/// Client side, for the CLI: sends one request and returns the response.
+/// Client side, for the CLI: sends one request with the token and returns the response.
 pub async fn request(
     address: std::net::SocketAddr,
+    token: &Token,
     request: &AdminRequest,
 ) -> Result<AdminResponse, String> {
     let stream = TcpStream::connect(address).await.map_err(|e| {
         format!("cannot reach the admin endpoint at {address}: {e} (is petrel-mta running?)")
     })?;
     let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    let mut object = match serde_json::to_value(request).map_err(|e| e.to_string())? {
+        serde_json::Value::Object(object) => object,
+        other => return Err(format!("request is not an object: {other}")),
+    };
+    object.insert("token".to_owned(), token.0.as_ref().into());
+    let mut line = serde_json::Value::Object(object).to_string();
     line.push('\n');
     write
         .write_all(line.as_bytes())
@@ -74,7 +205,19 @@ pub async fn request(
         .read_line(&mut reply)
         .await
         .map_err(|e| e.to_string())?;
-    serde_json::from_str(&reply).map_err(|e| format!("bad response {reply:?}: {e}"))
+    if reply.is_empty() {
+        return Err(format!(
+            "the admin endpoint at {address} closed the connection"
+        ));
+    }
+    serde_json::from_str(&reply).map_err(|e| {
+        match serde_json::from_str::<serde_json::Value>(&reply) {
+            Ok(value) if value["result"] == "error" => {
+                value["message"].as_str().unwrap_or("error").to_owned()
+            }
+            _ => format!("bad response {reply:?}: {e}"),
+        }
+    })
 }
 
 /// Human-readable form of a response (the CLI's default output).
@@ -143,4 +286,69 @@ pub fn render(response: &AdminResponse) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> Token {
+        Token("ab".repeat(TOKEN_BYTES).into())
+    }
+
+    fn kind(line: &str) -> &'static str {
+        match Line::parse(line, &token()) {
+            Line::Foreign => "foreign",
+            Line::Unauthorised => "unauthorised",
+            Line::Invalid(_) => "invalid",
+            Line::Request(_) => "request",
+        }
+    }
+
+    #[test]
+    fn only_token_bearing_json_requests_run() {
+        let good = "ab".repeat(TOKEN_BYTES);
+        let cases = [
+            ("POST / HTTP/1.1", "foreign"),
+            ("GET /?op=list HTTP/1.0", "foreign"),
+            ("OPTIONS * HTTP/1.1", "foreign"),
+            ("", "foreign"),
+            ("[1]", "foreign"),
+            (r#"{"op":"list"}"#, "unauthorised"),
+            (r#"{"op":"list","token":""}"#, "unauthorised"),
+            (r#"{"op":"list","token":7}"#, "unauthorised"),
+            (
+                &format!(r#"{{"op":"list","token":"{}"}}"#, &good[1..]),
+                "unauthorised",
+            ),
+            (
+                &format!(r#"{{"op":"list","token":"{good}0"}}"#),
+                "unauthorised",
+            ),
+            (&format!(r#"{{"op":"erase","token":"{good}"}}"#), "invalid"),
+            (&format!(r#"{{"op":"list","token":"{good}"}}"#), "request"),
+            (
+                &format!("{{\"token\":\"{good}\",\"op\":\"delete\",\"id\":1}}\r"),
+                "request",
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(kind(line), expected, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn token_file_is_private_and_replaced_at_each_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data/admin.token");
+        let first = Token::create(&path).expect("create");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(first.0.len(), 2 * TOKEN_BYTES);
+        assert!(Token::read(&path).expect("read").matches(&first.0));
+        let second = Token::create(&path).expect("again");
+        assert!(!second.matches(&first.0), "a new token each start");
+        assert!(Token::read(&path).expect("read").matches(&second.0));
+    }
 }

@@ -50,13 +50,18 @@ enum Command {
         senders: Vec<String>,
     },
     /// Inspect and operate the queue of a running petrel-mta (through its admin endpoint).
+    /// Run it as the MTA's user: every request carries the token the MTA writes (0600).
     Queue {
         /// Admin endpoint address. Default: `admin.address` from --config, else 127.0.0.1:2580.
         #[arg(long, global = true)]
         admin: Option<std::net::SocketAddr>,
-        /// Config file to take the admin address from.
-        #[arg(long, short, global = true)]
+        /// Config file to take the admin address and token file from.
+        #[arg(long, short, global = true, env = "PETREL_CONFIG")]
         config: Option<PathBuf>,
+        /// File holding the admin token. Default: the config's (`admin.token_file`, else
+        /// `admin.token` beside the spool), else ./petrel-data/admin.token.
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
         /// Print the raw JSON response instead of a table.
         #[arg(long, global = true)]
         json: bool,
@@ -159,19 +164,28 @@ fn main() -> ExitCode {
         Command::Queue {
             admin,
             config,
+            token_file,
             json,
             op,
         } => {
-            let address = match (admin, config) {
-                (Some(address), _) => address,
-                (None, Some(file)) => match MtaConfig::from_file(&file) {
-                    Ok(config) => config.admin.address,
+            let config = match config {
+                Some(file) => match MtaConfig::from_file(&file) {
+                    Ok(config) => config,
                     Err(e) => {
                         eprintln!("{}: {e}", file.display());
                         return ExitCode::FAILURE;
                     }
                 },
-                (None, None) => MtaConfig::default().admin.address,
+                None => MtaConfig::embedded_default(),
+            };
+            let address = admin.unwrap_or(config.admin.address);
+            let token_file = token_file.unwrap_or_else(|| config.admin_token_file());
+            let token = match mta::admin::Token::read(&token_file) {
+                Ok(token) => token,
+                Err(e) => {
+                    eprintln!("petrel-mta queue: {e}");
+                    return ExitCode::FAILURE;
+                }
             };
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -183,7 +197,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(queue_command(address, op, json))
+            runtime.block_on(queue_command(address, &token, op, json))
         }
         Command::Serve { config: path } => {
             let config = match &path {
@@ -208,7 +222,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn queue_command(address: std::net::SocketAddr, op: QueueOp, json: bool) -> ExitCode {
+async fn queue_command(
+    address: std::net::SocketAddr,
+    token: &mta::admin::Token,
+    op: QueueOp,
+    json: bool,
+) -> ExitCode {
     let request = match op {
         QueueOp::List => AdminRequest::List,
         QueueOp::Show { id } => AdminRequest::Show { id },
@@ -218,7 +237,7 @@ async fn queue_command(address: std::net::SocketAddr, op: QueueOp, json: bool) -
         QueueOp::Delete { id } => AdminRequest::Delete { id },
         QueueOp::Bounce { id } => AdminRequest::Bounce { id },
     };
-    let response = match mta::admin::request(address, &request).await {
+    let response = match mta::admin::request(address, token, &request).await {
         Ok(response) => response,
         Err(e) => {
             eprintln!("petrel-mta queue: {e}");
@@ -256,6 +275,10 @@ async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
     }
     if let Some(address) = server.admin_address {
         println!("petrel-mta: admin endpoint (petrel-mta queue --admin {address}) on {address}");
+        println!(
+            "petrel-mta: admin token in {} (readable by this user only)",
+            server.admin_token_file.display()
+        );
     }
     // Last: whoever waits for this line (scripts, the e2e suite) finds the others printed.
     for address in &server.addresses {

@@ -134,7 +134,7 @@ pub async fn apply(
             "smtpd.auth_users_file",
             old.smtpd.auth_users_file != config.smtpd.auth_users_file,
         ),
-        ("admin.address", old.admin != config.admin),
+        ("admin (address, token_file)", old.admin != config.admin),
     ] {
         if changed {
             tracing::warn!(

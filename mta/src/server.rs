@@ -33,6 +33,11 @@ pub enum StartError {
     Users(String),
     #[error("{0}")]
     Dkim(String),
+    #[error("cannot write the admin token to {path}: {source}")]
+    AdminToken {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub struct Server {
@@ -48,6 +53,8 @@ pub struct Server {
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// Where the admin endpoint listens.
     pub admin_address: Option<SocketAddr>,
+    /// The file holding the admin endpoint's token (0600).
+    pub admin_token_file: PathBuf,
     /// Messages found in the spool at start.
     pub recovered: usize,
 }
@@ -129,6 +136,13 @@ impl Server {
                 source,
             })?;
         let admin_address = admin.local_addr().ok();
+        let admin_token_file = ctx.config().admin_token_file();
+        let admin_token = crate::admin::Token::create(&admin_token_file).map_err(|source| {
+            StartError::AdminToken {
+                path: admin_token_file.clone(),
+                source,
+            }
+        })?;
         let mut http_stop = None;
         let http_address = match ctx.config().http.address {
             Some(address) => {
@@ -154,7 +168,12 @@ impl Server {
             }
             None => None,
         };
-        tokio::spawn(crate::admin::serve(admin, ctx.clone(), trigger.subscribe()));
+        tokio::spawn(crate::admin::serve(
+            admin,
+            admin_token,
+            ctx.clone(),
+            trigger.subscribe(),
+        ));
         let mut listeners = Listeners::new();
         for (socket, configured) in sockets.into_iter().zip(configured) {
             let key = (configured.address, configured.kind);
@@ -182,6 +201,7 @@ impl Server {
             trigger,
             addresses,
             admin_address,
+            admin_token_file,
             http_address,
             http_stop,
             recovered: count,

@@ -58,7 +58,7 @@ pub struct MtaConfig {
     pub smtp_client: SmtpClientConfig,
     /// Resolver used for MX lookups.
     pub dns: DnsConfig,
-    /// The loopback admin endpoint used by `petrel-mta queue`.
+    /// The loopback admin endpoint used by `petrel-mta queue`, and its token file.
     pub admin: AdminConfig,
     /// The server certificate for STARTTLS and implicit TLS.
     pub tls: TlsConfig,
@@ -450,6 +450,20 @@ impl MtaConfig {
             .iter()
             .find(|r| r.domain.eq_ignore_ascii_case(domain))
             .or_else(|| self.routes.iter().find(|r| r.domain == "*"))
+    }
+
+    /// Where the admin token lives: `admin.token_file`, else `admin.token` beside the
+    /// spool directory.
+    pub fn admin_token_file(&self) -> PathBuf {
+        if let Some(file) = &self.admin.token_file {
+            return file.clone();
+        }
+        let dir = self
+            .spool
+            .path
+            .parent()
+            .unwrap_or(self.spool.path.as_path());
+        dir.join("admin.token")
     }
 
     /// The local domain entry for `domain`, if any (case-insensitive).

@@ -121,19 +121,29 @@ pub struct DnsConfig {
     pub nameservers: Vec<SocketAddr>,
 }
 
-/// The admin endpoint `petrel-mta queue …` talks to.
+/// The admin endpoint `petrel-mta queue …` talks to: one JSON request per line, each
+/// carrying the token from `token_file`. Anything else (an HTTP request line, a wrong or
+/// missing token) is refused before any queue operation runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct AdminConfig {
-    /// Loopback address of the admin endpoint (HTTP). Only loopback addresses are
+    /// Loopback address of the admin endpoint (TCP). Only loopback addresses are
     /// accepted. Default: `127.0.0.1:2580`.
     pub address: SocketAddr,
+    /// File holding the admin token. At each start the MTA writes a new random token into
+    /// it, mode 0600, so only the MTA's own user (and root) can read it and use the
+    /// endpoint; `petrel-mta queue` reads it from the same place. Default: `admin.token`
+    /// in the directory that holds `spool.path` (`./petrel-data/admin.token` for the
+    /// embedded default, `/var/lib/petrel/admin.token` on the queue volume in a pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 2580)),
+            token_file: None,
         }
     }
 }

@@ -184,3 +184,26 @@ fn proxy_trusted_networks_must_be_networks() {
     let text = MtaConfig::from_yaml(yaml).expect_err("refused").to_string();
     assert!(text.contains("proxy_trusted_networks"), "{text}");
 }
+
+#[test]
+fn admin_token_file_defaults_beside_the_spool() {
+    let laptop = MtaConfig::embedded_default();
+    assert_eq!(
+        laptop.admin_token_file(),
+        std::path::Path::new("./petrel-data/admin.token")
+    );
+    let pod = MtaConfig::from_yaml("spool:\n  path: /var/lib/petrel/spool\n").expect("valid");
+    assert_eq!(
+        pod.admin_token_file(),
+        std::path::Path::new("/var/lib/petrel/admin.token")
+    );
+    let set = MtaConfig::from_yaml("admin:\n  token_file: /run/petrel/token\n").expect("valid");
+    assert_eq!(
+        set.admin_token_file(),
+        std::path::Path::new("/run/petrel/token")
+    );
+    assert_eq!(
+        problem_keys("admin:\n  token_file: \"\"\n"),
+        ["admin.token_file"]
+    );
+}

@@ -375,6 +375,14 @@ impl MtaConfig {
                 ),
             );
         }
+        if let Some(file) = &self.admin.token_file
+            && (file.as_os_str().is_empty() || file == &self.spool.path)
+        {
+            problem(
+                "admin.token_file".into(),
+                "must name a file of its own (not empty, not the spool directory)".into(),
+            );
+        }
 
         if problems.is_empty() {
             Ok(())
