@@ -149,7 +149,12 @@ status: {activeSelector: petrel-1}
                                      if d.get("kind") == "ConfigMap"))
     (key,) = config_doc["dkim"]["keys"]
     assert (key["domain"], key["selector"]) == ("example.com", "petrel-1")
-    assert key["key_file"] == "/etc/petrel/dkim/example-com-ed25519-petrel-1/private.pem"
+    assert key["key_file"] == "/etc/petrel/dkim/example-com-ed25519-petrel-1.pem"
+    # The listener's DKIM Secret (mounted at /etc/petrel/dkim) carries a copy of the key.
+    listener_keys = next(d for d in docs if d.get("kind") == "Secret"
+                         and d["metadata"]["name"] == "mx-dkim")
+    assert base64.b64decode(listener_keys["data"]["example-com-ed25519-petrel-1.pem"]) == \
+        private_pem
     # What the pod's Secret mount provides, at a path of this test.
     key_file = workdir / "private.pem"
     key_file.write_bytes(private_pem)

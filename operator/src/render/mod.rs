@@ -234,9 +234,18 @@ pub enum RenderError {
 pub fn render(world: &World, keys: &mut dyn KeySource) -> Result<Desired, RenderError> {
     let mut desired = Desired::default();
     for ns in world.namespaces() {
-        let local = world.in_namespace(&ns);
-        for key in &local.dkim_keys {
-            let part = secrets::dkim_key(key, &local, keys)?;
+        let mut local = world.in_namespace(&ns);
+        for key in local.dkim_keys.clone() {
+            let part = secrets::dkim_key(&key, &local, keys)?;
+            // The listeners rendered next see the key Secrets about to exist, as the
+            // operator's listeners see them once applied.
+            for object in &part.objects {
+                if let Object::Secret(secret) = object
+                    && local.secret(&ns, object.name()).is_none()
+                {
+                    local.secrets.push(secret.clone());
+                }
+            }
             desired.objects.extend(part.objects);
             desired.notes.extend(part.notes);
         }
