@@ -76,8 +76,13 @@ scripts/build-images.sh
 
 # --- end-to-end, with real peers ---------------------------------------------------------
 # e2e/operator/ is the live-cluster suite: KUBECONFIG's cluster, else one started with
-# ../shared/k8s/cluster.sh (stopped at the end, also on failure), else SKIPPED.
-say "end-to-end suite (e2e/, with the live-cluster suite e2e/operator/)"
-PETREL_MTA_BIN="$PWD/target/debug/petrel-mta" python3 -m pytest -q -rs e2e
+# ../shared/k8s/cluster.sh (stopped at the end, also on failure), else SKIPPED. Its
+# progress lines ([live] ...) and its total time are shown (-s).
+export PETREL_MTA_BIN="$PWD/target/debug/petrel-mta"
+say "live-cluster suite (e2e/operator/)"
+python3 -m pytest -q -rs -s e2e/operator
+
+say "end-to-end suite (e2e/)"
+python3 -m pytest -q -rs e2e --ignore=e2e/operator
 
 say "all tests passed"

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,7 @@ def poll(condition, timeout=180.0, interval=1.0, what="condition"):
 
 def cluster():
     """Yields a Kube for the chosen cluster; stops a cluster it started (also on failure)."""
+    began = time.monotonic()
     started = False
     kubeconfig = os.environ.get("KUBECONFIG")
     if kubeconfig:
@@ -123,3 +125,4 @@ def cluster():
         if started:
             log("stopping the cluster (cluster.sh down)")
             subprocess.run(["bash", str(CLUSTER_SH), "down"], capture_output=True, timeout=300)
+        log(f"live-cluster suite: {time.monotonic() - began:.0f} s, cluster start and stop included")
