@@ -45,7 +45,8 @@ enum Command {
         /// The users file (`smtpd.auth_users_file`); created when missing.
         #[arg(long, short)]
         file: PathBuf,
-        /// An address or @domain the user may send as (repeatable). Default: the user name.
+        /// An address or @domain the user may send as (repeatable), or `*` for any address
+        /// and the null sender `<>` (bounces, auto-replies). Default: the user name.
         #[arg(long = "sender")]
         senders: Vec<String>,
     },

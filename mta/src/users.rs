@@ -2,8 +2,9 @@
 //!
 //! Hashes are Argon2 PHC strings (`$argon2id$…`), verified with the `argon2` crate (its
 //! comparison is constant-time). The file is re-read when it changes on disk. Each user may
-//! use the sender addresses (or `@domain`s) listed after the hash; without a list, only
-//! the user name itself when it is an address. Passwords never reach logs.
+//! use the sender addresses (or `@domain`s, or `*` for any address and the null sender)
+//! listed after the hash; without a list, only the user name itself when it is an address.
+//! Passwords never reach logs.
 //!
 //! Cost: a check holds the hash's memory cost (`m`, 19 MiB for the hashes `passwd` writes)
 //! while it runs. The session runs at most [`MAX_CONCURRENT_CHECKS`] at once, and a hash
@@ -35,11 +36,20 @@ pub struct User {
     senders: Vec<String>,
 }
 
+/// In a user's sender list: any address, and the null sender.
+pub const ANY_SENDER: &str = "*";
+
 impl User {
-    /// Whether `address` (MAIL FROM) is one this user may use. The null sender is allowed.
+    /// Whether `address` (MAIL FROM) is one this user may use. The null sender (`""`) is
+    /// allowed only with [`ANY_SENDER`]: it names no one, so a user restricted to their own
+    /// addresses could otherwise send anonymous mail to anyone (issue 13, item 9). Those
+    /// who send bounces or auto-replies through submission get `*`.
     pub fn may_send_as(&self, address: &str) -> bool {
-        if address.is_empty() {
+        if self.senders.iter().any(|allowed| allowed == ANY_SENDER) {
             return true;
+        }
+        if address.is_empty() {
+            return false;
         }
         let address = address.to_ascii_lowercase();
         let domain = address.rsplit_once('@').map(|(_, d)| format!("@{d}"));
@@ -254,9 +264,37 @@ mod tests {
         let bob = users.verify("bob", "hunter3").expect("bob");
         assert!(bob.may_send_as("anyone@example.test"));
         assert!(!bob.may_send_as("boss@corp.test"));
-        assert!(bob.may_send_as(""), "null sender");
+        assert!(!bob.may_send_as(""), "null sender: not without *");
+        assert!(!alice.may_send_as(""), "null sender: not without *");
         let text = std::fs::read_to_string(&file).expect("read");
         assert!(!text.contains("hunter"), "only hashes are stored");
+    }
+
+    /// Issue 13, item 9: the null sender is a sender like any other, allowed only by `*`.
+    #[test]
+    fn null_sender_needs_any_sender() {
+        let user = |senders: &[&str]| User {
+            name: "alice@example.test".to_owned(),
+            hash: String::new(),
+            senders: senders.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let cases: [(&[&str], &str, bool); 8] = [
+            (&[], "alice@example.test", true),
+            (&[], "", false),
+            (&["@example.test"], "", false),
+            (&["alice@example.test"], "", false),
+            (&["*"], "", true),
+            (&["*"], "anyone@elsewhere.test", true),
+            (&["@example.test", "*"], "", true),
+            (&["@example.test"], "bob@example.test", true),
+        ];
+        for (senders, address, expected) in cases {
+            assert_eq!(
+                user(senders).may_send_as(address),
+                expected,
+                "{senders:?} {address:?}"
+            );
+        }
     }
 
     /// Issue 13, item 1: a hash whose check would take absurd memory is refused at load.

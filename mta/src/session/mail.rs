@@ -40,7 +40,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(user) = &self.user
             && !user.may_send_as(&from.address)
         {
-            return self.error(Reply::SENDER_NOT_OWNED);
+            // The null sender owns no address: a restricted user may not hide behind it
+            // (issue 13, item 9).
+            return self.error(if from.address.is_empty() {
+                Reply::NULL_SENDER_NOT_ALLOWED
+            } else {
+                Reply::SENDER_NOT_OWNED
+            });
         }
         let require_tls = from.flags & MAIL_REQUIRETLS != 0;
         if require_tls && !self.stream.is_tls() {

@@ -151,6 +151,9 @@ impl Reply {
     );
     pub const SENDER_NOT_OWNED: Reply =
         reply(553, [5, 7, 1], "Sender address not allowed for this user");
+    /// `MAIL FROM:<>` from an authenticated user who may not send as any address.
+    pub const NULL_SENDER_NOT_ALLOWED: Reply =
+        reply(550, [5, 7, 1], "Null sender not allowed for this user");
     pub const RATE_LIMITED: Reply = reply(451, [4, 7, 1], "Rate limit exceeded, try again later");
     pub const DNSBL_LISTED: Reply =
         reply(554, [5, 7, 1], "Service unavailable; client host blocked");
@@ -308,6 +311,7 @@ mod tests {
             Reply::AUTH_SESSION_FAILURES,
             Reply::AUTH_BUSY,
             Reply::SENDER_NOT_OWNED,
+            Reply::NULL_SENDER_NOT_ALLOWED,
             Reply::RATE_LIMITED,
             Reply::DNSBL_LISTED,
             Reply::DNSBL_TEMPFAIL,
