@@ -39,6 +39,9 @@ pub struct Context {
     /// by default): taken before the check starts, granted in arrival order.
     pub password_checks: Arc<tokio::sync::Semaphore>,
     connections: Mutex<Connections>,
+    /// Open sessions, for closing the one waiting longest when `max_connections` is
+    /// reached (issue 13, item 6).
+    pub sessions: Arc<crate::session::pressure::Sessions>,
     /// MTA-STS policies of recipient domains (RFC 8461), cached per domain.
     pub mta_sts: crate::delivery::mta_sts::PolicyCache,
     /// Built on first use, rebuilt when `dns` in the config changes.
@@ -126,6 +129,7 @@ impl Context {
                 crate::users::MAX_CONCURRENT_CHECKS,
             )),
             connections: Mutex::new(Connections::default()),
+            sessions: Default::default(),
             mta_sts: Default::default(),
             resolver: Mutex::new(None),
         }

@@ -12,9 +12,14 @@
 //! the TLS handshake (`smtps`) → the session. Behind a proxy the per-IP limit must wait
 //! for the header: at accept, every connection comes from the proxy's address, and
 //! limiting that would cap the whole service at one client's share.
+//!
+//! At `smtpd.max_connections`, a new connection is admitted in place of the session that
+//! has waited longest for a command, when one has waited `smtpd.pressure_idle_timeout`
+//! (see `session::pressure`); otherwise it is refused.
 
 use crate::context::{ConnectionRefused, ConnectionSlot, Context};
 use crate::proxy;
+use crate::session::pressure::Evicted;
 use crate::session::{Reply, Session};
 use crate::shutdown::Shutdown;
 use crate::stream::Stream;
@@ -78,6 +83,24 @@ pub async fn run(
                     connection.serve(proxied, ctx, shutdown).await;
                 });
             }
+            Err(ConnectionRefused::Total) => {
+                // Connection pressure: make room by closing the session that has waited
+                // longest for a command, if one has waited long enough.
+                let min_wait = config.smtpd.pressure_idle_timeout;
+                let Some(evicted) = ctx.sessions.evict_longest_waiting(min_wait) else {
+                    tracing::warn!(peer = %peer, refused = ?ConnectionRefused::Total, "connection refused by limit");
+                    tokio::spawn(refuse(stream, ConnectionRefused::Total));
+                    continue;
+                };
+                let connection = Pending {
+                    stream,
+                    peer,
+                    kind,
+                    inbound_checks,
+                    proxied,
+                };
+                tokio::spawn(connection.admit_after(evicted, ctx.clone(), shutdown.clone()));
+            }
             Err(refused) => {
                 tracing::warn!(peer = %peer, ?refused, "connection refused by limit");
                 tokio::spawn(refuse(stream, refused));
@@ -85,6 +108,49 @@ pub async fn run(
         }
     }
 }
+
+/// A connection refused by `max_connections` for which a waiting session is closing.
+struct Pending {
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    inbound_checks: bool,
+    proxied: ProxyHeader,
+}
+
+impl Pending {
+    /// Admits the connection once the evicted session's slot is free (refuses it if
+    /// another connection took the slot first).
+    async fn admit_after(self, evicted: Evicted, ctx: Arc<Context>, shutdown: Shutdown) {
+        // The session answers and closes at once; the bound only guards against a peer
+        // that does not read its reply (the write is bounded by `command_timeout`).
+        let _ = tokio::time::timeout(EVICTION_WAIT, evicted).await;
+        let admitted = match self.proxied {
+            ProxyHeader::Expected => ctx.admit_connection(),
+            ProxyHeader::NotExpected => ctx.admit(self.peer.ip()),
+        };
+        match admitted {
+            Ok(slot) => {
+                tracing::info!(peer = %self.peer, "connection admitted in place of a waiting session");
+                let connection = Connection {
+                    stream: self.stream,
+                    socket_peer: self.peer,
+                    kind: self.kind,
+                    inbound_checks: self.inbound_checks,
+                    slot,
+                };
+                connection.serve(self.proxied, ctx, shutdown).await;
+            }
+            Err(refused) => {
+                tracing::warn!(peer = %self.peer, ?refused, "connection refused by limit");
+                refuse(self.stream, refused).await;
+            }
+        }
+    }
+}
+
+/// Longest wait for an evicted session to give up its slot.
+const EVICTION_WAIT: Duration = Duration::from_secs(10);
 
 /// Whether a connection starts with a PROXY header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,12 +216,16 @@ impl Connection {
             }
         };
         if let Some(stream) = open(self.stream, self.kind, &ctx, peer).await {
+            let registration = ctx.sessions.register();
             Session::new(stream, ctx, peer, self.kind)
                 .with_inbound_checks(self.inbound_checks)
+                .with_pressure(registration.handle())
                 .run(shutdown)
                 .await;
+            drop(self.slot);
+            // After the slot: a listener waiting for this session to end finds it free.
+            drop(registration);
         }
-        drop(self.slot);
     }
 
     /// The client address from the PROXY header, or `None` when the connection is to be

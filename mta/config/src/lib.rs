@@ -189,14 +189,38 @@ pub struct SmtpdConfig {
     pub max_message_size: u64,
     /// Most recipients in one transaction; the next gets `452 4.5.3`. Default: `100`.
     pub max_recipients: usize,
-    /// Time allowed for each command line (RFC 5321 §4.5.3.2.7 says at least 5 minutes).
-    /// Expiry closes the session with `421 4.4.2`. Default: `5m`.
+    /// Time allowed for each command line, from when the server waits for it to its end
+    /// (RFC 5321 §4.5.3.2.7 says at least 5 minutes). It is a total: bytes trickling in do
+    /// not restart it. Expiry closes the session with `421 4.4.2`. Default: `5m`.
     #[serde(with = "duration")]
     pub command_timeout: Duration,
     /// Time allowed between two reads while receiving DATA or BDAT content
     /// (RFC 5321 §4.5.3.2.5: 3 minutes at least). Default: `10m`.
     #[serde(with = "duration")]
     pub data_timeout: Duration,
+    /// Time allowed for one transaction, from MAIL to the end of its message, on top of
+    /// what `min_data_rate` allows for its content. Expiry closes the session with
+    /// `421 4.4.2`. Default: `10m`.
+    #[serde(
+        with = "duration",
+        skip_serializing_if = "is_default_transaction_timeout"
+    )]
+    pub transaction_timeout: Duration,
+    /// Slowest message content accepted, in bytes per second: each byte of DATA or BDAT
+    /// content adds `1/min_data_rate` seconds to the transaction's time, so a client
+    /// sending at least this fast is never cut off, and one trickling bytes is. Default:
+    /// `500` (Postfix's `smtp_min_data_rate`).
+    #[serde(skip_serializing_if = "is_default_min_data_rate")]
+    pub min_data_rate: u64,
+    /// Once `max_connections` is reached, a new connection is not refused while some
+    /// session has waited this long for a command line to finish: the session that has
+    /// waited longest is closed (`421 4.4.2`) and the new one takes its place. Sessions
+    /// receiving message content are never chosen. Default: `10s`.
+    #[serde(
+        with = "duration",
+        skip_serializing_if = "is_default_pressure_idle_timeout"
+    )]
+    pub pressure_idle_timeout: Duration,
     /// Protocol errors tolerated in one session before it is closed with `421 4.7.0`.
     /// Default: `10`.
     pub max_errors: u32,
@@ -280,6 +304,24 @@ impl Rate {
     }
 }
 
+const DEFAULT_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+const DEFAULT_MIN_DATA_RATE: u64 = 500;
+const DEFAULT_PRESSURE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+// The slow-client limits are left out of the serialised form at their defaults, so a
+// config rendered without them reads exactly as before they existed.
+fn is_default_transaction_timeout(value: &Duration) -> bool {
+    *value == DEFAULT_TRANSACTION_TIMEOUT
+}
+
+fn is_default_min_data_rate(value: &u64) -> bool {
+    *value == DEFAULT_MIN_DATA_RATE
+}
+
+fn is_default_pressure_idle_timeout(value: &Duration) -> bool {
+    *value == DEFAULT_PRESSURE_IDLE_TIMEOUT
+}
+
 impl Default for SmtpdConfig {
     fn default() -> Self {
         Self {
@@ -287,6 +329,9 @@ impl Default for SmtpdConfig {
             max_recipients: 100,
             command_timeout: Duration::from_secs(5 * 60),
             data_timeout: Duration::from_secs(10 * 60),
+            transaction_timeout: DEFAULT_TRANSACTION_TIMEOUT,
+            min_data_rate: DEFAULT_MIN_DATA_RATE,
+            pressure_idle_timeout: DEFAULT_PRESSURE_IDLE_TIMEOUT,
             max_errors: 10,
             max_connections: 5000,
             max_connections_per_ip: 50,

@@ -207,3 +207,31 @@ fn admin_token_file_defaults_beside_the_spool() {
         ["admin.token_file"]
     );
 }
+
+/// Issue 13, item 6: the slow-client limits are checked, and appear in the serialised form
+/// only when they differ from their defaults.
+#[test]
+fn slow_client_limits_are_validated_and_rendered_when_set() {
+    let keys = problem_keys(
+        "smtpd:\n  transaction_timeout: 0s\n  min_data_rate: 0\n  pressure_idle_timeout: 0s\n",
+    );
+    assert_eq!(
+        keys,
+        [
+            "smtpd.transaction_timeout",
+            "smtpd.min_data_rate",
+            "smtpd.pressure_idle_timeout"
+        ]
+    );
+    let default = MtaConfig::default().to_yaml();
+    assert!(!default.contains("min_data_rate"), "{default}");
+    let set = MtaConfig::from_yaml(
+        "smtpd:\n  transaction_timeout: 2m\n  min_data_rate: 100\n  pressure_idle_timeout: 1s\n",
+    )
+    .expect("valid");
+    assert_eq!(set.smtpd.min_data_rate, 100);
+    assert_eq!(
+        MtaConfig::from_yaml(&set.to_yaml()).expect("round trip"),
+        set
+    );
+}

@@ -175,6 +175,21 @@ impl MtaConfig {
         if smtpd.data_timeout.as_secs() == 0 {
             problem("smtpd.data_timeout".into(), "must be at least 1s".into());
         }
+        if smtpd.transaction_timeout.as_secs() == 0 {
+            problem(
+                "smtpd.transaction_timeout".into(),
+                "must be at least 1s".into(),
+            );
+        }
+        if smtpd.min_data_rate == 0 {
+            problem("smtpd.min_data_rate".into(), "must be at least 1".into());
+        }
+        if smtpd.pressure_idle_timeout.is_zero() {
+            problem(
+                "smtpd.pressure_idle_timeout".into(),
+                "must be more than 0s".into(),
+            );
+        }
         if smtpd.proxy_header_timeout.is_zero() {
             problem(
                 "smtpd.proxy_header_timeout".into(),

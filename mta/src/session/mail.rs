@@ -105,6 +105,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             content: Vec::with_capacity((from.size).clamp(4096, MAX_PREALLOCATION)),
             bdat: false,
             failed: None,
+            started: tokio::time::Instant::now(),
+            received: 0,
         });
         self.reply(Reply::SENDER_OK)
     }

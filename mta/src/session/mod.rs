@@ -15,6 +15,11 @@
 //!   what was written (its parser wraps long numbers) is refused by [`guard`]; a refused BDAT
 //!   whose chunk cannot be skipped safely (size unknown or above `max_message_size`) gets its
 //!   reply and `421 4.5.0`, and the connection closes, so its bytes never run as commands.
+//! * Time is bounded in total, not per read (issue 13, item 6): each command line within
+//!   `smtpd.command_timeout` of when the session began waiting for it, each transaction
+//!   within `smtpd.transaction_timeout` plus its content's size at `smtpd.min_data_rate`,
+//!   and every content read within `smtpd.data_timeout`; expiry is `421 4.4.2`. Under
+//!   connection pressure the session waiting longest for a command is closed ([`pressure`]).
 //! * Replies are buffered while more pipelined input is already here, and flushed before
 //!   the session waits for input (RFC 2920).
 //! * Every reply comes from the table in [`reply`].
@@ -24,6 +29,7 @@ mod data;
 mod ehlo;
 pub mod guard;
 mod mail;
+pub mod pressure;
 mod rcpt;
 pub mod reply;
 mod starttls;
@@ -71,6 +77,21 @@ struct Transaction {
     bdat: bool,
     /// A BDAT chunk failed: every further chunk gets this reply until the last one.
     failed: Option<Reply>,
+    /// When MAIL was accepted: the transaction's time counts from here.
+    started: tokio::time::Instant,
+    /// Content bytes read so far, kept or discarded (each buys time at
+    /// `smtpd.min_data_rate`).
+    received: u64,
+}
+
+impl Transaction {
+    /// When the transaction runs out of time: `transaction_timeout` after MAIL, plus the
+    /// time its content so far may take at `min_data_rate`.
+    fn deadline(&self, smtpd: &mta_config::SmtpdConfig) -> tokio::time::Instant {
+        let content =
+            std::time::Duration::from_secs_f64(self.received as f64 / smtpd.min_data_rate as f64);
+        self.started + smtpd.transaction_timeout + content
+    }
 }
 
 /// What the loop does after a command.
@@ -121,6 +142,11 @@ pub struct Session<S> {
     line: Vec<u8>,
     input: Input,
     out: Vec<u8>,
+    /// When the command line being read must be complete; `None` until the session
+    /// waits for one (see [`Session::line_done`]).
+    line_deadline: Option<tokio::time::Instant>,
+    /// This session's entry in the connection-pressure registry, when it has one.
+    pressure: Option<pressure::Handle>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -149,7 +175,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             line: Vec::new(),
             input: Input::Command,
             out: Vec::with_capacity(512),
+            line_deadline: None,
+            pressure: None,
         }
+    }
+
+    /// Registers the session for connection pressure: it may be chosen to close while it
+    /// waits for a command (see [`pressure`]).
+    pub fn with_pressure(mut self, handle: pressure::Handle) -> Self {
+        self.pressure = Some(handle);
+        self
     }
 
     /// Sets whether the `mail_auth` checks run on this session's listener (default: yes).
@@ -187,21 +222,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Small while the client sends commands (idle connections stay cheap), large
         // once message content is flowing.
         let mut buf = vec![0u8; COMMAND_READ_BUFFER];
+        let pressure = self.pressure.clone();
         loop {
             self.flush().await?;
             let idle = matches!(self.input, Input::Command);
             if !idle && buf.len() < CONTENT_READ_BUFFER {
                 buf.resize(CONTENT_READ_BUFFER, 0);
             }
-            let limit = if idle {
-                self.config.smtpd.command_timeout
-            } else {
-                self.config.smtpd.data_timeout
-            };
+            let deadline = self.read_deadline();
             let n = tokio::select! {
-                read = tokio::time::timeout(limit, self.stream.read(&mut buf)) => match read {
+                read = tokio::time::timeout_at(deadline, self.stream.read(&mut buf)) => match read {
                     Ok(read) => read?,
                     Err(_elapsed) => {
+                        tracing::info!(peer = %self.peer, verb = self.verb, "session timed out");
                         self.send(Reply::TIMEOUT);
                         return self.flush().await;
                     }
@@ -212,9 +245,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.send(Reply::SHUTTING_DOWN);
                     return self.flush().await;
                 }
+                () = async { pressure.as_ref().expect("guarded").closed().await }, if pressure.is_some() => {
+                    tracing::info!(peer = %self.peer, "session closed for a new connection");
+                    self.send(Reply::CLOSED_FOR_NEW_CONNECTION);
+                    return self.flush().await;
+                }
             };
             if n == 0 {
                 return Ok(());
+            }
+            if let Some(tx) = self.tx.as_mut()
+                && matches!(
+                    self.input,
+                    Input::Data(_) | Input::Bdat(_) | Input::Discard { .. }
+                )
+            {
+                tx.received += n as u64;
             }
             match self.ingest(&buf[..n]).await {
                 Flow::Close => return self.flush().await,
@@ -227,6 +273,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Flow::Continue => {}
             }
         }
+    }
+
+    /// When the next read must have returned. A total per command line (a byte now and
+    /// then does not extend it) and per transaction, and a gap limit between content reads.
+    /// Also tells the pressure registry whether the session waits for a command.
+    fn read_deadline(&mut self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let smtpd = &self.config.smtpd;
+        let phase = match self.input {
+            Input::Command | Input::Sasl(_) => {
+                let deadline = *self
+                    .line_deadline
+                    .get_or_insert(now + smtpd.command_timeout);
+                if let Some(pressure) = &self.pressure {
+                    pressure.waiting(deadline - smtpd.command_timeout);
+                }
+                deadline
+            }
+            Input::Data(_) | Input::Bdat(_) | Input::Discard { .. } => {
+                if let Some(pressure) = &self.pressure {
+                    pressure.busy();
+                }
+                now + smtpd.data_timeout
+            }
+        };
+        match &self.tx {
+            Some(tx) => phase.min(tx.deadline(smtpd)),
+            None => phase,
+        }
+    }
+
+    /// A command line (or SASL response, or message content) is complete: the next one
+    /// gets its own `command_timeout` from when the session waits for it.
+    fn line_done(&mut self) {
+        self.line_deadline = None;
     }
 
     /// Consumes one chunk of input completely.
@@ -254,6 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             (request, checked)
                         });
                         self.line.clear();
+                        self.line_done();
                         match parsed {
                             Ok((request, Ok(()))) => self.command(request).await,
                             Ok((request, Err(refusal))) => self.refuse_number(&request, refusal),
@@ -311,6 +393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let step = *step;
                     match self.sasl_input(&mut bytes) {
                         Some(line) => {
+                            self.line_done();
                             self.input = Input::Command;
                             self.sasl_response(step, line).await
                         }
@@ -342,13 +425,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Some(pos) => {
                     *bytes = rest[pos + 1..].iter();
                     self.skipping_line = false;
+                    self.line_done();
                 }
                 None => *bytes = [].iter(),
             }
             return Some(Flow::Continue);
         }
         match newline {
-            Some(pos) if pos > MAX_LINE_LENGTH => *bytes = rest[pos + 1..].iter(),
+            Some(pos) if pos > MAX_LINE_LENGTH => {
+                *bytes = rest[pos + 1..].iter();
+                self.line_done();
+            }
             None if rest.len() > MAX_LINE_LENGTH => {
                 *bytes = [].iter();
                 self.skipping_line = true;

@@ -83,6 +83,13 @@ impl Reply {
     /// commands, so the session ends.
     pub const CHUNK_NOT_READ: Reply = reply(421, [4, 5, 0], "Chunk not read, closing connection");
     pub const TIMEOUT: Reply = reply(421, [4, 4, 2], "Timeout exceeded, closing connection");
+    /// `smtpd.max_connections` is reached and this session has waited longest for a
+    /// command: it makes room for a new connection (see `session::pressure`).
+    pub const CLOSED_FOR_NEW_CONNECTION: Reply = reply(
+        421,
+        [4, 4, 2],
+        "Idle too long while the server is busy, closing connection",
+    );
     pub const TOO_MANY_ERRORS: Reply = reply(421, [4, 7, 0], "Too many errors, closing connection");
     pub const TOO_MANY_CONNECTIONS: Reply =
         reply(421, [4, 7, 0], "Too many connections, try again later");
@@ -284,6 +291,7 @@ mod tests {
             Reply::TOO_MANY_RECIPIENTS,
             Reply::MESSAGE_TOO_BIG,
             Reply::TIMEOUT,
+            Reply::CLOSED_FOR_NEW_CONNECTION,
             Reply::TOO_MANY_ERRORS,
             Reply::TOO_MANY_CONNECTIONS,
             Reply::TOO_MANY_CONNECTIONS_FROM_IP,

@@ -398,3 +398,101 @@ async fn numbers_checked_across_split_reads() {
     client.expect("421 4.5.0").await;
     assert!(client.closed().await);
 }
+
+/// What [`Client::drip`] saw.
+#[derive(Debug)]
+struct Drip {
+    /// The `421` that ended the session while dripping, if one did.
+    reply: Option<String>,
+    /// Bytes written before it arrived.
+    sent: usize,
+}
+
+impl Client {
+    /// Writes `text` one byte every `every` (paused time: no real waiting), reading the
+    /// replies as they come, and stops at a `421`.
+    async fn drip(&mut self, text: &[u8], every: std::time::Duration) -> Drip {
+        let mut sent = 0;
+        let mut bytes = text.iter();
+        loop {
+            tokio::select! {
+                biased;
+                // `fill_buf` only looks: the reply is read here, whole.
+                _ = self.reader.fill_buf() => {
+                    let reply = self.reply().await;
+                    if reply.starts_with("421") {
+                        return Drip { reply: Some(reply), sent };
+                    }
+                }
+                () = tokio::time::sleep(every) => {
+                    let Some(&byte) = bytes.next() else {
+                        return Drip { reply: None, sent };
+                    };
+                    if self.writer.write_all(&[byte]).await.is_err() {
+                        return Drip { reply: None, sent };
+                    }
+                    sent += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Issue 13, item 6: time limits are totals, so a byte now and then does not hold a
+/// session. Each case drips one byte every 10 s (paused time) with the default limits
+/// (`command_timeout` 5m, `transaction_timeout` 10m, `min_data_rate` 500 B/s) and must be
+/// cut off with `421 4.4.2` within the bound; before, every byte restarted the timer and
+/// none of them was ever cut off.
+#[tokio::test(start_paused = true)]
+async fn slow_clients_are_cut_off() {
+    let every = std::time::Duration::from_secs(10);
+    let long_line = format!("EHLO {}\r\n", "c".repeat(60));
+    let body = vec![b'x'; 500];
+    // (what precedes the drip, what is dripped, most bytes that may get through)
+    let cases: [(&str, &[u8], usize); 3] = [
+        // One command line: at most 5 minutes, 30 bytes.
+        ("", long_line.as_bytes(), 31),
+        // Message content: 10 minutes plus 1/500 s per byte.
+        ("DATA\r\n", &body, 61),
+        // An envelope dragged out over many command lines: the transaction's 10 minutes.
+        ("", &b"RCPT TO:<a@example.test>\r\n".repeat(4), 61),
+    ];
+    for (before, dripped, bound) in cases {
+        let mut client = connect().await;
+        client.ehlo_mail_rcpt().await;
+        if !before.is_empty() {
+            client.send(before).await;
+            client.expect("354").await;
+        }
+        let drip = client.drip(dripped, every).await;
+        let reply = drip.reply.as_deref().unwrap_or("no reply");
+        assert!(
+            reply.starts_with("421 4.4.2") && drip.sent <= bound,
+            "{before:?}: {drip:?}, at most {bound} bytes should get through"
+        );
+        assert!(client.closed().await);
+    }
+}
+
+/// Issue 13, item 6: a client sending content at least at `min_data_rate` is never cut
+/// off, however long the transaction takes.
+#[tokio::test(start_paused = true)]
+async fn content_at_the_minimum_rate_is_accepted() {
+    let mut client = connect_with(|c| {
+        c.smtpd.transaction_timeout = std::time::Duration::from_secs(60);
+        c.smtpd.min_data_rate = 100;
+    })
+    .await;
+    client.ehlo_mail_rcpt().await;
+    client.send("DATA\r\n").await;
+    client.expect("354").await;
+    client.send("Subject: slow\r\n\r\n").await;
+    // 200 bytes every 2 s (100 B/s) for 10 minutes: ten times the transaction's time.
+    let line = format!("{}\r\n", "y".repeat(198));
+    for _ in 0..300 {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        client.send(&line).await;
+    }
+    client.send(".\r\n").await;
+    client.expect("250 2.0.0 Ok: queued").await;
+}
