@@ -78,9 +78,12 @@ impl ConnectionSlot {
         if self.ip.is_some() {
             return Ok(());
         }
-        let max = self.ctx.config().smtpd.max_connections_per_ip;
+        let config = self.ctx.config();
+        let max = config.smtpd.max_connections_per_ip;
+        // Trusted clients are counted but not limited (issue 13, item 11).
+        let exempt = config.limits_exempt(ip);
         let mut conns = self.ctx.connections();
-        if conns.per_ip.get(&ip).is_some_and(|n| *n >= max) {
+        if !exempt && conns.per_ip.get(&ip).is_some_and(|n| *n >= max) {
             return Err(ConnectionRefused::PerIp);
         }
         *conns.per_ip.entry(ip).or_default() += 1;

@@ -231,6 +231,16 @@ pub struct SmtpdConfig {
     /// listener the address is the one in the PROXY header, counted once the header has
     /// been read (the proxy's own address is not limited). Default: `50`.
     pub max_connections_per_ip: usize,
+    /// Clients (CIDR) to which `max_connections_per_ip` and the per-IP rate limits
+    /// (`rate_limits.messages_per_ip`, `recipients_per_ip`) do not apply, as Postfix exempts
+    /// `$mynetworks` (`smtpd_client_event_limit_exceptions`): local applications and
+    /// benchmarks are served, not refused. `max_connections` still bounds everyone (it
+    /// protects the server itself), as do per-user and per-domain limits and AUTH
+    /// lockouts. Default: absent, meaning `relay.client_networks`; the embedded default
+    /// exempts loopback (`127.0.0.0/8`, `::1/128`) without relaying for it; `[]` exempts
+    /// no one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_exempt_networks: Option<Vec<ipnet::IpNet>>,
     /// Time allowed for the PROXY protocol header on `proxy_protocol` listeners, from
     /// accept to the header's last byte; expiry closes the connection without a reply.
     /// A proxy sends the header at once. Default: `5s` (Postfix's
@@ -335,6 +345,7 @@ impl Default for SmtpdConfig {
             max_errors: 10,
             max_connections: 5000,
             max_connections_per_ip: 50,
+            limit_exempt_networks: None,
             proxy_header_timeout: Duration::from_secs(5),
             auth_users_file: None,
             auth_allow_plaintext: false,
@@ -459,6 +470,21 @@ impl MtaConfig {
         };
         Self {
             local_domains: vec![maildir("localhost"), maildir("example.test")],
+            // Local applications and benchmarks are not limited like strangers (issue 13,
+            // item 11); nothing is relayed for them all the same.
+            smtpd: SmtpdConfig {
+                limit_exempt_networks: Some(vec![
+                    ipnet::IpNet::V4(ipnet::Ipv4Net::new_assert(
+                        std::net::Ipv4Addr::new(127, 0, 0, 0),
+                        8,
+                    )),
+                    ipnet::IpNet::V6(ipnet::Ipv6Net::new_assert(
+                        std::net::Ipv6Addr::LOCALHOST,
+                        128,
+                    )),
+                ]),
+                ..SmtpdConfig::default()
+            },
             tls: TlsConfig {
                 cert_file: Some(PathBuf::from("./petrel-data/tls/cert.pem")),
                 key_file: Some(PathBuf::from("./petrel-data/tls/key.pem")),
@@ -509,6 +535,17 @@ impl MtaConfig {
             .parent()
             .unwrap_or(self.spool.path.as_path());
         dir.join("admin.token")
+    }
+
+    /// Whether per-IP connection and rate limits spare `client`: it is in
+    /// `smtpd.limit_exempt_networks`, or (when that is absent) in `relay.client_networks`.
+    pub fn limits_exempt(&self, client: std::net::IpAddr) -> bool {
+        self.smtpd
+            .limit_exempt_networks
+            .as_ref()
+            .unwrap_or(&self.relay.client_networks)
+            .iter()
+            .any(|net| net.contains(&client))
     }
 
     /// The local domain entry for `domain`, if any (case-insensitive).

@@ -235,3 +235,29 @@ fn slow_client_limits_are_validated_and_rendered_when_set() {
         set
     );
 }
+
+/// Issue 13, item 11: who is spared the per-IP limits.
+#[test]
+fn limits_spare_the_exempt_networks() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    let laptop = MtaConfig::embedded_default();
+    assert!(laptop.limits_exempt(ip("127.0.0.1")));
+    assert!(laptop.limits_exempt(ip("::1")));
+    assert!(!laptop.limits_exempt(ip("192.0.2.1")));
+    assert!(
+        laptop.relay.client_networks.is_empty(),
+        "exempt, not a relay"
+    );
+    let relay = MtaConfig::from_yaml("relay:\n  client_networks: [10.0.0.0/8]\n").expect("valid");
+    assert!(
+        relay.limits_exempt(ip("10.1.2.3")),
+        "default: the relay networks"
+    );
+    assert!(!relay.limits_exempt(ip("127.0.0.1")));
+    let none = MtaConfig::from_yaml(
+        "relay:\n  client_networks: [10.0.0.0/8]\nsmtpd:\n  limit_exempt_networks: []\n",
+    )
+    .expect("valid");
+    assert!(!none.limits_exempt(ip("10.1.2.3")));
+    assert!(!MtaConfig::default().limits_exempt(ip("127.0.0.1")));
+}

@@ -26,6 +26,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// Counts one event against a per-client-IP rate; clients in
+    /// `smtpd.limit_exempt_networks` are not limited (issue 13, item 11). Each limit has
+    /// its own key: with one `ip:` key for both, a MAIL under `messages_per_ip` pushed the
+    /// shared schedule past `recipients_per_ip`'s window and the next RCPT was refused.
+    pub(super) fn within_client_rate(&self, rate: &str, limit: &'static str) -> bool {
+        let ip = self.peer.ip();
+        self.config.limits_exempt(ip) || self.within_rate(&format!("{limit}:{ip}"), rate, limit)
+    }
+
     pub(super) fn mail(&mut self, from: MailFrom<String>) -> Flow {
         let Some(helo) = self.helo.clone() else {
             return self.error(Reply::NEED_HELO);
@@ -53,8 +62,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // Only offered under TLS (RFC 8689 §4.1).
             return self.error(Reply::UNSUPPORTED_PARAMETER);
         }
-        if !self.within_rate(
-            &format!("ip:{}", self.peer.ip()),
+        if !self.within_client_rate(
             &self.config.smtpd.rate_limits.messages_per_ip,
             "messages_per_ip",
         ) {

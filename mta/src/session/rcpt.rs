@@ -38,11 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let config = self.config.clone();
         let limits = &config.smtpd.rate_limits;
-        if !self.within_rate(
-            &format!("ip:{}", self.peer.ip()),
-            &limits.recipients_per_ip,
-            "recipients_per_ip",
-        ) {
+        if !self.within_client_rate(&limits.recipients_per_ip, "recipients_per_ip") {
             return self.error(Reply::RATE_LIMITED);
         }
         if let Some((_, domain)) = crate::queue::split_address(&to.address)
