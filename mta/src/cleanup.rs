@@ -154,10 +154,33 @@ fn received_header(
     };
     format!(
         "Received: from {helo} ([{ip}])\r\n\tby {host} (Petrel) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
-        helo = envelope.helo,
+        helo = trace_name(&envelope.helo),
         host = config.hostname,
         date = rfc5322_date(now),
     )
+}
+
+/// The EHLO/HELO argument as it may appear in `Received:`. The client chooses it, and
+/// smtp-proto takes any bytes up to the end of the line (spaces, `(`, `;`, control
+/// characters, invalid UTF-8 shown as U+FFFD), which could forge the rest of the trace
+/// header (`from x (y [10.0.0.1]) by trusted.host …`). Only what a domain name uses is
+/// kept (letters and digits of any script, `.-_`), plus `:` and the enclosing brackets of
+/// an address literal (`[192.0.2.1]`, `[IPv6:…]`); every other character becomes `?`, and
+/// the name is cut at 255 characters (RFC 5321 §4.5.3.1.2).
+fn trace_name(helo: &str) -> String {
+    const MAX: usize = 255;
+    let literal = helo.len() > 2 && helo.starts_with('[') && helo.ends_with(']');
+    let last = helo.chars().count().saturating_sub(1);
+    helo.chars()
+        .enumerate()
+        .take(MAX)
+        .map(|(i, c)| {
+            let kept = c.is_alphanumeric()
+                || matches!(c, '.' | '-' | '_')
+                || (literal && (c == ':' || (c == '[' && i == 0) || (c == ']' && i == last)));
+            if kept { c } else { '?' }
+        })
+        .collect()
 }
 
 /// `Mon, 23 Nov 2026 10:00:00 +0000` (RFC 5322 §3.3), in UTC.
@@ -191,6 +214,31 @@ pub fn rfc5322_date(unix_secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 13, item 10: the EHLO argument cannot shape the `Received:` header.
+    #[test]
+    fn trace_name_table() {
+        let long = "a".repeat(300);
+        let cases: &[(&str, &str)] = &[
+            ("mail.example.test", "mail.example.test"),
+            ("[192.0.2.1]", "[192.0.2.1]"),
+            ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),
+            ("bücher.example", "bücher.example"),
+            (
+                "x (trusted [10.0.0.1]) by mx",
+                "x??trusted??10.0.0.1???by?mx",
+            ),
+            ("a;b", "a?b"),
+            ("evil\x1b[31mred", "evil??31mred"),
+            ("tab\there", "tab?here"),
+            ("bad\u{fffd}utf8", "bad?utf8"),
+            ("<script>", "?script?"),
+            (&long, &long[..255]),
+        ];
+        for (helo, expected) in cases {
+            assert_eq!(trace_name(helo), *expected, "{helo:?}");
+        }
+    }
 
     #[test]
     fn dates() {

@@ -33,10 +33,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate a config file and exit: 0 when valid, 1 with the problems otherwise.
+    /// Validate a config file and exit: 0 when valid, 1 with the problems otherwise. The
+    /// files `serve` needs at start (the AUTH users file) must exist and parse here too.
     CheckConfig {
         /// YAML MtaConfig file.
         file: PathBuf,
+        /// Check the document only, not the files it names: for a config meant for
+        /// another machine (what the operator renders for a pod).
+        #[arg(long)]
+        document_only: bool,
     },
     /// Add or replace a user in an AUTH users file; the password is read from stdin.
     Passwd {
@@ -116,6 +121,16 @@ fn return_large_allocations() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn return_large_allocations() {}
 
+/// What `check-config` checks beyond the document itself: the files that `serve` reads at
+/// start and would stop on. The users file must exist and parse (`serve` refuses to start
+/// without it, so a config that passes here would not run).
+fn check_files(config: &MtaConfig) -> Result<(), String> {
+    if let Some(path) = &config.smtpd.auth_users_file {
+        mta::users::Users::load(path).map_err(|e| format!("smtpd.auth_users_file: {e}"))?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     return_large_allocations();
     let cli = Cli::parse();
@@ -129,8 +144,16 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::CheckConfig { file } => match MtaConfig::from_file(&file) {
-            Ok(_) => {
+        Command::CheckConfig {
+            file,
+            document_only,
+        } => match MtaConfig::from_file(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|config| match document_only {
+                true => Ok(()),
+                false => check_files(&config),
+            }) {
+            Ok(()) => {
                 println!("{}: valid", file.display());
                 ExitCode::SUCCESS
             }

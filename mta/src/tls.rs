@@ -110,14 +110,27 @@ fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Writes a self-signed certificate for `hostname` (and `localhost`) and its key.
+/// Writes a self-signed certificate for `hostname` (and `localhost`) and its key. The
+/// subject's common name is `hostname` too: clients and tools that show the subject (and
+/// old ones that still match on it) see this server's name, not a library's placeholder.
 pub fn generate_self_signed(
     cert_file: &Path,
     key_file: &Path,
     hostname: &str,
 ) -> Result<(), String> {
-    let names = vec![hostname.to_owned(), "localhost".to_owned()];
-    let certified = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
+    let mut names = vec![hostname.to_owned()];
+    if !hostname.eq_ignore_ascii_case("localhost") {
+        names.push("localhost".to_owned());
+    }
+    let mut params = rcgen::CertificateParams::new(names).map_err(|e| e.to_string())?;
+    let mut subject = rcgen::DistinguishedName::new();
+    subject.push(rcgen::DnType::CommonName, hostname);
+    params.distinguished_name = subject;
+    let signing_key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params
+        .self_signed(&signing_key)
+        .map_err(|e| e.to_string())?;
+    let certified = rcgen::CertifiedKey { cert, signing_key };
     for file in [cert_file, key_file] {
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;

@@ -261,3 +261,32 @@ fn limits_spare_the_exempt_networks() {
     assert!(!none.limits_exempt(ip("10.1.2.3")));
     assert!(!MtaConfig::default().limits_exempt(ip("127.0.0.1")));
 }
+
+/// Issue 13, item 10: two listeners that cannot both be bound are refused: the same
+/// address, or a wildcard that covers the other on the same port.
+#[test]
+fn colliding_listeners_table() {
+    use crate::validate::sockets_collide;
+    let cases = [
+        ("127.0.0.1:25", "127.0.0.1:25", true),
+        ("0.0.0.0:25", "127.0.0.1:25", true),
+        ("127.0.0.1:25", "0.0.0.0:25", true),
+        ("[::]:25", "0.0.0.0:25", true),
+        ("[::]:25", "192.0.2.1:25", true),
+        ("[::]:25", "[::1]:25", true),
+        ("0.0.0.0:25", "[::1]:25", false),
+        ("127.0.0.1:25", "127.0.0.2:25", false),
+        ("0.0.0.0:25", "0.0.0.0:587", false),
+        ("127.0.0.1:0", "127.0.0.1:0", false),
+    ];
+    for (a, b, collide) in cases {
+        let (a, b) = (a.parse().expect("a"), b.parse().expect("b"));
+        assert_eq!(sockets_collide(a, b), collide, "{a} {b}");
+        let yaml = format!("listeners:\n  - address: \"{a}\"\n  - address: \"{b}\"\n");
+        let result = MtaConfig::from_yaml(&yaml);
+        match collide {
+            true => assert_eq!(problem_keys(&yaml), ["listeners[1].address"], "{a} {b}"),
+            false => assert!(result.is_ok(), "{a} {b}: {result:?}"),
+        }
+    }
+}

@@ -7,6 +7,7 @@
 use crate::{CONFIG_VERSION, LocalDelivery, MtaConfig};
 use std::collections::HashSet;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 
 /// One thing wrong with a config, at a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,19 @@ pub enum ConfigError {
     Invalid(Vec<Problem>),
 }
 
+/// Whether two listening sockets cannot both be bound: the same port and the same
+/// address, or a wildcard address that covers the other (`0.0.0.0` covers every IPv4
+/// address; `[::]` every address, as the MTA binds it dual-stack). Port 0 (the OS picks a
+/// port, used by tests) never collides.
+pub fn sockets_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let covers =
+        |wide: IpAddr, other: IpAddr| wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4());
+    a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip())
+}
+
 impl MtaConfig {
     /// Checks everything the types cannot. The operator calls this on what it renders.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -66,13 +80,17 @@ impl MtaConfig {
                 "at least one listener is required".into(),
             );
         }
-        let mut addresses = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
-            // Port 0 (the OS picks a port, used by tests) can repeat.
-            if listener.address.port() != 0 && !addresses.insert(listener.address) {
+            let earlier = self.listeners[..i]
+                .iter()
+                .find(|other| sockets_collide(other.address, listener.address));
+            if let Some(other) = earlier {
                 problem(
                     format!("listeners[{i}].address"),
-                    format!("{} is used by another listener", listener.address),
+                    format!(
+                        "{} is used by another listener (on {})",
+                        listener.address, other.address
+                    ),
                 );
             }
         }

@@ -1,4 +1,5 @@
-//! Checks a parsed command against its raw line where `smtp-proto` is too lenient to trust.
+//! Checks a parsed command against its raw line where `smtp-proto` is too lenient to trust:
+//! numbers (below) and, for MAIL and RCPT, UTF-8 ([`Refusal::NotUtf8`]).
 //!
 //! `smtp-proto` 0.2.5 reads decimal numbers (BDAT chunk sizes, `MAIL … SIZE=`) with a
 //! saturating parser that starts over once the value has saturated: `99999999999999999999999`
@@ -24,11 +25,20 @@ pub enum Refusal {
     /// A well-formed decimal that does not fit in 64 bits: `552 5.3.4` (bigger than any
     /// `smtpd.max_message_size`).
     Overflow,
+    /// A MAIL or RCPT line that is not valid UTF-8: `501 5.1.7` / `501 5.1.3`. smtp-proto
+    /// replaces invalid bytes with U+FFFD, so the address would be accepted as something
+    /// the client never sent; RFC 6531 §3.3 allows only UTF-8 in SMTPUTF8 addresses.
+    NotUtf8,
 }
 
 /// Checks the numbers of BDAT and MAIL against `raw`, the command's line. Other commands
 /// carry no number we use and always pass.
 pub fn check(request: &Request<String>, raw: &[u8]) -> Result<(), Refusal> {
+    if matches!(request, Request::Mail { .. } | Request::Rcpt { .. })
+        && std::str::from_utf8(raw).is_err()
+    {
+        return Err(Refusal::NotUtf8);
+    }
     match request {
         Request::Bdat { chunk_size, .. } => {
             let exact = bdat_chunk_size(raw)?;
@@ -42,6 +52,25 @@ pub fn check(request: &Request<String>, raw: &[u8]) -> Result<(), Refusal> {
         },
         _ => Ok(()),
     }
+}
+
+/// Gives `RCPT TO:<postmaster>` its address back. smtp-proto 0.2.5 returns the empty
+/// address for a domainless `<postmaster>`, the same as for `<>`, so without the raw line
+/// the session could not accept one (RFC 5321 §4.5.1) and refuse the other.
+pub fn restore_postmaster(request: &mut Request<String>, raw: &[u8]) {
+    if let Request::Rcpt { to } = request
+        && to.address.is_empty()
+        && forward_path(raw).is_some_and(|path| path.eq_ignore_ascii_case(b"postmaster"))
+    {
+        to.address = "postmaster".into();
+    }
+}
+
+/// What is between the first `<` and the next `>` of a line.
+fn forward_path(raw: &[u8]) -> Option<&[u8]> {
+    let start = memchr::memchr(b'<', raw)? + 1;
+    let len = memchr::memchr(b'>', &raw[start..])?;
+    Some(&raw[start..start + len])
 }
 
 fn agree(exact: u64, parsed: usize) -> Result<(), Refusal> {

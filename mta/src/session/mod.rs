@@ -330,7 +330,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                         // The line is complete (parsed or refused): check it against its
                         // raw bytes, then the next line starts afresh.
-                        let parsed = parsed.map(|request| {
+                        let parsed = parsed.map(|mut request| {
+                            guard::restore_postmaster(&mut request, &self.line);
                             let checked = guard::check(&request, &self.line);
                             (request, checked)
                         });
@@ -482,17 +483,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// A BDAT or MAIL whose number [`guard`] refused. After a BDAT the chunk's length is
-    /// unknown, so nothing that follows can be told apart from commands: the session says
-    /// why and closes rather than guess where the chunk ends.
+    /// A BDAT or MAIL whose number [`guard`] refused, or a MAIL or RCPT that is not UTF-8.
+    /// After a BDAT the chunk's length is unknown, so nothing that follows can be told apart
+    /// from commands: the session says why and closes rather than guess where the chunk ends.
     fn refuse_number(&mut self, request: &Request<String>, refusal: guard::Refusal) -> Flow {
         self.verb = request.name();
         let reply = match refusal {
             guard::Refusal::Syntax if matches!(request, Request::Bdat { .. }) => Reply::BDAT_SYNTAX,
             guard::Refusal::Syntax => Reply::SYNTAX_ERROR,
             guard::Refusal::Overflow => Reply::MESSAGE_TOO_BIG,
+            guard::Refusal::NotUtf8 if matches!(request, Request::Rcpt { .. }) => {
+                Reply::BAD_RECIPIENT_SYNTAX
+            }
+            guard::Refusal::NotUtf8 => Reply::BAD_SENDER_SYNTAX,
         };
-        tracing::warn!(peer = %self.peer, verb = self.verb, ?refusal, "number refused");
+        tracing::warn!(peer = %self.peer, verb = self.verb, ?refusal, "command refused by the guard");
         if matches!(request, Request::Bdat { .. }) {
             self.send(reply);
             return self.error(Reply::CHUNK_NOT_READ);

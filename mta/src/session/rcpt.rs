@@ -1,13 +1,40 @@
 //! RCPT TO: asks the policy stage about each recipient and records the accepted ones with
-//! their DSN parameters (NOTIFY, ORCPT).
+//! their DSN parameters (NOTIFY, ORCPT). `<postmaster>` without a domain is this server's
+//! postmaster (RFC 5321 §4.5.1).
 
 use super::{Flow, Reply, Session};
 use crate::policy;
 use crate::queue::{DsnNotify, Recipient, Status};
+use mta_config::MtaConfig;
 use smtp_proto::{
     RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS, RcptTo,
 };
+use std::net::IpAddr;
 use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Where `RCPT TO:<postmaster>` (no domain) goes. RFC 5321 §4.5.1: a server MUST accept
+/// it. It is `queue.postmaster` when set (the address the administrator chose for the
+/// postmaster, which may be elsewhere: it is accepted as the administrator's own alias
+/// would be), else `postmaster@` the host name when that is a local domain, else the
+/// first local domain's postmaster. With neither, there is nowhere to deliver it:
+/// `550 5.1.1`.
+fn postmaster(config: &MtaConfig, client: IpAddr) -> Result<Vec<String>, Reply> {
+    if let Some(address) = &config.queue.postmaster {
+        // Chosen by the administrator, so relayed for anyone, like an alias target.
+        let may_relay = true;
+        return policy::resolve_recipient(config, client, may_relay, address);
+    }
+    let domain = config
+        .local_domain(&config.hostname)
+        .or_else(|| config.local_domains.first())
+        .ok_or(Reply::NO_SUCH_USER)?;
+    policy::resolve_recipient(
+        config,
+        client,
+        false,
+        &format!("postmaster@{}", domain.name),
+    )
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn rcpt(&mut self, to: RcptTo<String>) -> Flow {
@@ -27,12 +54,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(Reply::TOO_MANY_RECIPIENTS);
         }
         let authenticated = self.user.is_some();
-        let targets = match policy::resolve_recipient(
-            &self.config,
-            self.peer.ip(),
-            authenticated,
-            &to.address,
-        ) {
+        let resolved = if to.address.eq_ignore_ascii_case("postmaster") {
+            postmaster(&self.config, self.peer.ip())
+        } else {
+            policy::resolve_recipient(&self.config, self.peer.ip(), authenticated, &to.address)
+        };
+        let targets = match resolved {
             Ok(targets) => targets,
             Err(reply) => return self.error(reply),
         };

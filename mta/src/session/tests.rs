@@ -496,3 +496,68 @@ async fn content_at_the_minimum_rate_is_accepted() {
     client.send(".\r\n").await;
     client.expect("250 2.0.0 Ok: queued").await;
 }
+
+impl Client {
+    async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.expect("write");
+    }
+}
+
+/// Issue 13, item 10: RFC conformance at MAIL and RCPT. `<postmaster>` without a domain
+/// is accepted (RFC 5321 §4.5.1) and goes to a local postmaster; a MAIL or RCPT line that
+/// is not valid UTF-8 is a syntax error (smtp-proto would pass U+FFFD in its place).
+#[tokio::test]
+async fn conformance_table() {
+    let cases: &[(&[u8], &str)] = &[
+        (b"RCPT TO:<postmaster>\r\n", "250 2.1.5"),
+        (b"RCPT TO:<PostMaster>\r\n", "250 2.1.5"),
+        (b"RCPT TO:<\xff\xfe@example.test>\r\n", "501 5.1.3"),
+        (b"RCPT TO:<j\xc3@example.test>\r\n", "501 5.1.3"),
+        // Valid UTF-8 passes to the policy, which keeps Maildir folder names ASCII.
+        ("RCPT TO:<jürgen@example.test>\r\n".as_bytes(), "553 5.1.3"),
+        (b"MAIL FROM:<a\xff@sender.test> SMTPUTF8\r\n", "501 5.1.7"),
+    ];
+    for (line, expected) in cases {
+        let mut client = connect().await;
+        client.send("EHLO client.test\r\n").await;
+        client.expect("250 HELP").await;
+        if line.starts_with(b"RCPT") {
+            client.send("MAIL FROM:<a@sender.test> SMTPUTF8\r\n").await;
+            client.expect("250 2.1.0").await;
+        }
+        client.send_bytes(line).await;
+        let got = client.reply().await;
+        assert!(
+            got.starts_with(expected),
+            "{}: expected {expected:?}, got {got:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}
+
+/// Issue 13, item 10: `<postmaster>` reaches the host's own postmaster, and the EHLO
+/// argument reaches `Received:` only with the characters of a host name.
+#[tokio::test]
+async fn postmaster_delivery_and_a_sanitised_received_header() {
+    let mut client = connect_with(|c| c.hostname = "example.test".into()).await;
+    client
+        .send("EHLO evil(trusted.test;[10.0.0.1])\x1b[0m\r\n")
+        .await;
+    client.expect("250 HELP").await;
+    client.send("MAIL FROM:<a@sender.test>\r\n").await;
+    client.expect("250 2.1.0").await;
+    client.send("RCPT TO:<postmaster>\r\n").await;
+    client.expect("250 2.1.5").await;
+    client.send("DATA\r\n").await;
+    client.expect("354").await;
+    client.send("Subject: t\r\n\r\nbody\r\n.\r\n").await;
+    client.expect("250 2.0.0").await;
+    let (id, envelope) = client.queued().await;
+    assert_eq!(envelope.recipients[0].address, "postmaster@example.test");
+    let stored = client.ctx.spool.read_message(id).await.expect("stored");
+    let header = String::from_utf8_lossy(&stored);
+    assert!(
+        header.starts_with("Received: from evil?trusted.test??10.0.0.1????0m ([127.0.0.9])\r\n"),
+        "{header}"
+    );
+}
