@@ -67,6 +67,9 @@ tls:
 smtpd:
   auth_users_file: {users}
   max_connections_per_ip: {max_connections_per_ip}
+  # Relay clients are exempt from per-IP limits by default (as Postfix exempts
+  # $mynetworks); here CLIENT relays and must still meet the per-IP limit.
+  limit_exempt_networks: []
   proxy_header_timeout: 2s
   rate_limits: {{messages_per_ip: "off", recipients_per_ip: "off"}}
 relay:
