@@ -101,6 +101,7 @@ impl Stores {
             dkim_keys: in_namespace(&self.dkim_keys, namespace),
             secrets: in_namespace(&self.secrets, namespace),
             mta_image: None,
+            now: None,
         };
         world.sort();
         world

@@ -35,10 +35,11 @@ use std::time::Duration;
 pub const RESYNC: Duration = Duration::from_secs(300);
 
 /// The world of `namespace` as the reflector stores hold it, with the operator-wide
-/// defaults.
+/// defaults and the current time.
 pub fn load_world(ctx: &Context, namespace: &str) -> World {
     World {
         mta_image: ctx.mta_image.clone(),
+        now: Some(k8s_openapi::jiff::Timestamp::now().as_second()),
         ..ctx.stores.world(namespace)
     }
 }

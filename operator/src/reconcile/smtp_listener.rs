@@ -97,6 +97,8 @@ pub struct Observed {
     pub rollout_observed: bool,
     /// SHA-256 of the rendered MtaConfig, when rendered.
     pub config_checksum: Option<String>,
+    /// Expiry of the certificate the operator made for the listener (RFC 3339).
+    pub certificate_not_after: Option<String>,
 }
 
 /// The status of `obj` after a reconcile that found `observed`. Pure.
@@ -146,6 +148,10 @@ pub fn status(obj: &SmtpListener, observed: &Observed, now: &str) -> SmtpListene
             .config_checksum
             .clone()
             .or(previous.config_checksum.clone()),
+        certificate_not_after: observed
+            .certificate_not_after
+            .clone()
+            .or(previous.certificate_not_after.clone()),
         ..previous
     }
 }
@@ -167,6 +173,21 @@ pub async fn reconcile(obj: Arc<SmtpListener>, ctx: Arc<Context>) -> Result<Acti
         obj.status.as_ref().map(|s| &s.conditions[..]),
     )
     .await
+}
+
+/// Expiry of the self-signed certificate in the rendered TLS Secret, as RFC 3339.
+fn certificate_not_after(obj: &SmtpListener, objects: &[render::Object]) -> Option<String> {
+    let name = render::secrets::tls_secret_name(obj);
+    objects.iter().find_map(|o| match o {
+        render::Object::Secret(s) if s.metadata.name.as_deref() == Some(name.as_str()) => {
+            let crt = s.data.as_ref()?.get("tls.crt")?;
+            let facts = render::secrets::certificate_facts(&crt.0)?;
+            k8s_openapi::jiff::Timestamp::from_second(facts.not_after)
+                .ok()
+                .map(|t| t.to_string())
+        }
+        _ => None,
+    })
 }
 
 async fn missing_secrets(ctx: &Context, ns: &str, refs: Vec<SecretRef>) -> Result<Vec<SecretRef>> {
@@ -208,6 +229,7 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
             .configs
             .get(&name)
             .map(|c| render::sha256_hex(c.to_yaml().as_bytes()));
+        observed.certificate_not_after = certificate_not_after(obj, &desired.objects);
         RESYNC
     } else {
         SECRET_RECHECK

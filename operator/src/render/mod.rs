@@ -57,6 +57,9 @@ pub struct World {
     /// The `petrel-mta` image for SmtpListeners that name none (the operator's
     /// `PETREL_MTA_IMAGE`); `None` is [`workload::DEFAULT_IMAGE`].
     pub mta_image: Option<String>,
+    /// The time of the reconcile (Unix seconds), for certificate renewal; `None` (the
+    /// offline `render`) keeps every certificate it is given.
+    pub now: Option<i64>,
 }
 
 impl World {
@@ -90,6 +93,7 @@ impl World {
             dkim_keys: keep(&self.dkim_keys, |r| ns(&r.metadata)),
             secrets: keep(&self.secrets, |r| ns(&r.metadata)),
             mta_image: self.mta_image.clone(),
+            now: self.now,
         }
     }
 

@@ -3,7 +3,9 @@
 //!
 //! Invariant: an existing Secret with the expected keys is reused byte for byte, so a
 //! reconcile never rotates a key by accident and applying it again changes nothing. Fresh
-//! material comes from the [`KeySource`] only when no such Secret exists.
+//! material comes from the [`KeySource`] only when no such Secret exists, or (the one
+//! planned rotation) when the self-signed certificate is within [`RENEW_BEFORE_SECS`] of
+//! expiry or no longer names the listener's hostname.
 
 use super::{Desired, Object, RenderError, World, owned_meta};
 use crate::keys::KeySource;
@@ -49,7 +51,9 @@ pub fn listener_tls(
         return Ok(TlsSecret::Existing(name));
     }
     let ns = listener.namespace().unwrap_or_default();
-    let data = match reuse(world, &ns, &name, &["tls.crt", "tls.key"]) {
+    let current = reuse(world, &ns, &name, &["tls.crt", "tls.key"])
+        .filter(|data| still_good(data, &listener.spec.hostname, world.now));
+    let data = match current {
         Some(data) => data,
         None => {
             let tls = keys
@@ -71,6 +75,62 @@ pub fn listener_tls(
         data: Some(data),
         ..Secret::default()
     })))
+}
+
+/// A self-signed certificate is replaced this long before it expires (the MTA reloads
+/// the mounted files; sessions in progress keep the certificate they started with).
+pub const RENEW_BEFORE_SECS: i64 = 30 * 86_400;
+
+/// What a PEM certificate says about itself: expiry (Unix seconds) and DNS names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFacts {
+    /// `notAfter`, in Unix seconds.
+    pub not_after: i64,
+    /// The DNS names of its subjectAltName extension.
+    pub dns_names: Vec<String>,
+}
+
+/// Parses the first certificate of `pem`; `None` when it is not one.
+pub fn certificate_facts(pem: &[u8]) -> Option<CertificateFacts> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    let cert = block.parse_x509().ok()?;
+    let dns_names = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(CertificateFacts {
+        not_after: cert.validity().not_after.timestamp(),
+        dns_names,
+    })
+}
+
+/// Whether an existing self-signed Secret can stay: without a clock (offline render)
+/// always; otherwise only a certificate that parses, names `hostname` and is more than
+/// [`RENEW_BEFORE_SECS`] from expiry. Anything else is replaced by a fresh one.
+fn still_good(data: &BTreeMap<String, ByteString>, hostname: &str, now: Option<i64>) -> bool {
+    let Some(now) = now else {
+        return true;
+    };
+    data.get("tls.crt")
+        .and_then(|crt| certificate_facts(&crt.0))
+        .is_some_and(|facts| {
+            facts.not_after - now > RENEW_BEFORE_SECS
+                && facts
+                    .dns_names
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(hostname))
+        })
 }
 
 /// The data of an observed Secret when it has every key in `required`.

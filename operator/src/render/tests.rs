@@ -403,3 +403,87 @@ fn proxy_protocol_reaches_every_listener_of_the_mta_config() {
     let off = plain.configs.values().next().expect("a config");
     assert!(off.listeners.iter().all(|l| !l.proxy_protocol));
 }
+
+/// A real self-signed certificate for `hostname` expiring `days` from `now`.
+fn certificate(hostname: &str, now: i64, days: i64) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec![hostname.to_owned()]).unwrap();
+    let at = |secs: i64| {
+        let t = k8s_openapi::jiff::Timestamp::from_second(secs)
+            .unwrap()
+            .to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC);
+        rcgen::date_time_ymd(
+            i32::from(t.year()),
+            t.month().unsigned_abs(),
+            t.day().unsigned_abs(),
+        )
+    };
+    params.not_before = at(now - 86_400);
+    params.not_after = at(now + days * 86_400);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// The self-signed certificate is kept while it is good, and replaced (the one planned
+/// rotation of listener_tls) within 30 days of expiry or when the hostname changed; the
+/// offline render (no clock) keeps whatever it is given.
+#[test]
+fn self_signed_certificates_are_renewed_before_expiry() {
+    use k8s_openapi::ByteString;
+    let now = 1_800_000_000;
+    let mut world = crate::input::load(
+        &[repo().join("manifests/examples/01-smtplistener.yaml")],
+        "default",
+    )
+    .unwrap();
+    let listener = world.listeners[0].clone();
+    let tls_of = |world: &World| {
+        let part = render_listener(&listener, world, &mut FixedKeys).expect("render");
+        part.objects
+            .iter()
+            .find_map(|o| match o {
+                Object::Secret(s) if s.metadata.name.as_deref() == Some("mx-tls") => {
+                    s.data.as_ref()?.get("tls.crt").cloned()
+                }
+                _ => None,
+            })
+            .expect("tls secret")
+    };
+    let secret_with = |crt: &str, key: &str| k8s_openapi::api::core::v1::Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("mx-tls".into()),
+            namespace: Some("mail".into()),
+            ..Default::default()
+        },
+        data: Some(std::collections::BTreeMap::from([
+            ("tls.crt".to_owned(), ByteString(crt.as_bytes().to_vec())),
+            ("tls.key".to_owned(), ByteString(key.as_bytes().to_vec())),
+        ])),
+        ..Default::default()
+    };
+    let fresh = FixedKeys.tls("mx.example.com").unwrap().cert_pem;
+    // (hostname on the certificate, days left, clock?, kept?)
+    let cases = [
+        ("mx.example.com", 200, true, true),
+        ("mx.example.com", 10, true, false),
+        ("mx.example.com", -5, true, false),
+        ("old.example.com", 200, true, false),
+        ("mx.example.com", 10, false, true),
+    ];
+    for (host, days, clock, kept) in cases {
+        let (crt, key) = certificate(host, now, days);
+        world.secrets = vec![secret_with(&crt, &key)];
+        world.now = clock.then_some(now);
+        let got = tls_of(&world);
+        let expected = if kept {
+            crt.as_bytes()
+        } else {
+            fresh.as_bytes()
+        };
+        assert_eq!(got.0, expected, "{host} {days} days, clock {clock}");
+    }
+    let (crt, _) = certificate("mx.example.com", now, 200);
+    let facts = secrets::certificate_facts(crt.as_bytes()).expect("parses");
+    assert_eq!(facts.dns_names, vec!["mx.example.com".to_owned()]);
+    assert!((facts.not_after - (now + 200 * 86_400)).abs() < 2 * 86_400);
+}
