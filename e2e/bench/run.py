@@ -737,8 +737,10 @@ class Petrel:
         return line.rsplit(" on ", 1)[1]
 
     def queue(self, *args: str) -> None:
-        """Runs `petrel-mta queue ARGS` against this instance."""
-        subprocess.run([str(self.binary), "queue", "--admin", self.admin_address(), *args],
+        """Runs `petrel-mta queue ARGS` against this instance (the config names the admin
+        token file the CLI authenticates with)."""
+        subprocess.run([str(self.binary), "queue", "--config", str(self.config),
+                        "--admin", self.admin_address(), *args],
                        check=True, capture_output=True, timeout=120)
 
     def status_kib(self, key: str) -> int:
