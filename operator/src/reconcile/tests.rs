@@ -92,7 +92,9 @@ async fn listener_apply_writes_objects_status_and_an_event_then_nothing() {
     let status = &fake.get(&listener_path()).unwrap()["status"];
     assert_eq!(status["observedGeneration"], 1);
     assert_eq!(status["desiredReplicas"], 2);
-    let not_after = status["certificateNotAfter"].as_str().expect("certificate expiry");
+    let not_after = status["certificateNotAfter"]
+        .as_str()
+        .expect("certificate expiry");
     assert!(not_after.starts_with("20"), "RFC 3339: {not_after}");
     let ready = condition(status, "Ready");
     assert_eq!(ready["status"], "False");
