@@ -10,10 +10,9 @@
 use super::{RESYNC, converge, finish, load_world, namespace_of, notes_for, patch_status, publish};
 use crate::context::Context;
 use crate::keys::SystemKeys;
-use crate::render::{self, Note, World};
+use crate::render::{self, Note, World, mta_config};
 use crate::{Result, status};
 use crds::SmtpListener;
-use crds::relay_policy::RouteMode;
 use crds::smtp_listener::SmtpListenerStatus;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
@@ -45,30 +44,22 @@ pub fn referenced_secrets(listener: &SmtpListener, world: &World) -> Vec<SecretR
             referrer: format!("SmtpListener {} tls.secretName", listener.name_any()),
         });
     }
-    // The same choices as render::mta_config::{auth_secret, smarthost_secret}.
-    if let Some(policy) = world
-        .relay_policies
-        .iter()
-        .find(|p| p.spec.authentication.is_some())
-        && let Some(auth) = &policy.spec.authentication
-    {
+    if let (Some(policy), Some((name, _))) = (
+        mta_config::auth_policy(world),
+        mta_config::auth_secret(world),
+    ) {
         refs.push(SecretRef {
-            name: auth.secret_name.clone(),
+            name,
             referrer: format!(
                 "RelayPolicy {} authentication.secretName",
                 policy.name_any()
             ),
         });
     }
-    if let Some(policy) = world.relay_policies.first()
-        && policy.spec.route.mode == RouteMode::Smarthost
-        && let Some(name) = policy
-            .spec
-            .route
-            .smarthost
-            .as_ref()
-            .and_then(|s| s.credentials_secret.clone())
-    {
+    if let (Some(policy), Some(name)) = (
+        mta_config::route_policy(world),
+        mta_config::smarthost_secret(world),
+    ) {
         refs.push(SecretRef {
             name,
             referrer: format!(

@@ -9,6 +9,7 @@
 //! Everything else a resource asks for becomes a [`Note`], never a silent drop.
 
 use super::{Note, RenderError, World};
+use crds::RelayPolicy;
 use crds::SmtpListener;
 use crds::mail_domain::MailDomain;
 use crds::relay_policy::{OutboundTlsMode, RouteMode};
@@ -38,25 +39,34 @@ pub const AUTH_DIR: &str = "/etc/petrel/auth";
 /// Mount point of the smarthost credentials Secret (keys `username`, `password`).
 pub const SMARTHOST_DIR: &str = "/etc/petrel/smarthost";
 
-/// The smarthost credentials Secret of the namespace's route: that of the first
-/// RelayPolicy (by name), whose route is the one in force.
+/// The RelayPolicy whose route is in force in the namespace: the first by name.
+pub fn route_policy(world: &World) -> Option<&RelayPolicy> {
+    world.relay_policies.first()
+}
+
+/// The RelayPolicy whose AUTH users the namespace uses: the first (by name) that names a
+/// users Secret.
+pub fn auth_policy(world: &World) -> Option<&RelayPolicy> {
+    world
+        .relay_policies
+        .iter()
+        .find(|p| p.spec.authentication.is_some())
+}
+
+/// The smarthost credentials Secret of the namespace's route ([`route_policy`]).
 pub fn smarthost_secret(world: &World) -> Option<String> {
-    let route = &world.relay_policies.first()?.spec.route;
+    let route = &route_policy(world)?.spec.route;
     match (&route.mode, &route.smarthost) {
         (RouteMode::Smarthost, Some(host)) => host.credentials_secret.clone(),
         _ => None,
     }
 }
 
-/// The Secret holding AUTH users for this namespace: the first RelayPolicy (by name) that
-/// names one.
+/// The Secret holding AUTH users for this namespace ([`auth_policy`]), and whether AUTH is
+/// offered without TLS.
 pub fn auth_secret(world: &World) -> Option<(String, bool)> {
-    world.relay_policies.iter().find_map(|p| {
-        p.spec
-            .authentication
-            .as_ref()
-            .map(|a| (a.secret_name.clone(), a.allow_plaintext))
-    })
+    let auth = auth_policy(world)?.spec.authentication.as_ref()?;
+    Some((auth.secret_name.clone(), auth.allow_plaintext))
 }
 
 /// Container port for a Service port: ports below 1024 move to `10000 + port` so the pods
