@@ -25,6 +25,8 @@
 //! | `petrel_mta_spool_sync_duration_seconds` | | `petrel.mta.spool.sync.duration` |
 //! | `petrel_mta_spool_sync_batch_messages` | | `petrel.mta.spool.sync.batch` |
 //! | `petrel_mta_tls_handshakes_total` | `result` | `petrel.mta.tls.handshakes` |
+//! | `petrel_mta_tls_certificate_expiry_seconds` | | `petrel.mta.tls.certificate.expiry` |
+//! | `petrel_mta_tls_reloads_total` | `result` | `petrel.mta.tls.reloads` |
 //! | `petrel_mta_proxy_headers_total` | `result` | `petrel.mta.proxy.headers` |
 //! | `petrel_mta_auth_failures_total` | | `petrel.mta.auth.failures` |
 //! | `petrel_mta_rate_limited_total` | `limit` | `petrel.mta.rate_limited` |
@@ -87,6 +89,26 @@ impl QueueState {
             QueueState::Waiting => "waiting",
             QueueState::Held => "held",
             QueueState::Active => "active",
+        }
+    }
+}
+
+/// What became of a certificate pair that changed on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlsReload {
+    /// The new pair is served from the next handshake on.
+    Loaded,
+    /// The new pair did not load (unreadable, or key and certificate do not match):
+    /// the previous one is still served.
+    Refused,
+}
+
+impl TlsReload {
+    /// The label value: `loaded`, `refused`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsReload::Loaded => "loaded",
+            TlsReload::Refused => "refused",
         }
     }
 }
@@ -194,6 +216,8 @@ struct Prom {
     sync_duration: Histogram,
     sync_batch: Histogram,
     tls_handshakes: Family<ResultLabels, Counter>,
+    tls_certificate_expiry: Gauge,
+    tls_reloads: Family<ResultLabels, Counter>,
     proxy_headers: Family<ResultLabels, Counter>,
     auth_failures: Counter,
     rate_limited: Family<LimitLabels, Counter>,
@@ -214,6 +238,8 @@ struct Otel {
     sync_duration: OtelHistogram<f64>,
     sync_batch: OtelHistogram<u64>,
     tls_handshakes: OtelCounter<u64>,
+    tls_certificate_expiry: OtelGauge<i64>,
+    tls_reloads: OtelCounter<u64>,
     proxy_headers: OtelCounter<u64>,
     auth_failures: OtelCounter<u64>,
     rate_limited: OtelCounter<u64>,
@@ -244,6 +270,8 @@ impl MtaMetrics {
             sync_duration: Histogram::new(buckets(SYNC_BUCKETS)),
             sync_batch: Histogram::new(buckets(BATCH_BUCKETS)),
             tls_handshakes: Family::default(),
+            tls_certificate_expiry: Gauge::default(),
+            tls_reloads: Family::default(),
             proxy_headers: Family::default(),
             auth_failures: Counter::default(),
             rate_limited: Family::default(),
@@ -262,6 +290,11 @@ impl MtaMetrics {
         }
         for result in ["ok", "error"] {
             let _ = prom.tls_handshakes.get_or_create(&ResultLabels { result });
+        }
+        for result in [TlsReload::Loaded, TlsReload::Refused] {
+            let _ = prom.tls_reloads.get_or_create(&ResultLabels {
+                result: result.as_str(),
+            });
         }
         for result in PROXY_HEADER_RESULTS {
             let _ = prom.proxy_headers.get_or_create(&ResultLabels { result });
@@ -342,6 +375,17 @@ impl MtaMetrics {
             "tls_handshakes",
             "Inbound TLS handshakes, by result",
             prom.tls_handshakes.clone(),
+        );
+        r.register_with_unit(
+            "tls_certificate_expiry",
+            "notAfter of the served TLS certificate, as Unix time (0: none loaded)",
+            Unit::Seconds,
+            prom.tls_certificate_expiry.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Changed certificate files seen, by result (a refused pair leaves the old one in use)",
+            prom.tls_reloads.clone(),
         );
         r.register(
             "proxy_headers",
@@ -483,6 +527,30 @@ impl MtaMetrics {
             .add(1, &[KeyValue::new("result", result)]);
     }
 
+    /// The certificate now served expires at `not_after` (Unix seconds).
+    pub fn set_tls_certificate_expiry(&self, not_after: i64) {
+        self.inner.prom.tls_certificate_expiry.set(not_after);
+        self.inner
+            .otel
+            .tls_certificate_expiry
+            .record(not_after, &[]);
+    }
+
+    /// The certificate files changed on disk and the new pair was loaded or refused.
+    pub fn tls_reload(&self, result: TlsReload) {
+        self.inner
+            .prom
+            .tls_reloads
+            .get_or_create(&ResultLabels {
+                result: result.as_str(),
+            })
+            .inc();
+        self.inner
+            .otel
+            .tls_reloads
+            .add(1, &[KeyValue::new("result", result.as_str())]);
+    }
+
     /// A connection to a `proxy_protocol` listener got its header (`ok`, or `local` when
     /// the header names no client) or was closed for the want of one; `result` is one of
     /// [`PROXY_HEADER_RESULTS`].
@@ -601,6 +669,15 @@ impl Otel {
                 .u64_counter("petrel.mta.tls.handshakes")
                 .with_unit("{handshake}")
                 .build(),
+            tls_certificate_expiry: m
+                .i64_gauge("petrel.mta.tls.certificate.expiry")
+                .with_unit("s")
+                .with_description("notAfter of the served TLS certificate, as Unix time")
+                .build(),
+            tls_reloads: m
+                .u64_counter("petrel.mta.tls.reloads")
+                .with_unit("{reload}")
+                .build(),
             proxy_headers: m
                 .u64_counter("petrel.mta.proxy.headers")
                 .with_unit("{connection}")
@@ -661,6 +738,8 @@ mod tests {
         m.tls_handshake(false);
         m.auth_failure();
         m.rate_limited("client_ip");
+        m.set_tls_certificate_expiry(1_800_000_000);
+        m.tls_reload(TlsReload::Refused);
 
         let text = m.encode_prometheus();
         assert_eq!(value(&text, "petrel_mta_smtp_sessions_total"), 2.0);
@@ -764,6 +843,18 @@ mod tests {
         assert_eq!(
             value(&text, r#"petrel_mta_tls_handshakes_total{result="error"}"#),
             2.0
+        );
+        assert_eq!(
+            value(&text, "petrel_mta_tls_certificate_expiry_seconds"),
+            1_800_000_000.0
+        );
+        assert_eq!(
+            value(&text, r#"petrel_mta_tls_reloads_total{result="refused"}"#),
+            1.0
+        );
+        assert_eq!(
+            value(&text, r#"petrel_mta_tls_reloads_total{result="loaded"}"#),
+            0.0
         );
         assert_eq!(value(&text, "petrel_mta_auth_failures_total"), 1.0);
         assert_eq!(
