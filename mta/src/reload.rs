@@ -104,8 +104,9 @@ pub async fn watch(
             .map_err(|e| e.to_string())
             .and_then(|config| crate::signing::signer(&config.dkim).map(|signer| (config, signer)));
         match loaded {
-            Ok((config, signer)) => {
+            Ok((config, (signer, keys))) => {
                 ctx.set_signer(signer);
+                ctx.metrics.set_dkim_keys(&keys);
                 apply(&ctx, config, &mut listeners, &subscribe).await;
             }
             Err(e) => {

@@ -104,7 +104,7 @@ impl Server {
         let trigger = Trigger::new();
         let (handle, commands) = SchedulerHandle::channel();
         let configured = config.listeners.clone();
-        let signer = crate::signing::signer(&config.dkim).map_err(StartError::Dkim)?;
+        let (signer, dkim_keys) = crate::signing::signer(&config.dkim).map_err(StartError::Dkim)?;
         let verifier = if config.mail_auth.verify || !config.mail_auth.dnsbl_zones.is_empty() {
             Some(
                 mta_auth::Verifier::with_query_timeout(
@@ -119,6 +119,7 @@ impl Server {
         let mut context = Context::new(config, spool, handle, certificates, users);
         context.verifier = verifier;
         context.metrics = metrics;
+        context.metrics.set_dkim_keys(&dkim_keys);
         context.set_signer(signer);
         let ctx = Arc::new(context);
         let count = recovered.len();

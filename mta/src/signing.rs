@@ -7,26 +7,31 @@ use crate::queue::{Envelope, split_address};
 use mta_auth::{Signer, SigningKey};
 use mta_config::{DkimConfig, MtaConfig};
 
-/// Loads every configured key.
-pub fn signer(config: &DkimConfig) -> Result<Option<Signer>, String> {
-    if config.keys.is_empty() {
-        return Ok(None);
+/// A key the process has loaded: `(domain, selector, signs)`, as `petrel_mta_dkim_keys`
+/// reports it.
+pub type LoadedKey = (String, String, bool);
+
+/// Loads every configured key, signing or staged (`sign: false`): a key that does not load
+/// refuses the whole config. Returns the signer (signing keys only) and the loaded keys.
+pub fn signer(config: &DkimConfig) -> Result<(Option<Signer>, Vec<LoadedKey>), String> {
+    let mut signing = Vec::new();
+    let mut loaded = Vec::new();
+    for k in &config.keys {
+        let key = SigningKey::from_pem_file(&k.domain, &k.selector, &k.key_file).map_err(|e| {
+            format!(
+                "dkim key {} for {} ({}): {e}",
+                k.selector,
+                k.domain,
+                k.key_file.display()
+            )
+        })?;
+        loaded.push((k.domain.clone(), k.selector.clone(), k.sign));
+        if k.sign {
+            signing.push(key);
+        }
     }
-    let keys = config
-        .keys
-        .iter()
-        .map(|k| {
-            SigningKey::from_pem_file(&k.domain, &k.selector, &k.key_file).map_err(|e| {
-                format!(
-                    "dkim key {} for {} ({}): {e}",
-                    k.selector,
-                    k.domain,
-                    k.key_file.display()
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(Signer::new(keys)))
+    let signer = (!signing.is_empty()).then(|| Signer::new(signing));
+    Ok((signer, loaded))
 }
 
 /// The DKIM-Signature header(s) for a message, or nothing when it is not signed.

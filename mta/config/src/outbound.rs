@@ -209,8 +209,8 @@ impl Default for SmtpClientConfig {
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct DkimConfig {
     /// Signing keys. A message whose From domain has keys here, and that goes to at least
-    /// one non-local recipient, gets one signature per key of that domain (several
-    /// selectors may be active at once during a key rotation). Default: none.
+    /// one non-local recipient, gets one signature per signing key of that domain.
+    /// Default: none.
     pub keys: Vec<DkimKeyConfig>,
 }
 
@@ -224,6 +224,16 @@ pub struct DkimKeyConfig {
     pub selector: String,
     /// PEM private key: RSA (PKCS#1 or PKCS#8) or Ed25519 (PKCS#8). Required.
     pub key_file: std::path::PathBuf,
+    /// Whether mail is signed with this key. `false` loads the key (a config naming an
+    /// unreadable key is refused) and reports it in `petrel_mta_dkim_keys` without signing:
+    /// the operator stages the next key of a rotation this way, and switches signing over
+    /// only once every pod reports it has the key. Default: `true`.
+    #[serde(default = "signs_by_default")]
+    pub sign: bool,
+}
+
+fn signs_by_default() -> bool {
+    true
 }
 
 /// What to do with a client listed on a DNSBL.

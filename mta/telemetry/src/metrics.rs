@@ -30,6 +30,7 @@
 //! | `petrel_mta_proxy_headers_total` | `result` | `petrel.mta.proxy.headers` |
 //! | `petrel_mta_auth_failures_total` | | `petrel.mta.auth.failures` |
 //! | `petrel_mta_rate_limited_total` | `limit` | `petrel.mta.rate_limited` |
+//! | `petrel_mta_dkim_keys` | `domain`, `selector`, `signing` | `petrel.mta.dkim.keys` |
 //! | `petrel_mta_otel_spans_dropped_total` | `reason` | (not mirrored) |
 //! | `petrel_mta_otel_spans_exported_total` | | (not mirrored) |
 
@@ -146,6 +147,13 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DkimKeyLabels {
+    domain: String,
+    selector: String,
+    signing: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     limit: &'static str,
 }
@@ -221,6 +229,7 @@ struct Prom {
     proxy_headers: Family<ResultLabels, Counter>,
     auth_failures: Counter,
     rate_limited: Family<LimitLabels, Counter>,
+    dkim_keys: Family<DkimKeyLabels, Gauge>,
 }
 
 struct Otel {
@@ -243,6 +252,7 @@ struct Otel {
     proxy_headers: OtelCounter<u64>,
     auth_failures: OtelCounter<u64>,
     rate_limited: OtelCounter<u64>,
+    dkim_keys: OtelGauge<u64>,
 }
 
 impl Default for MtaMetrics {
@@ -275,6 +285,7 @@ impl MtaMetrics {
             proxy_headers: Family::default(),
             auth_failures: Counter::default(),
             rate_limited: Family::default(),
+            dkim_keys: Family::default(),
         };
         // Known label values start at zero, so a scraper sees the series before the
         // first event and `rate()` works from the start.
@@ -401,6 +412,11 @@ impl MtaMetrics {
             "rate_limited",
             "Commands refused by a rate limit, by limit",
             prom.rate_limited.clone(),
+        );
+        r.register(
+            "dkim_keys",
+            "DKIM keys loaded from the config (1 each), with whether mail is signed with them",
+            prom.dkim_keys.clone(),
         );
         export::register(r);
 
@@ -586,6 +602,35 @@ impl MtaMetrics {
             .add(1, &[KeyValue::new("limit", limit)]);
     }
 
+    /// The DKIM keys now loaded: `(domain, selector, signs)`. Replaces the previous set,
+    /// so a key taken out of the config disappears from the scrape (the operator reads
+    /// this to know every pod has a key before it makes it sign, and has stopped signing
+    /// with the old one before its retirement clock starts). The labels come from the
+    /// config, so their number is bounded by it.
+    pub fn set_dkim_keys(&self, keys: &[(String, String, bool)]) {
+        let i = &self.inner;
+        i.prom.dkim_keys.clear();
+        for (domain, selector, signs) in keys {
+            let signing = if *signs { "true" } else { "false" };
+            i.prom
+                .dkim_keys
+                .get_or_create(&DkimKeyLabels {
+                    domain: domain.clone(),
+                    selector: selector.clone(),
+                    signing,
+                })
+                .set(1);
+            i.otel.dkim_keys.record(
+                1,
+                &[
+                    KeyValue::new("domain", domain.clone()),
+                    KeyValue::new("selector", selector.clone()),
+                    KeyValue::new("signing", signing),
+                ],
+            );
+        }
+    }
+
     /// The registry in the text exposition format (OpenMetrics 1.0, which Prometheus
     /// scrapes natively; it ends with `# EOF`).
     pub fn encode_prometheus(&self) -> String {
@@ -690,6 +735,10 @@ impl Otel {
                 .u64_counter("petrel.mta.rate_limited")
                 .with_unit("{refusal}")
                 .build(),
+            dkim_keys: m
+                .u64_gauge("petrel.mta.dkim.keys")
+                .with_unit("{key}")
+                .build(),
         }
     }
 }
@@ -709,6 +758,29 @@ mod tests {
             .next()
             .and_then(|v| v.parse().ok())
             .expect("a number")
+    }
+
+    #[test]
+    fn dkim_keys_replace_the_previous_set() {
+        let m = MtaMetrics::new();
+        m.set_dkim_keys(&[
+            ("example.com".into(), "petrel-a".into(), true),
+            ("example.com".into(), "petrel-b".into(), false),
+        ]);
+        let text = m.encode_prometheus();
+        let series = |selector: &str, signing: &str| {
+            format!(
+                r#"petrel_mta_dkim_keys{{domain="example.com",selector="{selector}",signing="{signing}"}}"#
+            )
+        };
+        assert_eq!(value(&text, &series("petrel-a", "true")), 1.0);
+        assert_eq!(value(&text, &series("petrel-b", "false")), 1.0);
+        // The switch: b signs, a is gone from the config and from the scrape.
+        m.set_dkim_keys(&[("example.com".into(), "petrel-b".into(), true)]);
+        let text = m.encode_prometheus();
+        assert_eq!(value(&text, &series("petrel-b", "true")), 1.0);
+        assert!(!text.contains("petrel-a"), "{text}");
+        assert!(!text.contains(&series("petrel-b", "false")), "{text}");
     }
 
     #[test]

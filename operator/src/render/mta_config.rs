@@ -262,6 +262,7 @@ pub fn signing_key(
             domain: domain.spec.domain.clone(),
             selector,
             key_file: dkim_key_file(&secret),
+            sign: true,
         },
         secret,
     })

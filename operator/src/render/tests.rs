@@ -298,6 +298,7 @@ fn dkim_key_signs_only_once_active() {
         domain: "example.com".into(),
         selector: "petrel-1".into(),
         key_file: "/etc/petrel/dkim/example-com-ed25519-petrel-1.pem".into(),
+        sign: true,
     };
     assert_eq!(config.dkim.keys, vec![expected]);
     let copy = desired.objects.iter().find_map(|o| match o {
