@@ -65,13 +65,13 @@ impl Server {
         config: MtaConfig,
         config_path: Option<PathBuf>,
     ) -> Result<Server, StartError> {
+        let metrics = mta_telemetry::MtaMetrics::new();
         let certificates =
-            Certificates::load(&config.tls, &config.hostname).map_err(StartError::Tls)?;
+            Certificates::load(&config.tls, &config.hostname, &metrics).map_err(StartError::Tls)?;
         let users = match &config.smtpd.auth_users_file {
             Some(path) => Some(Users::load(path).map_err(StartError::Users)?),
             None => None,
         };
-        let metrics = mta_telemetry::MtaMetrics::new();
         let observer: crate::spool::SyncObserver = {
             let metrics = metrics.clone();
             Arc::new(move |latency, batch| metrics.spool_sync(latency, batch))
