@@ -17,6 +17,8 @@ command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || apt_missing+=(dnsma
 command -v openssl >/dev/null || apt_missing+=(openssl)
 command -v dovecot >/dev/null || [ -x /usr/sbin/dovecot ] || apt_missing+=(dovecot-lmtpd)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || apt_missing+=(haproxy)
+# Two real authoritative DNS servers for operator/tests/authoritative_dns.rs.
+command -v nsd >/dev/null || [ -x /usr/sbin/nsd ] || apt_missing+=(nsd)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     say "installing Debian packages needed by the tests: ${apt_missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

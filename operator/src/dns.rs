@@ -18,6 +18,8 @@ use hickory_resolver::{Resolver, TokioResolver};
 use kube::ResourceExt;
 use std::net::{IpAddr, SocketAddr};
 
+pub mod authoritative;
+
 /// One record a domain needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsRecord {
