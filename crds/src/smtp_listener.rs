@@ -189,9 +189,9 @@ fn default_queue_size() -> String {
     "1Gi".to_owned()
 }
 
-/// Where the listener's TLS certificate comes from. At most one member is set; none means
-/// a self-signed certificate made by the operator.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+/// Where the listener's TLS certificate comes from. At most one of `secretName` and
+/// `issuerRef` is set; neither means a self-signed certificate made by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.secretName) && has(self.issuerRef))").message("set at most one of tls.secretName and tls.issuerRef"))]
 pub struct TlsSource {
@@ -200,9 +200,35 @@ pub struct TlsSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub secret_name: Option<String>,
-    /// A cert-manager issuer that should issue the certificate for `hostname`.
+    /// A cert-manager issuer that should issue the certificate for `hostname`. The operator
+    /// creates a cert-manager `Certificate` named after the listener, whose Secret
+    /// `<listener>-issued-tls` the pods mount once cert-manager has filled it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer_ref: Option<IssuerRef>,
+    /// How long before expiry the certificate is renewed, like `30d` or `720h`; at most 32
+    /// characters. Default: `30d`. The self-signed certificate is replaced by the operator
+    /// then; with `issuerRef` it is the Certificate's `renewBefore` (cert-manager renews);
+    /// with `secretName` it only sets `status.renewalTime`. When it is not shorter than the
+    /// certificate's lifetime, a third of the lifetime is used instead (as cert-manager
+    /// does).
+    #[serde(default = "default_renew_before")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(crate::DURATION_RULE).message("renewBefore is a duration like 30d or 720h"))]
+    pub renew_before: String,
+}
+
+impl Default for TlsSource {
+    fn default() -> Self {
+        Self {
+            secret_name: None,
+            issuer_ref: None,
+            renew_before: default_renew_before(),
+        }
+    }
+}
+
+fn default_renew_before() -> String {
+    "30d".to_owned()
 }
 
 /// Reference to a cert-manager Issuer or ClusterIssuer.
@@ -217,6 +243,11 @@ pub struct IssuerRef {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self == 'Issuer' || self == 'ClusterIssuer'").message("kind is Issuer or ClusterIssuer"))]
     pub kind: String,
+    /// API group of the issuer, for external issuers; at most 253 characters. Default:
+    /// `cert-manager.io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub group: Option<String>,
 }
 
 fn default_issuer_kind() -> String {
@@ -343,6 +374,14 @@ pub struct SmtpListenerStatus {
     /// Expiry (RFC 3339) of the certificate the pods serve, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_not_after: Option<String>,
+    /// When that certificate is due for renewal (RFC 3339): `certificateNotAfter` minus
+    /// `tls.renewBefore` (or minus a third of its lifetime when `renewBefore` is not
+    /// shorter). For the self-signed certificate, when the operator replaces it; with
+    /// `tls.issuerRef`, when cert-manager is expected to renew it (it follows the same
+    /// rule); with `tls.secretName`, when whoever provides the Secret should have put a
+    /// new certificate in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_time: Option<String>,
 }
 
 /// Queue depth of one pod.

@@ -293,6 +293,10 @@ fn smtp_listener_cel_refuses_duplicate_ports_and_bad_autoscaling() {
         "ports": [{"name": "smtp", "kind": "smtp", "port": 25},
                   {"name": "submission", "kind": "submission", "port": 587}]}));
     assert_eq!(errors_of(&good), "");
+    assert_eq!(good.spec.tls.renew_before, "30d", "the default");
+    let issued = listener(serde_json::json!({"hostname": "mx.example.com",
+        "tls": {"issuerRef": {"name": "le", "kind": "ClusterIssuer"}, "renewBefore": "720h"}}));
+    assert_eq!(errors_of(&issued), "");
     let cases = [
         (
             serde_json::json!({"hostname": "mx.example.com",
@@ -313,6 +317,15 @@ fn smtp_listener_cel_refuses_duplicate_ports_and_bad_autoscaling() {
         (
             serde_json::json!({"hostname": "mx.example.com", "service": {"type": "External"}}),
             "type is ClusterIP, NodePort or LoadBalancer",
+        ),
+        (
+            serde_json::json!({"hostname": "mx.example.com", "tls": {"renewBefore": "1 month"}}),
+            "renewBefore is a duration like 30d or 720h",
+        ),
+        (
+            serde_json::json!({"hostname": "mx.example.com",
+                "tls": {"issuerRef": {"name": "le", "kind": "Vault"}}}),
+            "kind is Issuer or ClusterIssuer",
         ),
     ];
     for (spec, expected) in cases {

@@ -6,14 +6,18 @@
 //! RBAC that must allow writing Secrets, this is what keeps a user's Secret safe.
 //! Prune selects on the `app.kubernetes.io/managed-by`, `app.kubernetes.io/instance` and
 //! `mail.petrel.dev/owner-kind` labels, so it never touches objects someone else made.
+//!
+//! cert-manager `Certificate`s go through the dynamic API: when the API server does not
+//! serve the kind (cert-manager is not installed), applying one is
+//! [`crate::Error::CertManagerMissing`] and pruning has nothing to look at.
 
-use crate::render::{Object, labels};
+use crate::render::{Object, certificate, labels};
 use crate::{FIELD_MANAGER, Result};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -87,6 +91,75 @@ where
     Ok(Applied::Patched)
 }
 
+/// Whether an API error says the kind (or object) is not there.
+fn not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.is_not_found())
+}
+
+/// [`apply_typed`] for a cert-manager Certificate.
+async fn apply_certificate(client: &Client, object: &DynamicObject) -> Result<Applied> {
+    let ns = object
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(crate::Error::MissingField("metadata.namespace"))?;
+    let name = object.name_any();
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &certificate::api_resource());
+    let desired = serde_json::to_value(object)?;
+    // An unknown kind answers 404 to the GET as well: `get_opt` says `None`, the apply
+    // below says what it means.
+    if let Some(existing) = api.get_opt(&name).await? {
+        if !is_managed(&existing.metadata) {
+            return Err(crate::Error::NotOwned {
+                kind: "Certificate".to_owned(),
+                name,
+            });
+        }
+        if contains(&serde_json::to_value(&existing)?, &desired) {
+            return Ok(Applied::Unchanged);
+        }
+    }
+    match api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+    {
+        Ok(_) => Ok(Applied::Patched),
+        Err(e) if not_found(&e) => Err(crate::Error::CertManagerMissing),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes our Certificates selected by `selector` that are not in `keep`; none when the
+/// API server does not serve the kind.
+async fn prune_certificates(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    keep: &[(&str, &str)],
+) -> Result<Vec<String>> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &certificate::api_resource());
+    let existing = match api.list(&ListParams::default().labels(selector)).await {
+        Ok(list) => list,
+        Err(e) if not_found(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut deleted = Vec::new();
+    for certificate in existing {
+        let name = certificate.name_any();
+        if !keep.contains(&("Certificate", name.as_str())) {
+            api.delete(&name, &DeleteParams::background()).await?;
+            deleted.push(format!("Certificate/{name}"));
+        }
+    }
+    Ok(deleted)
+}
+
 /// Whether this operator made the object (its `managed-by` label says so).
 pub fn is_managed(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
     meta.labels
@@ -105,6 +178,7 @@ pub async fn apply(client: &Client, object: &Object) -> Result<Applied> {
         Object::Service(o) => apply_typed(client, o).await,
         Object::PodDisruptionBudget(o) => apply_typed(client, o).await,
         Object::HorizontalPodAutoscaler(o) => apply_typed(client, o).await,
+        Object::Certificate(o) => apply_certificate(client, o).await,
     }
 }
 
@@ -163,6 +237,7 @@ pub async fn prune(
         deleted.extend(
             prune_typed::<HorizontalPodAutoscaler>(client, namespace, &selector, &keep).await?,
         );
+        deleted.extend(prune_certificates(client, namespace, &selector, &keep).await?);
     }
     Ok(deleted)
 }

@@ -27,6 +27,9 @@ pub struct FakeApi {
     pub writes: Arc<Mutex<Vec<String>>>,
     /// When set, every PATCH fails with 500.
     pub fail_patches: Arc<AtomicBool>,
+    /// When set, the API server does not serve `cert-manager.io` (404 to everything there,
+    /// as for a kind whose CRD is not installed).
+    pub without_cert_manager: Arc<AtomicBool>,
     next_uid: Arc<AtomicU64>,
     /// The reflector stores the context reads, refilled after every change (as the
     /// operator's watches would).
@@ -116,6 +119,14 @@ impl FakeApi {
         let segments = key.trim_start_matches('/').split('/').count();
         let collection = (key.starts_with("/api/") && segments == 5)
             || (key.starts_with("/apis/") && segments == 6);
+        if key.starts_with("/apis/cert-manager.io/")
+            && self.without_cert_manager.load(Ordering::SeqCst)
+        {
+            if method == "PATCH" {
+                self.writes.lock().unwrap().push(format!("PATCH {path}"));
+            }
+            return not_found();
+        }
         match method.as_str() {
             "GET" if collection => self.list(&key, &query),
             "GET" => match self.get(&key) {

@@ -56,6 +56,12 @@ pub enum Error {
         /// Its name.
         name: String,
     },
+    /// `tls.issuerRef` needs cert-manager, and the API server does not serve its
+    /// `Certificate` kind.
+    #[error(
+        "tls.issuerRef needs cert-manager, but the API server does not serve certificates.cert-manager.io/v1: install cert-manager (or its CRDs), or use tls.secretName"
+    )]
+    CertManagerMissing,
 }
 
 impl From<kube::Error> for Error {
@@ -74,6 +80,7 @@ impl Error {
             Self::MissingField(_) => "MissingField",
             Self::Serialization(_) => "SerializationFailed",
             Self::NotOwned { .. } => "ObjectNotOwned",
+            Self::CertManagerMissing => "CertManagerMissing",
         }
     }
 }

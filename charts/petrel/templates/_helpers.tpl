@@ -112,6 +112,11 @@ operator renders need create as well as patch.
 - apiGroups: ["autoscaling"]
   resources: [horizontalpodautoscalers]
   verbs: [get, list, watch, create, patch, delete]
+# cert-manager Certificates for SmtpListeners with tls.issuerRef (cert-manager itself
+# writes the Secret they name; the operator only reads it).
+- apiGroups: ["cert-manager.io"]
+  resources: [certificates]
+  verbs: [get, list, watch, create, patch, delete]
 # MTA pod readiness, for the SmtpListener status and for draining before scale-in.
 - apiGroups: [""]
   resources: [pods]

@@ -6,16 +6,27 @@
 //! already run keep running as they are (a new pod template naming a missing Secret would
 //! take a pod down at the rolling update), and `Ready=False` with reason `SecretNotFound`
 //! names the Secret and who refers to it.
+//!
+//! With `tls.issuerRef`, the cert-manager `Certificate` is applied before that check (its
+//! Secret cannot exist before it), and the listener waits for cert-manager as for any
+//! missing Secret, with cert-manager's own word on the Certificate in the message. When
+//! the API server does not serve Certificates at all, `Ready=False` says
+//! `CertManagerMissing` and nothing else is applied.
+//!
+//! The status carries the served certificate's `certificateNotAfter` and `renewalTime`,
+//! read from the rendered self-signed Secret or from the Secret the pods mount.
 
 use super::{RESYNC, converge, finish, load_world, namespace_of, notes_for, patch_status, publish};
+use crate::apply::{self, Applied};
 use crate::context::Context;
 use crate::keys::SystemKeys;
-use crate::render::{self, Note, World, mta_config};
-use crate::{Result, status};
+use crate::render::{self, Note, World, certificate, mta_config};
+use crate::{Error, Result, status};
 use crds::SmtpListener;
 use crds::smtp_listener::SmtpListenerStatus;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::DynamicObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -38,6 +49,15 @@ pub struct SecretRef {
 /// Every user-provided Secret the pods of `listener` would mount.
 pub fn referenced_secrets(listener: &SmtpListener, world: &World) -> Vec<SecretRef> {
     let mut refs = Vec::new();
+    if listener.spec.tls.issuer_ref.is_some() {
+        refs.push(SecretRef {
+            name: certificate::issued_secret_name(listener),
+            referrer: format!(
+                "SmtpListener {0} tls.issuerRef, to be filled by cert-manager for Certificate {0}",
+                listener.name_any()
+            ),
+        });
+    }
     if let Some(name) = &listener.spec.tls.secret_name {
         refs.push(SecretRef {
             name: name.clone(),
@@ -78,6 +98,9 @@ pub struct Observed {
     pub notes: Vec<Note>,
     /// User Secrets that do not exist; nothing was applied.
     pub missing_secrets: Vec<SecretRef>,
+    /// `tls.issuerRef` is set and the API server does not serve cert-manager
+    /// Certificates; nothing was applied.
+    pub cert_manager_missing: bool,
     /// The StatefulSet's replica count (or what the spec asks for).
     pub desired_replicas: i32,
     /// Pods ready.
@@ -88,8 +111,10 @@ pub struct Observed {
     pub rollout_observed: bool,
     /// SHA-256 of the rendered MtaConfig, when rendered.
     pub config_checksum: Option<String>,
-    /// Expiry of the certificate the operator made for the listener (RFC 3339).
+    /// Expiry of the certificate the pods serve (RFC 3339), when known.
     pub certificate_not_after: Option<String>,
+    /// When that certificate is due for renewal (RFC 3339).
+    pub renewal_time: Option<String>,
 }
 
 /// The status of `obj` after a reconcile that found `observed`. Pure.
@@ -109,6 +134,20 @@ pub fn status(obj: &SmtpListener, observed: &Observed, now: &str) -> SmtpListene
             ),
         })
         .collect();
+    if observed.cert_manager_missing {
+        notes.insert(
+            0,
+            Note {
+                kind: "SmtpListener",
+                name: obj.name_any(),
+                reason: "CertManagerMissing",
+                message: format!(
+                    "{}; nothing is applied until it does",
+                    Error::CertManagerMissing
+                ),
+            },
+        );
+    }
     notes.extend(observed.notes.iter().cloned());
     let notes: Vec<&Note> = notes.iter().collect();
     let rolled_out = observed.rollout_observed
@@ -143,6 +182,10 @@ pub fn status(obj: &SmtpListener, observed: &Observed, now: &str) -> SmtpListene
             .certificate_not_after
             .clone()
             .or(previous.certificate_not_after.clone()),
+        renewal_time: observed
+            .renewal_time
+            .clone()
+            .or(previous.renewal_time.clone()),
         ..previous
     }
 }
@@ -166,19 +209,74 @@ pub async fn reconcile(obj: Arc<SmtpListener>, ctx: Arc<Context>) -> Result<Acti
     .await
 }
 
-/// Expiry of the self-signed certificate in the rendered TLS Secret, as RFC 3339.
-fn certificate_not_after(obj: &SmtpListener, objects: &[render::Object]) -> Option<String> {
-    let name = render::secrets::tls_secret_name(obj);
-    objects.iter().find_map(|o| match o {
-        render::Object::Secret(s) if s.metadata.name.as_deref() == Some(name.as_str()) => {
-            let crt = s.data.as_ref()?.get("tls.crt")?;
-            let facts = render::secrets::certificate_facts(&crt.0)?;
-            k8s_openapi::jiff::Timestamp::from_second(facts.not_after)
-                .ok()
-                .map(|t| t.to_string())
+fn rfc3339(secs: i64) -> Option<String> {
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .ok()
+        .map(|t| t.to_string())
+}
+
+/// `(certificateNotAfter, renewalTime)` of the PEM certificate `crt` renewed
+/// `renew_before` seconds ahead. Pure.
+pub fn certificate_times(crt: &[u8], renew_before: i64) -> Option<(String, String)> {
+    let facts = render::secrets::certificate_facts(crt)?;
+    let renewal = certificate::renewal_time(facts.not_before, facts.not_after, renew_before);
+    Some((rfc3339(facts.not_after)?, rfc3339(renewal)?))
+}
+
+/// The certificate the pods serve: the rendered self-signed Secret's, else the one in the
+/// Secret they mount (`tls.secretName`, or cert-manager's), read from the API server.
+async fn served_certificate(
+    ctx: &Context,
+    obj: &SmtpListener,
+    ns: &str,
+    objects: &[render::Object],
+) -> Result<Option<(String, String)>> {
+    let renew_before = certificate::renew_before_secs(obj);
+    let self_signed = render::secrets::tls_secret_name(obj);
+    let rendered = objects.iter().find_map(|o| match o {
+        render::Object::Secret(s) if s.metadata.name.as_deref() == Some(self_signed.as_str()) => {
+            s.data.as_ref()?.get("tls.crt").cloned()
         }
         _ => None,
-    })
+    });
+    let crt = match rendered {
+        Some(crt) => Some(crt),
+        None => {
+            let mounted = match &obj.spec.tls.secret_name {
+                Some(name) => Some(name.clone()),
+                None => obj
+                    .spec
+                    .tls
+                    .issuer_ref
+                    .as_ref()
+                    .map(|_| certificate::issued_secret_name(obj)),
+            };
+            match mounted {
+                Some(name) => Api::<Secret>::namespaced(ctx.client.clone(), ns)
+                    .get_opt(&name)
+                    .await?
+                    .and_then(|s| s.data?.remove("tls.crt")),
+                None => None,
+            }
+        }
+    };
+    Ok(crt.and_then(|crt| certificate_times(&crt.0, renew_before)))
+}
+
+/// What cert-manager says on the listener's Certificate (its `Ready` condition), for the
+/// message of a listener waiting for the issued Secret.
+async fn certificate_ready(ctx: &Context, ns: &str, name: &str) -> Option<String> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &certificate::api_resource());
+    let found = api.get_opt(name).await.ok()??;
+    let conditions = found.data.get("status")?.get("conditions")?.as_array()?;
+    let ready = conditions.iter().find(|c| c["type"] == "Ready")?;
+    Some(format!(
+        "Ready={} ({}: {})",
+        ready["status"].as_str().unwrap_or("Unknown"),
+        ready["reason"].as_str().unwrap_or_default(),
+        ready["message"].as_str().unwrap_or_default()
+    ))
 }
 
 async fn missing_secrets(ctx: &Context, ns: &str, refs: Vec<SecretRef>) -> Result<Vec<SecretRef>> {
@@ -203,15 +301,38 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
         .map_or(obj.spec.replicas, |a| a.min_replicas);
     let mut observed = Observed {
         desired_replicas: want,
-        missing_secrets: missing_secrets(ctx, &ns, referenced_secrets(obj, &world)).await?,
         ..Observed::default()
     };
-    let requeue = if observed.missing_secrets.is_empty() {
-        let desired = render::render_listener(obj, &world, &mut SystemKeys)?;
-        let changed = converge(&ctx.client, obj, &desired.objects).await?;
-        if !changed.is_empty() {
-            publish(ctx, obj, EventType::Normal, "Applied", changed.join(", ")).await;
+    // The Certificate comes first: cert-manager fills the Secret the pods will mount only
+    // once it exists.
+    let mut changed = Vec::new();
+    if let Some(certificate) = certificate::listener_certificate(obj) {
+        let object = render::Object::Certificate(certificate);
+        match apply::apply(&ctx.client, &object).await {
+            Ok(Applied::Patched) => changed.push(format!("Certificate/{}", object.name())),
+            Ok(Applied::Unchanged) => {}
+            Err(Error::CertManagerMissing) => observed.cert_manager_missing = true,
+            Err(e) => return Err(e),
         }
+    }
+    let issued = certificate::issued_secret_name(obj);
+    let mut refs = referenced_secrets(obj, &world);
+    if observed.cert_manager_missing {
+        refs.retain(|r| r.name != issued);
+    }
+    observed.missing_secrets = missing_secrets(ctx, &ns, refs).await?;
+    for missing in &mut observed.missing_secrets {
+        if missing.name == issued
+            && let Some(said) = certificate_ready(ctx, &ns, &name).await
+        {
+            missing
+                .referrer
+                .push_str(&format!("; the Certificate is {said}"));
+        }
+    }
+    let requeue = if observed.missing_secrets.is_empty() && !observed.cert_manager_missing {
+        let desired = render::render_listener(obj, &world, &mut SystemKeys)?;
+        changed.extend(converge(&ctx.client, obj, &desired.objects).await?);
         observed.notes = notes_for(&desired.notes, "SmtpListener", &name)
             .into_iter()
             .cloned()
@@ -220,11 +341,19 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
             .configs
             .get(&name)
             .map(|c| render::sha256_hex(c.to_yaml().as_bytes()));
-        observed.certificate_not_after = certificate_not_after(obj, &desired.objects);
+        if let Some((not_after, renewal)) =
+            served_certificate(ctx, obj, &ns, &desired.objects).await?
+        {
+            observed.certificate_not_after = Some(not_after);
+            observed.renewal_time = Some(renewal);
+        }
         RESYNC
     } else {
         SECRET_RECHECK
     };
+    if !changed.is_empty() {
+        publish(ctx, obj, EventType::Normal, "Applied", changed.join(", ")).await;
+    }
     let sts = Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
         .get_opt(&name)
         .await?;
@@ -324,6 +453,18 @@ mod tests {
                 Observed {
                     desired_replicas: 2,
                     ready_replicas: 2,
+                    missing_secrets: missing.clone(),
+                    cert_manager_missing: true,
+                    ..rolled_out()
+                },
+                ConditionStatus::False,
+                "CertManagerMissing",
+                "install cert-manager",
+            ),
+            (
+                Observed {
+                    desired_replicas: 2,
+                    ready_replicas: 2,
                     notes: vec![note],
                     ..rolled_out()
                 },
@@ -373,9 +514,41 @@ mod tests {
         let mut l = listener();
         l.status = Some(SmtpListenerStatus {
             config_checksum: Some("abc".into()),
+            certificate_not_after: Some("2027-01-01T00:00:00Z".into()),
+            renewal_time: Some("2026-12-02T00:00:00Z".into()),
             ..SmtpListenerStatus::default()
         });
         let s = status(&l, &Observed::default(), "2026-11-30T00:00:00Z");
         assert_eq!(s.config_checksum.as_deref(), Some("abc"));
+        assert_eq!(
+            s.certificate_not_after.as_deref(),
+            Some("2027-01-01T00:00:00Z")
+        );
+        assert_eq!(s.renewal_time.as_deref(), Some("2026-12-02T00:00:00Z"));
+    }
+
+    /// `certificateNotAfter` and `renewalTime` of a PEM certificate: notAfter minus
+    /// renewBefore, or a third of the lifetime when renewBefore is not shorter.
+    #[test]
+    fn certificate_times_table() {
+        let mut params = rcgen::CertificateParams::new(vec!["mx.example.com".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2026, 4, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let crt = params.self_signed(&key).unwrap().pem();
+        let day = 86_400;
+        for (renew_before, renewal) in [
+            (30 * day, "2026-03-02T00:00:00Z"),
+            (day, "2026-03-31T00:00:00Z"),
+            (90 * day, "2026-03-02T00:00:00Z"),
+            (365 * day, "2026-03-02T00:00:00Z"),
+        ] {
+            assert_eq!(
+                certificate_times(crt.as_bytes(), renew_before),
+                Some(("2026-04-01T00:00:00Z".to_owned(), renewal.to_owned())),
+                "{renew_before}"
+            );
+        }
+        assert_eq!(certificate_times(b"not a certificate", day), None);
     }
 }

@@ -380,3 +380,204 @@ async fn a_missing_user_secret_applies_nothing_and_names_it() {
         "{ready}"
     );
 }
+
+/// A certificate for mx.example.com valid from 2026-01-01 to 2026-04-01 (90 days), PEM,
+/// with its key, as a `kubernetes.io/tls` Secret named `name` in `mail`.
+fn tls_secret(name: &str) -> Value {
+    let mut params = rcgen::CertificateParams::new(vec!["mx.example.com".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2026, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2026, 4, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let crt = params.self_signed(&key).unwrap().pem();
+    let b64 = |s: String| serde_json::to_value(k8s_openapi::ByteString(s.into_bytes())).unwrap();
+    serde_json::json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": "mail"},
+        "data": {"tls.crt": b64(crt), "tls.key": b64(key.serialize_pem())}})
+}
+
+fn certificate_path() -> String {
+    format!("/apis/cert-manager.io/v1{NS}/certificates/mx")
+}
+
+/// `tls.issuerRef`: the Certificate is applied first and the listener waits for
+/// cert-manager (with its word on the Certificate); once the Secret is there the pods
+/// mount it and the status carries its expiry and renewal time; a second reconcile writes
+/// nothing; going back to self-signed prunes the Certificate.
+#[tokio::test]
+async fn issuer_ref_applies_a_certificate_and_waits_for_its_secret() {
+    let (fake, ctx) = seeded();
+    let mut mx = fake.get(&listener_path()).unwrap();
+    mx["spec"]["tls"] = serde_json::json!({"issuerRef": {"name": "letsencrypt",
+        "kind": "ClusterIssuer"}, "renewBefore": "720h"});
+    fake.seed(mx.clone());
+    let listener_uid = mx["metadata"]["uid"].clone();
+
+    // 1. No Secret yet: only the Certificate, and the listener waits for it.
+    let action = listener(typed(&fake, &listener_path()), ctx.clone())
+        .await
+        .expect("reconciles");
+    assert_eq!(
+        action,
+        Action::requeue(super::smtp_listener::SECRET_RECHECK)
+    );
+    assert_eq!(
+        fake.take_writes(),
+        vec![
+            format!("PATCH {}", certificate_path()),
+            format!("POST /apis/events.k8s.io/v1{NS}/events"),
+            format!("PATCH {}/status", listener_path()),
+        ]
+    );
+    let certificate = fake.get(&certificate_path()).expect("Certificate applied");
+    assert_eq!(certificate["apiVersion"], "cert-manager.io/v1");
+    assert_eq!(certificate["kind"], "Certificate");
+    assert_eq!(
+        certificate["spec"],
+        serde_json::json!({
+            "secretName": "mx-issued-tls",
+            "dnsNames": ["mx.example.com"],
+            "issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer", "group": "cert-manager.io"},
+            "renewBefore": "720h",
+            "privateKey": {"rotationPolicy": "Always"},
+        })
+    );
+    assert_eq!(
+        certificate["metadata"]["ownerReferences"][0]["uid"],
+        listener_uid
+    );
+    assert_eq!(
+        certificate["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "petrel-operator"
+    );
+    let ready = condition(&fake.get(&listener_path()).unwrap()["status"], "Ready");
+    assert_eq!(ready["reason"], "SecretNotFound");
+    let message = ready["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("Secret mx-issued-tls (SmtpListener mx tls.issuerRef"),
+        "{message}"
+    );
+
+    // cert-manager's word on the Certificate reaches the message.
+    let mut certificate = fake.get(&certificate_path()).unwrap();
+    certificate["status"] = serde_json::json!({"conditions": [{"type": "Ready",
+        "status": "False", "reason": "DoesNotExist",
+        "message": "Issuing certificate as Secret does not exist"}]});
+    fake.seed(certificate);
+    listener(typed(&fake, &listener_path()), ctx.clone())
+        .await
+        .expect("reconciles");
+    assert_eq!(
+        fake.take_writes(),
+        vec![format!("PATCH {}/status", listener_path())]
+    );
+    let ready = condition(&fake.get(&listener_path()).unwrap()["status"], "Ready");
+    assert!(
+        ready["message"].as_str().unwrap().contains(
+            "the Certificate is Ready=False (DoesNotExist: Issuing certificate as Secret does not exist)"
+        ),
+        "{ready}"
+    );
+
+    // 2. cert-manager filled the Secret: everything is applied, the pods mount it.
+    fake.seed(tls_secret("mx-issued-tls"));
+    let action = listener(typed(&fake, &listener_path()), ctx.clone())
+        .await
+        .expect("reconciles");
+    assert_eq!(action, Action::requeue(RESYNC));
+    let writes = fake.take_writes();
+    assert!(
+        writes.contains(&format!("PATCH /apis/apps/v1{NS}/statefulsets/mx")),
+        "{writes:#?}"
+    );
+    assert!(
+        !writes.iter().any(|w| w.contains("secrets/mx-tls")),
+        "no self-signed Secret: {writes:#?}"
+    );
+    let sts = fake
+        .get(&format!("/apis/apps/v1{NS}/statefulsets/mx"))
+        .unwrap();
+    let volumes = sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    let tls = volumes.iter().find(|v| v["name"] == "tls").unwrap();
+    assert_eq!(tls["secret"]["secretName"], "mx-issued-tls");
+    let status = &fake.get(&listener_path()).unwrap()["status"];
+    assert_eq!(status["certificateNotAfter"], "2026-04-01T00:00:00Z");
+    assert_eq!(status["renewalTime"], "2026-03-02T00:00:00Z", "720h before");
+
+    // 3. Nothing changed: nothing written.
+    listener(typed(&fake, &listener_path()), ctx.clone())
+        .await
+        .expect("reconciles");
+    assert_eq!(fake.take_writes(), Vec::<String>::new());
+
+    // 4. Back to self-signed: the Certificate goes, cert-manager's Secret stays (it is
+    //    cert-manager's), the operator's own Secret comes.
+    let mut mx = fake.get(&listener_path()).unwrap();
+    mx["spec"]["tls"] = serde_json::json!({});
+    fake.seed(mx);
+    listener(typed(&fake, &listener_path()), ctx)
+        .await
+        .expect("reconciles");
+    let writes = fake.take_writes();
+    assert!(
+        writes.contains(&format!("DELETE {}", certificate_path())),
+        "{writes:#?}"
+    );
+    assert!(
+        writes.contains(&format!("PATCH /api/v1{NS}/secrets/mx-tls")),
+        "{writes:#?}"
+    );
+    assert!(
+        fake.get(&format!("/api/v1{NS}/secrets/mx-issued-tls"))
+            .is_some()
+    );
+}
+
+/// Without cert-manager, a listener with `tls.issuerRef` says so (`CertManagerMissing`)
+/// and applies nothing; a listener without it does not notice.
+#[tokio::test]
+async fn a_missing_cert_manager_is_named_and_applies_nothing() {
+    let (fake, ctx) = seeded();
+    fake.without_cert_manager
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    listener(typed(&fake, &listener_path()), ctx.clone())
+        .await
+        .expect("a self-signed listener reconciles without cert-manager");
+    fake.take_writes();
+
+    let mut mx = fake.get(&listener_path()).unwrap();
+    mx["spec"]["tls"] = serde_json::json!({"issuerRef": {"name": "letsencrypt"}});
+    mx["metadata"]["generation"] = serde_json::json!(2);
+    fake.seed(mx);
+    let action = listener(typed(&fake, &listener_path()), ctx)
+        .await
+        .expect("reconciles");
+    assert_eq!(
+        action,
+        Action::requeue(super::smtp_listener::SECRET_RECHECK)
+    );
+    assert_eq!(
+        fake.take_writes(),
+        vec![
+            format!("PATCH {}", certificate_path()),
+            format!("PATCH {}/status", listener_path()),
+        ],
+        "the attempt, then nothing but the status"
+    );
+    let status = &fake.get(&listener_path()).unwrap()["status"];
+    let ready = condition(status, "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "CertManagerMissing");
+    let message = ready["message"].as_str().unwrap();
+    assert!(
+        message.contains("certificates.cert-manager.io/v1")
+            && message.contains("install cert-manager"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("mx-issued-tls"),
+        "the Secret is not the problem: {message}"
+    );
+    assert_eq!(condition(status, "Degraded")["status"], "False");
+}

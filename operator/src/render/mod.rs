@@ -8,6 +8,7 @@
 //! [`KeySource`] so tests are deterministic. The same function backs the reconciler and
 //! `petrel-operator render`.
 
+pub mod certificate;
 pub mod mta_config;
 pub mod secrets;
 pub mod workload;
@@ -20,6 +21,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::DynamicObject;
 use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
 
@@ -134,6 +136,8 @@ pub enum Object {
     PodDisruptionBudget(PodDisruptionBudget),
     /// CPU-based autoscaling.
     HorizontalPodAutoscaler(HorizontalPodAutoscaler),
+    /// A cert-manager `Certificate` (`tls.issuerRef`), see [`certificate`].
+    Certificate(DynamicObject),
 }
 
 impl Object {
@@ -146,6 +150,7 @@ impl Object {
             Self::Service(o) => &o.metadata,
             Self::PodDisruptionBudget(o) => &o.metadata,
             Self::HorizontalPodAutoscaler(o) => &o.metadata,
+            Self::Certificate(o) => &o.metadata,
         }
     }
 
@@ -158,6 +163,7 @@ impl Object {
             Self::Service(_) => "Service",
             Self::PodDisruptionBudget(_) => "PodDisruptionBudget",
             Self::HorizontalPodAutoscaler(_) => "HorizontalPodAutoscaler",
+            Self::Certificate(_) => "Certificate",
         }
     }
 
@@ -175,6 +181,7 @@ impl Object {
             Self::Service(o) => serde_json::to_value(o),
             Self::PodDisruptionBudget(o) => serde_json::to_value(o),
             Self::HorizontalPodAutoscaler(o) => serde_json::to_value(o),
+            Self::Certificate(o) => serde_json::to_value(o),
         }
     }
 }
@@ -287,6 +294,9 @@ pub fn render_listener(
     })?;
     let yaml = config.to_yaml();
     let mut objects = vec![Object::ConfigMap(workload::config_map(listener, &yaml))];
+    if let Some(certificate) = certificate::listener_certificate(listener) {
+        objects.push(Object::Certificate(certificate));
+    }
     let tls_secret = match secrets::listener_tls(listener, world, keys)? {
         secrets::TlsSecret::Render(secret) => {
             let name = secret.metadata.name.clone().unwrap_or_default();
@@ -322,16 +332,6 @@ pub fn render_listener(
     objects.push(Object::PodDisruptionBudget(workload::pdb(listener)));
     if let Some(hpa) = workload::hpa(listener) {
         objects.push(Object::HorizontalPodAutoscaler(hpa));
-    }
-    if listener.spec.tls.issuer_ref.is_some() {
-        notes.push(Note {
-            kind: "SmtpListener",
-            name: name.clone(),
-            reason: "NotYetSupported",
-            message: format!(
-                "tls.issuerRef: no cert-manager Certificate is created yet; pods mount Secret {tls_secret} once it exists"
-            ),
-        });
     }
     let mut configs = BTreeMap::new();
     configs.insert(name, config);

@@ -4,8 +4,9 @@
 //! Invariant: an existing Secret with the expected keys is reused byte for byte, so a
 //! reconcile never rotates a key by accident and applying it again changes nothing. Fresh
 //! material comes from the [`KeySource`] only when no such Secret exists, or (the one
-//! planned rotation) when the self-signed certificate is within [`RENEW_BEFORE_SECS`] of
-//! expiry or no longer names the listener's hostname.
+//! planned rotation) when the self-signed certificate is due for renewal (`tls.renewBefore`
+//! before expiry, see [`super::certificate::renewal_time`]) or no longer names the
+//! listener's hostname.
 
 use super::{Desired, Object, RenderError, World, owned_meta};
 use crate::keys::KeySource;
@@ -31,8 +32,8 @@ pub enum TlsSecret {
     Existing(String),
 }
 
-/// Name of the self-signed TLS Secret of a listener (also the Secret cert-manager is asked
-/// to fill when `tls.issuerRef` is set).
+/// Name of the self-signed TLS Secret of a listener (cert-manager fills another one,
+/// [`super::certificate::issued_secret_name`]).
 pub fn tls_secret_name(listener: &SmtpListener) -> String {
     format!("{}-tls", listener.name_any())
 }
@@ -46,13 +47,16 @@ pub fn listener_tls(
     if let Some(name) = &listener.spec.tls.secret_name {
         return Ok(TlsSecret::Existing(name.clone()));
     }
-    let name = tls_secret_name(listener);
     if listener.spec.tls.issuer_ref.is_some() {
-        return Ok(TlsSecret::Existing(name));
+        return Ok(TlsSecret::Existing(super::certificate::issued_secret_name(
+            listener,
+        )));
     }
+    let name = tls_secret_name(listener);
     let ns = listener.namespace().unwrap_or_default();
+    let renew_before = super::certificate::renew_before_secs(listener);
     let current = reuse(world, &ns, &name, &["tls.crt", "tls.key"])
-        .filter(|data| still_good(data, &listener.spec.hostname, world.now));
+        .filter(|data| still_good(data, &listener.spec.hostname, renew_before, world.now));
     let data = match current {
         Some(data) => data,
         None => {
@@ -77,13 +81,11 @@ pub fn listener_tls(
     })))
 }
 
-/// A self-signed certificate is replaced this long before it expires (the MTA reloads
-/// the mounted files; sessions in progress keep the certificate they started with).
-pub const RENEW_BEFORE_SECS: i64 = 30 * 86_400;
-
-/// What a PEM certificate says about itself: expiry (Unix seconds) and DNS names.
+/// What a PEM certificate says about itself: validity (Unix seconds) and DNS names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateFacts {
+    /// `notBefore`, in Unix seconds.
+    pub not_before: i64,
     /// `notAfter`, in Unix seconds.
     pub not_after: i64,
     /// The DNS names of its subjectAltName extension.
@@ -110,22 +112,31 @@ pub fn certificate_facts(pem: &[u8]) -> Option<CertificateFacts> {
         })
         .unwrap_or_default();
     Some(CertificateFacts {
+        not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         dns_names,
     })
 }
 
 /// Whether an existing self-signed Secret can stay: without a clock (offline render)
-/// always; otherwise only a certificate that parses, names `hostname` and is more than
-/// [`RENEW_BEFORE_SECS`] from expiry. Anything else is replaced by a fresh one.
-fn still_good(data: &BTreeMap<String, ByteString>, hostname: &str, now: Option<i64>) -> bool {
+/// always; otherwise only a certificate that parses, names `hostname` and has not reached
+/// its renewal time (`renew_before` seconds before expiry, see
+/// [`super::certificate::renewal_time`]). Anything else is replaced by a fresh one (the
+/// MTA reloads the mounted files; sessions in progress keep the certificate they started
+/// with).
+fn still_good(
+    data: &BTreeMap<String, ByteString>,
+    hostname: &str,
+    renew_before: i64,
+    now: Option<i64>,
+) -> bool {
     let Some(now) = now else {
         return true;
     };
     data.get("tls.crt")
         .and_then(|crt| certificate_facts(&crt.0))
         .is_some_and(|facts| {
-            facts.not_after - now > RENEW_BEFORE_SECS
+            now < super::certificate::renewal_time(facts.not_before, facts.not_after, renew_before)
                 && facts
                     .dns_names
                     .iter()

@@ -405,7 +405,8 @@ fn proxy_protocol_reaches_every_listener_of_the_mta_config() {
     assert!(off.listeners.iter().all(|l| !l.proxy_protocol));
 }
 
-/// A real self-signed certificate for `hostname` expiring `days` from `now`.
+/// A real self-signed certificate for `hostname` expiring `days` from `now`, valid for a
+/// year (as the operator's own).
 fn certificate(hostname: &str, now: i64, days: i64) -> (String, String) {
     let mut params = rcgen::CertificateParams::new(vec![hostname.to_owned()]).unwrap();
     let at = |secs: i64| {
@@ -418,7 +419,7 @@ fn certificate(hostname: &str, now: i64, days: i64) -> (String, String) {
             t.day().unsigned_abs(),
         )
     };
-    params.not_before = at(now - 86_400);
+    params.not_before = at(now + (days - 365) * 86_400);
     params.not_after = at(now + days * 86_400);
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
