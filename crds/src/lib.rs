@@ -13,7 +13,9 @@ pub mod relay_policy;
 pub mod smtp_listener;
 
 pub use conditions::{Condition, ConditionStatus};
-pub use dkim_key::{DkimAlgorithm, DkimKey, DkimKeyPhase, DkimKeySpec, DkimKeyStatus};
+pub use dkim_key::{
+    DkimAlgorithm, DkimKey, DkimKeyPhase, DkimKeySpec, DkimKeyStatus, DkimRotation,
+};
 pub use mail_domain::{MailDomain, MailDomainSpec, MailDomainStatus};
 pub use relay_policy::{RelayPolicy, RelayPolicySpec, RelayPolicyStatus};
 pub use smtp_listener::{ListenerPortKind, SmtpListener, SmtpListenerSpec, SmtpListenerStatus};

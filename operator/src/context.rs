@@ -17,6 +17,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// DNS server for MailDomain checks; `None` uses the system resolvers.
     pub dns_server: Option<SocketAddr>,
+    /// Port the zones' authoritative nameservers are asked on (DKIM publication checks):
+    /// 53, or `PETREL_DNS_AUTHORITATIVE_PORT` for test servers.
+    pub authoritative_port: u16,
     /// Consecutive failures per `kind/namespace/name`, for exponential backoff.
     pub failures: Mutex<HashMap<String, u32>>,
     /// Skip live DNS lookups (tests without a DNS server).
@@ -44,6 +47,10 @@ impl Context {
             client,
             recorder,
             dns_server,
+            authoritative_port: std::env::var("PETREL_DNS_AUTHORITATIVE_PORT")
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(53),
             failures: Mutex::new(HashMap::new()),
             check_dns: true,
             metrics: crate::metrics::Metrics::default(),

@@ -7,7 +7,7 @@
 //! a lookup error just means "does not match yet".
 
 use crate::render::World;
-use crate::render::secrets::{DKIM_RECORD, DKIM_SELECTOR, dkim_secret_name, first_selector};
+use crate::render::dkim;
 use crds::ListenerPortKind;
 use crds::MailDomain;
 use crds::mail_domain::{DmarcDisposition, DnsRecordStatus, MtaStsMode, SpfAll};
@@ -107,25 +107,22 @@ pub fn guidance(domain: &MailDomain, world: &World, listener_addresses: &[IpAddr
         if key.spec.domain != spec.domain && !referenced {
             continue;
         }
-        let selector = first_selector(key);
-        let ns = key.namespace().unwrap_or_default();
-        let secret = world.secret(&ns, &dkim_secret_name(key, &selector));
-        let data = secret.and_then(|s| s.data.as_ref());
-        let value = data
-            .and_then(|d| d.get(DKIM_RECORD))
-            .map(|v| String::from_utf8_lossy(&v.0).into_owned());
-        let selector = data
-            .and_then(|d| d.get(DKIM_SELECTOR))
-            .map_or(selector, |v| String::from_utf8_lossy(&v.0).into_owned());
-        if let Some(value) = value {
+        // Every slot with a record that must exist now: the next key, the active one,
+        // the retiring one, and a revoked one (empty `p=`) until its slot is reused.
+        let slots = dkim::read_slots(key, world);
+        if slots.iter().all(|s| s.record.is_none()) {
+            pending_dkim.push(format!("{}._domainkey.{apex}", slots[0].selector));
+        }
+        for slot in slots {
+            let (Some(value), Some(state)) = (slot.record, slot.state) else {
+                continue;
+            };
             records.push(DnsRecord {
-                name: format!("{selector}._domainkey.{apex}"),
+                name: format!("{}._domainkey.{apex}", slot.selector),
                 type_: "TXT",
                 value,
-                purpose: format!("DKIM selector {selector}"),
+                purpose: format!("DKIM selector {} ({:?})", slot.selector, state.phase),
             });
-        } else {
-            pending_dkim.push(format!("{selector}._domainkey.{apex}"));
         }
     }
     records.push(DnsRecord {

@@ -16,6 +16,7 @@ pub mod dns;
 pub mod input;
 pub mod keys;
 pub mod metrics;
+pub mod pods;
 pub mod reconcile;
 pub mod render;
 pub mod status;

@@ -117,10 +117,12 @@ operator renders need create as well as patch.
 - apiGroups: ["cert-manager.io"]
   resources: [certificates]
   verbs: [get, list, watch, create, patch, delete]
-# MTA pod readiness, for the SmtpListener status and for draining before scale-in.
+# MTA pod readiness, for the SmtpListener status and for draining before scale-in; patch
+# only sets the pods' config-checksum annotation, which makes the kubelet refresh their
+# mounted config and keys at once instead of at its next periodic sync.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 # Events on the reconciled resources (the recorder creates, then patches a series).
 - apiGroups: ["events.k8s.io"]
   resources: [events]

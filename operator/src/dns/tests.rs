@@ -40,7 +40,7 @@ fn guidance_lists_every_record_the_example_domain_needs() {
         vec![
             "example.com. MX 10 mx.example.com.",
             "example.com. TXT v=spf1 mx ip4:192.0.2.0/24 -all",
-            "petrel-1._domainkey.example.com. TXT v=DKIM1; k=ed25519; p=dGVzdC1lZDI1NTE5LXB1YmxpYy1rZXktMzItYnl0ZXM=",
+            "petrel-a._domainkey.example.com. TXT v=DKIM1; k=ed25519; p=dGVzdC1lZDI1NTE5LXB1YmxpYy1rZXktMzItYnl0ZXM=",
             "_dmarc.example.com. TXT v=DMARC1; p=quarantine; rua=mailto:dmarc-reports@example.com",
             "_mta-sts.example.com. TXT v=STSv1; id=e7ef2023328f741b60fc",
             "_smtp._tls.example.com. TXT v=TLSRPTv1; rua=mailto:tls-reports@example.com",
@@ -63,7 +63,7 @@ fn a_dkim_key_without_its_secret_is_listed_as_pending() {
     let g = guidance(&example_com(&world), &world, &[]);
     assert_eq!(
         g.pending_dkim,
-        vec!["petrel-1._domainkey.example.com.".to_owned()]
+        vec!["petrel-a._domainkey.example.com.".to_owned()]
     );
     assert!(g.records.iter().all(|r| !r.purpose.starts_with("DKIM")));
 }

@@ -1,19 +1,22 @@
-//! DkimKey reconciler: makes (or reuses) the key Secret, asks live DNS whether the public
-//! TXT record is served, and sets the phase: `Pending` (no key) → `Published` (record in
-//! status, not yet visible: nothing signs with it) → `Active` (visible: listeners sign).
+//! DkimKey reconciler: gathers what the rotation needs (the two slot Secrets, what every
+//! authoritative nameserver answers for each record, which keys the Ready MTA pods report
+//! loaded and signing), takes one [`dkim_rotation::step`], writes the slot Secrets (the
+//! rotation's state) and then the status that reports it.
 //!
-//! A lookup that fails (timeout, SERVFAIL, no resolver) is not an answer: the key keeps
-//! the phase it had, and `DnsReady=Unknown` says why. Only a definite answer (no such
-//! record, or a different value) takes an Active key out of signing, so one flaky lookup
-//! never changes the config or rolls anything.
+//! A lookup that fails (timeout, SERVFAIL, no resolver) is not an answer: the rotation
+//! pauses and says so (`Rotation=Unknown`, reason `DnsUnavailable`), and the active key
+//! keeps signing. Only a definite answer takes a key out of signing.
 
-use super::{RESYNC, converge, finish, load_world, namespace_of, notes_for, patch_status, publish};
+use super::dkim_rotation::{self, DnsCheck, Inputs, PodReport, Schedule, Step};
+use super::{finish, load_world, namespace_of, patch_status, publish};
 use crate::context::Context;
+use crate::dns::authoritative;
 use crate::keys::SystemKeys;
-use crate::render::{Note, Object, secrets};
-use crate::{Result, dns, status};
+use crate::render::World;
+use crate::render::dkim::{self, Slot, rfc3339};
+use crate::{Result, dns, pods, status};
 use crds::conditions::{Condition, DNS_READY};
-use crds::dkim_key::{DkimKeyPhase, DkimKeyStatus, DkimSelector};
+use crds::dkim_key::{DkimKeyPhase, DkimKeyStatus, DkimRotation, DkimSelector, ROTATE_ANNOTATION};
 use crds::{ConditionStatus, DkimKey};
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -21,130 +24,171 @@ use kube::runtime::events::EventType;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How soon a key whose record is not visible yet is checked again.
-pub const DNS_RECHECK: Duration = Duration::from_secs(15);
+/// Condition type reporting the rotation's progress.
+pub const ROTATION: &str = "Rotation";
 
-/// What live DNS said about the key's TXT record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordCheck {
-    /// Served with the expected value.
-    Visible,
-    /// Definitely not served (no such record, or another value).
-    NotVisible,
-    /// The lookup failed; DNS said nothing.
-    LookupFailed,
-    /// Not asked (DNS checks off).
-    NotChecked,
-}
+/// How long one authoritative query may take.
+const DNS_TIMEOUT: Duration = Duration::from_secs(3);
 
-impl From<Option<bool>> for RecordCheck {
-    fn from(answer: Option<bool>) -> Self {
-        match answer {
-            Some(true) => Self::Visible,
-            Some(false) => Self::NotVisible,
-            None => Self::LookupFailed,
-        }
-    }
-}
-
-/// The key's current selector and its public record, once key material exists.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    /// Selector, e.g. `petrel-1`.
-    pub selector: String,
-    /// Owner name, e.g. `petrel-1._domainkey.example.com.`.
-    pub name: String,
-    /// TXT value, e.g. `v=DKIM1; k=ed25519; p=…`.
-    pub value: String,
-}
-
-/// The phase that follows from `check`, given the status the key had.
-pub fn phase(
-    previous: &DkimKeyStatus,
-    record: Option<&Record>,
-    check: RecordCheck,
-) -> DkimKeyPhase {
-    let Some(record) = record else {
-        return DkimKeyPhase::Pending;
+/// The key's period and overlap, from its spec (the CRD admits only valid durations; an
+/// unparsable one falls back to the defaults).
+pub fn schedule(key: &DkimKey) -> Schedule {
+    let secs = |text: &str, default: u64| {
+        i64::try_from(crds::parse_duration_secs(text).unwrap_or(default)).unwrap_or(i64::MAX / 4)
     };
-    match check {
-        RecordCheck::Visible => DkimKeyPhase::Active,
-        RecordCheck::NotVisible => DkimKeyPhase::Published,
-        RecordCheck::LookupFailed | RecordCheck::NotChecked => {
-            let was_active = previous.phase == DkimKeyPhase::Active
-                && previous.active_selector.as_deref() == Some(record.selector.as_str());
-            if was_active {
-                DkimKeyPhase::Active
-            } else {
-                DkimKeyPhase::Published
-            }
-        }
+    Schedule {
+        period: (key.spec.rotation == DkimRotation::Automatic)
+            .then(|| secs(&key.spec.rotation_period, 90 * 86_400).max(1)),
+        overlap: secs(&key.spec.overlap, 7 * 86_400),
     }
 }
 
-/// The status of `obj` after a reconcile. Pure.
+fn dns_text(check: &DnsCheck) -> Option<String> {
+    match check {
+        DnsCheck::Visible { servers, .. } => Some(format!(
+            "answered by all {servers} authoritative nameservers"
+        )),
+        DnsCheck::NotVisible { lagging } => Some(format!("not answered by {}", lagging.join(", "))),
+        DnsCheck::LookupFailed(why) => Some(format!("lookup failed: {why}")),
+        DnsCheck::NotChecked => None,
+    }
+}
+
+/// The newest key's phase: one coming in, else the active one, else whatever is left.
+fn overall_phase(slots: &[Slot; 2]) -> DkimKeyPhase {
+    use DkimKeyPhase::*;
+    let phases: Vec<DkimKeyPhase> = slots
+        .iter()
+        .filter_map(|s| s.state.as_ref().map(|st| st.phase))
+        .collect();
+    [Generated, Published, Active, Retiring, Revoked]
+        .into_iter()
+        .find(|p| phases.contains(p))
+        .unwrap_or(Pending)
+}
+
+/// The status after `step`, given the slots as they now are. Pure.
 pub fn status(
     obj: &DkimKey,
-    record: Option<&Record>,
-    check: RecordCheck,
-    notes: &[&Note],
+    slots: &[Slot; 2],
+    dns: &[DnsCheck; 2],
+    step: &Step,
+    notes: &[&crate::render::Note],
     now: &str,
 ) -> DkimKeyStatus {
     let previous = obj.status.clone().unwrap_or_default();
-    let phase = phase(&previous, record, check);
     let generation = obj.metadata.generation;
+    let phase = overall_phase(slots);
+    let active = slots
+        .iter()
+        .find(|s| s.state.as_ref().map(|st| st.phase) == Some(DkimKeyPhase::Active));
+    let mut selectors: Vec<(i64, DkimSelector)> = slots
+        .iter()
+        .zip(dns)
+        .filter_map(|(slot, check)| {
+            let state = slot.state.as_ref()?;
+            Some((
+                state.since,
+                DkimSelector {
+                    selector: slot.selector.clone(),
+                    phase: state.phase,
+                    since: Some(rfc3339(state.since)),
+                    dns: dns_text(check),
+                    record_name: dkim::record_name(obj, &slot.selector),
+                    record_value: slot.record.clone().unwrap_or_default(),
+                    secret_name: slot.secret_name.clone(),
+                },
+            ))
+        })
+        .collect();
+    selectors.sort_by_key(|s| std::cmp::Reverse(s.0));
+
     let mut extra = Vec::new();
-    let mut pending = None;
-    if let Some(record) = record {
+    // DnsReady: the record of the key that matters most now (incoming, else active).
+    let watched = slots
+        .iter()
+        .zip(dns)
+        .filter(|(s, _)| {
+            matches!(
+                s.state.as_ref().map(|st| st.phase),
+                Some(DkimKeyPhase::Generated | DkimKeyPhase::Published)
+            )
+        })
+        .chain(
+            slots
+                .iter()
+                .zip(dns)
+                .filter(|(s, _)| s.state.as_ref().map(|st| st.phase) == Some(DkimKeyPhase::Active)),
+        )
+        .next();
+    if let Some((slot, check)) = watched {
+        let name = dkim::record_name(obj, &slot.selector);
         let (state, reason, message) = match check {
-            RecordCheck::Visible => (
+            DnsCheck::Visible { servers, .. } => (
                 ConditionStatus::True,
                 "RecordVisible",
-                format!("TXT {}", record.name),
+                format!("TXT {name} is answered by all {servers} authoritative nameservers"),
             ),
-            RecordCheck::NotVisible => (
+            DnsCheck::NotVisible { lagging } => (
                 ConditionStatus::False,
                 "RecordNotVisible",
-                format!("TXT {}", record.name),
+                format!("TXT {name} is not answered by {}", lagging.join(", ")),
             ),
-            RecordCheck::LookupFailed => (
+            DnsCheck::LookupFailed(why) => (
                 ConditionStatus::Unknown,
                 "LookupFailed",
-                format!(
-                    "the DNS lookup of TXT {} failed; phase {phase:?} is kept until DNS answers",
-                    record.name
-                ),
+                format!("TXT {name}: {why}; phases are kept until DNS answers"),
             ),
-            RecordCheck::NotChecked => (
+            DnsCheck::NotChecked => (
                 ConditionStatus::Unknown,
                 "NotChecked",
-                format!("TXT {} is not checked (DNS checks are off)", record.name),
+                format!("TXT {name} is not checked (DNS checks are off)"),
             ),
         };
         extra.push(Condition::new(
             DNS_READY, state, reason, message, generation, now,
         ));
-        if phase == DkimKeyPhase::Published {
-            pending = Some((
-                "AwaitingDns",
-                format!(
-                    "publish TXT {} (see status.selectors); nothing is signed with this key until it is visible",
-                    record.name
-                ),
-            ));
-        }
     }
-    let selectors = record
-        .map(|r| {
-            vec![DkimSelector {
-                selector: r.selector.clone(),
-                phase,
-                record_name: r.name.clone(),
-                record_value: r.value.clone(),
-                secret_name: secrets::dkim_secret_name(obj, &r.selector),
-            }]
-        })
-        .unwrap_or_default();
+    let (state, reason, message) = if let Some(why) = &step.paused {
+        (
+            ConditionStatus::Unknown,
+            "DnsUnavailable",
+            format!("rotation paused, the active key keeps signing: {why}"),
+        )
+    } else if !step.waiting.is_empty() {
+        (ConditionStatus::False, "Waiting", step.waiting.join("; "))
+    } else if matches!(phase, DkimKeyPhase::Generated | DkimKeyPhase::Published) {
+        (
+            ConditionStatus::True,
+            "InProgress",
+            format!("the next key is {phase:?}"),
+        )
+    } else {
+        (
+            ConditionStatus::True,
+            "Idle",
+            step.next_rotation.map_or_else(
+                || "rotation: Manual; annotate mail.petrel.dev/rotate to rotate".to_owned(),
+                |t| format!("next rotation at {}", rfc3339(t)),
+            ),
+        )
+    };
+    extra.push(Condition::new(
+        ROTATION, state, reason, message, generation, now,
+    ));
+    let pending = active.is_none().then(|| {
+        (
+            "NotSigning",
+            format!(
+                "no key signs yet: {}",
+                if step.waiting.is_empty() {
+                    "the first key is on its way".to_owned()
+                } else {
+                    step.waiting.join("; ")
+                }
+            ),
+        )
+    });
     DkimKeyStatus {
         conditions: status::reconciled(
             &previous.conditions,
@@ -156,11 +200,9 @@ pub fn status(
         ),
         observed_generation: generation,
         phase,
-        active_selector: record
-            .filter(|_| phase == DkimKeyPhase::Active)
-            .map(|r| r.selector.clone()),
-        selectors,
-        next_rotation_time: None,
+        active_selector: active.map(|s| s.selector.clone()),
+        selectors: selectors.into_iter().map(|(_, s)| s).collect(),
+        next_rotation_time: step.next_rotation.map(rfc3339),
     }
 }
 
@@ -183,161 +225,160 @@ pub async fn reconcile(obj: Arc<DkimKey>, ctx: Arc<Context>) -> Result<Action> {
     .await
 }
 
-async fn check_record(ctx: &Context, record: &Record) -> RecordCheck {
+/// What every authoritative nameserver answers for the record of `slot`, when the slot
+/// holds a key whose record matters for the next step.
+async fn check_slot(ctx: &Context, key: &DkimKey, slot: &Slot) -> DnsCheck {
+    let wanted = slot.state.as_ref().is_some_and(|s| {
+        matches!(
+            s.phase,
+            DkimKeyPhase::Generated | DkimKeyPhase::Published | DkimKeyPhase::Active
+        )
+    });
+    let (true, Some(record)) = (wanted, &slot.record) else {
+        return DnsCheck::NotChecked;
+    };
     if !ctx.check_dns {
-        return RecordCheck::NotChecked;
+        return DnsCheck::NotChecked;
     }
-    let records = [dns::DnsRecord {
-        name: record.name.clone(),
-        type_: "TXT",
-        value: record.value.clone(),
-        purpose: String::new(),
-    }];
-    match dns::resolver(ctx.dns_server) {
-        Ok(r) => dns::check(&r, &records)
-            .await
-            .first()
-            .copied()
-            .flatten()
-            .into(),
-        Err(e) => {
-            tracing::warn!(error = %e, "no DNS resolver; DKIM record not checked");
-            RecordCheck::LookupFailed
+    let resolver = match dns::resolver(ctx.dns_server) {
+        Ok(r) => r,
+        Err(e) => return DnsCheck::LookupFailed(format!("no DNS resolver: {e}")),
+    };
+    let name = dkim::record_name(key, &slot.selector);
+    let check = authoritative::check_txt(
+        &resolver,
+        &name,
+        record,
+        ctx.authoritative_port,
+        DNS_TIMEOUT,
+    )
+    .await;
+    match check.verdict() {
+        authoritative::Verdict::Visible { wait } => DnsCheck::Visible {
+            wait: wait.as_secs(),
+            servers: check.servers.len(),
+        },
+        authoritative::Verdict::NotVisible { lagging } => DnsCheck::NotVisible { lagging },
+        authoritative::Verdict::LookupFailed(why) => DnsCheck::LookupFailed(why),
+    }
+}
+
+/// What the Ready pods that load this key report. Pods load it when a MailDomain of the
+/// namespace names it; then every listener of the namespace does.
+async fn pod_report(ctx: &Context, key: &DkimKey, world: &World) -> PodReport {
+    let mut report = PodReport::default();
+    let used = world.domains.iter().any(|d| {
+        d.spec.dkim_key_ref.as_deref() == Some(key.name_any().as_str())
+            && d.spec.domain.eq_ignore_ascii_case(&key.spec.domain)
+    });
+    if !used {
+        return report;
+    }
+    for listener in &world.listeners {
+        let ready = match pods::ready_pods(&ctx.client, listener).await {
+            Ok(p) => p,
+            Err(e) => {
+                report
+                    .unreadable
+                    .insert(format!("pods of {} ({e})", listener.name_any()));
+                continue;
+            }
+        };
+        let scrapes = futures::future::join_all(
+            ready
+                .iter()
+                .map(|pod| pods::scrape(pod.ip, pods::SCRAPE_TIMEOUT)),
+        )
+        .await;
+        for (pod, scraped) in ready.iter().zip(scrapes) {
+            report.ready.insert(pod.name.clone());
+            let text = match scraped {
+                Ok(text) => text,
+                Err(e) => {
+                    tracing::debug!(pod = pod.name, error = e, "metrics unreadable");
+                    report.unreadable.insert(pod.name.clone());
+                    continue;
+                }
+            };
+            for loaded in pods::dkim_keys(&text) {
+                if !loaded.domain.eq_ignore_ascii_case(&key.spec.domain) {
+                    continue;
+                }
+                report
+                    .loaded
+                    .entry(loaded.selector.clone())
+                    .or_default()
+                    .insert(pod.name.clone());
+                if loaded.signing {
+                    report
+                        .signing
+                        .entry(loaded.selector)
+                        .or_default()
+                        .insert(pod.name.clone());
+                }
+            }
         }
     }
+    report
 }
 
 async fn apply_key(obj: &DkimKey, ctx: &Context) -> Result<Action> {
     let ns = namespace_of(obj)?;
     let world = load_world(ctx, &ns);
+    let now = world
+        .now
+        .unwrap_or_else(|| k8s_openapi::jiff::Timestamp::now().as_second());
+    let slots = dkim::read_slots(obj, &world);
+    let (dns_a, dns_b) = futures::join!(
+        check_slot(ctx, obj, &slots[0]),
+        check_slot(ctx, obj, &slots[1])
+    );
+    let dns = [dns_a, dns_b];
+    let pods = pod_report(ctx, obj, &world).await;
+    let request = obj.annotations().get(ROTATE_ANNOTATION).cloned();
+    let step = dkim_rotation::step(&Inputs {
+        now,
+        schedule: schedule(obj),
+        slots: &slots,
+        dns: &dns,
+        pods: &pods,
+        rotate_request: request.as_deref(),
+    });
+
     // Generating a key (RSA-2048 takes a good fraction of a second) stays off the async
     // workers, which serve every other reconcile meanwhile.
-    let key = obj.clone();
-    let rendered =
-        tokio::task::spawn_blocking(move || secrets::dkim_key(&key, &world, &mut SystemKeys)).await;
-    let desired = match rendered {
-        Ok(desired) => desired?,
+    let (key, plans, source) = (obj.clone(), step.plans.clone(), world.clone());
+    let rendered = tokio::task::spawn_blocking(move || {
+        dkim::slot_secrets(&key, &source, &plans, &mut SystemKeys)
+    })
+    .await;
+    let objects = match rendered {
+        Ok(objects) => objects?,
         Err(join) => std::panic::resume_unwind(join.into_panic()),
     };
-    let changed = converge(&ctx.client, obj, &desired.objects).await?;
-    if !changed.is_empty() {
-        publish(
-            ctx,
-            obj,
-            EventType::Normal,
-            "KeyGenerated",
-            changed.join(", "),
-        )
-        .await;
+    // The Secrets are the rotation's memory: they are written before anything reports
+    // the step.
+    super::converge(&ctx.client, obj, &objects).await?;
+    for event in &step.events {
+        let type_ = if event.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, obj, type_, event.reason, event.message.clone()).await;
     }
-    let selector = secrets::first_selector(obj);
-    let record = desired.objects.iter().find_map(|o| match o {
-        Object::Secret(s) => s
-            .data
-            .as_ref()
-            .and_then(|d| d.get(secrets::DKIM_RECORD))
-            .map(|v| Record {
-                name: format!("{selector}._domainkey.{}.", obj.spec.domain),
-                selector: selector.clone(),
-                value: String::from_utf8_lossy(&v.0).into_owned(),
-            }),
+    // Status reports the slots as just written (the store catches up a moment later).
+    let mut after = world.clone();
+    let slot_secrets: Vec<&str> = slots.iter().map(|s| s.secret_name.as_str()).collect();
+    after
+        .secrets
+        .retain(|s| !slot_secrets.contains(&s.metadata.name.as_deref().unwrap_or_default()));
+    after.secrets.extend(objects.iter().filter_map(|o| match o {
+        crate::render::Object::Secret(s) => Some(s.clone()),
         _ => None,
-    });
-    let check = match &record {
-        Some(r) => check_record(ctx, r).await,
-        None => RecordCheck::NotChecked,
-    };
-    let notes = notes_for(&desired.notes, "DkimKey", &obj.name_any());
-    let status = status(obj, record.as_ref(), check, &notes, &status::now());
-    let before = obj.status.as_ref().map(|s| s.phase);
-    if before != Some(status.phase) {
-        publish(
-            ctx,
-            obj,
-            EventType::Normal,
-            &format!("{:?}", status.phase),
-            format!("DkimKey is {:?}", status.phase),
-        )
-        .await;
-    }
-    let requeue = if status.phase == DkimKeyPhase::Published {
-        DNS_RECHECK
-    } else {
-        RESYNC
-    };
+    }));
+    let slots_after = dkim::read_slots(obj, &after);
+    let status = status(obj, &slots_after, &dns, &step, &[], &status::now());
     patch_status(&ctx.client, obj, obj.status.as_ref(), &status).await?;
-    Ok(Action::requeue(requeue))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record() -> Record {
-        Record {
-            selector: "petrel-1".into(),
-            name: "petrel-1._domainkey.example.com.".into(),
-            value: "v=DKIM1; k=ed25519; p=abc".into(),
-        }
-    }
-
-    fn was(phase: DkimKeyPhase, active: Option<&str>) -> DkimKeyStatus {
-        DkimKeyStatus {
-            phase,
-            active_selector: active.map(str::to_owned),
-            ..DkimKeyStatus::default()
-        }
-    }
-
-    #[test]
-    fn phase_table() {
-        use DkimKeyPhase::*;
-        use RecordCheck::*;
-        let r = record();
-        let cases = [
-            // (previous, record present, check, expected)
-            (was(Pending, None), false, NotChecked, Pending),
-            (was(Pending, None), true, NotVisible, Published),
-            (was(Published, None), true, Visible, Active),
-            (was(Published, None), true, LookupFailed, Published),
-            // A failed lookup never demotes an Active key…
-            (was(Active, Some("petrel-1")), true, LookupFailed, Active),
-            (was(Active, Some("petrel-1")), true, NotChecked, Active),
-            // …but a definite answer that the record is gone does.
-            (was(Active, Some("petrel-1")), true, NotVisible, Published),
-            // Active under another selector is no reason to sign with this one.
-            (was(Active, Some("petrel-0")), true, LookupFailed, Published),
-        ];
-        for (previous, has_record, check, expected) in cases {
-            let got = phase(&previous, has_record.then_some(&r), check);
-            assert_eq!(got, expected, "{previous:?} {check:?}");
-        }
-    }
-
-    #[test]
-    fn a_failed_lookup_keeps_signing_and_says_so() {
-        let mut key: DkimKey = serde_json::from_value(serde_json::json!({
-            "apiVersion": "mail.petrel.dev/v1alpha1", "kind": "DkimKey",
-            "metadata": {"name": "k", "namespace": "mail", "generation": 1},
-            "spec": {"domain": "example.com", "algorithm": "ed25519"}
-        }))
-        .unwrap();
-        key.status = Some(was(DkimKeyPhase::Active, Some("petrel-1")));
-        let s = status(
-            &key,
-            Some(&record()),
-            RecordCheck::LookupFailed,
-            &[],
-            "2026-11-30T00:00:00Z",
-        );
-        assert_eq!(s.phase, DkimKeyPhase::Active);
-        assert_eq!(s.active_selector.as_deref(), Some("petrel-1"));
-        let dns = s.conditions.iter().find(|c| c.type_ == DNS_READY).unwrap();
-        assert_eq!(
-            (dns.status, dns.reason.as_str()),
-            (ConditionStatus::Unknown, "LookupFailed")
-        );
-        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!(ready.status, ConditionStatus::True);
-    }
+    Ok(Action::requeue(step.recheck))
 }

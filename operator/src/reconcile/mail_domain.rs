@@ -98,7 +98,7 @@ async fn apply_domain(obj: &MailDomain, ctx: &Context) -> Result<Action> {
     };
     let mut notes = Vec::new();
     let _ = render::mta_config::local_domain(obj, &mut notes);
-    let _ = render::mta_config::signing_key(obj, &world, &mut notes);
+    let _ = render::mta_config::signing_keys_of(obj, &world, &mut notes);
     let notes: Vec<&Note> = notes.iter().collect();
     let status = status(obj, &guidance, &matches, &notes, &status::now());
     patch_status(&ctx.client, obj, obj.status.as_ref(), &status).await?;

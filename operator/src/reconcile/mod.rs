@@ -11,6 +11,7 @@
 //! owned (ownerReferences), so Kubernetes' garbage collector cleans up on delete.
 
 pub mod dkim_key;
+pub mod dkim_rotation;
 pub mod mail_domain;
 pub mod relay_policy;
 pub mod smtp_listener;

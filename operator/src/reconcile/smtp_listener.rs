@@ -341,6 +341,13 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
             .configs
             .get(&name)
             .map(|c| render::sha256_hex(c.to_yaml().as_bytes()));
+        // The pods pick up a new config or DKIM key now, not at the kubelet's next sync:
+        // the DKIM rotation waits on them.
+        let mounted = render::mounted_files_checksum(obj, &desired.objects);
+        let nudged = crate::pods::nudge(&ctx.client, obj, &mounted).await?;
+        if nudged > 0 {
+            tracing::debug!(pods = nudged, "pods told to re-sync their mounted files");
+        }
         if let Some((not_after, renewal)) =
             served_certificate(ctx, obj, &ns, &desired.objects).await?
         {

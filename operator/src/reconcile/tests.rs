@@ -248,24 +248,24 @@ async fn degraded_condition_names_the_error() {
 }
 
 #[tokio::test]
-async fn dkim_key_gets_a_secret_and_a_published_record_then_nothing() {
+async fn dkim_key_gets_a_secret_and_a_record_to_publish_then_nothing() {
     let (fake, ctx) = seeded();
     let path = format!("/apis/mail.petrel.dev/v1alpha1{NS}/dkimkeys/example-com-ed25519");
     dkim_key(typed(&fake, &path), ctx.clone())
         .await
         .expect("reconciles");
     let secret = fake
-        .get(&format!("/api/v1{NS}/secrets/example-com-ed25519-petrel-1"))
+        .get(&format!("/api/v1{NS}/secrets/example-com-ed25519-petrel-a"))
         .expect("secret");
     assert_eq!(
         secret["metadata"]["labels"]["mail.petrel.dev/owner-kind"],
         "DkimKey"
     );
     let status = &fake.get(&path).unwrap()["status"];
-    assert_eq!(status["phase"], "Published");
+    assert_eq!(status["phase"], "Generated");
     assert_eq!(
         status["selectors"][0]["recordName"],
-        "petrel-1._domainkey.example.com."
+        "petrel-a._domainkey.example.com."
     );
     assert!(
         status["selectors"][0]["recordValue"]
@@ -274,6 +274,15 @@ async fn dkim_key_gets_a_secret_and_a_published_record_then_nothing() {
             .starts_with("v=DKIM1; k=ed25519; p=")
     );
     fake.take_writes();
+    // The second look knows what the first could not (the new key's record is not
+    // checked) and says so; the key itself is not touched.
+    dkim_key(typed(&fake, &path), ctx.clone())
+        .await
+        .expect("again");
+    let writes = fake.take_writes();
+    assert!(writes.iter().all(|w| w.ends_with("/status")), "{writes:?}");
+    let status = &fake.get(&path).unwrap()["status"];
+    assert_eq!(condition(status, "Rotation")["reason"], "Waiting");
     dkim_key(typed(&fake, &path), ctx).await.expect("again");
     assert_eq!(
         fake.take_writes(),

@@ -9,6 +9,7 @@
 //! `petrel-operator render`.
 
 pub mod certificate;
+pub mod dkim;
 pub mod mta_config;
 pub mod secrets;
 pub mod workload;
@@ -247,7 +248,14 @@ pub fn render(world: &World, keys: &mut dyn KeySource) -> Result<Desired, Render
     for ns in world.namespaces() {
         let mut local = world.in_namespace(&ns);
         for key in local.dkim_keys.clone() {
-            let part = secrets::dkim_key(&key, &local, keys)?;
+            // Offline, keys stay as they are; a key without any gets its first one. The
+            // operator moves them through their phases (`reconcile::dkim_rotation`).
+            let slots = dkim::read_slots(&key, &local);
+            let plans = dkim::initial_plans(&slots, local.now.unwrap_or(0));
+            let part = Desired {
+                objects: dkim::slot_secrets(&key, &local, &plans, keys)?,
+                ..Desired::default()
+            };
             // The listeners rendered next see the key Secrets about to exist, as the
             // operator's listeners see them once applied.
             for object in &part.objects {
@@ -342,7 +350,33 @@ pub fn render_listener(
     })
 }
 
-/// Lower-case hex SHA-256.
+/// A checksum of the files the pods of `listener` mount that change without a restart:
+/// its config (ConfigMap) and its DKIM keys (Secret). Data only, never metadata.
+pub fn mounted_files_checksum(listener: &SmtpListener, objects: &[Object]) -> String {
+    let mounted = [
+        workload::config_map_name(listener),
+        secrets::listener_dkim_secret_name(listener),
+    ];
+    let mut text = String::new();
+    for object in objects {
+        if !mounted.iter().any(|m| m == object.name()) {
+            continue;
+        }
+        match object {
+            Object::ConfigMap(c) => text.push_str(&format!("{:?}", c.data)),
+            Object::Secret(s) => {
+                for (k, v) in s.data.iter().flatten() {
+                    text.push_str(k);
+                    text.push_str(&sha256_hex(&v.0));
+                }
+            }
+            _ => {}
+        }
+    }
+    sha256_hex(text.as_bytes())
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes)
         .as_ref()

@@ -164,7 +164,7 @@ pub fn for_listener(
         if let Some(local) = local_domain(domain, notes) {
             config.local_domains.push(local);
         }
-        if let Some(key) = signing_key(domain, world, notes) {
+        for key in signing_keys_of(domain, world, notes) {
             config.dkim.keys.push(key.config);
         }
     }
@@ -187,25 +187,27 @@ pub fn dkim_key_file(secret: &str) -> PathBuf {
     PathBuf::from(DKIM_DIR).join(format!("{secret}.pem"))
 }
 
-/// Every key the listeners of `world` sign with (see [`signing_key`]), in domain order.
+/// Every key the listeners of `world` load (see [`signing_keys_of`]), in domain order.
 pub fn signing_keys(world: &World, notes: &mut Vec<Note>) -> Vec<SigningKey> {
     world
         .domains
         .iter()
-        .filter_map(|d| signing_key(d, world, notes))
+        .flat_map(|d| signing_keys_of(d, world, notes))
         .collect()
 }
 
-/// The DKIM key that signs mail from `domain`: its `dkimKeyRef`'s active selector, read
-/// from the listener's DKIM Secret mount. `None` (with a note) while the key is not
-/// Active, that is until its TXT record is visible in DNS: nothing is signed with an
-/// unpublished key.
-pub fn signing_key(
+/// The DKIM keys the pods load for `domain` (its `dkimKeyRef`), read from the listener's
+/// DKIM Secret mount: the Active key signs; the next key of a rotation, once published and
+/// staged, is loaded without signing (so every pod has it before the switch). None (with
+/// a note) while no key is Active: nothing is signed with an unpublished key.
+pub fn signing_keys_of(
     domain: &MailDomain,
     world: &World,
     notes: &mut Vec<Note>,
-) -> Option<SigningKey> {
-    let wanted = domain.spec.dkim_key_ref.as_ref()?;
+) -> Vec<SigningKey> {
+    let Some(wanted) = domain.spec.dkim_key_ref.as_ref() else {
+        return Vec::new();
+    };
     let mut note = |reason: &'static str, message: String| {
         notes.push(Note {
             kind: "MailDomain",
@@ -219,7 +221,7 @@ pub fn signing_key(
             "DkimKeyNotFound",
             format!("dkimKeyRef {wanted}: no such DkimKey in the namespace; mail is not signed"),
         );
-        return None;
+        return Vec::new();
     };
     if !key.spec.domain.eq_ignore_ascii_case(&domain.spec.domain) {
         note(
@@ -229,43 +231,31 @@ pub fn signing_key(
                 key.spec.domain, domain.spec.domain
             ),
         );
-        return None;
+        return Vec::new();
     }
-    let Some(selector) = key.status.as_ref().and_then(|s| s.active_selector.clone()) else {
+    let slots = super::dkim::read_slots(key, world);
+    let loaded = super::dkim::pod_keys(&slots);
+    if !loaded.iter().any(|(_, u)| *u == super::dkim::Use::Sign) {
         note(
             "DkimKeyNotActive",
             format!(
-                "DkimKey {wanted} is not Active yet (its TXT record is not visible in DNS); mail from {} is not signed until it is",
+                "DkimKey {wanted} is not Active yet (its TXT record is not answered by every authoritative nameserver, or the pods have not loaded it); mail from {} is not signed until it is",
                 domain.spec.domain
             ),
         );
-        return None;
-    };
-    let secret = super::secrets::dkim_secret_name(key, &selector);
-    let namespace = domain.namespace().unwrap_or_default();
-    let has_key = world
-        .secret(&namespace, &secret)
-        .and_then(|s| s.data.as_ref())
-        .is_some_and(|d| d.contains_key(super::secrets::DKIM_PRIVATE_KEY));
-    if !has_key {
-        note(
-            "DkimKeySecretMissing",
-            format!(
-                "Secret {secret} of DkimKey {wanted} holds no private key; mail from {} is not signed",
-                domain.spec.domain
-            ),
-        );
-        return None;
     }
-    Some(SigningKey {
-        config: DkimKeyConfig {
-            domain: domain.spec.domain.clone(),
-            selector,
-            key_file: dkim_key_file(&secret),
-            sign: true,
-        },
-        secret,
-    })
+    loaded
+        .into_iter()
+        .map(|(slot, used)| SigningKey {
+            config: DkimKeyConfig {
+                domain: domain.spec.domain.clone(),
+                selector: slot.selector.clone(),
+                key_file: dkim_key_file(&slot.secret_name),
+                sign: used == super::dkim::Use::Sign,
+            },
+            secret: slot.secret_name.clone(),
+        })
+        .collect()
 }
 
 /// The local-domain entry of `domain`, or `None` (with a note) when its delivery target

@@ -1,5 +1,5 @@
-//! Key-material Secrets: the listener's self-signed TLS certificate and each DkimKey's
-//! private key.
+//! Key-material Secrets: the listener's self-signed TLS certificate, and the copy of the
+//! DKIM keys its pods load (the DkimKeys' own Secrets are `super::dkim`'s).
 //!
 //! Invariant: an existing Secret with the expected keys is reused byte for byte, so a
 //! reconcile never rotates a key by accident and applying it again changes nothing. Fresh
@@ -8,20 +8,13 @@
 //! before expiry, see [`super::certificate::renewal_time`]) or no longer names the
 //! listener's hostname.
 
-use super::{Desired, Object, RenderError, World, owned_meta};
+use super::{RenderError, World, owned_meta};
 use crate::keys::KeySource;
-use crds::{DkimKey, SmtpListener};
+use crds::SmtpListener;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
-
-/// Key of the DKIM private key (PKCS#8 PEM) in a DKIM Secret.
-pub const DKIM_PRIVATE_KEY: &str = "private.pem";
-/// Key of the DKIM public TXT record value in a DKIM Secret.
-pub const DKIM_RECORD: &str = "dns.txt";
-/// Key of the selector name in a DKIM Secret.
-pub const DKIM_SELECTOR: &str = "selector";
 
 /// Which Secret the listener's pods mount for TLS.
 #[derive(Debug)]
@@ -158,16 +151,6 @@ fn reuse(
         .then_some(data)
 }
 
-/// The first selector of a DkimKey: `<selectorPrefix>-1`. (Rotation will count up.)
-pub fn first_selector(key: &DkimKey) -> String {
-    format!("{}-1", key.spec.selector_prefix)
-}
-
-/// Name of the Secret holding `selector` of `key`.
-pub fn dkim_secret_name(key: &DkimKey, selector: &str) -> String {
-    format!("{}-{selector}", key.name_any())
-}
-
 /// Name of a listener's DKIM Secret: a copy of every private key its pods sign with.
 pub fn listener_dkim_secret_name(listener: &SmtpListener) -> String {
     format!("{}-dkim", listener.name_any())
@@ -190,7 +173,7 @@ pub fn listener_dkim(
                 .secret(&ns, &key.secret)?
                 .data
                 .as_ref()?
-                .get(DKIM_PRIVATE_KEY)?
+                .get(super::dkim::DKIM_PRIVATE_KEY)?
                 .clone();
             Some((format!("{}.pem", key.secret), pem))
         })
@@ -201,58 +184,4 @@ pub fn listener_dkim(
         data: Some(data),
         ..Secret::default()
     }
-}
-
-/// The TXT record value publishing `public_b64` for `key`.
-pub fn dkim_record_value(key: &DkimKey, public_b64: &str) -> String {
-    format!(
-        "v=DKIM1; k={}; p={public_b64}",
-        key.spec.algorithm.key_type()
-    )
-}
-
-/// Renders the key Secret of a DkimKey, reusing an existing one (its key never changes
-/// behind a published record).
-pub fn dkim_key(
-    key: &DkimKey,
-    world: &World,
-    keys: &mut dyn KeySource,
-) -> Result<Desired, RenderError> {
-    let selector = first_selector(key);
-    let name = dkim_secret_name(key, &selector);
-    let ns = key.namespace().unwrap_or_default();
-    let mut desired = Desired::default();
-    let data = match reuse(world, &ns, &name, &[DKIM_PRIVATE_KEY, DKIM_RECORD]) {
-        Some(data) => data,
-        None => match keys.dkim(key.spec.algorithm) {
-            Ok(material) => BTreeMap::from([
-                (
-                    DKIM_PRIVATE_KEY.to_owned(),
-                    ByteString(material.private_pem.into_bytes()),
-                ),
-                (
-                    DKIM_RECORD.to_owned(),
-                    ByteString(dkim_record_value(key, &material.public_b64).into_bytes()),
-                ),
-                (
-                    DKIM_SELECTOR.to_owned(),
-                    ByteString(selector.clone().into_bytes()),
-                ),
-            ]),
-            Err(source) => {
-                return Err(RenderError::Keys {
-                    kind: "DkimKey",
-                    name: key.name_any(),
-                    source,
-                });
-            }
-        },
-    };
-    desired.objects.push(Object::Secret(Secret {
-        metadata: owned_meta(key, name, "dkim-key"),
-        type_: Some("Opaque".to_owned()),
-        data: Some(data),
-        ..Secret::default()
-    }));
-    Ok(desired)
 }

@@ -238,81 +238,103 @@ fn an_invalid_config_is_refused_with_the_mtas_message() {
     );
 }
 
-/// A MailDomain's dkimKeyRef signs only once the DkimKey is Active (its record visible):
-/// before that the config has no key and the domain says why; after, the key file is the
-/// active selector's Secret as the StatefulSet mounts it.
+/// A MailDomain's dkimKeyRef signs only once its key is Active (as the rotation records
+/// it on the key's Secret): before that the config has no key and the domain says why;
+/// after, the key file is the active selector's copy in the listener's DKIM Secret. The
+/// next key, staged, is loaded without signing.
 #[test]
 fn dkim_key_signs_only_once_active() {
+    use crate::render::dkim::{self, SlotPlan, SlotState};
+    use crds::DkimKeyPhase;
     let mut world =
         crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
     let desired = render(&world, &mut FixedKeys).expect("render");
     let config = desired.configs.values().next().expect("a config");
-    assert!(config.dkim.keys.is_empty(), "not Active: nothing signs");
+    assert!(config.dkim.keys.is_empty(), "Generated: nothing signs");
     assert!(
         desired
             .notes
             .iter()
             .any(|n| n.reason == "DkimKeyNotActive" && n.name == "example-com")
     );
-
-    // Active, but its Secret is not observed yet: still nothing signs.
-    world.dkim_keys[0].status = Some(crds::dkim_key::DkimKeyStatus {
-        active_selector: Some("petrel-1".into()),
-        ..Default::default()
-    });
-    // (The operator renders a listener from what it observes; the offline `render` of a
-    // whole world also counts the key Secrets it renders itself.)
-    let mx = world
-        .listeners
-        .iter()
-        .find(|l| l.metadata.name.as_deref() == Some("mx"));
-    let again = render_listener(mx.expect("mx"), &world.in_namespace("mail"), &mut FixedKeys)
-        .expect("render");
-    assert!(again.configs.values().all(|c| c.dkim.keys.is_empty()));
-    assert!(
-        again
-            .notes
-            .iter()
-            .any(|n| n.reason == "DkimKeySecretMissing")
-    );
-
-    // Once the key Secret is there, the listener's DKIM Secret carries a copy and the
-    // config names it.
-    let key_secret = desired
+    let key = world.dkim_keys[0].clone();
+    let generated = desired
         .objects
         .iter()
         .find_map(|o| match o {
             Object::Secret(s)
-                if s.metadata.name.as_deref() == Some("example-com-ed25519-petrel-1") =>
+                if s.metadata.name.as_deref() == Some("example-com-ed25519-petrel-a") =>
             {
                 Some(s.clone())
             }
             _ => None,
         })
-        .expect("key secret");
-    let private = key_secret.data.as_ref().unwrap()[secrets::DKIM_PRIVATE_KEY].clone();
-    world.secrets.push(key_secret);
+        .expect("the first key, in slot a");
+    assert_eq!(
+        dkim::read_state(&generated).map(|s| s.phase),
+        Some(DkimKeyPhase::Generated)
+    );
+    let private = generated.data.as_ref().unwrap()[dkim::DKIM_PRIVATE_KEY].clone();
+    world.secrets.push(generated);
+
+    // The rotation makes a Active and stages a new key in b.
+    let ns = world.in_namespace("mail");
+    let plans = [
+        SlotPlan {
+            state: Some(SlotState::entered(DkimKeyPhase::Active, 100)),
+            fresh: false,
+        },
+        SlotPlan {
+            state: Some(SlotState {
+                staged: true,
+                ..SlotState::entered(DkimKeyPhase::Published, 100)
+            }),
+            fresh: true,
+        },
+    ];
+    let written = dkim::slot_secrets(&key, &ns, &plans, &mut FixedKeys).expect("slots");
+    world.secrets.retain(|s| {
+        !s.metadata
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("example-com-ed25519-")
+    });
+    for object in written {
+        if let Object::Secret(s) = object {
+            world.secrets.push(s);
+        }
+    }
     let desired = render(&world, &mut FixedKeys).expect("render");
     let config = desired.configs.get("mx").expect("mx config");
-    let expected = ::mta_config::DkimKeyConfig {
-        domain: "example.com".into(),
-        selector: "petrel-1".into(),
-        key_file: "/etc/petrel/dkim/example-com-ed25519-petrel-1.pem".into(),
-        sign: true,
-    };
-    assert_eq!(config.dkim.keys, vec![expected]);
+    let expected = vec![
+        ::mta_config::DkimKeyConfig {
+            domain: "example.com".into(),
+            selector: "petrel-a".into(),
+            key_file: "/etc/petrel/dkim/example-com-ed25519-petrel-a.pem".into(),
+            sign: true,
+        },
+        ::mta_config::DkimKeyConfig {
+            domain: "example.com".into(),
+            selector: "petrel-b".into(),
+            key_file: "/etc/petrel/dkim/example-com-ed25519-petrel-b.pem".into(),
+            sign: false,
+        },
+    ];
+    assert_eq!(config.dkim.keys, expected);
     let copy = desired.objects.iter().find_map(|o| match o {
-        Object::Secret(s) if s.metadata.name.as_deref() == Some("mx-dkim") => s
-            .data
-            .as_ref()?
-            .get("example-com-ed25519-petrel-1.pem")
-            .cloned(),
+        Object::Secret(s) if s.metadata.name.as_deref() == Some("mx-dkim") => s.data.clone(),
         _ => None,
     });
+    let copy = copy.expect("listener DKIM Secret");
     assert_eq!(
-        copy,
-        Some(private),
-        "the listener's DKIM Secret holds the key"
+        copy.get("example-com-ed25519-petrel-a.pem"),
+        Some(&private),
+        "the listener's DKIM Secret holds the active key"
+    );
+    assert!(
+        copy.contains_key("example-com-ed25519-petrel-b.pem"),
+        "and the staged one"
     );
     let mounted = desired.objects.iter().any(|o| match o {
         Object::StatefulSet(s) if s.metadata.name.as_deref() == Some("mx") => {

@@ -1,0 +1,642 @@
+//! The rotation's transitions one by one, then whole rotations simulated against a model
+//! of two authoritative nameservers that lag, pods that take their time to load configs,
+//! and a DNS outage, with the state passed between steps only through the slot Secrets
+//! (so every step is also what an operator restarted at that moment would do).
+
+use super::*;
+use crate::keys::{DkimMaterial, KeyError, KeySource, TlsMaterial};
+use crate::render::dkim::{self, Use};
+use crate::render::{Object, World};
+use crds::{DkimAlgorithm, DkimKey};
+use std::collections::BTreeMap;
+
+fn key(period: &str, overlap: &str) -> DkimKey {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "mail.petrel.dev/v1alpha1", "kind": "DkimKey",
+        "metadata": {"name": "k", "namespace": "mail", "uid": "u1", "generation": 1},
+        "spec": {"domain": "example.com", "algorithm": "ed25519",
+                 "rotationPeriod": period, "overlap": overlap}
+    }))
+    .expect("key")
+}
+
+/// Keys that differ each time, so a reused slot gets a new record.
+#[derive(Default)]
+struct CountingKeys(u32);
+
+impl KeySource for CountingKeys {
+    fn tls(&mut self, _: &str) -> Result<TlsMaterial, KeyError> {
+        Err(KeyError::Failed("not in this test".into()))
+    }
+    fn dkim(&mut self, _: DkimAlgorithm) -> Result<DkimMaterial, KeyError> {
+        self.0 += 1;
+        Ok(DkimMaterial {
+            private_pem: format!("KEY {}\n", self.0),
+            public_b64: format!("cHVi{}", self.0),
+        })
+    }
+}
+
+fn slot(selector: &str, state: Option<SlotState>) -> Slot {
+    Slot {
+        selector: selector.into(),
+        secret_name: format!("k-{selector}"),
+        record: state.as_ref().map(|_| "v=DKIM1; k=ed25519; p=x".into()),
+        has_private_key: state
+            .as_ref()
+            .is_some_and(|s| s.phase != DkimKeyPhase::Revoked),
+        state,
+    }
+}
+
+fn st(phase: DkimKeyPhase, since: i64) -> Option<SlotState> {
+    Some(SlotState::entered(phase, since))
+}
+
+const SCHEDULE: Schedule = Schedule {
+    period: Some(100),
+    overlap: 50,
+};
+
+fn visible() -> DnsCheck {
+    DnsCheck::Visible {
+        wait: 30,
+        servers: 2,
+    }
+}
+
+fn pods(loaded: &[&str], signing: &[&str]) -> PodReport {
+    let all: BTreeSet<String> = ["p0".to_owned(), "p1".to_owned()].into();
+    PodReport {
+        ready: all.clone(),
+        unreadable: BTreeSet::new(),
+        loaded: loaded
+            .iter()
+            .map(|s| ((*s).to_owned(), all.clone()))
+            .collect(),
+        signing: signing
+            .iter()
+            .map(|s| ((*s).to_owned(), all.clone()))
+            .collect(),
+    }
+}
+
+fn run(
+    slots: [Slot; 2],
+    dns: [DnsCheck; 2],
+    pods: &PodReport,
+    now: i64,
+    request: Option<&str>,
+) -> Step {
+    step(&Inputs {
+        now,
+        schedule: SCHEDULE,
+        slots: &slots,
+        dns: &dns,
+        pods,
+        rotate_request: request,
+    })
+}
+
+fn phases(step: &Step) -> [Option<DkimKeyPhase>; 2] {
+    [0, 1].map(|i| step.plans[i].state.as_ref().map(|s| s.phase))
+}
+
+#[test]
+fn each_transition() {
+    use DkimKeyPhase::*;
+    let none = DnsCheck::NotChecked;
+    // The first key goes into slot a.
+    let s = run(
+        [slot("a", None), slot("b", None)],
+        [none.clone(), none.clone()],
+        &pods(&[], &[]),
+        0,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Generated), None]);
+    assert!(s.plans[0].fresh && !s.plans[1].fresh);
+
+    // Generated waits for every authoritative server…
+    let lagging = DnsCheck::NotVisible {
+        lagging: vec!["ns2.example.com.".into()],
+    };
+    let s = run(
+        [slot("a", st(Generated, 0)), slot("b", None)],
+        [lagging, none.clone()],
+        &pods(&[], &[]),
+        5,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Generated), None]);
+    assert!(s.waiting[0].contains("ns2.example.com."), "{:?}", s.waiting);
+    // …and is Published once all answer, loadable after the TTLs.
+    let s = run(
+        [slot("a", st(Generated, 0)), slot("b", None)],
+        [visible(), none.clone()],
+        &pods(&[], &[]),
+        10,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Published), None]);
+    assert_eq!(s.plans[0].state.as_ref().unwrap().load_after, Some(40));
+    assert!(!s.plans[0].fresh, "a key is generated once");
+
+    // Not staged before load_after; staged after.
+    let published = |staged| {
+        Some(SlotState {
+            load_after: Some(40),
+            staged,
+            ..SlotState::entered(Published, 10)
+        })
+    };
+    let s = run(
+        [slot("a", published(false)), slot("b", None)],
+        [visible(), none.clone()],
+        &pods(&[], &[]),
+        39,
+        None,
+    );
+    assert!(!s.plans[0].state.as_ref().unwrap().staged);
+    assert_eq!(s.recheck, Duration::from_secs(1));
+    let s = run(
+        [slot("a", published(false)), slot("b", None)],
+        [visible(), none.clone()],
+        &pods(&[], &[]),
+        40,
+        None,
+    );
+    assert!(s.plans[0].state.as_ref().unwrap().staged);
+    assert_eq!(
+        phases(&s),
+        [Some(Published), None],
+        "staged is not yet signing"
+    );
+
+    // Active only once every Ready pod reports it loaded.
+    let mut half = pods(&["a"], &[]);
+    half.loaded.get_mut("a").unwrap().remove("p1");
+    let s = run(
+        [slot("a", published(true)), slot("b", None)],
+        [visible(), none.clone()],
+        &half,
+        45,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Published), None]);
+    assert!(s.waiting[0].contains("p1"), "{:?}", s.waiting);
+    let mut unreadable = pods(&["a"], &[]);
+    unreadable.unreadable.insert("p0".into());
+    let s = run(
+        [slot("a", published(true)), slot("b", None)],
+        [visible(), none.clone()],
+        &unreadable,
+        45,
+        None,
+    );
+    assert_eq!(
+        phases(&s),
+        [Some(Published), None],
+        "an unreadable pod is not a yes"
+    );
+    let s = run(
+        [slot("a", published(true)), slot("b", None)],
+        [visible(), none.clone()],
+        &pods(&["a"], &[]),
+        45,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Active), None]);
+    assert_eq!(s.next_rotation, Some(145));
+
+    // Rotation due: the other slot gets a new key; the active one keeps signing.
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", None)],
+        [visible(), none.clone()],
+        &pods(&["a"], &["a"]),
+        145,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Active), Some(Generated)]);
+    assert!(s.plans[1].fresh);
+    // Not before it is due…
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", None)],
+        [visible(), none.clone()],
+        &pods(&["a"], &["a"]),
+        144,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Active), None]);
+    // …unless asked, once per request value.
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", None)],
+        [visible(), none.clone()],
+        &pods(&["a"], &["a"]),
+        50,
+        Some("r1"),
+    );
+    assert_eq!(phases(&s), [Some(Active), Some(Generated)]);
+    assert_eq!(
+        s.plans[1].state.as_ref().unwrap().rotate_handled.as_deref(),
+        Some("r1")
+    );
+    let answered = Some(SlotState {
+        rotate_handled: Some("r1".into()),
+        ..SlotState::entered(Revoked, 60)
+    });
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", answered)],
+        [visible(), none.clone()],
+        &pods(&["a"], &["a"]),
+        70,
+        Some("r1"),
+    );
+    assert_eq!(
+        phases(&s),
+        [Some(Active), Some(Revoked)],
+        "r1 was answered already"
+    );
+
+    // The switch: b (staged, loaded everywhere) signs, a retires.
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", published(true))],
+        [visible(), visible()],
+        &pods(&["a", "b"], &["a"]),
+        150,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Retiring), Some(Active)]);
+    // The overlap counts from the last signature with a, not from the switch.
+    let retiring = st(Retiring, 150);
+    let s = run(
+        [slot("a", retiring.clone()), slot("b", st(Active, 150))],
+        [none.clone(), visible()],
+        &pods(&["a", "b"], &["a", "b"]),
+        160,
+        None,
+    );
+    assert_eq!(s.plans[0].state.as_ref().unwrap().signing_stopped, None);
+    let s = run(
+        [slot("a", retiring), slot("b", st(Active, 150))],
+        [none.clone(), visible()],
+        &pods(&["b"], &["b"]),
+        170,
+        None,
+    );
+    assert_eq!(
+        s.plans[0].state.as_ref().unwrap().signing_stopped,
+        Some(170)
+    );
+    let stopped = Some(SlotState {
+        signing_stopped: Some(170),
+        ..SlotState::entered(Retiring, 150)
+    });
+    let s = run(
+        [slot("a", stopped.clone()), slot("b", st(Active, 150))],
+        [none.clone(), visible()],
+        &pods(&["b"], &["b"]),
+        219,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Retiring), Some(Active)]);
+    assert_eq!(s.recheck, Duration::from_secs(1));
+    let s = run(
+        [slot("a", stopped.clone()), slot("b", st(Active, 150))],
+        [none.clone(), visible()],
+        &pods(&["b"], &["b"]),
+        220,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Revoked), Some(Active)]);
+    // A rotation due while the other slot still retires waits for its revocation.
+    let s = run(
+        [slot("a", stopped), slot("b", st(Active, 100))],
+        [none.clone(), visible()],
+        &pods(&["b"], &["b"]),
+        205,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Retiring), Some(Active)]);
+    assert_eq!(s.next_rotation, Some(220));
+    assert!(
+        s.waiting.iter().any(|w| w.contains("revoked")),
+        "{:?}",
+        s.waiting
+    );
+}
+
+#[test]
+fn dns_failures_pause_and_never_demote() {
+    use DkimKeyPhase::*;
+    let failed = DnsCheck::LookupFailed("timeout".into());
+    let none = DnsCheck::NotChecked;
+    for phase in [Generated, Published, Active] {
+        let s = run(
+            [slot("a", st(phase, 0)), slot("b", None)],
+            [failed.clone(), none.clone()],
+            &pods(&["a"], &[]),
+            10,
+            None,
+        );
+        assert_eq!(
+            phases(&s)[0],
+            Some(phase),
+            "{phase:?} kept on a failed lookup"
+        );
+        assert!(s.paused.is_some());
+    }
+    // A definite "gone" takes the active key out of signing.
+    let gone = DnsCheck::NotVisible {
+        lagging: vec!["ns1.example.com.".into()],
+    };
+    let s = run(
+        [slot("a", st(Active, 0)), slot("b", None)],
+        [gone, none.clone()],
+        &pods(&["a"], &["a"]),
+        10,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Generated), None]);
+    assert!(
+        s.events
+            .iter()
+            .any(|e| e.reason == "RecordGone" && e.warning)
+    );
+}
+
+/// The outside world of the simulation.
+struct Model {
+    world: World,
+    key: DkimKey,
+    keys: CountingKeys,
+    /// Per nameserver: selector → (record value, time it was published there).
+    servers: [BTreeMap<String, (String, i64)>; 2],
+    /// Seconds each nameserver takes to publish what status asks for.
+    server_lag: [i64; 2],
+    /// The config each pod runs: selector → signs; and since when the operator's config
+    /// said so (pods adopt it after their lag).
+    pods: [BTreeMap<String, bool>; 2],
+    pod_lag: [i64; 2],
+    desired_since: (BTreeMap<String, bool>, i64),
+    /// Every signature: (time, selector).
+    signed: Vec<(i64, String)>,
+    /// Record TTL + negative TTL the servers report.
+    wait: u64,
+}
+
+impl Model {
+    fn new(period: &str, overlap: &str) -> Self {
+        Self {
+            world: World::default(),
+            key: key(period, overlap),
+            keys: CountingKeys::default(),
+            servers: [BTreeMap::new(), BTreeMap::new()],
+            server_lag: [3, 8],
+            pods: [BTreeMap::new(), BTreeMap::new()],
+            pod_lag: [2, 6],
+            desired_since: (BTreeMap::new(), 0),
+            signed: Vec::new(),
+            wait: 10,
+        }
+    }
+
+    fn dns(&self, slot: &Slot, outage: bool) -> DnsCheck {
+        let (Some(record), Some(_)) = (&slot.record, &slot.state) else {
+            return DnsCheck::NotChecked;
+        };
+        if outage {
+            return DnsCheck::LookupFailed("SERVFAIL".into());
+        }
+        let lagging: Vec<String> = self
+            .servers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.get(&slot.selector).map(|(v, _)| v) != Some(record))
+            .map(|(i, _)| format!("ns{}.example.com.", i + 1))
+            .collect();
+        if lagging.is_empty() {
+            DnsCheck::Visible {
+                wait: self.wait,
+                servers: 2,
+            }
+        } else {
+            DnsCheck::NotVisible { lagging }
+        }
+    }
+
+    fn report(&self) -> PodReport {
+        let mut r = PodReport::default();
+        for (i, config) in self.pods.iter().enumerate() {
+            let name = format!("p{i}");
+            r.ready.insert(name.clone());
+            for (selector, signs) in config {
+                r.loaded
+                    .entry(selector.clone())
+                    .or_default()
+                    .insert(name.clone());
+                if *signs {
+                    r.signing
+                        .entry(selector.clone())
+                        .or_default()
+                        .insert(name.clone());
+                }
+            }
+        }
+        r
+    }
+
+    /// One second of the world: the operator steps (reading only the Secrets), DNS and
+    /// pods follow with their lags, and each pod signs one message.
+    fn tick(&mut self, now: i64, outage: bool, request: Option<&str>) -> Step {
+        let slots = dkim::read_slots(&self.key, &self.world);
+        let dns = [self.dns(&slots[0], outage), self.dns(&slots[1], outage)];
+        let report = self.report();
+        let step = step(&Inputs {
+            now,
+            schedule: super::super::dkim_key::schedule(&self.key),
+            slots: &slots,
+            dns: &dns,
+            pods: &report,
+            rotate_request: request,
+        });
+        let objects = dkim::slot_secrets(&self.key, &self.world, &step.plans, &mut self.keys)
+            .expect("render");
+        self.world.secrets.clear();
+        for o in objects {
+            if let Object::Secret(s) = o {
+                self.world.secrets.push(s);
+            }
+        }
+        let slots = dkim::read_slots(&self.key, &self.world);
+        // A step writes only what the Secrets can say again: read back, it is the plan.
+        for (slot, plan) in slots.iter().zip(&step.plans) {
+            assert_eq!(
+                slot.state, plan.state,
+                "state survives the Secret round trip"
+            );
+        }
+        // Nameservers copy the records status shows, each after its lag.
+        for (i, server) in self.servers.iter_mut().enumerate() {
+            for slot in &slots {
+                let (Some(record), Some(state)) = (&slot.record, &slot.state) else {
+                    continue;
+                };
+                if now - state.since >= self.server_lag[i]
+                    && server.get(&slot.selector).map(|(v, _)| v) != Some(record)
+                {
+                    server.insert(slot.selector.clone(), (record.clone(), now));
+                }
+            }
+        }
+        // Pods adopt the operator's config after their lag.
+        let desired: BTreeMap<String, bool> = dkim::pod_keys(&slots)
+            .into_iter()
+            .map(|(s, u)| (s.selector.clone(), u == Use::Sign))
+            .collect();
+        if desired != self.desired_since.0 {
+            self.desired_since = (desired, now);
+        }
+        for (i, pod) in self.pods.iter_mut().enumerate() {
+            if now - self.desired_since.1 >= self.pod_lag[i] {
+                pod.clone_from(&self.desired_since.0);
+            }
+        }
+        // Each pod signs a message with whatever it signs with now.
+        for pod in &self.pods {
+            for (selector, signs) in pod {
+                if *signs {
+                    self.signed.push((now, selector.clone()));
+                }
+            }
+        }
+        step
+    }
+
+    /// Whether `selector`'s current record has been on every nameserver for `wait`.
+    fn published_long_enough(&self, selector: &str, now: i64, record: &str) -> bool {
+        self.servers.iter().all(|s| {
+            s.get(selector).is_some_and(|(v, at)| {
+                v == record && now - at >= i64::try_from(self.wait).unwrap_or(0)
+            })
+        })
+    }
+}
+
+/// Two full rotations (and the start of a third) with lagging nameservers and slow pods,
+/// a DNS outage in the middle, and the invariants checked at every second.
+#[test]
+fn rotations_keep_every_signature_verifiable() {
+    let mut m = Model::new("60s", "30s");
+    let mut activations = Vec::new();
+    let mut revocations = Vec::new();
+    let mut last_phase: BTreeMap<String, DkimKeyPhase> = BTreeMap::new();
+    let outage = 150..175;
+    for now in 0..400 {
+        let step = m.tick(now, outage.contains(&now), None);
+        let slots = dkim::read_slots(&m.key, &m.world);
+        for slot in &slots {
+            let phase = slot.state.as_ref().map(|s| s.phase);
+            let before = last_phase.get(&slot.selector).copied();
+            if phase == Some(DkimKeyPhase::Active) && before != Some(DkimKeyPhase::Active) {
+                activations.push((now, slot.selector.clone()));
+            }
+            if phase == Some(DkimKeyPhase::Revoked) && before != Some(DkimKeyPhase::Revoked) {
+                revocations.push((now, slot.selector.clone()));
+                // No revocation while a signature made with this key may still be checked.
+                let last = m
+                    .signed
+                    .iter()
+                    .filter(|(_, s)| *s == slot.selector)
+                    .map(|(t, _)| *t)
+                    .max()
+                    .expect("it signed");
+                assert!(
+                    now - last >= 30,
+                    "{} revoked at {now}, signed at {last}",
+                    slot.selector
+                );
+                assert!(!slot.has_private_key, "revoked: private key deleted");
+            }
+            if outage.contains(&now) && before == Some(DkimKeyPhase::Active) {
+                assert_eq!(
+                    phase,
+                    Some(DkimKeyPhase::Active),
+                    "an outage demotes nothing"
+                );
+            }
+            if let Some(p) = phase {
+                last_phase.insert(slot.selector.clone(), p);
+            }
+        }
+        // Every signature made this second is with a record every nameserver has served
+        // for the record TTL + negative TTL.
+        for (t, selector) in m.signed.iter().filter(|(t, _)| *t == now) {
+            let slot = slots
+                .iter()
+                .find(|s| s.selector == *selector)
+                .expect("slot");
+            let record = slot.record.as_deref().expect("record");
+            assert!(
+                m.published_long_enough(selector, *t, record),
+                "signed with {selector} at {t} before its record was published everywhere"
+            );
+        }
+        if outage.contains(&now) {
+            assert!(step.paused.is_some(), "the outage is reported at {now}");
+        }
+    }
+    // Signing never stopped once it had started.
+    let first = m.signed.first().expect("signed").0;
+    for now in first..400 {
+        assert!(
+            m.signed.iter().any(|(t, _)| *t == now),
+            "no signature at {now}"
+        );
+    }
+    let selectors: Vec<&str> = activations.iter().map(|(_, s)| s.as_str()).collect();
+    assert!(
+        selectors.len() >= 4
+            && selectors.starts_with(&["petrel-a", "petrel-b", "petrel-a", "petrel-b"]),
+        "slots alternate: {activations:?}"
+    );
+    assert!(revocations.len() >= 2, "{revocations:?}");
+}
+
+/// Manual rotation: nothing rotates by the clock; each new annotation value rotates once.
+#[test]
+fn manual_rotation_follows_the_annotation() {
+    let mut m = Model::new("1s", "5s");
+    m.key.spec.rotation = crds::DkimRotation::Manual;
+    let mut active = Vec::new();
+    let mut last = None;
+    for now in 0..300 {
+        let request = match now {
+            0..100 => None,
+            100..200 => Some("first"),
+            _ => Some("second"),
+        };
+        let step = m.tick(now, false, request);
+        assert_eq!(step.next_rotation, None);
+        let slots = dkim::read_slots(&m.key, &m.world);
+        let current = slots
+            .iter()
+            .find(|s| s.state.as_ref().map(|st| st.phase) == Some(DkimKeyPhase::Active))
+            .map(|s| s.selector.clone());
+        if current != last {
+            active.push((now, current.clone()));
+            last = current;
+        }
+    }
+    let names: Vec<Option<&str>> = active.iter().map(|(_, s)| s.as_deref()).collect();
+    assert_eq!(
+        names,
+        vec![Some("petrel-a"), Some("petrel-b"), Some("petrel-a")],
+        "{active:?}"
+    );
+    assert!(
+        active[0].0 < 100,
+        "the first key needs no request: {active:?}"
+    );
+    assert!(active[1].0 >= 100 && active[2].0 >= 200, "{active:?}");
+}
