@@ -93,7 +93,9 @@ where
 
 /// Whether an API error says the kind (or object) is not there.
 fn not_found(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.is_not_found())
+    // An API group the server does not serve answers a bare `404 page not found`, not a
+    // Status with reason NotFound: the code is what both have in common.
+    matches!(error, kube::Error::Api(status) if status.is_not_found() || status.code == 404)
 }
 
 /// [`apply_typed`] for a cert-manager Certificate.
@@ -107,9 +109,14 @@ async fn apply_certificate(client: &Client, object: &DynamicObject) -> Result<Ap
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &ns, &certificate::api_resource());
     let desired = serde_json::to_value(object)?;
-    // An unknown kind answers 404 to the GET as well: `get_opt` says `None`, the apply
-    // below says what it means.
-    if let Some(existing) = api.get_opt(&name).await? {
+    // An unknown kind answers 404 to the GET as well (and not as a Status `get_opt`
+    // recognises): taken as "no such object", the apply below says what it means.
+    let existing = match api.get(&name).await {
+        Ok(existing) => Some(existing),
+        Err(e) if not_found(&e) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(existing) = existing {
         if !is_managed(&existing.metadata) {
             return Err(crate::Error::NotOwned {
                 kind: "Certificate".to_owned(),

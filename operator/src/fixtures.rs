@@ -27,8 +27,9 @@ pub struct FakeApi {
     pub writes: Arc<Mutex<Vec<String>>>,
     /// When set, every PATCH fails with 500.
     pub fail_patches: Arc<AtomicBool>,
-    /// When set, the API server does not serve `cert-manager.io` (404 to everything there,
-    /// as for a kind whose CRD is not installed).
+    /// When set, the API server does not serve `cert-manager.io`: everything there gets
+    /// the router's plain-text `404 page not found` (no Status), as from a real API server
+    /// without the CRD.
     pub without_cert_manager: Arc<AtomicBool>,
     next_uid: Arc<AtomicU64>,
     /// The reflector stores the context reads, refilled after every change (as the
@@ -125,7 +126,11 @@ impl FakeApi {
             if method == "PATCH" {
                 self.writes.lock().unwrap().push(format!("PATCH {path}"));
             }
-            return not_found();
+            return Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .header("content-type", "text/plain; charset=utf-8")
+                .body(Body::from(b"404 page not found\n".to_vec()))
+                .unwrap();
         }
         match method.as_str() {
             "GET" if collection => self.list(&key, &query),
