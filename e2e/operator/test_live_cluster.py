@@ -7,18 +7,23 @@ tested. The steps run in file order and build on each other:
  1. CRDs, RBAC and the operator install; the operator becomes Ready.
  2. The API server refuses CRs that break a CEL rule, with the rule's message.
  3. manifests/examples/ applied: Ready=False naming a missing Secret until it exists,
-    then MTA pods Ready with one bound PVC each, a DkimKey Active once its record is in
-    DNS, every resource Ready at its generation, DNS guidance in MailDomain status.
+    then MTA pods Ready with one bound PVC each, a DkimKey Active once its record is
+    answered by the zone's authoritative server (nsd) and the pods report the key, every
+    resource Ready at its generation, DNS guidance in MailDomain status.
  4. Mail into a pod is delivered to a local Maildir.
  5. Hot reload: deleting a MailDomain and changing the RelayPolicy reach running pods
     without a restart; relayed mail reaches a sink on the host, DKIM-signed (dkimpy).
  6. A second reconcile with nothing changed writes nothing.
- 7. A reference to a missing Secret: Ready=False naming it; running pods untouched.
- 8. Deleting the SmtpListener garbage-collects everything it owned.
+ 7. DKIM keys rotate twice with mail flowing; every message verifies on arrival (dkimpy,
+    against the nsd zone) and again just before its key's overlap ends.
+ 8. A reference to a missing Secret: Ready=False naming it; running pods untouched.
+ 9. Deleting the SmtpListener garbage-collects everything it owned.
 
-Pods reach the host's test servers (dnsmasq, aiosmtpd) at live.HOST_ADDRESS.
+Pods reach the host's test servers (nsd, aiosmtpd) at live.HOST_ADDRESS.
 """
 
+import calendar
+import email
 import json
 import os
 import re
@@ -26,6 +31,8 @@ import smtplib
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -36,7 +43,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from live import HOST_ADDRESS, ROOT, log, poll  # noqa: E402
-from outbound import Dns, Sink, free_port  # noqa: E402
+from nsd import Nsd  # noqa: E402
+from outbound import Sink, free_port  # noqa: E402
 
 NS = "petrel-e2e"
 OPERATOR_NS = "petrel-system"
@@ -53,8 +61,9 @@ MTA_BIN = next((p for p in [Path(os.environ.get("PETREL_MTA_BIN", "/nonexistent"
 
 @pytest.fixture(scope="module")
 def dns_server():
-    """dnsmasq on the host address, authoritative (NXDOMAIN) for the example domains."""
-    server = Dns(listen=HOST_ADDRESS, local=("example.com", "corp.example.com"))
+    """nsd on the host address, the authoritative server of example.com (and so of
+    corp.example.com), with short TTLs; the operator asks it directly."""
+    server = Nsd("example.com", listen=HOST_ADDRESS)
     yield server
     server.stop()
 
@@ -66,13 +75,15 @@ def sink():
     s.stop()
 
 
-def operator_manifests(dns_address):
-    """manifests/install.yaml with the operator pointed at the test DNS server."""
+def operator_manifests(dns_address, dns_port):
+    """manifests/install.yaml with the operator pointed at the test DNS server (as its
+    resolver, and as the zone's authoritative server, on its port)."""
     docs = list(yaml.safe_load_all((ROOT / "manifests" / "install.yaml").read_text()))
     for doc in docs:
         if doc and doc["kind"] == "Deployment":
             env = doc["spec"]["template"]["spec"]["containers"][0].setdefault("env", [])
             env.append({"name": "PETREL_DNS_SERVER", "value": dns_address})
+            env.append({"name": "PETREL_DNS_AUTHORITATIVE_PORT", "value": str(dns_port)})
             env.append({"name": "RUST_LOG", "value": "info,operator=debug"})
     return yaml.safe_dump_all([d for d in docs if d])
 
@@ -82,7 +93,7 @@ def operator(kube, dns_server):
     kube.run("apply", "--server-side", "-f", str(ROOT / "manifests" / "crds"))
     kube.wait("--for=condition=Established",
               *[f"crd/{k}.mail.petrel.dev" for k in KINDS.split(",")], timeout=60)
-    manifests = operator_manifests(f"{HOST_ADDRESS}:{dns_server.port}")
+    manifests = operator_manifests(f"{HOST_ADDRESS}:{dns_server.port}", dns_server.port)
     kube.apply(manifests)
     yield
     log("operator logs (tail):\n" + kube.run("logs", "-n", OPERATOR_NS, "deploy/petrel-operator",
@@ -250,17 +261,16 @@ def test_3_examples_become_ready(kube, operator, dns_server):
     ]
     kube.apply(yaml.safe_dump_all(secrets))
 
-    # The DkimKey publishes its record in status; once DNS serves it, it becomes Active.
+    # The DkimKey shows its record in status; once the zone serves it (and the TTLs have
+    # passed, and the pods report the key loaded), it becomes Active.
     key_obj = poll(lambda: (k := kube.get("dkimkey", "example-com-ed25519", NS))
-                   and k.get("status", {}).get("phase") == "Published" and k,
-                   what="DkimKey Published")
+                   and k.get("status", {}).get("phase") == "Generated" and k,
+                   what="DkimKey Generated")
     sel = key_obj["status"]["selectors"][0]
-    dns_server.stop()
-    dns_server.__init__(listen=HOST_ADDRESS, local=("example.com", "corp.example.com"),
-                        txt=[(sel["recordName"].rstrip("."), sel["recordValue"])],
-                        port=dns_server.port)
+    assert sel["selector"] == "petrel-a", sel
+    dns_server.set_txt({sel["recordName"]: sel["recordValue"]})
     poll(lambda: kube.get("dkimkey", "example-com-ed25519", NS)["status"]["phase"] == "Active",
-         what="DkimKey Active (re-checked every 15 s while Published)")
+         timeout=240, what="DkimKey Active (published, TTLs waited out, loaded by the pods)")
 
     kube.wait("--for=condition=Ready", "smtplistener/mx", "smtplistener/submission", "-n", NS,
               timeout=300)
@@ -299,7 +309,14 @@ def test_4_mail_is_delivered_to_a_local_maildir(kube, operator):
                            kube.logs("mx-0", NS)), what="a delivered line for bob in mx-0's log")
 
 
-def test_5_hot_reload_without_restarts_then_relay_with_dkim(kube, operator, sink):
+def dnsfunc_of(server):
+    """dkimpy's DNS lookup, answered by the zone's authoritative server."""
+    def dnsfunc(name, timeout=5):
+        return server.lookup_txt(name.decode() if isinstance(name, bytes) else name)
+    return dnsfunc
+
+
+def test_5_hot_reload_without_restarts_then_relay_with_dkim(kube, operator, sink, dns_server):
     before = {l: pod_state(kube, l) for l in ["mx", "submission"]}
     ip = pod_ip(kube, "mx-0")
     assert rcpt_reply(ip, "ceo@corp.example.com")[0] == 250
@@ -321,15 +338,8 @@ def test_5_hot_reload_without_restarts_then_relay_with_dkim(kube, operator, sink
     send(ip, USER, ["friend@elsewhere.test"], "relayed")
     msg = poll(lambda: [m for m in sink.messages if b"relayed@e2e.test" in m.content],
                what="the relayed message at the sink")[0]
-    key = kube.get("dkimkey", "example-com-ed25519", NS)["status"]["selectors"][0]
-    records = {key["recordName"].rstrip("."): key["recordValue"]}
-
-    def dnsfunc(name, timeout=5):
-        value = records.get((name.decode() if isinstance(name, bytes) else name).rstrip("."))
-        return value.encode() if value else None
-
     assert b"DKIM-Signature:" in msg.content
-    assert dkim.verify(msg.content, dnsfunc=dnsfunc), "dkimpy verifies the signature"
+    assert dkim.verify(msg.content, dnsfunc=dnsfunc_of(dns_server)), "dkimpy verifies it"
 
     # (The autoscaled listener's HPA may add pods meanwhile; no pod may be replaced.)
     after = {l: pod_state(kube, l) for l in ["mx", "submission"]}
@@ -348,13 +358,135 @@ def test_6_a_reconcile_with_nothing_changed_writes_nothing(kube, operator):
                  "--overwrite")
     poll(lambda: reconcile_runs(kube, "SmtpListener") >= runs + 2,
          what="two more SmtpListener reconciles")
-    assert owned_versions(kube) == versions
+    now = owned_versions(kube)
+    assert now == versions, {k: (versions.get(k), v) for k, v in now.items() if versions.get(k) != v}
     for kind, items in statuses.items():
         now = kube.json("get", kind, "-n", NS)["items"]
-        assert [i.get("status") for i in now] == [i.get("status") for i in items], kind
+        for before, after in zip(items, now):
+            old, new = before.get("status") or {}, after.get("status") or {}
+            changed = {k: (old.get(k), new.get(k)) for k in set(old) | set(new)
+                       if old.get(k) != new.get(k)}
+            assert not changed, f"{kind}/{after['metadata']['name']}: {changed}"
 
 
-def test_7_a_missing_secret_breaks_nothing_that_runs(kube, operator):
+def selector_of(content):
+    sig = email.message_from_bytes(content).get("DKIM-Signature", "")
+    m = re.search(r"\bs=([^;\s]+)", sig)
+    return m.group(1) if m else None
+
+
+def test_7_dkim_keys_rotate_with_mail_flowing(kube, operator, sink, dns_server):
+    """Two rotations under a steady stream of relayed mail: every message is signed, with
+    a published key, and verifies on arrival; the messages of each retired key verify
+    again just before its overlap ends."""
+    key_name = "example-com-ed25519"
+    ip = pod_ip(kube, "mx-0")
+    stop = threading.Event()
+    errors = []
+
+    def publisher():
+        # The DNS admin: serves every record status asks for (next, active, retiring,
+        # revoked), as external-dns or a person would.
+        while not stop.is_set():
+            try:
+                status = kube.get("dkimkey", key_name, NS).get("status", {})
+                dns_server.set_txt({s["recordName"]: s["recordValue"]
+                                    for s in status.get("selectors", [])})
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(f"publisher: {e}")
+            stop.wait(0.5)
+
+    sent = []
+
+    def sender():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            token = f"rot-{n}"
+            try:
+                send(ip, USER, ["friend@elsewhere.test"], token)
+                sent.append(token)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(f"send {token}: {e}")
+            stop.wait(0.3)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (publisher, sender)]
+    for t in threads:
+        t.start()
+    verified = {}  # token -> selector, verified on arrival
+    failures = []
+    rechecked = set()
+
+    def check_arrivals():
+        for m in list(sink.messages):
+            found = re.search(rb"Message-ID: <(rot-\d+)@e2e.test>", m.content)
+            if not found or found.group(1).decode() in verified:
+                continue
+            token = found.group(1).decode()
+            selector = selector_of(m.content)
+            ok = selector is not None and dkim.verify(m.content, dnsfunc=dnsfunc_of(dns_server))
+            verified[token] = (selector, m.content)
+            if not ok:
+                failures.append((token, selector))
+
+    def recheck_retiring():
+        # Just before a Retiring key's overlap ends (overlap counts from when the pods
+        # stopped signing, which is after `since`), its messages must still verify.
+        status = kube.get("dkimkey", key_name, NS).get("status", {})
+        for s in status.get("selectors", []):
+            if s["phase"] != "Retiring" or s["selector"] + s["since"] in rechecked:
+                continue
+            since = calendar.timegm(time.strptime(s["since"], "%Y-%m-%dT%H:%M:%SZ"))
+            if time.time() < since + OVERLAP - 5:
+                continue
+            check_arrivals()
+            old = [(t, c) for t, (sel, c) in verified.items() if sel == s["selector"]]
+            assert old, f"messages signed with {s['selector']}"
+            bad = [t for t, c in old if not dkim.verify(c, dnsfunc=dnsfunc_of(dns_server))]
+            assert not bad, f"{s['selector']}: {len(bad)} of {len(old)} fail before its overlap ends"
+            log(f"re-verified {len(old)} messages signed with {s['selector']} "
+                f"{time.time() - since:.0f} s after it started retiring")
+            rechecked.add(s["selector"] + s["since"])
+
+    OVERLAP = 40
+    actives = [kube.get("dkimkey", key_name, NS)["status"]["activeSelector"]]
+    started = time.monotonic()
+    try:
+        kube.run("patch", "dkimkey", key_name, "-n", NS, "--type=merge", "-p", json.dumps(
+            {"spec": {"rotationPeriod": "30s", "overlap": f"{OVERLAP}s"}}))
+
+        def two_rotations_and_rechecks():
+            check_arrivals()
+            recheck_retiring()
+            active = kube.get("dkimkey", key_name, NS)["status"].get("activeSelector")
+            if active and active != actives[-1]:
+                actives.append(active)
+                log(f"active selector {active} after {time.monotonic() - started:.0f} s")
+            return len(actives) >= 3 and len(rechecked) >= 2
+
+        poll(two_rotations_and_rechecks, timeout=420, interval=1,
+             what="two rotations, and the retired keys' messages re-verified")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        kube.run("patch", "dkimkey", key_name, "-n", NS, "--type=merge", "-p", json.dumps(
+            {"spec": {"rotation": "Manual"}}), check=False)
+    poll(lambda: (check_arrivals(), len(verified) >= len(sent))[1], timeout=120,
+         what="every message sent arrived at the sink")
+    by_selector = {}
+    for sel, _ in verified.values():
+        by_selector[sel] = by_selector.get(sel, 0) + 1
+    log(f"rotation: {len(sent)} sent, {len(verified)} verified on arrival, by selector "
+        f"{by_selector}, active selectors {actives}, {time.monotonic() - started:.0f} s; "
+        f"failures {failures}, errors {errors}")
+    assert actives[:3] == ["petrel-a", "petrel-b", "petrel-a"], actives
+    assert not failures, failures
+    assert not errors, errors
+    assert by_selector.get("petrel-b", 0) > 0 and by_selector.get("petrel-a", 0) > 0
+
+
+def test_8_a_missing_secret_breaks_nothing_that_runs(kube, operator):
     before = pod_state(kube, "submission")
     sts = kube.get("statefulset", "submission", NS)
     assert before
@@ -373,7 +505,7 @@ def test_7_a_missing_secret_breaks_nothing_that_runs(kube, operator):
     kube.wait("--for=condition=Ready", "smtplistener/submission", "-n", NS)
 
 
-def test_8_deleting_the_listener_collects_what_it_owned(kube, operator):
+def test_9_deleting_the_listener_collects_what_it_owned(kube, operator):
     owned = [o for o in owned_versions(kube)
              if o.split("/")[1] in ("mx", "mx-config", "mx-tls", "mx-dkim", "mx-headless")]
     assert len(owned) >= 6, owned
