@@ -137,6 +137,13 @@ pub struct AdminConfig {
     /// embedded default, `/var/lib/petrel/admin.token` on the queue volume in a pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<std::path::PathBuf>,
+    /// File holding the token the whole fleet shares (the operator writes it into a
+    /// Secret every pod of a listener mounts). When set, the HTTP endpoint also serves
+    /// `/admin/drain` (the operator drains a pod before scale-in) and `/admin/handoff` (a
+    /// draining peer hands its messages over), both only to requests bearing it
+    /// (`Authorization: Bearer …`). Unset (default): those endpoints do not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -144,6 +151,7 @@ impl Default for AdminConfig {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 2580)),
             token_file: None,
+            fleet_token_file: None,
         }
     }
 }
