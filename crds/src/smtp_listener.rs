@@ -23,6 +23,11 @@ use std::collections::BTreeMap;
     shortname = "smtpl",
     category = "petrel",
     doc = "A fleet of petrel-mta pods and the SMTP ports they serve.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn(name = "Hostname", type_ = "string", json_path = ".spec.hostname"),
     printcolumn(
         name = "Desired",
@@ -54,7 +59,10 @@ pub struct SmtpListenerSpec {
     #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new(crate::DOMAIN_RULE).message("hostname must be a lower-case DNS name such as mx.example.com"))]
     pub hostname: String,
-    /// Number of MTA pods when `autoscaling` is not set. Default: 2.
+    /// Number of MTA pods. With `autoscaling`, the HorizontalPodAutoscaler sets it through
+    /// the scale subresource (kept between its min and max). Lowering it drains the
+    /// highest-numbered pods (their queues handed to the others) before they are removed.
+    /// Default: 2.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 100))]
     pub replicas: i32,
@@ -365,6 +373,13 @@ pub struct SmtpListenerStatus {
     /// Pods that are ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
+    /// Pods the StatefulSet runs now (during a scale-in, until the pods leaving have
+    /// drained, more than `spec.replicas`). The scale subresource's `status.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Label selector of the pods, for the scale subresource (the HPA reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// SHA-256 of the rendered MtaConfig the pods should run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_checksum: Option<String>,
@@ -392,4 +407,7 @@ pub struct PodQueueDepth {
     pub pod: String,
     /// Messages in its queue.
     pub messages: u64,
+    /// While it drains before scale-in: `draining`, `handing_off` or `drained`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<String>,
 }

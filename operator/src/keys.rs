@@ -40,6 +40,8 @@ pub trait KeySource {
     fn tls(&mut self, hostname: &str) -> Result<TlsMaterial, KeyError>;
     /// A new DKIM key.
     fn dkim(&mut self, algorithm: DkimAlgorithm) -> Result<DkimMaterial, KeyError>;
+    /// A random bearer token (hex), e.g. the one a listener's pods share.
+    fn token(&mut self) -> Result<String, KeyError>;
 }
 
 /// Real keys from the system's randomness.
@@ -50,6 +52,15 @@ pub struct SystemKeys;
 const SELF_SIGNED_DAYS: i64 = 365;
 
 impl KeySource for SystemKeys {
+    fn token(&mut self) -> Result<String, KeyError> {
+        use ring::rand::SecureRandom as _;
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| KeyError::Failed("no randomness".to_owned()))?;
+        Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     fn tls(&mut self, hostname: &str) -> Result<TlsMaterial, KeyError> {
         let failed = |e: rcgen::Error| KeyError::Failed(e.to_string());
         let mut params =
@@ -133,6 +144,10 @@ fn pem(label: &str, der: &[u8]) -> String {
 pub struct FixedKeys;
 
 impl KeySource for FixedKeys {
+    fn token(&mut self) -> Result<String, KeyError> {
+        Ok("test-fleet-token".to_owned())
+    }
+
     fn tls(&mut self, hostname: &str) -> Result<TlsMaterial, KeyError> {
         Ok(TlsMaterial {
             cert_pem: format!("TEST CERTIFICATE for {hostname}\n"),

@@ -7,7 +7,7 @@
 
 use crate::render::workload::{HTTP_PORT, selector_labels};
 use crds::SmtpListener;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Bytes;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
@@ -121,6 +121,22 @@ pub async fn scrape(ip: IpAddr, timeout: Duration) -> Result<String, String> {
 }
 
 async fn get(ip: IpAddr, port: u16, path: &str) -> Result<String, String> {
+    let (status, body) = call(ip, port, hyper::Method::GET, path, None, None).await?;
+    if !status.is_success() {
+        return Err(format!("{path}: HTTP {status}"));
+    }
+    Ok(body)
+}
+
+/// One HTTP/1.1 request to a pod; the status and the body as text.
+async fn call(
+    ip: IpAddr,
+    port: u16,
+    method: hyper::Method,
+    path: &str,
+    token: Option<&str>,
+    json: Option<String>,
+) -> Result<(hyper::StatusCode, String), String> {
     let stream = tokio::net::TcpStream::connect((ip, port))
         .await
         .map_err(|e| format!("{ip}:{port}: {e}"))?;
@@ -129,18 +145,26 @@ async fn get(ip: IpAddr, port: u16, path: &str) -> Result<String, String> {
             .await
             .map_err(|e| e.to_string())?;
     let driver = tokio::spawn(connection);
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, ip.to_string())
-        .body(Empty::<Bytes>::new())
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, ip.to_string());
+    if let Some(token) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if json.is_some() {
+        request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let request = request
+        .body(http_body_util::Full::new(Bytes::from(
+            json.unwrap_or_default(),
+        )))
         .map_err(|e| e.to_string())?;
     let response = sender
         .send_request(request)
         .await
         .map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        driver.abort();
-        return Err(format!("{path}: HTTP {}", response.status()));
-    }
+    let status = response.status();
     let body = response
         .into_body()
         .collect()
@@ -148,7 +172,105 @@ async fn get(ip: IpAddr, port: u16, path: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())?
         .to_bytes();
     driver.abort();
-    String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// What a pod says about its drain (`GET /admin/drain`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct DrainReport {
+    /// `serving`, `draining`, `handing_off` or `drained`.
+    pub state: String,
+    /// Messages still in its queue.
+    #[serde(default)]
+    pub left: u64,
+    /// Delivered since the drain began.
+    #[serde(default)]
+    pub delivered: u64,
+    /// Handed to peers since the drain began.
+    #[serde(default)]
+    pub handed_off: u64,
+    /// Whether its durable "drained" marker exists.
+    #[serde(default)]
+    pub marker: bool,
+    /// The last hand-off error, if any.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl DrainReport {
+    /// Drained for good: the pod says so, with nothing left and its marker written.
+    pub fn done(&self) -> bool {
+        self.state == "drained" && self.left == 0 && self.marker
+    }
+}
+
+/// Asks the pod at `ip` to drain (hand its queue to `peers` after `deliver_for_secs` of
+/// delivering) and returns its progress. Asking again is harmless (the MTA treats it as
+/// the same drain, with the new peer list), so every reconcile of a scale-in does.
+pub async fn drain(
+    ip: IpAddr,
+    token: &str,
+    peers: &[String],
+    deliver_for_secs: u64,
+) -> Result<DrainReport, String> {
+    let port = u16::try_from(HTTP_PORT).map_err(|e| e.to_string())?;
+    let body = serde_json::json!({"peers": peers, "deliver_for_secs": deliver_for_secs});
+    let asked = tokio::time::timeout(
+        SCRAPE_TIMEOUT,
+        call(
+            ip,
+            port,
+            hyper::Method::POST,
+            "/admin/drain",
+            Some(token),
+            Some(body.to_string()),
+        ),
+    )
+    .await
+    .map_err(|_| format!("no answer from {ip}:{port} within {SCRAPE_TIMEOUT:?}"))??;
+    if !asked.0.is_success() {
+        return Err(format!(
+            "POST /admin/drain: HTTP {}: {}",
+            asked.0,
+            asked.1.trim()
+        ));
+    }
+    let (status, text) = tokio::time::timeout(
+        SCRAPE_TIMEOUT,
+        call(
+            ip,
+            port,
+            hyper::Method::GET,
+            "/admin/drain",
+            Some(token),
+            None,
+        ),
+    )
+    .await
+    .map_err(|_| format!("no answer from {ip}:{port} within {SCRAPE_TIMEOUT:?}"))??;
+    if !status.is_success() {
+        return Err(format!("GET /admin/drain: HTTP {status}: {}", text.trim()));
+    }
+    serde_json::from_str(&text).map_err(|e| format!("GET /admin/drain: {e}: {text}"))
+}
+
+/// Messages in the queue, from a `/metrics` text (`petrel_mta_queue_messages`, all states).
+pub fn queue_depth(metrics: &str) -> Option<u64> {
+    let mut total = None;
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("petrel_mta_queue_messages") else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let value = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
+        // Gauges are whole numbers of messages.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let n = value.max(0.0) as u64;
+        *total.get_or_insert(0) += n;
+    }
+    total
 }
 
 /// One `petrel_mta_dkim_keys` series: a key a pod has loaded.

@@ -102,6 +102,7 @@ impl Stores {
             secrets: in_namespace(&self.secrets, namespace),
             mta_image: None,
             now: None,
+            statefulset_replicas: Default::default(),
         };
         world.sort();
         world

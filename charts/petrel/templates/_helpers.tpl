@@ -123,6 +123,11 @@ operator renders need create as well as patch.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, patch]
+# Queue volumes of pods removed by a scale-in: marked once their pod drained, deleted
+# after it is gone (never one that did not drain).
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, patch, delete]
 # Events on the reconciled resources (the recorder creates, then patches a series).
 - apiGroups: ["events.k8s.io"]
   resources: [events]

@@ -14,6 +14,7 @@ pub mod dkim_key;
 pub mod dkim_rotation;
 pub mod mail_domain;
 pub mod relay_policy;
+pub mod scale_in;
 pub mod smtp_listener;
 
 use crate::apply::{self, Applied};

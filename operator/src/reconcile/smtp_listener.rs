@@ -16,20 +16,25 @@
 //! The status carries the served certificate's `certificateNotAfter` and `renewalTime`,
 //! read from the rendered self-signed Secret or from the Secret the pods mount.
 
+use super::scale_in::{self, PodDrain};
 use super::{RESYNC, converge, finish, load_world, namespace_of, notes_for, patch_status, publish};
 use crate::apply::{self, Applied};
 use crate::context::Context;
 use crate::keys::SystemKeys;
+use crate::pods;
 use crate::render::{self, Note, World, certificate, mta_config};
 use crate::{Error, Result, status};
-use crds::SmtpListener;
-use crds::smtp_listener::SmtpListenerStatus;
+use crds::conditions::Condition;
+use crds::smtp_listener::{PodQueueDepth, SmtpListenerStatus};
+use crds::{ConditionStatus, SmtpListener};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::DynamicObject;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,6 +120,16 @@ pub struct Observed {
     pub certificate_not_after: Option<String>,
     /// When that certificate is due for renewal (RFC 3339).
     pub renewal_time: Option<String>,
+    /// Pods the StatefulSet runs (its status).
+    pub replicas: i32,
+    /// The pods' label selector, for the scale subresource.
+    pub selector: String,
+    /// A scale-in in progress: what the leaving pods report.
+    pub scaling_in: Option<String>,
+    /// Queue volumes of removed pods that were never drained (kept, never deleted).
+    pub undrained_volumes: Vec<String>,
+    /// Queue depth of each pod that answered, with its drain state while scaling in.
+    pub queue_depth: Vec<crds::smtp_listener::PodQueueDepth>,
 }
 
 /// The status of `obj` after a reconcile that found `observed`. Pure.
@@ -162,18 +177,41 @@ pub fn status(obj: &SmtpListener, observed: &Observed, now: &str) -> SmtpListene
             ),
         )
     });
+    let (state, reason, message) = match (&observed.scaling_in, &observed.undrained_volumes[..]) {
+        (Some(progress), _) => (ConditionStatus::True, "Draining", progress.clone()),
+        (None, []) => (ConditionStatus::False, "Idle", String::new()),
+        (None, volumes) => (
+            ConditionStatus::False,
+            "UndrainedVolumes",
+            format!(
+                "queue volumes of removed pods that never drained are kept, never deleted: {}; scale out to bring their pods back (they deliver their queues), then scale in again",
+                volumes.join(", ")
+            ),
+        ),
+    };
+    let scaling = Condition::new(
+        SCALING_IN,
+        state,
+        reason,
+        message,
+        obj.metadata.generation,
+        now,
+    );
     SmtpListenerStatus {
         conditions: status::reconciled(
             &previous.conditions,
             obj.metadata.generation,
             &notes,
             pending,
-            Vec::new(),
+            vec![scaling],
             now,
         ),
         observed_generation: obj.metadata.generation,
         desired_replicas: Some(observed.desired_replicas),
         ready_replicas: Some(observed.ready_replicas),
+        replicas: Some(observed.replicas),
+        selector: (!observed.selector.is_empty()).then(|| observed.selector.clone()),
+        queue_depth: observed.queue_depth.clone(),
         config_checksum: observed
             .config_checksum
             .clone()
@@ -186,7 +224,6 @@ pub fn status(obj: &SmtpListener, observed: &Observed, now: &str) -> SmtpListene
             .renewal_time
             .clone()
             .or(previous.renewal_time.clone()),
-        ..previous
     }
 }
 
@@ -290,19 +327,203 @@ async fn missing_secrets(ctx: &Context, ns: &str, refs: Vec<SecretRef>) -> Resul
     Ok(missing)
 }
 
+/// Condition type of a scale-in in progress (and of queue volumes left undrained).
+pub const SCALING_IN: &str = "ScalingIn";
+
+/// How soon a scale-in in progress is looked at again.
+const SCALE_IN_RECHECK: Duration = Duration::from_secs(5);
+
+/// Every pod of `listener` that has an IP, by ordinal.
+async fn listener_pods(ctx: &Context, listener: &SmtpListener) -> Result<BTreeMap<i32, Pod>> {
+    let ns = listener.namespace().unwrap_or_default();
+    let name = listener.name_any();
+    let selector = render::workload::selector_labels(listener)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|p| Some((scale_in::ordinal(p.metadata.name.as_deref()?, &name)?, p)))
+        .collect())
+}
+
+fn pod_ip(pod: &Pod) -> Option<std::net::IpAddr> {
+    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Asks each leaving pod (ordinal ≥ `desired`) to drain to the Ready pods that stay.
+async fn drain_leaving(
+    world: &World,
+    listener: &SmtpListener,
+    pods_by_ordinal: &BTreeMap<i32, Pod>,
+    desired: i32,
+    current: i32,
+) -> BTreeMap<i32, PodDrain> {
+    let ns = listener.namespace().unwrap_or_default();
+    let token = world
+        .secret(&ns, &render::secrets::listener_fleet_secret_name(listener))
+        .and_then(|s| s.data.as_ref()?.get(render::secrets::FLEET_TOKEN).cloned())
+        .map(|t| String::from_utf8_lossy(&t.0).into_owned());
+    let peers: Vec<String> = pods_by_ordinal
+        .iter()
+        .filter(|(i, p)| **i < desired && pod_ready(p))
+        .filter_map(|(_, p)| Some(format!("{}:{}", pod_ip(p)?, render::workload::HTTP_PORT)))
+        .collect();
+    let mut reports = BTreeMap::new();
+    for ordinal in desired..current {
+        let report = match (pods_by_ordinal.get(&ordinal).and_then(pod_ip), &token) {
+            (_, None) => PodDrain::Unreachable("the fleet token Secret is not there yet".into()),
+            (None, _) => PodDrain::Unreachable("pod not running".into()),
+            (Some(_), _) if peers.is_empty() => {
+                PodDrain::Unreachable("no Ready pod to hand its queue to".into())
+            }
+            (Some(ip), Some(token)) => {
+                match pods::drain(ip, token, &peers, scale_in::DELIVER_FOR_SECS).await {
+                    Ok(r) => PodDrain::Report(r),
+                    Err(e) => PodDrain::Unreachable(e),
+                }
+            }
+        };
+        reports.insert(ordinal, report);
+    }
+    reports
+}
+
+/// Marks the queue volumes of `ordinals` drained (before the StatefulSet shrinks).
+async fn mark_drained(ctx: &Context, listener: &SmtpListener, ordinals: &[i32]) -> Result<()> {
+    let ns = listener.namespace().unwrap_or_default();
+    let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns);
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {scale_in::DRAINED_ANNOTATION: "true"}}});
+    for ordinal in ordinals {
+        let pvc = format!(
+            "{}-{}-{ordinal}",
+            render::workload::QUEUE_VOLUME,
+            listener.name_any()
+        );
+        match api
+            .patch(&pvc, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the queue volumes of removed pods that drained; returns the names of those
+/// that never did (kept).
+async fn collect_volumes(
+    ctx: &Context,
+    listener: &SmtpListener,
+    replicas: i32,
+    pods_by_ordinal: &BTreeMap<i32, Pod>,
+) -> Result<Vec<String>> {
+    let ns = listener.namespace().unwrap_or_default();
+    let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns);
+    let prefix = format!("{}-{}", render::workload::QUEUE_VOLUME, listener.name_any());
+    let mut undrained = Vec::new();
+    for pvc in api.list(&ListParams::default()).await?.items {
+        let Some(name) = pvc.metadata.name.as_deref() else {
+            continue;
+        };
+        let Some(ordinal) = scale_in::ordinal(name, &prefix) else {
+            continue;
+        };
+        if ordinal < replicas || pods_by_ordinal.contains_key(&ordinal) {
+            continue;
+        }
+        let drained = pvc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(scale_in::DRAINED_ANNOTATION))
+            .is_some_and(|v| v == "true");
+        if drained {
+            match api.delete(name, &DeleteParams::background()).await {
+                Ok(_) => tracing::info!(pvc = name, "drained queue volume deleted"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            undrained.push(name.to_owned());
+        }
+    }
+    Ok(undrained)
+}
+
+/// Queue depth of each pod that answers its `/metrics`, with its drain state.
+async fn queue_depths(
+    pods_by_ordinal: &BTreeMap<i32, Pod>,
+    reports: &BTreeMap<i32, PodDrain>,
+) -> Vec<PodQueueDepth> {
+    let scrapes = futures::future::join_all(pods_by_ordinal.iter().map(|(i, p)| async move {
+        let text = match pod_ip(p) {
+            Some(ip) => pods::scrape(ip, pods::SCRAPE_TIMEOUT).await.ok(),
+            None => None,
+        };
+        (*i, p.metadata.name.clone().unwrap_or_default(), text)
+    }))
+    .await;
+    scrapes
+        .into_iter()
+        .filter_map(|(i, pod, text)| {
+            let messages = pods::queue_depth(&text?)?;
+            let drain = match reports.get(&i) {
+                Some(PodDrain::Report(r)) => Some(r.state.clone()),
+                _ => None,
+            };
+            Some(PodQueueDepth {
+                pod,
+                messages,
+                drain,
+            })
+        })
+        .collect()
+}
+
 async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
     let ns = namespace_of(obj)?;
     let name = obj.name_any();
-    let world = load_world(ctx, &ns);
-    let want = obj
-        .spec
-        .autoscaling
-        .as_ref()
-        .map_or(obj.spec.replicas, |a| a.min_replicas);
+    let mut world = load_world(ctx, &ns);
+    let desired = render::desired_replicas(obj);
     let mut observed = Observed {
-        desired_replicas: want,
+        desired_replicas: desired,
         ..Observed::default()
     };
+    // Scale-in: the StatefulSet keeps its pods until those leaving have drained.
+    let sts_api = Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns);
+    let current = sts_api.get_opt(&name).await?.and_then(|s| s.spec.replicas);
+    let pods_by_ordinal = listener_pods(ctx, obj).await?;
+    let reports = match current {
+        Some(current) if current > desired => {
+            drain_leaving(&world, obj, &pods_by_ordinal, desired, current).await
+        }
+        _ => BTreeMap::new(),
+    };
+    let plan = scale_in::plan(&name, desired, current, &reports);
+    if !plan.drained.is_empty() {
+        mark_drained(ctx, obj, &plan.drained).await?;
+    }
+    world
+        .statefulset_replicas
+        .insert(name.clone(), plan.statefulset_replicas);
+    observed.scaling_in = plan.progress.clone();
+    observed.queue_depth = queue_depths(&pods_by_ordinal, &reports).await;
     // The Certificate comes first: cert-manager fills the Secret the pods will mount only
     // once it exists.
     let mut changed = Vec::new();
@@ -361,13 +582,21 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
     if !changed.is_empty() {
         publish(ctx, obj, EventType::Normal, "Applied", changed.join(", ")).await;
     }
-    let sts = Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&name)
-        .await?;
-    if let Some(replicas) = sts.as_ref().and_then(|s| s.spec.replicas) {
-        observed.desired_replicas = replicas;
-    }
+    let sts = sts_api.get_opt(&name).await?;
     let sts_status = sts.as_ref().and_then(|s| s.status.as_ref());
+    observed.replicas = sts_status.map_or(0, |s| s.replicas);
+    observed.selector = render::workload::selector_labels(obj)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    observed.undrained_volumes =
+        collect_volumes(ctx, obj, plan.statefulset_replicas, &pods_by_ordinal).await?;
+    let requeue = if plan.progress.is_some() {
+        requeue.min(SCALE_IN_RECHECK)
+    } else {
+        requeue
+    };
     observed.ready_replicas = sts_status.and_then(|s| s.ready_replicas).unwrap_or(0);
     observed.updated_replicas = sts_status.and_then(|s| s.updated_replicas).unwrap_or(0);
     observed.rollout_observed = sts.as_ref().is_some_and(|s| {

@@ -56,6 +56,7 @@ async fn listener_apply_writes_objects_status_and_an_event_then_nothing() {
         format!("PATCH /api/v1{NS}/configmaps/mx-config"),
         format!("PATCH /api/v1{NS}/secrets/mx-tls"),
         format!("PATCH /api/v1{NS}/secrets/mx-dkim"),
+        format!("PATCH /api/v1{NS}/secrets/mx-fleet"),
         format!("PATCH /apis/apps/v1{NS}/statefulsets/mx"),
         format!("PATCH /api/v1{NS}/services/mx"),
         format!("PATCH /api/v1{NS}/services/mx-headless"),
@@ -68,7 +69,7 @@ async fn listener_apply_writes_objects_status_and_an_event_then_nothing() {
             "missing {expected} in {writes:#?}"
         );
     }
-    assert_eq!(writes.len(), 9, "{writes:#?}");
+    assert_eq!(writes.len(), 10, "{writes:#?}");
 
     // Owner reference, labels and the rendered config landed.
     let cm = fake

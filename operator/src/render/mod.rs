@@ -63,6 +63,20 @@ pub struct World {
     /// The time of the reconcile (Unix seconds), for certificate renewal; `None` (the
     /// offline `render`) keeps every certificate it is given.
     pub now: Option<i64>,
+    /// StatefulSet sizes decided by the scale-in plan, by listener name: during a scale-in
+    /// the pods leaving stay until they have drained. Absent: [`desired_replicas`].
+    pub statefulset_replicas: BTreeMap<String, i32>,
+}
+
+/// The pods a listener asks for: `spec.replicas`, kept within the autoscaling bounds.
+pub fn desired_replicas(listener: &SmtpListener) -> i32 {
+    let spec = &listener.spec;
+    match &spec.autoscaling {
+        Some(a) => spec
+            .replicas
+            .clamp(a.min_replicas, a.max_replicas.max(a.min_replicas)),
+        None => spec.replicas,
+    }
 }
 
 impl World {
@@ -97,6 +111,7 @@ impl World {
             secrets: keep(&self.secrets, |r| ns(&r.metadata)),
             mta_image: self.mta_image.clone(),
             now: self.now,
+            statefulset_replicas: self.statefulset_replicas.clone(),
         }
     }
 
@@ -317,6 +332,9 @@ pub fn render_listener(
     let dkim = secrets::listener_dkim(listener, world, &signing);
     let dkim_secret = dkim.metadata.name.clone().unwrap_or_default();
     objects.push(Object::Secret(dkim));
+    let fleet = secrets::listener_fleet(listener, world, keys)?;
+    let fleet_secret = fleet.metadata.name.clone().unwrap_or_default();
+    objects.push(Object::Secret(fleet));
     let auth_secret = mta_config::auth_secret(world).map(|(name, _)| name);
     let smarthost_secret = mta_config::smarthost_secret(world);
     // The pod template holds only what needs a restart (image, ports, which Secrets are
@@ -328,9 +346,15 @@ pub fn render_listener(
         &workload::Mounts {
             tls: &tls_secret,
             dkim: &dkim_secret,
+            fleet: &fleet_secret,
             auth: auth_secret.as_deref(),
             smarthost: smarthost_secret.as_deref(),
         },
+        world
+            .statefulset_replicas
+            .get(&name)
+            .copied()
+            .unwrap_or_else(|| desired_replicas(listener)),
     )));
     objects.extend(
         workload::services(listener)

@@ -38,6 +38,8 @@ pub const AUTH_DIR: &str = "/etc/petrel/auth";
 
 /// Mount point of the smarthost credentials Secret (keys `username`, `password`).
 pub const SMARTHOST_DIR: &str = "/etc/petrel/smarthost";
+/// Mount point of the fleet Secret (the token the pods share for drain and hand-off).
+pub const FLEET_DIR: &str = "/etc/petrel/fleet";
 
 /// The RelayPolicy whose route is in force in the namespace: the first by name.
 pub fn route_policy(world: &World) -> Option<&RelayPolicy> {
@@ -123,6 +125,10 @@ pub fn for_listener(
     let mut config = MtaConfig {
         hostname: spec.hostname.clone(),
         listeners,
+        admin: ::mta_config::AdminConfig {
+            fleet_token_file: Some(PathBuf::from(FLEET_DIR).join(super::secrets::FLEET_TOKEN)),
+            ..::mta_config::AdminConfig::default()
+        },
         spool: SpoolConfig {
             path: PathBuf::from(DATA_DIR).join("spool"),
             ..SpoolConfig::default()

@@ -151,6 +151,42 @@ fn reuse(
         .then_some(data)
 }
 
+/// Name of the Secret holding the token a listener's pods share (drain and hand-off).
+pub fn listener_fleet_secret_name(listener: &SmtpListener) -> String {
+    format!("{}-fleet", listener.name_any())
+}
+
+/// Key of the token in the fleet Secret.
+pub const FLEET_TOKEN: &str = "token";
+
+/// The listener's fleet Secret: a random token every pod mounts (`admin.fleet_token_file`)
+/// and the operator presents to drain a pod before scale-in. Reused once made.
+pub fn listener_fleet(
+    listener: &SmtpListener,
+    world: &World,
+    keys: &mut dyn KeySource,
+) -> Result<Secret, RenderError> {
+    let ns = listener.namespace().unwrap_or_default();
+    let name = listener_fleet_secret_name(listener);
+    let data = match reuse(world, &ns, &name, &[FLEET_TOKEN]) {
+        Some(data) => data,
+        None => {
+            let token = keys.token().map_err(|source| RenderError::Keys {
+                kind: "SmtpListener",
+                name: listener.name_any(),
+                source,
+            })?;
+            BTreeMap::from([(FLEET_TOKEN.to_owned(), ByteString(token.into_bytes()))])
+        }
+    };
+    Ok(Secret {
+        metadata: owned_meta(listener, name, "fleet-token"),
+        type_: Some("Opaque".to_owned()),
+        data: Some(data),
+        ..Secret::default()
+    })
+}
+
 /// Name of a listener's DKIM Secret: a copy of every private key its pods sign with.
 pub fn listener_dkim_secret_name(listener: &SmtpListener) -> String {
     format!("{}-dkim", listener.name_any())

@@ -7,7 +7,8 @@
 //! They get no service-account token: MTA pods never talk to the Kubernetes API.
 
 use super::mta_config::{
-    AUTH_DIR, CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_DIR, SMARTHOST_DIR, TLS_DIR, container_port,
+    AUTH_DIR, CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_DIR, FLEET_DIR, SMARTHOST_DIR, TLS_DIR,
+    container_port,
 };
 use super::{labels, owned_meta};
 use crds::SmtpListener;
@@ -34,6 +35,9 @@ use std::collections::BTreeMap;
 /// Image used when the SmtpListener names none.
 pub const DEFAULT_IMAGE: &str =
     concat!("ghcr.io/petrel-mail/petrel-mta:", env!("CARGO_PKG_VERSION"));
+/// Name of the queue volume claim template: each pod's PVC is `queue-<listener>-<n>`.
+pub const QUEUE_VOLUME: &str = "queue";
+
 /// Port of the MTA's HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
 pub const HTTP_PORT: i32 = 8080;
 /// UID/GID the MTA runs as (the conventional "nonroot" user of distroless images).
@@ -114,6 +118,8 @@ pub struct Mounts<'a> {
     pub tls: &'a str,
     /// The listener's copy of its DKIM private keys.
     pub dkim: &'a str,
+    /// The token the pods share (drain and hand-off).
+    pub fleet: &'a str,
     /// AUTH users file, when a RelayPolicy names one.
     pub auth: Option<&'a str>,
     /// Smarthost credentials, when the route has them.
@@ -126,6 +132,7 @@ pub fn stateful_set(
     listener: &SmtpListener,
     default_image: Option<&str>,
     secrets: &Mounts<'_>,
+    replicas: i32,
 ) -> StatefulSet {
     let spec = &listener.spec;
     let mut pod_labels = owned_meta(listener, String::new(), "mta")
@@ -160,6 +167,7 @@ pub fn stateful_set(
         // cert-manager may not have issued it yet; the MTA reloads it when it appears.
         secret_volume("tls", secrets.tls, spec.tls.issuer_ref.is_some()),
         secret_volume("dkim", secrets.dkim, false),
+        secret_volume("fleet", secrets.fleet, false),
         Volume {
             name: "tmp".to_owned(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -170,8 +178,9 @@ pub fn stateful_set(
         mount("config", CONFIG_DIR),
         mount("tls", TLS_DIR),
         mount("dkim", DKIM_DIR),
+        mount("fleet", FLEET_DIR),
         VolumeMount {
-            name: "queue".to_owned(),
+            name: QUEUE_VOLUME.to_owned(),
             mount_path: DATA_DIR.to_owned(),
             ..VolumeMount::default()
         },
@@ -252,9 +261,9 @@ pub fn stateful_set(
     StatefulSet {
         metadata: owned_meta(listener, listener.name_any(), "mta"),
         spec: StatefulSetSpec {
-            // With autoscaling the HPA owns the replica count; leaving it out of the apply
-            // keeps the two field managers from fighting.
-            replicas: spec.autoscaling.is_none().then_some(spec.replicas),
+            // The operator's alone: the HPA scales the SmtpListener, and a scale-in lowers
+            // this only once the pods leaving have drained.
+            replicas: Some(replicas),
             service_name: Some(headless_service_name(listener)),
             pod_management_policy: Some("Parallel".to_owned()),
             selector: LabelSelector {
@@ -270,7 +279,7 @@ pub fn stateful_set(
             },
             volume_claim_templates: Some(vec![PersistentVolumeClaim {
                 metadata: ObjectMeta {
-                    name: Some("queue".to_owned()),
+                    name: Some(QUEUE_VOLUME.to_owned()),
                     labels: Some(selector_labels(listener)),
                     ..ObjectMeta::default()
                 },
@@ -370,9 +379,11 @@ pub fn hpa(listener: &SmtpListener) -> Option<HorizontalPodAutoscaler> {
     Some(HorizontalPodAutoscaler {
         metadata: owned_meta(listener, listener.name_any(), "mta"),
         spec: HorizontalPodAutoscalerSpec {
+            // The SmtpListener's scale subresource, not the StatefulSet: every scale-in goes
+            // through the operator, which drains the pods leaving first.
             scale_target_ref: CrossVersionObjectReference {
-                api_version: Some("apps/v1".to_owned()),
-                kind: "StatefulSet".to_owned(),
+                api_version: Some("mail.petrel.dev/v1alpha1".to_owned()),
+                kind: "SmtpListener".to_owned(),
                 name: listener.name_any(),
             },
             min_replicas: Some(autoscaling.min_replicas),

@@ -25,6 +25,9 @@ fn key(period: &str, overlap: &str) -> DkimKey {
 struct CountingKeys(u32);
 
 impl KeySource for CountingKeys {
+    fn token(&mut self) -> Result<String, KeyError> {
+        Err(KeyError::Failed("not in this test".into()))
+    }
     fn tls(&mut self, _: &str) -> Result<TlsMaterial, KeyError> {
         Err(KeyError::Failed("not in this test".into()))
     }
