@@ -448,12 +448,12 @@ def test_7_dkim_keys_rotate_with_mail_flowing(kube, operator, sink, dns_server):
                 f"{time.time() - since:.0f} s after it started retiring")
             rechecked.add(s["selector"] + s["since"])
 
-    OVERLAP = 40
+    OVERLAP = 25
     actives = [kube.get("dkimkey", key_name, NS)["status"]["activeSelector"]]
     started = time.monotonic()
     try:
         kube.run("patch", "dkimkey", key_name, "-n", NS, "--type=merge", "-p", json.dumps(
-            {"spec": {"rotationPeriod": "30s", "overlap": f"{OVERLAP}s"}}))
+            {"spec": {"rotationPeriod": "20s", "overlap": f"{OVERLAP}s"}}))
 
         def two_rotations_and_rechecks():
             check_arrivals()

@@ -27,18 +27,31 @@ pub struct ReadyPod {
     pub ip: IpAddr,
 }
 
-/// The Ready pods (condition `Ready=True`, with an IP) of `listener`.
-pub async fn ready_pods(client: &Client, listener: &SmtpListener) -> kube::Result<Vec<ReadyPod>> {
-    let ns = listener.metadata.namespace.clone().unwrap_or_default();
-    let selector = selector_labels(listener)
+/// The label selector of `listener`'s pods, as the API takes it (`k=v,k=v`).
+pub fn selector(listener: &SmtpListener) -> String {
+    selector_labels(listener)
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
-        .join(",");
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default().labels(&selector))
-        .await?;
-    Ok(pods.items.iter().filter_map(ready_pod).collect())
+        .join(",")
+}
+
+/// Every pod of `listener`.
+pub async fn list(client: &Client, listener: &SmtpListener) -> kube::Result<Vec<Pod>> {
+    let ns = listener.metadata.namespace.clone().unwrap_or_default();
+    Ok(Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&selector(listener)))
+        .await?
+        .items)
+}
+
+/// The Ready pods (condition `Ready=True`, with an IP) of `listener`.
+pub async fn ready_pods(client: &Client, listener: &SmtpListener) -> kube::Result<Vec<ReadyPod>> {
+    Ok(list(client, listener)
+        .await?
+        .iter()
+        .filter_map(ready_pod)
+        .collect())
 }
 
 fn ready_pod(pod: &Pod) -> Option<ReadyPod> {
@@ -71,18 +84,9 @@ pub async fn nudge(
     checksum: &str,
 ) -> kube::Result<usize> {
     let ns = listener.metadata.namespace.clone().unwrap_or_default();
-    let selector = selector_labels(listener)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let api = Api::<Pod>::namespaced(client.clone(), &ns);
     let mut patched = 0;
-    for pod in api
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-    {
+    for pod in list(client, listener).await? {
         let current = pod
             .metadata
             .annotations

@@ -335,18 +335,9 @@ const SCALE_IN_RECHECK: Duration = Duration::from_secs(5);
 
 /// Every pod of `listener` that has an IP, by ordinal.
 async fn listener_pods(ctx: &Context, listener: &SmtpListener) -> Result<BTreeMap<i32, Pod>> {
-    let ns = listener.namespace().unwrap_or_default();
     let name = listener.name_any();
-    let selector = render::workload::selector_labels(listener)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let list = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-        .list(&ListParams::default().labels(&selector))
-        .await?;
-    Ok(list
-        .items
+    Ok(pods::list(&ctx.client, listener)
+        .await?
         .into_iter()
         .filter_map(|p| Some((scale_in::ordinal(p.metadata.name.as_deref()?, &name)?, p)))
         .collect())
@@ -585,11 +576,7 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
     let sts = sts_api.get_opt(&name).await?;
     let sts_status = sts.as_ref().and_then(|s| s.status.as_ref());
     observed.replicas = sts_status.map_or(0, |s| s.replicas);
-    observed.selector = render::workload::selector_labels(obj)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    observed.selector = pods::selector(obj);
     observed.undrained_volumes =
         collect_volumes(ctx, obj, plan.statefulset_replicas, &pods_by_ordinal).await?;
     let requeue = if plan.progress.is_some() {
