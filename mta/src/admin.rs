@@ -1,7 +1,10 @@
 //! The admin endpoint behind `petrel-mta queue …`: one JSON request per line in, one JSON
 //! response per line out, on a loopback TCP address only (`admin.address`; validation
 //! refuses anything else). Requests and responses are
-//! [`AdminRequest`] / [`AdminResponse`]; the scheduler answers them.
+//! [`AdminRequest`] / [`AdminResponse`], which the scheduler answers, and the drain's
+//! [`AdminDrain`] (`{"op":"drain","peers":[…],"deliver_for_secs":30}`, `drain_status`,
+//! `drain_cancel`), answered with `{"result":"drain", …}` and the drain's [`Report`] (the
+//! same operation as the fleet's `POST /admin/drain`, for a person with `kubectl exec`).
 //!
 //! Authentication (issue 13, item 4): loopback alone lets every local user (and, through a
 //! browser or an SSRF, any web page) empty the queue. So at each start the MTA writes a
@@ -15,6 +18,7 @@
 //! and keeps the TCP address the CLI already knows.
 
 use crate::context::Context;
+use crate::drain::{AdminDrain, Drain, Report};
 use crate::files;
 use crate::queue::scheduler::{AdminRequest, AdminResponse};
 use crate::shutdown::Shutdown;
@@ -97,7 +101,22 @@ enum Line {
     Unauthorised,
     /// Authenticated, but not a request this endpoint knows.
     Invalid(String),
-    Request(AdminRequest),
+    Request(Request),
+}
+
+/// One request: a queue operation (the scheduler answers) or a drain operation (the
+/// drain answers).
+#[derive(Debug, Clone)]
+pub enum Request {
+    Queue(AdminRequest),
+    Drain(AdminDrain),
+}
+
+/// The answer to a drain operation: `{"result":"drain", "state": …, …}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum DrainResponse {
+    Drain(Report),
 }
 
 impl Line {
@@ -114,14 +133,29 @@ impl Line {
         if !authorised {
             return Line::Unauthorised;
         }
-        match serde_json::from_value(serde_json::Value::Object(object)) {
+        let drain = object
+            .get("op")
+            .and_then(|op| op.as_str())
+            .is_some_and(|op| op.starts_with("drain"));
+        let object = serde_json::Value::Object(object);
+        let parsed = match drain {
+            true => serde_json::from_value(object).map(Request::Drain),
+            false => serde_json::from_value(object).map(Request::Queue),
+        };
+        match parsed {
             Ok(request) => Line::Request(request),
             Err(e) => Line::Invalid(e.to_string()),
         }
     }
 }
 
-pub async fn serve(listener: TcpListener, token: Token, ctx: Arc<Context>, mut shutdown: Shutdown) {
+pub async fn serve(
+    listener: TcpListener,
+    token: Token,
+    ctx: Arc<Context>,
+    drain: Arc<Drain>,
+    mut shutdown: Shutdown,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -129,7 +163,13 @@ pub async fn serve(listener: TcpListener, token: Token, ctx: Arc<Context>, mut s
         };
         match accepted {
             Ok((stream, peer)) if peer.ip().is_loopback() => {
-                tokio::spawn(handle(stream, peer, token.clone(), ctx.clone()));
+                tokio::spawn(handle(
+                    stream,
+                    peer,
+                    token.clone(),
+                    ctx.clone(),
+                    drain.clone(),
+                ));
             }
             Ok((_, peer)) => tracing::warn!(%peer, "admin: refused non-loopback client"),
             Err(e) => {
@@ -149,7 +189,13 @@ async fn write_line(write: &mut OwnedWriteHalf, mut line: String) -> std::io::Re
     write.write_all(line.as_bytes()).await
 }
 
-async fn handle(stream: TcpStream, peer: std::net::SocketAddr, token: Token, ctx: Arc<Context>) {
+async fn handle(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    token: Token,
+    ctx: Arc<Context>,
+    drain: Arc<Drain>,
+) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST)).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -165,12 +211,19 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, token: Token, ctx
                 return;
             }
             Line::Invalid(message) => error_line(&message),
-            Line::Request(request) => match ctx.scheduler.admin(request).await {
+            Line::Request(Request::Queue(request)) => match ctx.scheduler.admin(request).await {
                 Some(response) => match serde_json::to_string(&response) {
                     Ok(text) => text,
                     Err(_) => return,
                 },
                 None => error_line("shutting down"),
+            },
+            Line::Request(Request::Drain(op)) => match drain.admin(op).await {
+                Ok(report) => match serde_json::to_string(&DrainResponse::Drain(report)) {
+                    Ok(text) => text,
+                    Err(_) => return,
+                },
+                Err(message) => error_line(&message),
             },
         };
         if write_line(&mut write, response).await.is_err() {
@@ -179,12 +232,14 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, token: Token, ctx
     }
 }
 
-/// Client side, for the CLI: sends one request with the token and returns the response.
-pub async fn request(
+/// Client side, for the CLI: sends one request (an [`AdminRequest`] answered by an
+/// [`AdminResponse`], or an [`AdminDrain`] answered by a [`DrainResponse`]) with the token
+/// and returns the response.
+pub async fn request<R: serde::de::DeserializeOwned>(
     address: std::net::SocketAddr,
     token: &Token,
-    request: &AdminRequest,
-) -> Result<AdminResponse, String> {
+    request: &impl serde::Serialize,
+) -> Result<R, String> {
     let stream = TcpStream::connect(address).await.map_err(|e| {
         format!("cannot reach the admin endpoint at {address}: {e} (is petrel-mta running?)")
     })?;
@@ -218,6 +273,31 @@ pub async fn request(
             _ => format!("bad response {reply:?}: {e}"),
         }
     })
+}
+
+/// Human-readable form of a drain report (the CLI's default output).
+pub fn render_drain(report: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let state = serde_json::to_value(report.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let _ = writeln!(out, "state:       {state}");
+    let _ = writeln!(out, "left:        {}", report.left);
+    let _ = writeln!(out, "delivered:   {}", report.delivered);
+    let _ = writeln!(out, "handed off:  {}", report.handed_off);
+    let marker = if report.marker { "written" } else { "no" };
+    let _ = writeln!(out, "marker:      {marker}");
+    let peers = match report.peers.is_empty() {
+        true => "-".to_owned(),
+        false => report.peers.join(", "),
+    };
+    let _ = writeln!(out, "peers:       {peers}");
+    if let Some(error) = &report.error {
+        let _ = writeln!(out, "last error:  {error}");
+    }
+    out
 }
 
 /// Human-readable form of a response (the CLI's default output).
@@ -326,6 +406,19 @@ mod tests {
                 "unauthorised",
             ),
             (&format!(r#"{{"op":"erase","token":"{good}"}}"#), "invalid"),
+            (
+                &format!(r#"{{"op":"drain_now","token":"{good}"}}"#),
+                "invalid",
+            ),
+            (
+                &format!(r#"{{"op":"drain","peers":["10.0.0.5:8080"],"token":"{good}"}}"#),
+                "request",
+            ),
+            (
+                &format!(r#"{{"op":"drain_status","token":"{good}"}}"#),
+                "request",
+            ),
+            (r#"{"op":"drain_status"}"#, "unauthorised"),
             (&format!(r#"{{"op":"list","token":"{good}"}}"#), "request"),
             (
                 &format!("{{\"token\":\"{good}\",\"op\":\"delete\",\"id\":1}}\r"),

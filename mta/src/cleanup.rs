@@ -3,6 +3,10 @@
 //!
 //! Returns the queue id only after the spool has synced the message; the session then says
 //! `250`. Any failure maps to a reply from the table and nothing is queued.
+//!
+//! Messages a draining peer hands over ([`store_handed_off`], issue 16) come in here too,
+//! through the same spool store, but as they are: they are mail the fleet has already
+//! accepted, checked, stamped and signed, so doing any of that again would change them.
 
 use crate::context::Context;
 use crate::queue::{Envelope, QueueId};
@@ -92,6 +96,51 @@ pub async fn accept(
     );
     ctx.scheduler.enqueue(id, envelope.clone());
     Ok(id)
+}
+
+/// A message a draining peer hands over, stored durably (synced) with its envelope as the
+/// peer had it: arrival time, attempts, next attempt, expiry, hold and each recipient's
+/// state. Not checked, stamped or signed again. It is not queued yet: the caller first
+/// records where it came from, then [`Stored::enqueue`]s it, so it cannot be delivered
+/// (and leave the spool) before its origin is on record.
+pub async fn store_handed_off(
+    ctx: &Context,
+    envelope: Envelope,
+    content: &[u8],
+) -> Result<Stored, spool::Error> {
+    let id = ctx.spool.next_id();
+    ctx.spool.store(id, &envelope, &[content]).await?;
+    let origin = envelope.handoff_origin.as_ref();
+    tracing::info!(
+        queue_id = %id,
+        from = %envelope.sender,
+        recipients = envelope.recipients.len(),
+        size = content.len(),
+        origin_pod = origin.map(|o| o.pod.as_str()).unwrap_or("-"),
+        origin_id = origin.map(|o| o.id.as_str()).unwrap_or("-"),
+        "received from a draining peer"
+    );
+    Ok(Stored { id, envelope })
+}
+
+/// A handed-over message on stable storage, not queued yet.
+#[must_use = "a stored message must be queued"]
+#[derive(Debug)]
+pub struct Stored {
+    id: QueueId,
+    envelope: Envelope,
+}
+
+impl Stored {
+    pub fn id(&self) -> QueueId {
+        self.id
+    }
+
+    /// Hands the message to the scheduler.
+    pub fn enqueue(self, ctx: &Context) -> QueueId {
+        ctx.scheduler.enqueue(self.id, self.envelope);
+        self.id
+    }
 }
 
 /// The reply for a failed store (STYLE A.3: full → 452 4.3.1, shut down → 421 4.3.2).

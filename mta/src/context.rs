@@ -29,8 +29,8 @@ pub struct Context {
     pub verifier: Option<mta_auth::Verifier>,
     /// Counters and histograms (Prometheus and OTLP).
     pub metrics: mta_telemetry::MtaMetrics,
-    /// Shutdown has begun: not ready for new traffic.
-    pub draining: std::sync::atomic::AtomicBool,
+    /// Whether new mail is taken: not while draining (a drain, or shutdown).
+    pub intake: Intake,
     /// Outcome of the last config reload.
     pub reload: crate::reload::ReloadState,
     /// Recent AUTH failures per source and per source and user.
@@ -46,6 +46,45 @@ pub struct Context {
     pub mta_sts: crate::delivery::mta_sts::PolicyCache,
     /// Built on first use, rebuilt when `dns` in the config changes.
     resolver: Mutex<Option<(mta_config::DnsConfig, Arc<TokioResolver>)>>,
+}
+
+/// Whether this MTA takes new mail. While draining (a drain was asked for, or shutdown has
+/// begun), new SMTP connections get `421 4.3.2 … draining`, a session waiting for its
+/// next command is closed with the same reply (one in the middle of a message finishes
+/// it), and `/readyz` says `503 not ready: draining`.
+#[derive(Debug)]
+pub struct Intake {
+    draining: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Intake {
+    fn default() -> Self {
+        Self {
+            draining: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl Intake {
+    /// Stops taking new mail.
+    pub fn stop(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Takes new mail again (a drain was cancelled).
+    pub fn resume(&self) {
+        self.draining.send_replace(false);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Completes once draining (at once if already).
+    pub async fn draining(&self) {
+        let mut watch = self.draining.subscribe();
+        let _ = watch.wait_for(|draining| *draining).await;
+    }
 }
 
 #[derive(Default)]
@@ -125,7 +164,7 @@ impl Context {
             signer: RwLock::new(None),
             verifier: None,
             metrics: mta_telemetry::MtaMetrics::new(),
-            draining: std::sync::atomic::AtomicBool::new(false),
+            intake: Intake::default(),
             reload: crate::reload::ReloadState::default(),
             auth_failures: Default::default(),
             password_checks: Arc::new(tokio::sync::Semaphore::new(
@@ -176,7 +215,7 @@ impl Context {
     /// Why this MTA should not get new traffic now, if it should not: draining, spool not
     /// writable, or a refused config file (what `/readyz` reports).
     pub fn readiness(&self) -> Result<(), String> {
-        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.intake.is_draining() {
             return Err("draining".into());
         }
         self.spool
@@ -231,6 +270,12 @@ impl Context {
             );
         *cached = Some((dns, resolver.clone()));
         Ok(resolver)
+    }
+
+    /// SMTP connections open now (sessions, and connections waiting for their PROXY
+    /// header or TLS handshake).
+    pub fn open_connections(&self) -> usize {
+        self.connections().total
     }
 
     fn connections(&self) -> std::sync::MutexGuard<'_, Connections> {

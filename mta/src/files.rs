@@ -38,9 +38,62 @@ pub fn open_private(options: &mut OpenOptions, path: &Path) -> io::Result<File> 
     Ok(file)
 }
 
+/// Replaces `path` with `bytes`, durably: written to a temporary file (0600), synced,
+/// renamed over `path`, and the directory synced, so after a crash `path` is either the
+/// old file (or absent) or the new one whole.
+pub fn replace_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".new");
+    let temporary = path.with_file_name(name);
+    match std::fs::remove_file(&temporary) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = open_private(OpenOptions::new().write(true).create_new(true), &temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    sync_parent(path)
+}
+
+/// Removes `path` durably (the directory synced); a missing file is not an error.
+pub fn remove_durably(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Syncs the directory holding `path`, so a file created, renamed or removed there stays
+/// so after a crash.
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durable_replace_and_remove() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("marker");
+        replace_durably(&path, b"one").expect("write");
+        replace_durably(&path, b"two").expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, FILE_MODE);
+        assert!(!dir.path().join("marker.new").exists());
+        remove_durably(&path).expect("remove");
+        assert!(!path.exists());
+        remove_durably(&path).expect("already gone");
+    }
 
     #[test]
     fn modes_are_private() {

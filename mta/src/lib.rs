@@ -5,15 +5,17 @@
 //! [`session`] speaks SMTP → [`policy`] decides about each recipient → [`cleanup`] adds
 //! trace headers and is the only writer of the [`spool`] → [`queue`]'s scheduler decides
 //! when each message is attempted → [`delivery`] sends it (SMTP/LMTP, or [`local`]
-//! Maildirs) → [`dsn`] tells the sender about failures and delays. [`admin`] serves
-//! `petrel-mta queue`; [`context`] holds what every stage shares; [`shutdown`] stops them
-//! in order.
+//! Maildirs) → [`dsn`] tells the sender about failures and delays. [`drain`] empties the
+//! queue into peers before a scale-in (and stores what a draining peer hands over,
+//! through [`cleanup`]). [`admin`] serves `petrel-mta queue`; [`context`] holds what every
+//! stage shares; [`shutdown`] stops them in order.
 
 pub mod admin;
 pub mod checks;
 pub mod cleanup;
 pub mod context;
 pub mod delivery;
+pub mod drain;
 pub mod dsn;
 pub mod files;
 pub mod limits;

@@ -7,6 +7,10 @@
 //! task, and accept errors (e.g. out of file descriptors) are logged and retried after a
 //! short pause instead of ending the listener.
 //!
+//! While the MTA drains (issue 16), every new connection gets `421 4.3.2 <host> draining,
+//! try another server` at once and is closed, before any limit or header: it takes no
+//! slot and starts no session.
+//!
 //! Order on a connection: `smtpd.max_connections` at accept → the PROXY header (when
 //! `proxy_protocol` is on) → `smtpd.max_connections_per_ip` on the client address →
 //! the TLS handshake (`smtps`) → the session. Behind a proxy the per-IP limit must wait
@@ -54,6 +58,11 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let config = ctx.config();
+        if ctx.intake.is_draining() {
+            tracing::debug!(peer = %peer, "connection turned away: draining");
+            tokio::spawn(turn_away(stream, Reply::draining(&config.hostname)));
+            continue;
+        }
         let current = current_settings(&config, &configured);
         let inbound_checks = current.inbound_checks;
         let proxied = match expects_proxy_header(current, peer) {
@@ -279,11 +288,16 @@ async fn open(
     }
 }
 
-async fn refuse(mut stream: TcpStream, refused: ConnectionRefused) {
+async fn refuse(stream: TcpStream, refused: ConnectionRefused) {
     let reply = match refused {
         ConnectionRefused::Total => Reply::TOO_MANY_CONNECTIONS,
         ConnectionRefused::PerIp => Reply::TOO_MANY_CONNECTIONS_FROM_IP,
     };
+    turn_away(stream, reply).await;
+}
+
+/// Sends `reply` (a 421) and closes, giving a client that does not read 5 s.
+async fn turn_away(mut stream: TcpStream, reply: Reply) {
     let mut out = Vec::new();
     reply.write_to(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;

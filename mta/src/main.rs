@@ -101,6 +101,24 @@ enum QueueOp {
     Delete { id: QueueId },
     /// Fail a message's pending recipients now and notify its sender.
     Bounce { id: QueueId },
+    /// Drain this MTA (before removing it): refuse new mail, keep delivering for
+    /// --deliver-for, then hand every message left to the --peer MTAs (their HTTP
+    /// `host:port`; they need the same admin.fleet_token_file), and write the drained
+    /// marker once the spool is empty. Asking again updates the peers. Prints progress.
+    Drain {
+        /// A peer's HTTP address (`host:port`); repeat for several.
+        #[arg(long = "peer", value_name = "HOST:PORT")]
+        peers: Vec<String>,
+        /// How long to keep delivering before handing over.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        deliver_for: std::time::Duration,
+        /// Only show progress.
+        #[arg(long, conflicts_with_all = ["peers", "cancel"])]
+        status: bool,
+        /// Stop draining: take mail again (removes the drained marker).
+        #[arg(long, conflicts_with = "peers")]
+        cancel: bool,
+    },
 }
 
 /// Large allocations (Argon2's 19 MiB per password check, big messages) each get their own
@@ -253,6 +271,24 @@ async fn queue_command(
     json: bool,
 ) -> ExitCode {
     let request = match op {
+        QueueOp::Drain {
+            peers,
+            deliver_for,
+            status,
+            cancel,
+        } => {
+            let op = if status {
+                mta::drain::AdminDrain::DrainStatus
+            } else if cancel {
+                mta::drain::AdminDrain::DrainCancel
+            } else {
+                mta::drain::AdminDrain::Drain(mta::drain::Plan {
+                    peers,
+                    deliver_for_secs: deliver_for.as_secs(),
+                })
+            };
+            return drain_command(address, token, op, json).await;
+        }
         QueueOp::List => AdminRequest::List,
         QueueOp::Show { id } => AdminRequest::Show { id },
         QueueOp::Flush { id, domain } => AdminRequest::Flush { id, domain },
@@ -280,6 +316,31 @@ async fn queue_command(
         AdminResponse::NotFound { .. } => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     }
+}
+
+async fn drain_command(
+    address: std::net::SocketAddr,
+    token: &mta::admin::Token,
+    op: mta::drain::AdminDrain,
+    json: bool,
+) -> ExitCode {
+    let response: mta::admin::DrainResponse = match mta::admin::request(address, token, &op).await {
+        Ok(response) => response,
+        Err(e) => {
+            eprintln!("petrel-mta queue drain: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mta::admin::DrainResponse::Drain(report) = &response;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&response).unwrap_or_default()
+        );
+    } else {
+        print!("{}", mta::admin::render_drain(report));
+    }
+    ExitCode::SUCCESS
 }
 
 async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {

@@ -3,6 +3,7 @@
 //! which bind port 0 and read the real addresses back.
 
 use crate::context::Context;
+use crate::drain::Drain;
 use crate::queue::scheduler::{self, SchedulerHandle};
 use crate::reload::{self, Listeners};
 use crate::shutdown::Trigger;
@@ -38,10 +39,18 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// The spool identity, the hand-over origins record or the drained marker.
+    #[error("drain state in {path}: {source}")]
+    Drain {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub struct Server {
     pub ctx: Arc<Context>,
+    /// Drain on scale-in, and hand-overs from draining peers.
+    pub drain: Arc<Drain>,
     trigger: Trigger,
     /// Bound addresses, in the order of `config.listeners`.
     pub addresses: Vec<SocketAddr>,
@@ -126,6 +135,13 @@ impl Server {
         if count > 0 {
             tracing::info!(messages = count, "recovered queued messages from the spool");
         }
+        // Before the recovered messages are queued: their hand-over origins go on record
+        // before they can be delivered and leave the spool.
+        let drain = Drain::open(ctx.clone(), &recovered).map_err(|source| StartError::Drain {
+            path: ctx.config().spool.path.clone(),
+            source,
+        })?;
+        tokio::spawn(drain.clone().run(trigger.subscribe()));
         for message in recovered {
             ctx.scheduler.enqueue(message.id, message.envelope);
         }
@@ -157,14 +173,19 @@ impl Server {
                 // Stopped only after draining, so /readyz can say "draining" meanwhile.
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
                 http_stop = Some(stop);
-                tokio::spawn(mta_telemetry::serve_http(
-                    http,
-                    ctx.metrics.clone(),
-                    readiness,
-                    async move {
-                        let _ = stopped.await;
-                    },
-                ));
+                // The fleet's /admin/drain and /admin/handoff beside the probes.
+                let routes = mta_telemetry::http::router(ctx.metrics.clone(), readiness)
+                    .merge(crate::drain::http::router(drain.clone()));
+                tokio::spawn(async move {
+                    let served = axum::serve(http, routes)
+                        .with_graceful_shutdown(async move {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "HTTP endpoint stopped");
+                    }
+                });
                 bound
             }
             None => None,
@@ -173,6 +194,7 @@ impl Server {
             admin,
             admin_token,
             ctx.clone(),
+            drain.clone(),
             trigger.subscribe(),
         ));
         let mut listeners = Listeners::new();
@@ -199,6 +221,7 @@ impl Server {
         }
         Ok(Server {
             ctx,
+            drain,
             trigger,
             addresses,
             admin_address,
@@ -213,9 +236,7 @@ impl Server {
     /// Stops accepting, lets sessions finish their message, waits for deliveries in
     /// progress, and returns.
     pub async fn shutdown(self) {
-        self.ctx
-            .draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.intake.stop();
         self.trigger.shutdown().await;
         drop(self.http_stop);
     }

@@ -141,6 +141,35 @@ pub struct Envelope {
     /// restart, on another pod) join the message's trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_parent: Option<String>,
+    /// Seconds since the epoch when the message expires, when it came from a peer (issue
+    /// 16): the lifetime its first MTA gave it travels with it. `None`: `received_at`
+    /// plus this MTA's `queue.max_age`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// Where a message handed over by a draining peer came from. Stored in the same
+    /// record as the message, so the receiver still recognises a resend after a crash
+    /// between its store and its origins log (see `drain::origins`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_origin: Option<HandoffOrigin>,
+    /// The peer (`host:port`) this message is being handed to by a drain, written before
+    /// the request leaves, so after a crash the message goes to that peer again (which
+    /// recognises it) rather than to a second one (which would deliver it again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_peer: Option<String>,
+}
+
+/// The identity of a handed-over message at the pod that first queued it: unique in the
+/// fleet because queue ids are unique within a spool and `spool` names the spool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffOrigin {
+    /// The sending pod's name (informational: a Job draining a left-behind volume runs
+    /// under another name but the same spool).
+    pub pod: String,
+    /// The sending spool's identity (random, written once into the spool directory).
+    pub spool: String,
+    /// The queue id there.
+    pub id: String,
 }
 
 impl Envelope {
@@ -163,6 +192,9 @@ impl Envelope {
             delay_notified: false,
             require_tls: false,
             trace_parent: None,
+            expires_at: None,
+            handoff_origin: None,
+            handoff_peer: None,
         }
     }
 }

@@ -14,6 +14,13 @@
 //! ([`super::schedule`]). Expiry (`queue.max_age`) fires whatever state the message is in:
 //! waiting, held, or in the middle of a round (then it takes effect when the round ends).
 //!
+//! Drain (issue 16): a draining MTA checks messages *out* ([`SchedulerHandle::check_out`])
+//! to hand them to a peer. A checked-out message is in no attempt round and starts none
+//! (and once a drain checks messages out, no new rounds start at all); it comes back with
+//! [`SchedulerHandle::check_in`] when no peer took it, or leaves the queue and the spool
+//! with [`SchedulerHandle::handed_off`] once a peer has stored it. So a message is never
+//! delivered here and handed over at the same time.
+//!
 //! The clock is tokio's, anchored to the wall clock at start, so tests drive retries and
 //! expiry with paused time. After a restart, all of this is rebuilt from the spool: each
 //! envelope carries its attempts, next attempt time, hold flag and recipient statuses.
@@ -45,6 +52,32 @@ pub enum Command {
     },
     /// An operator's request (`petrel-mta queue …`).
     Admin(AdminRequest, oneshot::Sender<AdminResponse>),
+    /// A drain takes up to `max` messages to hand over (see [`SchedulerHandle::check_out`]).
+    CheckOut {
+        max: usize,
+        reply: oneshot::Sender<Vec<(QueueId, Envelope)>>,
+    },
+    /// A checked-out message stays here after all, with its envelope as the drain left it.
+    CheckIn { id: QueueId, envelope: Envelope },
+    /// A checked-out message is a peer's now: it leaves the queue and the spool.
+    HandedOff { id: QueueId },
+    /// Attempt rounds start again (a drain was cancelled).
+    ResumeRounds,
+    /// Counts, for drain progress.
+    Stats(oneshot::Sender<Stats>),
+}
+
+/// What the queue holds, for drain progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages in the queue, in any state.
+    pub queued: usize,
+    /// Messages with an attempt round out.
+    pub active: usize,
+    /// Messages checked out by a drain.
+    pub out: usize,
+    /// Messages retired with every recipient final (delivered or failed) since start.
+    pub finished: u64,
 }
 
 /// Most messages relocated per compaction tick (each is read and rewritten by the spool
@@ -141,6 +174,45 @@ impl SchedulerHandle {
         self.commands.send(Command::Admin(request, reply)).ok()?;
         response.await.ok()
     }
+
+    /// Takes up to `max` messages (oldest first) that are waiting or held, for a drain to
+    /// hand over; from then on no attempt round starts until [`Self::resume_rounds`]
+    /// (rounds already out finish, and their messages can be taken afterwards). Each one
+    /// must come back through [`Self::check_in`] or [`Self::handed_off`]. Empty after
+    /// shutdown.
+    pub async fn check_out(&self, max: usize) -> Vec<(QueueId, Envelope)> {
+        let (reply, response) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::CheckOut { max, reply })
+            .is_err()
+        {
+            return Vec::new();
+        }
+        response.await.unwrap_or_default()
+    }
+
+    /// A checked-out message that no peer took: it waits (or stays held) here again.
+    pub fn check_in(&self, id: QueueId, envelope: Envelope) {
+        let _ = self.commands.send(Command::CheckIn { id, envelope });
+    }
+
+    /// A checked-out message that a peer has stored: it leaves this queue and spool.
+    pub fn handed_off(&self, id: QueueId) {
+        let _ = self.commands.send(Command::HandedOff { id });
+    }
+
+    /// Attempt rounds start again (after [`Self::check_out`] paused them).
+    pub fn resume_rounds(&self) {
+        let _ = self.commands.send(Command::ResumeRounds);
+    }
+
+    /// The queue's counts; `None` after shutdown.
+    pub async fn stats(&self) -> Option<Stats> {
+        let (reply, response) = oneshot::channel();
+        self.commands.send(Command::Stats(reply)).ok()?;
+        response.await.ok()
+    }
 }
 
 /// Wall-clock milliseconds derived from tokio's clock (so paused time moves it).
@@ -176,15 +248,18 @@ enum Phase {
     Held,
     /// An attempt round is out, with this many destination groups still to report.
     Active(usize),
+    /// Checked out by a drain, being handed to a peer.
+    Out,
 }
 
 struct Entry {
     envelope: Envelope,
     phase: Phase,
     expires_ms: u64,
-    /// Expiry, deletion or bounce requested during a round; applied when the round ends.
+    /// Expiry, deletion or bounce requested during a round (or while checked out);
+    /// applied when the round ends (or the message is checked in).
     retire_after_round: Option<Retirement>,
-    /// Hold requested during a round; applied when the round ends.
+    /// Hold requested during a round (or while checked out); applied likewise.
     hold_after_round: bool,
 }
 
@@ -197,6 +272,12 @@ struct Scheduler {
     destinations: Destinations,
     /// Messages with an attempt round out.
     active: usize,
+    /// Messages checked out by a drain.
+    out: usize,
+    /// A drain has checked messages out: no new attempt rounds.
+    rounds_paused: bool,
+    /// Messages retired with every recipient final, since start.
+    finished: u64,
 }
 
 /// Runs until shutdown; deliveries in progress are then left to finish on their own (their
@@ -214,6 +295,9 @@ pub async fn run(
         due: BTreeSet::new(),
         expiry: BTreeSet::new(),
         active: 0,
+        out: 0,
+        rounds_paused: false,
+        finished: 0,
     };
     let mut compaction = tokio::time::interval(crate::spool::COMPACTION_INTERVAL);
     compaction.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -247,16 +331,21 @@ impl Scheduler {
         let metrics = &self.ctx.metrics;
         let waiting = self.due.len();
         let total = self.messages.len();
+        // Being handed to a peer is being delivered, as far as the gauge goes.
+        let active = self.active + self.out;
         metrics.set_queue_depth(QueueState::Waiting, waiting as u64);
-        metrics.set_queue_depth(QueueState::Active, self.active as u64);
+        metrics.set_queue_depth(QueueState::Active, active as u64);
         metrics.set_queue_depth(
             QueueState::Held,
-            total.saturating_sub(waiting + self.active) as u64,
+            total.saturating_sub(waiting + active) as u64,
         );
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        let due = self.due.first().map(|(ms, _)| *ms);
+        let due = match self.rounds_paused {
+            true => None,
+            false => self.due.first().map(|(ms, _)| *ms),
+        };
         let expiry = self.expiry.first().map(|(ms, _)| *ms);
         let next = match (due, expiry) {
             (Some(a), Some(b)) => a.min(b),
@@ -277,12 +366,35 @@ impl Scheduler {
                 let response = self.admin(request);
                 let _ = reply.send(response);
             }
+            Command::CheckOut { max, reply } => {
+                let taken = self.check_out(max);
+                if let Err(taken) = reply.send(taken) {
+                    // The drain went away: nothing was handed over.
+                    for (id, envelope) in taken {
+                        self.check_in(id, envelope);
+                    }
+                }
+            }
+            Command::CheckIn { id, envelope } => self.check_in(id, envelope),
+            Command::HandedOff { id } => self.handed_off(id),
+            Command::ResumeRounds => self.rounds_paused = false,
+            Command::Stats(reply) => {
+                let _ = reply.send(Stats {
+                    queued: self.messages.len(),
+                    active: self.active,
+                    out: self.out,
+                    finished: self.finished,
+                });
+            }
         }
     }
 
     fn enqueue(&mut self, id: QueueId, envelope: Envelope) {
         let config = self.ctx.config();
-        let expires_ms = schedule::expires_at_ms(&config.queue, envelope.received_at);
+        let expires_ms = match envelope.expires_at {
+            Some(at) => at.saturating_mul(1000),
+            None => schedule::expires_at_ms(&config.queue, envelope.received_at),
+        };
         self.expiry.insert((expires_ms, id));
         let phase = if envelope.held {
             Phase::Held
@@ -314,6 +426,9 @@ impl Scheduler {
             }
             self.expiry.pop_first();
             self.expire(id);
+        }
+        if self.rounds_paused {
+            return;
         }
         while let Some(&(ms, id)) = self.due.first() {
             if ms > now {
@@ -427,8 +542,11 @@ impl Scheduler {
             .spool
             .compaction_candidates(MAX_RELOCATIONS_PER_TICK)
         {
-            // One the scheduler does not know (yet) is left for a later tick.
-            if let Some(entry) = self.messages.get(&id) {
+            // One the scheduler does not know (yet) is left for a later tick, and so is
+            // one checked out: the drain owns its envelope (it may be recording a peer).
+            if let Some(entry) = self.messages.get(&id)
+                && entry.phase != Phase::Out
+            {
                 self.ctx.spool.relocate_detached(id, &entry.envelope);
                 moved += 1;
             }
@@ -456,12 +574,93 @@ impl Scheduler {
         }
     }
 
+    /// Up to `max` waiting or held messages, oldest first, checked out for a drain. Pauses
+    /// attempt rounds: what is still waiting is handed over by a later check-out rather
+    /// than attempted meanwhile.
+    fn check_out(&mut self, max: usize) -> Vec<(QueueId, Envelope)> {
+        self.rounds_paused = true;
+        let mut ids: Vec<QueueId> = self
+            .messages
+            .iter()
+            .filter(|(_, e)| matches!(e.phase, Phase::Waiting(_) | Phase::Held))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(max);
+        let mut taken = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(entry) = self.messages.get_mut(&id) else {
+                continue;
+            };
+            if let Phase::Waiting(at) = entry.phase {
+                self.due.remove(&(at, id));
+            }
+            entry.phase = Phase::Out;
+            self.out += 1;
+            taken.push((id, entry.envelope.clone()));
+        }
+        taken
+    }
+
+    /// A checked-out message back from a drain: held or waiting for its next attempt, or
+    /// retired now if that was asked for while it was out.
+    fn check_in(&mut self, id: QueueId, envelope: Envelope) {
+        let now = self.clock.now_ms();
+        let Some(entry) = self.messages.get_mut(&id) else {
+            return;
+        };
+        if entry.phase != Phase::Out {
+            return;
+        }
+        self.out = self.out.saturating_sub(1);
+        entry.envelope = envelope;
+        // Not in `due` while out: retire() must not look for it there.
+        entry.phase = Phase::Held;
+        if let Some(how) = entry.retire_after_round.take() {
+            self.retire(id, how);
+            return;
+        }
+        if entry.hold_after_round {
+            entry.hold_after_round = false;
+            entry.envelope.held = true;
+            self.ctx.spool.update_detached(id, &entry.envelope);
+        }
+        if !entry.envelope.held {
+            let at = now.max(entry.envelope.next_attempt_at.saturating_mul(1000));
+            entry.phase = Phase::Waiting(at);
+            self.due.insert((at, id));
+        }
+    }
+
+    /// A checked-out message a peer has stored: it is the peer's now. Its `Done` record
+    /// rides with the next group commit; should it be lost in a crash, the message comes
+    /// back with its `handoff_peer`, goes to that peer again, and the peer answers that it
+    /// has it already.
+    fn handed_off(&mut self, id: QueueId) {
+        let Some(entry) = self.messages.get(&id) else {
+            return;
+        };
+        if entry.phase != Phase::Out {
+            return;
+        }
+        let Some(entry) = self.messages.remove(&id) else {
+            return;
+        };
+        self.out = self.out.saturating_sub(1);
+        self.expiry.remove(&(entry.expires_ms, id));
+        if let Some(how) = entry.retire_after_round {
+            tracing::warn!(queue_id = %id, ?how, "handed off before a requested retirement: the peer delivers it");
+        }
+        tracing::info!(queue_id = %id, peer = entry.envelope.handoff_peer.as_deref().unwrap_or("-"), "handed off");
+        self.ctx.spool.remove_detached(id);
+    }
+
     fn expire(&mut self, id: QueueId) {
         let Some(entry) = self.messages.get_mut(&id) else {
             return;
         };
         match entry.phase {
-            Phase::Active(_) => entry.retire_after_round = Some(Retirement::Expired),
+            Phase::Active(_) | Phase::Out => entry.retire_after_round = Some(Retirement::Expired),
             Phase::Waiting(at) => {
                 self.due.remove(&(at, id));
                 self.retire(id, Retirement::Expired);
@@ -479,6 +678,9 @@ impl Scheduler {
         self.expiry.remove(&(entry.expires_ms, id));
         if let Phase::Waiting(at) = entry.phase {
             self.due.remove(&(at, id));
+        }
+        if matches!(how, Retirement::Finished) {
+            self.finished += 1;
         }
         let reason = match how {
             Retirement::Finished | Retirement::Deleted => None,
@@ -575,7 +777,7 @@ impl Scheduler {
                         entry.envelope.held = true;
                         self.ctx.spool.update_detached(id, &entry.envelope);
                     }
-                    Phase::Active(_) => entry.hold_after_round = true,
+                    Phase::Active(_) | Phase::Out => entry.hold_after_round = true,
                     Phase::Held => {}
                 }
                 AdminResponse::Done { affected: 1 }
@@ -610,8 +812,10 @@ impl Scheduler {
                 } else {
                     Retirement::Deleted
                 };
-                if let Phase::Active(_) = entry.phase {
-                    // Results of the round in progress still count; retire when it ends.
+                if let Phase::Active(_) | Phase::Out = entry.phase {
+                    // Results of the round in progress still count; retire when it ends
+                    // (or, for a message being handed over, when it comes back; one a
+                    // peer took is the peer's to deliver).
                     entry.retire_after_round = Some(how);
                     return AdminResponse::Done { affected: 1 };
                 }
@@ -626,6 +830,7 @@ impl Scheduler {
             Phase::Waiting(at) => ("waiting", Some(at / 1000)),
             Phase::Held => ("held", None),
             Phase::Active(_) => ("active", None),
+            Phase::Out => ("handing_off", None),
         };
         QueueEntry {
             id,

@@ -223,6 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // once message content is flowing.
         let mut buf = vec![0u8; COMMAND_READ_BUFFER];
         let pressure = self.pressure.clone();
+        let ctx = self.ctx.clone();
         loop {
             self.flush().await?;
             let idle = matches!(self.input, Input::Command);
@@ -243,6 +244,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // being received is finished first.
                 () = shutdown.recv(), if idle && self.tx.is_none() => {
                     self.send(Reply::SHUTTING_DOWN);
+                    return self.flush().await;
+                }
+                // So does a drain: the client takes its next message to another server,
+                // and the drain is not held up by a connection kept open for nothing.
+                () = ctx.intake.draining(), if idle && self.tx.is_none() => {
+                    tracing::info!(peer = %self.peer, "session closed: draining");
+                    self.send(Reply::draining(&self.config.hostname));
                     return self.flush().await;
                 }
                 () = async { pressure.as_ref().expect("guarded").closed().await }, if pressure.is_some() => {

@@ -190,6 +190,17 @@ impl Reply {
         }
     }
 
+    /// `421 4.3.2 <host> draining, try another server`: this MTA is being drained (issue
+    /// 16): a new connection gets it and is closed, and so does a session waiting for its
+    /// next command. RFC 5321 §3.8: 421 may be sent at any time the service must close.
+    pub fn draining(hostname: &str) -> Reply {
+        Reply {
+            code: 421,
+            enhanced: Some([4, 3, 2]),
+            text: Cow::Owned(format!("{hostname} draining, try another server")),
+        }
+    }
+
     /// `334 <base64 challenge>` (SASL, RFC 4954): no enhanced code.
     pub fn challenge(text: &'static str) -> Reply {
         Reply {
@@ -325,6 +336,7 @@ mod tests {
             Reply::DNSBL_TEMPFAIL,
             Reply::DMARC_REJECT,
             Reply::queued("X"),
+            Reply::draining("mx.test"),
         ];
         for r in all {
             let [class, _, _] = r.enhanced.expect("every table entry has an enhanced code");

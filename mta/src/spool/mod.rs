@@ -331,6 +331,20 @@ impl Spool {
         self.append(Append::done(id, bytes), Durability::Lazy).await
     }
 
+    /// Returns once every record submitted before it (the lazily written `Done` records
+    /// above all) is on stable storage: one more group commit, with nothing in it. A drain
+    /// calls it before it writes its "drained" marker, so a crash cannot bring back a
+    /// message the marker says is gone.
+    pub async fn sync(&self) -> Result<(), Error> {
+        self.append(Append::other(QueueId(0), Vec::new()), Durability::Sync)
+            .await
+    }
+
+    /// The directory holding the segments.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
     /// Reads a queued message's content.
     pub async fn read_message(&self, id: QueueId) -> Result<Vec<u8>, Error> {
         let location = {

@@ -31,6 +31,8 @@
 //! | `petrel_mta_auth_failures_total` | | `petrel.mta.auth.failures` |
 //! | `petrel_mta_rate_limited_total` | `limit` | `petrel.mta.rate_limited` |
 //! | `petrel_mta_dkim_keys` | `domain`, `selector`, `signing` | `petrel.mta.dkim.keys` |
+//! | `petrel_mta_drain_state` | `state` | `petrel.mta.drain.state` |
+//! | `petrel_mta_handoff_messages_total` | `direction` | `petrel.mta.handoff.messages` |
 //! | `petrel_mta_otel_spans_dropped_total` | `reason` | (not mirrored) |
 //! | `petrel_mta_otel_spans_exported_total` | | (not mirrored) |
 
@@ -114,6 +116,64 @@ impl TlsReload {
     }
 }
 
+/// Where a drain (issue 16) stands. `petrel_mta_drain_state` has one series per state, 1
+/// for the current one and 0 for the others (the state-set convention), so
+/// `petrel_mta_drain_state{state="drained"} == 1` says it in a query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DrainState {
+    /// Taking mail as usual.
+    Serving,
+    /// Refusing new mail, delivering as usual until the drain's deadline.
+    Draining,
+    /// Handing what is left to peers.
+    HandingOff,
+    /// Nothing left; the drained marker is written.
+    Drained,
+}
+
+impl DrainState {
+    pub const ALL: [DrainState; 4] = [
+        DrainState::Serving,
+        DrainState::Draining,
+        DrainState::HandingOff,
+        DrainState::Drained,
+    ];
+
+    /// The label value (and the state in `GET /admin/drain`): `serving`, `draining`,
+    /// `handing_off`, `drained`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainState::Serving => "serving",
+            DrainState::Draining => "draining",
+            DrainState::HandingOff => "handing_off",
+            DrainState::Drained => "drained",
+        }
+    }
+}
+
+/// Which way a handed-over message went, for `petrel_mta_handoff_messages_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HandoffDirection {
+    /// This MTA handed a message to a peer, which stored it (or already had it).
+    Sent,
+    /// This MTA stored a message a peer handed over.
+    Received,
+    /// This MTA was handed a message it already had (a resend after a crash), and did not
+    /// store it again.
+    Duplicate,
+}
+
+impl HandoffDirection {
+    /// The label value: `sent`, `received`, `duplicate`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandoffDirection::Sent => "sent",
+            HandoffDirection::Received => "received",
+            HandoffDirection::Duplicate => "duplicate",
+        }
+    }
+}
+
 /// The class of an SMTP reply code, as a label value.
 pub fn reply_class(code: u16) -> &'static str {
     match code / 100 {
@@ -151,6 +211,11 @@ struct DkimKeyLabels {
     domain: String,
     selector: String,
     signing: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -230,6 +295,8 @@ struct Prom {
     auth_failures: Counter,
     rate_limited: Family<LimitLabels, Counter>,
     dkim_keys: Family<DkimKeyLabels, Gauge>,
+    drain_state: Family<StateLabels, Gauge>,
+    handoff_messages: Family<DirectionLabels, Counter>,
 }
 
 struct Otel {
@@ -253,6 +320,8 @@ struct Otel {
     auth_failures: OtelCounter<u64>,
     rate_limited: OtelCounter<u64>,
     dkim_keys: OtelGauge<u64>,
+    drain_state: OtelGauge<u64>,
+    handoff_messages: OtelCounter<u64>,
 }
 
 impl Default for MtaMetrics {
@@ -286,6 +355,8 @@ impl MtaMetrics {
             auth_failures: Counter::default(),
             rate_limited: Family::default(),
             dkim_keys: Family::default(),
+            drain_state: Family::default(),
+            handoff_messages: Family::default(),
         };
         // Known label values start at zero, so a scraper sees the series before the
         // first event and `rate()` works from the start.
@@ -309,6 +380,23 @@ impl MtaMetrics {
         }
         for result in PROXY_HEADER_RESULTS {
             let _ = prom.proxy_headers.get_or_create(&ResultLabels { result });
+        }
+        for state in DrainState::ALL {
+            let current = i64::from(state == DrainState::Serving);
+            prom.drain_state
+                .get_or_create(&StateLabels {
+                    state: state.as_str(),
+                })
+                .set(current);
+        }
+        for direction in [
+            HandoffDirection::Sent,
+            HandoffDirection::Received,
+            HandoffDirection::Duplicate,
+        ] {
+            let _ = prom.handoff_messages.get_or_create(&DirectionLabels {
+                direction: direction.as_str(),
+            });
         }
 
         let mut registry = Registry::default();
@@ -417,6 +505,16 @@ impl MtaMetrics {
             "dkim_keys",
             "DKIM keys loaded from the config (1 each), with whether mail is signed with them",
             prom.dkim_keys.clone(),
+        );
+        r.register(
+            "drain_state",
+            "Where a drain stands: 1 for the current state (serving, draining, handing_off, drained), 0 for the others",
+            prom.drain_state.clone(),
+        );
+        r.register(
+            "handoff_messages",
+            "Messages handed over between peers by drains: sent (a peer took it), received (stored from a peer), duplicate (a resend recognised, not stored again)",
+            prom.handoff_messages.clone(),
         );
         export::register(r);
 
@@ -631,6 +729,38 @@ impl MtaMetrics {
         }
     }
 
+    /// The drain is now in `state`.
+    pub fn set_drain_state(&self, state: DrainState) {
+        let i = &self.inner;
+        for each in DrainState::ALL {
+            let current = u64::from(each == state);
+            i.prom
+                .drain_state
+                .get_or_create(&StateLabels {
+                    state: each.as_str(),
+                })
+                .set(current as i64);
+            i.otel
+                .drain_state
+                .record(current, &[KeyValue::new("state", each.as_str())]);
+        }
+    }
+
+    /// A message was handed over (`direction` says which way it went).
+    pub fn handoff(&self, direction: HandoffDirection) {
+        self.inner
+            .prom
+            .handoff_messages
+            .get_or_create(&DirectionLabels {
+                direction: direction.as_str(),
+            })
+            .inc();
+        self.inner
+            .otel
+            .handoff_messages
+            .add(1, &[KeyValue::new("direction", direction.as_str())]);
+    }
+
     /// The registry in the text exposition format (OpenMetrics 1.0, which Prometheus
     /// scrapes natively; it ends with `# EOF`).
     pub fn encode_prometheus(&self) -> String {
@@ -739,6 +869,14 @@ impl Otel {
                 .u64_gauge("petrel.mta.dkim.keys")
                 .with_unit("{key}")
                 .build(),
+            drain_state: m
+                .u64_gauge("petrel.mta.drain.state")
+                .with_description("1 for the drain's current state, 0 for the others")
+                .build(),
+            handoff_messages: m
+                .u64_counter("petrel.mta.handoff.messages")
+                .with_unit("{message}")
+                .build(),
         }
     }
 }
@@ -758,6 +896,43 @@ mod tests {
             .next()
             .and_then(|v| v.parse().ok())
             .expect("a number")
+    }
+
+    #[test]
+    fn drain_state_is_a_state_set_and_handoffs_count_by_direction() {
+        let m = MtaMetrics::new();
+        let state =
+            |text: &str, s: &str| value(text, &format!(r#"petrel_mta_drain_state{{state="{s}"}}"#));
+        let text = m.encode_prometheus();
+        assert_eq!(state(&text, "serving"), 1.0);
+        assert_eq!(state(&text, "drained"), 0.0);
+        let handoffs = |text: &str, d: &str| {
+            value(
+                text,
+                &format!(r#"petrel_mta_handoff_messages_total{{direction="{d}"}}"#),
+            )
+        };
+        assert_eq!(
+            handoffs(&text, "duplicate"),
+            0.0,
+            "known series start at zero"
+        );
+        m.set_drain_state(DrainState::HandingOff);
+        m.handoff(HandoffDirection::Sent);
+        m.handoff(HandoffDirection::Sent);
+        m.handoff(HandoffDirection::Duplicate);
+        let text = m.encode_prometheus();
+        for s in DrainState::ALL {
+            let expected = if s == DrainState::HandingOff {
+                1.0
+            } else {
+                0.0
+            };
+            assert_eq!(state(&text, s.as_str()), expected, "{s:?}");
+        }
+        assert_eq!(handoffs(&text, "sent"), 2.0);
+        assert_eq!(handoffs(&text, "received"), 0.0);
+        assert_eq!(handoffs(&text, "duplicate"), 1.0);
     }
 
     #[test]
