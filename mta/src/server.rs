@@ -141,10 +141,12 @@ impl Server {
             path: ctx.config().spool.path.clone(),
             source,
         })?;
-        tokio::spawn(drain.clone().run(trigger.subscribe()));
         for message in recovered {
             ctx.scheduler.enqueue(message.id, message.envelope);
         }
+        // After the recovered messages: its first look at the queue must find the pinned
+        // ones among them.
+        tokio::spawn(drain.clone().run(trigger.subscribe()));
         tokio::spawn(scheduler::run(ctx.clone(), commands, trigger.subscribe()));
         let admin = TcpListener::bind(ctx.config().admin.address)
             .await

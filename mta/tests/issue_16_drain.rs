@@ -598,27 +598,32 @@ async fn a_resend_is_recognised_and_a_draining_peer_takes_nothing() {
     peer.shutdown().await;
 }
 
-/// A peer that reads each hand-over and, for the first one, hangs up without answering
-/// (as if it crashed after storing); later offers of the same origin get "duplicate".
+/// A peer that reads each hand-over and, while `hang_up` is set (at first), hangs up
+/// without answering (as if it crashed after storing, or before); then answers every
+/// offer with `status_line` and `answer`.
 struct ForgetfulPeer {
     address: SocketAddr,
     origins: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    hang_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ForgetfulPeer {
-    async fn start() -> ForgetfulPeer {
+    async fn start(status_line: &'static str, answer: &'static str) -> ForgetfulPeer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("addr");
         let origins = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hang_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let seen = origins.clone();
+        let hanging = hang_up.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let seen = seen.clone();
+                let hanging = hanging.clone();
                 tokio::spawn(async move {
                     let mut reader = BufReader::new(stream);
                     loop {
@@ -642,17 +647,12 @@ impl ForgetfulPeer {
                         let request: serde_json::Value =
                             serde_json::from_slice(&body).expect("json");
                         let id = request["origin"]["id"].as_str().expect("id").to_owned();
-                        let first = {
-                            let mut seen = seen.lock().expect("lock");
-                            seen.push(id.clone());
-                            seen.iter().filter(|s| **s == id).count() == 1
-                        };
-                        if first {
+                        seen.lock().expect("lock").push(id);
+                        if hanging.load(std::sync::atomic::Ordering::SeqCst) {
                             return; // hang up: the sender cannot know whether we stored it
                         }
-                        let answer = r#"{"stored":false,"duplicate":true}"#;
                         let response = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                            "{status_line}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
                             answer.len()
                         );
                         reader
@@ -664,7 +664,16 @@ impl ForgetfulPeer {
                 });
             }
         });
-        ForgetfulPeer { address, origins }
+        ForgetfulPeer {
+            address,
+            origins,
+            hang_up,
+        }
+    }
+
+    fn answer_from_now_on(&self) {
+        self.hang_up
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn offers(&self) -> Vec<String> {
@@ -683,7 +692,8 @@ async fn a_message_whose_answer_was_lost_goes_back_to_the_same_peer_only() {
     let sender_config = config(sender_dir.path(), Some(&token));
     let sender = start(sender_config.clone()).await;
     let healthy = start(config(peer_dir.path(), Some(&token))).await;
-    let forgetful = ForgetfulPeer::start().await;
+    let forgetful =
+        ForgetfulPeer::start("HTTP/1.1 200 OK", r#"{"stored":false,"duplicate":true}"#).await;
 
     let (mut smtp, _) = Smtp::connect(sender.addresses[0]).await;
     assert!(smtp.command("EHLO client.test").await.starts_with("250"));
@@ -726,6 +736,42 @@ async fn a_message_whose_answer_was_lost_goes_back_to_the_same_peer_only() {
         "{report}"
     );
 
+    // Cancelled while handing over: the kept message is back in the queue, and attempt
+    // rounds run again (a flush attempts it at once).
+    let (status, _) = http(
+        sender.http_address.expect("http"),
+        "DELETE",
+        "/admin/drain",
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    until("back in the queue", || async {
+        list(&sender)
+            .await
+            .first()
+            .is_some_and(|m| m.state == "waiting")
+            .then_some(())
+    })
+    .await;
+    sender
+        .ctx
+        .scheduler
+        .admin(AdminRequest::Flush {
+            id: None,
+            domain: None,
+        })
+        .await;
+    until("attempted again", || async {
+        list(&sender)
+            .await
+            .first()
+            .is_some_and(|m| m.attempts == 2)
+            .then_some(())
+    })
+    .await;
+
     // The forgetful peer reads it and hangs up: kept, pinned to that peer.
     post(&sender, vec![forgetful.address.to_string()]).await;
     until("the first offer", || async {
@@ -743,10 +789,26 @@ async fn a_message_whose_answer_was_lost_goes_back_to_the_same_peer_only() {
     assert_eq!(report["left"], 1, "{report}");
 
     // Restart (the pin is on disk), then list the healthy peer first: the message still
-    // goes to the forgetful one, which says it has it.
+    // goes to the forgetful one (asked again as soon as the sender is back), which says
+    // it has it. Meanwhile it is not attempted here.
     sender.shutdown().await;
     let sender = start(sender_config).await;
     assert_eq!(drain_status(&sender).await["state"], "serving");
+    until("offered again after the restart", || async {
+        (forgetful.offers().len() >= 2).then_some(())
+    })
+    .await;
+    until_pinned(&sender).await;
+    sender
+        .ctx
+        .scheduler
+        .admin(AdminRequest::Flush {
+            id: None,
+            domain: None,
+        })
+        .await;
+    assert_not_attempted(&sender, 2).await;
+    forgetful.answer_from_now_on();
     let healthy_http = healthy.http_address.expect("http").to_string();
     post(&sender, vec![healthy_http, forgetful.address.to_string()]).await;
     until("drained", || async {
@@ -754,8 +816,11 @@ async fn a_message_whose_answer_was_lost_goes_back_to_the_same_peer_only() {
     })
     .await;
     let offers = forgetful.offers();
-    assert_eq!(offers.len(), 2, "{offers:?}");
-    assert_eq!(offers[0], offers[1], "the same message, offered again");
+    assert!(offers.len() >= 3, "{offers:?}");
+    assert!(
+        offers.iter().all(|o| *o == offers[0]),
+        "the same message each time"
+    );
     assert!(
         list(&healthy).await.is_empty(),
         "the other peer never got it"
@@ -763,4 +828,132 @@ async fn a_message_whose_answer_was_lost_goes_back_to_the_same_peer_only() {
     assert!(sender.ctx.spool.is_empty());
     sender.shutdown().await;
     healthy.shutdown().await;
+}
+
+/// A pinned message (its answer lost, then the drain cancelled) is not attempted here
+/// while its peer cannot say; once the peer answers that it stored nothing, it is
+/// delivered from here as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_message_waits_for_its_peer_then_is_delivered_here() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = token_file(dir.path());
+    let sender = start(config(dir.path(), Some(&token))).await;
+    let address = sender.http_address.expect("http");
+    let peer = ForgetfulPeer::start(
+        "HTTP/1.1 503 Service Unavailable",
+        r#"{"error":"spool volume is full"}"#,
+    )
+    .await;
+    let (mut smtp, _) = Smtp::connect(sender.addresses[0]).await;
+    assert!(smtp.command("EHLO client.test").await.starts_with("250"));
+    assert!(
+        smtp.send("a@client.test", "", "b@remote.test", "", "pinned")
+            .await
+            .starts_with("250")
+    );
+    until("deferred", || async {
+        list(&sender)
+            .await
+            .first()
+            .is_some_and(|m| m.attempts == 1)
+            .then_some(())
+    })
+    .await;
+    let plan = serde_json::json!({"peers": [peer.address.to_string()], "deliver_for_secs": 0});
+    assert_eq!(
+        http(
+            address,
+            "POST",
+            "/admin/drain",
+            Some(TOKEN),
+            &plan.to_string()
+        )
+        .await
+        .0,
+        202
+    );
+    until("offered", || async {
+        (!peer.offers().is_empty()).then_some(())
+    })
+    .await;
+    until("kept", || async {
+        drain_status(&sender)
+            .await
+            .get("error")
+            .is_some()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        http(address, "DELETE", "/admin/drain", Some(TOKEN), "")
+            .await
+            .0,
+        200
+    );
+
+    // Serving, but pinned: asked again, not attempted (a flush skips it).
+    until("asked again while serving", || async {
+        (peer.offers().len() >= 2).then_some(())
+    })
+    .await;
+    until_pinned(&sender).await;
+    sender
+        .ctx
+        .scheduler
+        .admin(AdminRequest::Flush {
+            id: None,
+            domain: None,
+        })
+        .await;
+    assert_not_attempted(&sender, 1).await;
+
+    // The peer says it stored nothing: unpinned, and attempted here again.
+    peer.answer_from_now_on();
+    until("unpinned", || async {
+        list(&sender)
+            .await
+            .first()
+            .is_some_and(|m| m.state == "waiting")
+            .then_some(())
+    })
+    .await;
+    sender
+        .ctx
+        .scheduler
+        .admin(AdminRequest::Flush {
+            id: None,
+            domain: None,
+        })
+        .await;
+    until("attempted here", || async {
+        list(&sender)
+            .await
+            .first()
+            .is_some_and(|m| m.attempts == 2)
+            .then_some(())
+    })
+    .await;
+    sender.shutdown().await;
+}
+
+async fn until_pinned(sender: &Server) {
+    until("pinned", || async {
+        list(sender)
+            .await
+            .first()
+            .is_some_and(|m| m.state == "pinned")
+            .then_some(())
+    })
+    .await;
+}
+
+/// The only message has had `attempts` attempts and is pinned (or being offered to its
+/// peer again): a flush did not start a round for it.
+async fn assert_not_attempted(sender: &Server, attempts: u32) {
+    let listed = list(sender).await;
+    assert_eq!(listed[0].attempts, attempts, "{listed:?}");
+    assert!(
+        ["pinned", "handing_off"].contains(&listed[0].state.as_str()),
+        "{listed:?}"
+    );
 }

@@ -50,7 +50,7 @@ use crate::queue::{Envelope, HandoffOrigin, QueueId};
 use crate::shutdown::Shutdown;
 use crate::spool::Recovered;
 use mta_telemetry::{DrainState, HandoffDirection};
-use offer::{Offer, PeerHealth};
+use offer::{Mode, Offer, PeerHealth};
 use origins::{Claim, Origins};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -78,6 +78,9 @@ const WORKERS: usize = 16;
 
 /// How long a kept message waits before it is offered again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Pinned messages wait this much longer for a fleet token to ask their peer with.
+const PINNED_WITHOUT_TOKEN: Duration = Duration::from_secs(9);
 
 /// How often progress is looked at while nothing else wakes the drain.
 const POLL: Duration = Duration::from_millis(200);
@@ -453,7 +456,8 @@ impl Drain {
         };
         let now = Instant::now();
         match state {
-            State::Serving | State::Drained => Step::Wait(None),
+            State::Serving => self.resolve_pinned().await,
+            State::Drained => Step::Wait(None),
             State::Draining => {
                 if deadline.is_some_and(|d| d <= now) || self.nothing_left().await {
                     self.advance(generation, State::HandingOff);
@@ -555,20 +559,8 @@ impl Drain {
     /// queue as fit in a batch, offered by [`WORKERS`] workers.
     async fn pass(self: &Arc<Self>, generation: u64) -> Step {
         let now = Instant::now();
-        let config = self.ctx.config();
         let peers: Arc<[String]> = self.lock().peers.clone().into();
-        let token = match &config.admin.fleet_token_file {
-            None => {
-                Err("admin.fleet_token_file is not set: no peer would take a hand-over".to_owned())
-            }
-            Some(file) => self.token.current(file).ok_or_else(|| {
-                format!(
-                    "no fleet token in {}: no peer would take a hand-over",
-                    file.display()
-                )
-            }),
-        };
-        let token = match (token, peers.is_empty()) {
+        let token = match (self.fleet_token(), peers.is_empty()) {
             (Err(e), _) => Err(e),
             (Ok(_), true) => {
                 Err("no peers to hand over to (POST /admin/drain with peers)".to_owned())
@@ -597,11 +589,76 @@ impl Drain {
         if room > 0 {
             work.extend(self.ctx.scheduler.check_out(room).await);
         }
+        if !self.current(generation) {
+            // Cancelled (or asked anew) meanwhile: what was taken goes back, and rounds
+            // resume (the check-out above may have paused them after the cancel).
+            for (id, envelope) in work {
+                self.ctx.scheduler.check_in(id, envelope);
+            }
+            if self.state() == State::Serving {
+                self.ctx.scheduler.resume_rounds();
+            }
+            return Step::Continue;
+        }
         if work.is_empty() {
             // Everything left is kept for later, or in a round that has not ended.
             let poll = now + POLL;
             return Step::Wait(Some(next_retry.map_or(poll, |r| r.min(poll))));
         }
+        let last_error = self
+            .offer_all(work, peers, token, generation, Mode::HandOver)
+            .await;
+        let mut p = self.lock();
+        if p.generation == generation {
+            p.error = last_error;
+        }
+        Step::Continue
+    }
+
+    /// While serving: pinned messages (offered before a restart or a cancel, the answer
+    /// lost) are offered to their peer again, and to it only, so that whether it has
+    /// them is known before they are attempted here.
+    async fn resolve_pinned(self: &Arc<Self>) -> Step {
+        let pinned = self.ctx.scheduler.stats().await.map_or(0, |s| s.pinned);
+        if pinned == 0 {
+            return Step::Wait(None);
+        }
+        let retry = Instant::now() + RETRY_AFTER;
+        let token = match self.fleet_token() {
+            Ok(token) => token,
+            Err(e) => {
+                tracing::warn!(
+                    pinned,
+                    "{e}: pinned messages wait (petrel-mta queue release <id> delivers one from here)"
+                );
+                return Step::Wait(Some(retry + PINNED_WITHOUT_TOKEN));
+            }
+        };
+        let work: VecDeque<(QueueId, Envelope)> =
+            self.ctx.scheduler.check_out_pinned(BATCH).await.into();
+        let mut peers: Vec<String> = work
+            .iter()
+            .filter_map(|(_, e)| e.handoff_peer.clone())
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        let generation = self.lock().generation;
+        if !work.is_empty() {
+            self.offer_all(work, peers.into(), token, generation, Mode::Resolve)
+                .await;
+        }
+        Step::Wait(Some(retry))
+    }
+
+    /// Offers `work` with [`WORKERS`] workers; returns the last error.
+    async fn offer_all(
+        self: &Arc<Self>,
+        work: VecDeque<(QueueId, Envelope)>,
+        peers: Arc<[String]>,
+        token: Arc<str>,
+        generation: u64,
+        mode: Mode,
+    ) -> Option<String> {
         let workers = WORKERS.min(work.len());
         let work = Arc::new(Mutex::new(work));
         let health = Arc::new(PeerHealth::default());
@@ -612,6 +669,7 @@ impl Drain {
                 peers: peers.clone(),
                 health: health.clone(),
                 generation,
+                mode,
             };
             let work = work.clone();
             let token = token.clone();
@@ -625,11 +683,26 @@ impl Drain {
                 Err(e) => last_error = Some(format!("hand-over worker failed: {e}")),
             }
         }
-        let mut p = self.lock();
-        if p.generation == generation {
-            p.error = last_error;
+        last_error
+    }
+
+    /// The fleet token peers want, or why there is none.
+    fn fleet_token(&self) -> Result<Arc<str>, String> {
+        match &self.ctx.config().admin.fleet_token_file {
+            None => Err("admin.fleet_token_file is not set: no peer would take a hand-over".into()),
+            Some(file) => self.token.current(file).ok_or_else(|| {
+                format!(
+                    "no fleet token in {}: no peer would take a hand-over",
+                    file.display()
+                )
+            }),
         }
-        Step::Continue
+    }
+
+    /// Whether `generation` is still the drain in force (no cancel or new drain since).
+    fn current(&self, generation: u64) -> bool {
+        let p = self.lock();
+        p.generation == generation && p.state == State::HandingOff
     }
 
     /// A message no peer took: kept for another offer, or back to the queue when the

@@ -22,12 +22,23 @@ use tokio::time::Instant;
 /// A peer that failed is tried after the others for this long.
 const PEER_PENALTY: Duration = Duration::from_secs(5);
 
+/// What a pass is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// A drain: every message to the first peer that takes it.
+    HandOver,
+    /// Serving: pinned messages to their own peer only; one the peer does not have is
+    /// unpinned and delivered from here.
+    Resolve,
+}
+
 /// One worker of a pass.
 pub(super) struct Offer {
     pub(super) drain: Arc<Drain>,
     pub(super) peers: Arc<[String]>,
     pub(super) health: Arc<PeerHealth>,
     pub(super) generation: u64,
+    pub(super) mode: Mode,
 }
 
 /// What one message's offers came to.
@@ -52,6 +63,11 @@ impl Offer {
             let Some((id, envelope)) = next else {
                 return last_error;
             };
+            if self.mode == Mode::HandOver && !self.drain.current(self.generation) {
+                // Cancelled: not offered, back to the queue.
+                self.drain.ctx.scheduler.check_in(id, envelope);
+                continue;
+            }
             match self.offer(&mut client, id, envelope).await {
                 Offered::Taken => self.drain.handed_over(id),
                 Offered::Kept(envelope, error) => {
@@ -104,6 +120,10 @@ impl Offer {
                 tracing::warn!(queue_id = %id, peer = %pinned, "hand-over: the peer last offered this message is no longer listed; offering it elsewhere");
                 envelope.handoff_peer = None;
             }
+        }
+        if self.mode == Mode::Resolve {
+            // Its own peer only: if that one has it not, it is delivered from here.
+            order.truncate(1);
         }
         let mut last_error = "no peer".to_owned();
         for peer in order {

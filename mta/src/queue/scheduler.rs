@@ -19,7 +19,11 @@
 //! (and once a drain checks messages out, no new rounds start at all); it comes back with
 //! [`SchedulerHandle::check_in`] when no peer took it, or leaves the queue and the spool
 //! with [`SchedulerHandle::handed_off`] once a peer has stored it. So a message is never
-//! delivered here and handed over at the same time.
+//! delivered here and handed over at the same time. A message with a `handoff_peer` (it
+//! was offered to that peer and the answer was lost, or this MTA stopped before it came)
+//! is *pinned*: it starts no round here, because that peer may have it and deliver it;
+//! the drain asks that peer again ([`SchedulerHandle::check_out_pinned`]) and checks it in
+//! unpinned only once the peer has said it does not have it (or an operator releases it).
 //!
 //! The clock is tokio's, anchored to the wall clock at start, so tests drive retries and
 //! expiry with paused time. After a restart, all of this is rebuilt from the spool: each
@@ -52,9 +56,11 @@ pub enum Command {
     },
     /// An operator's request (`petrel-mta queue …`).
     Admin(AdminRequest, oneshot::Sender<AdminResponse>),
-    /// A drain takes up to `max` messages to hand over (see [`SchedulerHandle::check_out`]).
+    /// A drain takes up to `max` messages to hand over (see [`SchedulerHandle::check_out`]),
+    /// or only pinned ones ([`SchedulerHandle::check_out_pinned`]).
     CheckOut {
         max: usize,
+        only_pinned: bool,
         reply: oneshot::Sender<Vec<(QueueId, Envelope)>>,
     },
     /// A checked-out message stays here after all, with its envelope as the drain left it.
@@ -76,6 +82,8 @@ pub struct Stats {
     pub active: usize,
     /// Messages checked out by a drain.
     pub out: usize,
+    /// Messages pinned to the peer they were last offered to (see the module doc).
+    pub pinned: usize,
     /// Messages retired with every recipient final (delivered or failed) since start.
     pub finished: u64,
 }
@@ -181,12 +189,23 @@ impl SchedulerHandle {
     /// must come back through [`Self::check_in`] or [`Self::handed_off`]. Empty after
     /// shutdown.
     pub async fn check_out(&self, max: usize) -> Vec<(QueueId, Envelope)> {
+        self.checked_out(max, false).await
+    }
+
+    /// Takes up to `max` pinned messages (oldest first) to ask their peer again; attempt
+    /// rounds go on. Each comes back like those of [`Self::check_out`].
+    pub async fn check_out_pinned(&self, max: usize) -> Vec<(QueueId, Envelope)> {
+        self.checked_out(max, true).await
+    }
+
+    async fn checked_out(&self, max: usize, only_pinned: bool) -> Vec<(QueueId, Envelope)> {
         let (reply, response) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::CheckOut { max, reply })
-            .is_err()
-        {
+        let command = Command::CheckOut {
+            max,
+            only_pinned,
+            reply,
+        };
+        if self.commands.send(command).is_err() {
             return Vec::new();
         }
         response.await.unwrap_or_default()
@@ -250,6 +269,9 @@ enum Phase {
     Active(usize),
     /// Checked out by a drain, being handed to a peer.
     Out,
+    /// Offered to its `handoff_peer` with the outcome unknown: no rounds until the drain
+    /// learns whether that peer has it.
+    Pinned,
 }
 
 struct Entry {
@@ -366,8 +388,12 @@ impl Scheduler {
                 let response = self.admin(request);
                 let _ = reply.send(response);
             }
-            Command::CheckOut { max, reply } => {
-                let taken = self.check_out(max);
+            Command::CheckOut {
+                max,
+                only_pinned,
+                reply,
+            } => {
+                let taken = self.check_out(max, only_pinned);
                 if let Err(taken) = reply.send(taken) {
                     // The drain went away: nothing was handed over.
                     for (id, envelope) in taken {
@@ -383,6 +409,11 @@ impl Scheduler {
                     queued: self.messages.len(),
                     active: self.active,
                     out: self.out,
+                    pinned: self
+                        .messages
+                        .values()
+                        .filter(|e| e.phase == Phase::Pinned)
+                        .count(),
                     finished: self.finished,
                 });
             }
@@ -396,16 +427,7 @@ impl Scheduler {
             None => schedule::expires_at_ms(&config.queue, envelope.received_at),
         };
         self.expiry.insert((expires_ms, id));
-        let phase = if envelope.held {
-            Phase::Held
-        } else {
-            let at = self
-                .clock
-                .now_ms()
-                .max(envelope.next_attempt_at.saturating_mul(1000));
-            self.due.insert((at, id));
-            Phase::Waiting(at)
-        };
+        let phase = self.resting_phase(id, &envelope);
         self.messages.insert(
             id,
             Entry {
@@ -559,13 +581,19 @@ impl Scheduler {
         }
     }
 
-    /// Takes a message off hold (a no-op for one that is not held): due at once.
+    /// Takes a message off hold (a no-op for one that is not held): due at once. A pinned
+    /// one is unpinned: delivered from here, whether or not its peer has it too.
     fn release(&mut self, id: QueueId) {
         let now = self.clock.now_ms();
         let Some(entry) = self.messages.get_mut(&id) else {
             return;
         };
         entry.hold_after_round = false;
+        if entry.phase == Phase::Pinned {
+            tracing::warn!(queue_id = %id, peer = entry.envelope.handoff_peer.as_deref().unwrap_or("-"), "released while pinned to a peer: delivered from here (the peer may deliver it too)");
+            entry.envelope.handoff_peer = None;
+            entry.phase = Phase::Held;
+        }
         if entry.phase == Phase::Held {
             entry.envelope.held = false;
             entry.phase = Phase::Waiting(now);
@@ -574,15 +602,37 @@ impl Scheduler {
         }
     }
 
-    /// Up to `max` waiting or held messages, oldest first, checked out for a drain. Pauses
-    /// attempt rounds: what is still waiting is handed over by a later check-out rather
-    /// than attempted meanwhile.
-    fn check_out(&mut self, max: usize) -> Vec<(QueueId, Envelope)> {
-        self.rounds_paused = true;
+    /// The phase of a message that is in no round: pinned, held, or waiting (then in
+    /// `due`) for its next attempt.
+    fn resting_phase(&mut self, id: QueueId, envelope: &Envelope) -> Phase {
+        if envelope.handoff_peer.is_some() {
+            Phase::Pinned
+        } else if envelope.held {
+            Phase::Held
+        } else {
+            let at = self
+                .clock
+                .now_ms()
+                .max(envelope.next_attempt_at.saturating_mul(1000));
+            self.due.insert((at, id));
+            Phase::Waiting(at)
+        }
+    }
+
+    /// Up to `max` waiting, held or pinned messages (only pinned ones with `only_pinned`),
+    /// oldest first, checked out for a drain. Unless `only_pinned`, pauses attempt rounds:
+    /// what is still waiting is handed over by a later check-out rather than attempted
+    /// meanwhile.
+    fn check_out(&mut self, max: usize, only_pinned: bool) -> Vec<(QueueId, Envelope)> {
+        self.rounds_paused |= !only_pinned;
         let mut ids: Vec<QueueId> = self
             .messages
             .iter()
-            .filter(|(_, e)| matches!(e.phase, Phase::Waiting(_) | Phase::Held))
+            .filter(|(_, e)| match e.phase {
+                Phase::Pinned => true,
+                Phase::Waiting(_) | Phase::Held => !only_pinned,
+                Phase::Active(_) | Phase::Out => false,
+            })
             .map(|(id, _)| *id)
             .collect();
         ids.sort_unstable();
@@ -602,10 +652,9 @@ impl Scheduler {
         taken
     }
 
-    /// A checked-out message back from a drain: held or waiting for its next attempt, or
-    /// retired now if that was asked for while it was out.
+    /// A checked-out message back from a drain: pinned, held or waiting for its next
+    /// attempt, or retired now if that was asked for while it was out.
     fn check_in(&mut self, id: QueueId, envelope: Envelope) {
-        let now = self.clock.now_ms();
         let Some(entry) = self.messages.get_mut(&id) else {
             return;
         };
@@ -625,10 +674,10 @@ impl Scheduler {
             entry.envelope.held = true;
             self.ctx.spool.update_detached(id, &entry.envelope);
         }
-        if !entry.envelope.held {
-            let at = now.max(entry.envelope.next_attempt_at.saturating_mul(1000));
-            entry.phase = Phase::Waiting(at);
-            self.due.insert((at, id));
+        let envelope = entry.envelope.clone();
+        let phase = self.resting_phase(id, &envelope);
+        if let Some(entry) = self.messages.get_mut(&id) {
+            entry.phase = phase;
         }
     }
 
@@ -665,7 +714,7 @@ impl Scheduler {
                 self.due.remove(&(at, id));
                 self.retire(id, Retirement::Expired);
             }
-            Phase::Held => self.retire(id, Retirement::Expired),
+            Phase::Held | Phase::Pinned => self.retire(id, Retirement::Expired),
         }
     }
 
@@ -778,6 +827,11 @@ impl Scheduler {
                         self.ctx.spool.update_detached(id, &entry.envelope);
                     }
                     Phase::Active(_) | Phase::Out => entry.hold_after_round = true,
+                    // Held once its peer has said it does not have it.
+                    Phase::Pinned => {
+                        entry.envelope.held = true;
+                        self.ctx.spool.update_detached(id, &entry.envelope);
+                    }
                     Phase::Held => {}
                 }
                 AdminResponse::Done { affected: 1 }
@@ -831,6 +885,7 @@ impl Scheduler {
             Phase::Held => ("held", None),
             Phase::Active(_) => ("active", None),
             Phase::Out => ("handing_off", None),
+            Phase::Pinned => ("pinned", None),
         };
         QueueEntry {
             id,
