@@ -24,7 +24,10 @@
 //! peer that fails is skipped for the next one for every other message; a message whose
 //! fate at a peer is unknown waits for that peer (or for the operator to drop it from the
 //! peer list). When no peer takes a message, it is kept and offered again a second later;
-//! the last error is reported.
+//! the last error is reported. Such a *pinned* message found while serving (after a
+//! restart, or a cancelled drain) starts no attempt round here: the drain offers it to its
+//! peer only, until the peer takes it (or had it) or answers that it stored nothing (then
+//! it is delivered here as usual).
 //!
 //! The marker (`<spool dir>/petrel-drained`) is written (synced, with its directory) only
 //! when the queue and the spool are empty, no SMTP connection is open, and the spool's

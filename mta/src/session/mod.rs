@@ -249,8 +249,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // So does a drain: the client takes its next message to another server,
                 // and the drain is not held up by a connection kept open for nothing.
                 () = ctx.intake.draining(), if idle && self.tx.is_none() => {
+                    // Shutdown stops the intake too: say which it is.
+                    let reply = match shutdown.is_shutdown() {
+                        true => Reply::SHUTTING_DOWN,
+                        false => Reply::draining(&self.config.hostname),
+                    };
                     tracing::info!(peer = %self.peer, "session closed: draining");
-                    self.send(Reply::draining(&self.config.hostname));
+                    self.send(reply);
                     return self.flush().await;
                 }
                 () = async { pressure.as_ref().expect("guarded").closed().await }, if pressure.is_some() => {
