@@ -258,6 +258,40 @@ pub async fn drain(
     serde_json::from_str(&text).map_err(|e| format!("GET /admin/drain: {e}: {text}"))
 }
 
+/// Takes a pod that stays out of a drain it no longer needs (a scale-in undone, or a
+/// drained pod brought back by a scale-out): it takes mail again. Returns whether it was
+/// draining.
+pub async fn cancel_drain(ip: IpAddr, token: &str) -> Result<bool, String> {
+    let port = u16::try_from(HTTP_PORT).map_err(|e| e.to_string())?;
+    let ask = |method| {
+        tokio::time::timeout(
+            SCRAPE_TIMEOUT,
+            call(ip, port, method, "/admin/drain", Some(token), None),
+        )
+    };
+    let (status, text) = ask(hyper::Method::GET)
+        .await
+        .map_err(|_| format!("no answer from {ip}:{port}"))??;
+    if !status.is_success() {
+        return Err(format!("GET /admin/drain: HTTP {status}"));
+    }
+    let report: DrainReport =
+        serde_json::from_str(&text).map_err(|e| format!("GET /admin/drain: {e}"))?;
+    if report.state == "serving" {
+        return Ok(false);
+    }
+    let (status, text) = ask(hyper::Method::DELETE)
+        .await
+        .map_err(|_| format!("no answer from {ip}:{port}"))??;
+    if !status.is_success() {
+        return Err(format!(
+            "DELETE /admin/drain: HTTP {status}: {}",
+            text.trim()
+        ));
+    }
+    Ok(true)
+}
+
 /// Messages in the queue, from a `/metrics` text (`petrel_mta_queue_messages`, all states).
 pub fn queue_depth(metrics: &str) -> Option<u64> {
     let mut total = None;

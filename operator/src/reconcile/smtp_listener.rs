@@ -17,7 +17,7 @@
 //! read from the rendered self-signed Secret or from the Secret the pods mount.
 
 use super::scale_in::{self, PodDrain};
-use super::{RESYNC, converge, finish, load_world, namespace_of, notes_for, patch_status, publish};
+use super::{converge, finish, load_world, namespace_of, notes_for, patch_status, publish};
 use crate::apply::{self, Applied};
 use crate::context::Context;
 use crate::keys::SystemKeys;
@@ -330,6 +330,10 @@ async fn missing_secrets(ctx: &Context, ns: &str, refs: Vec<SecretRef>) -> Resul
 /// Condition type of a scale-in in progress (and of queue volumes left undrained).
 pub const SCALING_IN: &str = "ScalingIn";
 
+/// How often a listener is looked at when nothing happens: its pods' queue depths
+/// (`status.queueDepth`) change without any event.
+const QUEUE_DEPTH_REFRESH: Duration = Duration::from_secs(30);
+
 /// How soon a scale-in in progress is looked at again.
 const SCALE_IN_RECHECK: Duration = Duration::from_secs(5);
 
@@ -354,6 +358,38 @@ fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// The token the listener's pods share, once its Secret exists.
+fn fleet_token(world: &World, listener: &SmtpListener) -> Option<String> {
+    let ns = listener.namespace().unwrap_or_default();
+    world
+        .secret(&ns, &render::secrets::listener_fleet_secret_name(listener))
+        .and_then(|s| s.data.as_ref()?.get(render::secrets::FLEET_TOKEN).cloned())
+        .map(|t| String::from_utf8_lossy(&t.0).into_owned())
+}
+
+/// Pods that stay (ordinal < `desired`) but are not Ready may be draining from a scale-in
+/// that was undone, or be drained pods brought back: they take mail again.
+async fn cancel_stale_drains(
+    world: &World,
+    listener: &SmtpListener,
+    pods_by_ordinal: &BTreeMap<i32, Pod>,
+    desired: i32,
+) {
+    let Some(token) = fleet_token(world, listener) else {
+        return;
+    };
+    for (ordinal, pod) in pods_by_ordinal.range(..desired) {
+        let Some(ip) = pod_ip(pod).filter(|_| !pod_ready(pod)) else {
+            continue;
+        };
+        match pods::cancel_drain(ip, &token).await {
+            Ok(true) => tracing::info!(ordinal, "drain cancelled: the pod stays"),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(ordinal, error = e, "drain state unreadable"),
+        }
+    }
+}
+
 /// Asks each leaving pod (ordinal ≥ `desired`) to drain to the Ready pods that stay.
 async fn drain_leaving(
     world: &World,
@@ -362,11 +398,7 @@ async fn drain_leaving(
     desired: i32,
     current: i32,
 ) -> BTreeMap<i32, PodDrain> {
-    let ns = listener.namespace().unwrap_or_default();
-    let token = world
-        .secret(&ns, &render::secrets::listener_fleet_secret_name(listener))
-        .and_then(|s| s.data.as_ref()?.get(render::secrets::FLEET_TOKEN).cloned())
-        .map(|t| String::from_utf8_lossy(&t.0).into_owned());
+    let token = fleet_token(world, listener);
     let peers: Vec<String> = pods_by_ordinal
         .iter()
         .filter(|(i, p)| **i < desired && pod_ready(p))
@@ -506,6 +538,7 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
         }
         _ => BTreeMap::new(),
     };
+    cancel_stale_drains(&world, obj, &pods_by_ordinal, desired).await;
     let plan = scale_in::plan(&name, desired, current, &reports);
     if !plan.drained.is_empty() {
         mark_drained(ctx, obj, &plan.drained).await?;
@@ -566,7 +599,7 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
             observed.certificate_not_after = Some(not_after);
             observed.renewal_time = Some(renewal);
         }
-        RESYNC
+        QUEUE_DEPTH_REFRESH
     } else {
         SECRET_RECHECK
     };

@@ -50,7 +50,7 @@ async fn listener_apply_writes_objects_status_and_an_event_then_nothing() {
     let (fake, ctx) = seeded();
     let mx: Arc<SmtpListener> = typed(&fake, &listener_path());
     let action = listener(mx, ctx.clone()).await.expect("reconciles");
-    assert_eq!(action, Action::requeue(RESYNC));
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(30)));
     let writes = fake.take_writes();
     for expected in [
         format!("PATCH /api/v1{NS}/configmaps/mx-config"),
@@ -493,7 +493,7 @@ async fn issuer_ref_applies_a_certificate_and_waits_for_its_secret() {
     let action = listener(typed(&fake, &listener_path()), ctx.clone())
         .await
         .expect("reconciles");
-    assert_eq!(action, Action::requeue(RESYNC));
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(30)));
     let writes = fake.take_writes();
     assert!(
         writes.contains(&format!("PATCH /apis/apps/v1{NS}/statefulsets/mx")),
