@@ -206,6 +206,9 @@ pub struct Drain {
     spool_id: String,
     marker: PathBuf,
     progress: Mutex<Progress>,
+    /// Peers that failed lately go last, across passes: a peer that is gone (a deleted
+    /// pod's address may not even refuse the connection) costs one wait, not one per pass.
+    health: Arc<PeerHealth>,
     changed: Notify,
     /// Held while the marker is written or removed with the state that goes with it.
     marker_lock: tokio::sync::Mutex<()>,
@@ -273,6 +276,7 @@ impl Drain {
                 generation: 0,
                 retry: Vec::new(),
             }),
+            health: Arc::default(),
             changed: Notify::new(),
             marker_lock: tokio::sync::Mutex::new(()),
         }))
@@ -664,7 +668,7 @@ impl Drain {
     ) -> Option<String> {
         let workers = WORKERS.min(work.len());
         let work = Arc::new(Mutex::new(work));
-        let health = Arc::new(PeerHealth::default());
+        let health = self.health.clone();
         let mut running = tokio::task::JoinSet::new();
         for _ in 0..workers {
             let offer = Offer {

@@ -188,10 +188,10 @@ pub(super) struct PeerHealth {
 
 impl PeerHealth {
     fn failed(&self, peer: &str) {
-        self.failed_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(peer.to_owned(), Instant::now() + PEER_PENALTY);
+        let now = Instant::now();
+        let mut failed = self.failed_until.lock().unwrap_or_else(|e| e.into_inner());
+        failed.retain(|_, until| *until > now);
+        failed.insert(peer.to_owned(), now + PEER_PENALTY);
     }
 
     /// The peers in the order to offer message `id`: healthy before failing, then by
