@@ -40,6 +40,11 @@ def sink():
 
 @pytest.fixture(scope="module")
 def operator(kube):
+    # An earlier module's uninstall may still be deleting the operator's namespace.
+    if kube.run("get", "namespace", OPERATOR_NS, check=False).returncode == 0:
+        phase = kube.json("get", "namespace", OPERATOR_NS)["status"].get("phase")
+        if phase == "Terminating":
+            kube.wait("--for=delete", f"namespace/{OPERATOR_NS}", timeout=180)
     kube.run("apply", "--server-side", "-f", str(ROOT / "manifests" / "crds"))
     kube.wait("--for=condition=Established", "crd/smtplisteners.mail.petrel.dev", timeout=60)
     manifests = (ROOT / "manifests" / "install.yaml").read_text()
