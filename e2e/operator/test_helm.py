@@ -92,6 +92,16 @@ def test_2_install_gives_a_working_mta_fleet(kube, helm):
               timeout=300)
     pod = next(iter(mta_pods(kube)))
     ip = kube.json("get", "pod", pod, "-n", EXAMPLES_NS)["status"]["podIP"]
+
+    def accepts_alice():
+        # Ready says the pods run; the MailDomain may reach their config a moment later
+        # (the operator's ConfigMap update, then the MTA's reload).
+        with smtplib.SMTP(ip, 10025, timeout=30) as s:
+            s.ehlo("e2e.test")
+            s.mail("someone@sender.test")
+            return s.rcpt("alice@example.test")[0] == 250
+
+    poll(accepts_alice, timeout=120, what="the pod accepting mail for alice@example.test")
     with smtplib.SMTP(ip, 10025, timeout=30) as s:
         s.ehlo("e2e.test")
         assert not s.sendmail("someone@sender.test", ["alice@example.test"],
