@@ -1,7 +1,7 @@
 //! What every stage shares: the current config, the spool, the scheduler's inbox and the
 //! connection counters.
 
-use crate::limits::RateLimiter;
+use crate::fleet_limits::FleetLimiter;
 use crate::queue::Status;
 use crate::queue::scheduler::SchedulerHandle;
 use crate::spool::Spool;
@@ -21,8 +21,9 @@ pub struct Context {
     pub certificates: Option<Certificates>,
     /// AUTH credentials, when `smtpd.auth_users_file` is set.
     pub users: Option<Arc<Users>>,
-    /// Message and recipient rates.
-    pub limiter: RateLimiter,
+    /// Message and recipient rates: this pod's, or the fleet's when
+    /// `smtpd.rate_limits.redis` is set (replaced at start, see [`FleetLimiter::start`]).
+    pub limiter: FleetLimiter,
     /// DKIM signer for the configured keys; replaced on config reload.
     signer: RwLock<Option<Arc<mta_auth::Signer>>>,
     /// SPF/DKIM/DMARC and DNSBL checks, when any are configured at start.
@@ -160,7 +161,7 @@ impl Context {
             scheduler,
             certificates,
             users: users.map(Arc::new),
-            limiter: RateLimiter::default(),
+            limiter: FleetLimiter::default(),
             signer: RwLock::new(None),
             verifier: None,
             metrics: mta_telemetry::MtaMetrics::new(),

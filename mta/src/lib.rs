@@ -18,6 +18,7 @@ pub mod delivery;
 pub mod drain;
 pub mod dsn;
 pub mod files;
+pub mod fleet_limits;
 pub mod limits;
 pub mod listener;
 pub mod local;

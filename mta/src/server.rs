@@ -34,6 +34,8 @@ pub enum StartError {
     Users(String),
     #[error("{0}")]
     Dkim(String),
+    #[error("{0}")]
+    RateLimits(String),
     #[error("cannot write the admin token to {path}: {source}")]
     AdminToken {
         path: std::path::PathBuf,
@@ -128,6 +130,11 @@ impl Server {
         let mut context = Context::new(config, spool, handle, certificates, users);
         context.verifier = verifier;
         context.metrics = metrics;
+        context.limiter = crate::fleet_limits::FleetLimiter::start(
+            context.config().smtpd.rate_limits.redis.as_ref(),
+            context.metrics.clone(),
+        )
+        .map_err(StartError::RateLimits)?;
         context.metrics.set_dkim_keys(&dkim_keys);
         context.set_signer(signer);
         let ctx = Arc::new(context);

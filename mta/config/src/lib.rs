@@ -272,6 +272,33 @@ pub struct RateLimitsConfig {
     pub messages_per_user: String,
     /// Recipients per destination domain (outbound, at RCPT). Default: `off`.
     pub recipients_per_domain: String,
+    /// A Redis shared by every pod of the fleet that holds the rate counters, so the
+    /// rates above are the fleet's rather than each pod's. Default: none (each pod
+    /// counts alone). Read at start: a change takes effect when the MTA restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisLimitsConfig>,
+}
+
+/// Where the fleet's rate counters live, and what each pod does without them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct RedisLimitsConfig {
+    /// `redis://host:port/db`, e.g. `redis://petrel-redis:6379/0` (plain TCP).
+    pub url: String,
+    /// Longest a rate check waits on Redis (connect or command) before the pod counts
+    /// alone. Default: `50ms`; at most `1s`.
+    #[serde(with = "duration", default = "default_redis_timeout")]
+    pub timeout: Duration,
+    /// Pods sharing the limits. While Redis is unreachable each pod allows
+    /// `N / fleet_size` of a rate `N/interval` (at least 1), so the fleet stays within N.
+    pub fleet_size: u32,
+}
+
+/// The longest `smtpd.rate_limits.redis.timeout` may be: mail must not wait on Redis.
+pub const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(50)
 }
 
 impl Default for RateLimitsConfig {
@@ -281,6 +308,7 @@ impl Default for RateLimitsConfig {
             recipients_per_ip: "15000/1m".into(),
             messages_per_user: "1000/1m".into(),
             recipients_per_domain: "off".into(),
+            redis: None,
         }
     }
 }
@@ -311,6 +339,16 @@ impl Rate {
             return Err(format!("{text:?}: count and interval must be positive"));
         }
         Ok(Some(Rate { count, interval }))
+    }
+
+    /// One pod's share of this rate among `fleet_size` pods: `count / fleet_size`
+    /// (rounded down, at least 1) per the same interval, so the shares together never
+    /// exceed the rate.
+    pub fn share(self, fleet_size: u32) -> Rate {
+        Rate {
+            count: (self.count / fleet_size.max(1)).max(1),
+            interval: self.interval,
+        }
     }
 }
 

@@ -290,3 +290,65 @@ fn colliding_listeners_table() {
         }
     }
 }
+
+/// Issue 16, limits shared by the fleet: `smtpd.rate_limits.redis` is optional, checked,
+/// and absent from the serialised form when unset.
+#[test]
+fn fleet_redis_limits_are_validated() {
+    let default = MtaConfig::default().to_yaml();
+    assert!(!default.contains("redis"), "{default}");
+    let set = MtaConfig::from_yaml(
+        "smtpd:\n  rate_limits:\n    redis:\n      url: redis://127.0.0.1:6379/0\n      fleet_size: 3\n",
+    )
+    .expect("valid");
+    let redis = set.smtpd.rate_limits.redis.clone().expect("set");
+    assert_eq!(redis.timeout, std::time::Duration::from_millis(50));
+    assert_eq!(redis.fleet_size, 3);
+    assert_eq!(
+        MtaConfig::from_yaml(&set.to_yaml()).expect("round trip"),
+        set
+    );
+    let yaml = |url: &str, timeout: &str, fleet: u32| {
+        format!(
+            "smtpd:\n  rate_limits:\n    redis:\n      url: {url:?}\n      timeout: {timeout}\n      fleet_size: {fleet}\n"
+        )
+    };
+    let bad = |url: &str, timeout: &str, fleet: u32| problem_keys(&yaml(url, timeout, fleet));
+    assert_eq!(
+        bad("http://x:6379", "0s", 0),
+        [
+            "smtpd.rate_limits.redis.url",
+            "smtpd.rate_limits.redis.timeout",
+            "smtpd.rate_limits.redis.fleet_size"
+        ]
+    );
+    assert_eq!(bad("rediss://x:6379", "2s", 1).len(), 2);
+    assert_eq!(bad("redis://", "1s", 1), ["smtpd.rate_limits.redis.url"]);
+    assert!(MtaConfig::from_yaml(&yaml("redis://x:6379/0", "1s", 5)).is_ok());
+    // fleet_size is required: a shared limit without it cannot fall back to a share.
+    assert!(
+        MtaConfig::from_yaml("smtpd:\n  rate_limits:\n    redis:\n      url: redis://x\n").is_err()
+    );
+}
+
+/// A pod's share of a rate while the fleet's counters are unreachable.
+#[test]
+fn fallback_share_never_exceeds_the_fleet_rate() {
+    let rate = |count| Rate {
+        count,
+        interval: std::time::Duration::from_secs(60),
+    };
+    assert_eq!(rate(12).share(3), rate(4));
+    assert_eq!(rate(10).share(3), rate(3));
+    assert_eq!(rate(2).share(3), rate(1));
+    assert_eq!(rate(7).share(1), rate(7));
+    assert_eq!(rate(7).share(0), rate(7));
+    for count in 1..200 {
+        for fleet in 1..20 {
+            let share = rate(count).share(fleet);
+            assert!(share.count >= 1);
+            assert!(share.count * fleet <= count.max(fleet), "{count}/{fleet}");
+            assert_eq!(share.interval, rate(count).interval);
+        }
+    }
+}

@@ -149,6 +149,32 @@ impl MtaConfig {
                 problem(format!("smtpd.rate_limits.{key}"), e);
             }
         }
+        if let Some(redis) = &limits.redis {
+            let key = "smtpd.rate_limits.redis";
+            match redis.url.split_once("://") {
+                Some(("redis", rest)) if !rest.is_empty() && !rest.starts_with('/') => {}
+                Some(("rediss" | "redis+unix" | "unix", _)) => problem(
+                    format!("{key}.url"),
+                    format!("{:?}: only redis://host:port/db is supported", redis.url),
+                ),
+                _ => problem(
+                    format!("{key}.url"),
+                    format!("{:?} is not redis://host:port/db", redis.url),
+                ),
+            }
+            if redis.timeout.is_zero() || redis.timeout > crate::MAX_REDIS_TIMEOUT {
+                problem(
+                    format!("{key}.timeout"),
+                    "must be more than 0 and at most 1s (mail never waits longer on Redis)".into(),
+                );
+            }
+            if redis.fleet_size == 0 {
+                problem(
+                    format!("{key}.fleet_size"),
+                    "must be at least 1 (the pods sharing the limits)".into(),
+                );
+            }
+        }
 
         for (i, key) in self.dkim.keys.iter().enumerate() {
             if !is_domain_name(&key.domain) {

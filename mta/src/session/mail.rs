@@ -11,18 +11,29 @@ use smtp_proto::{
 use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// Counts one event against a configured rate; `false` when over it.
-    pub(super) fn within_rate(&self, key: &str, rate: &str, limit: &'static str) -> bool {
-        match crate::limits::parse(rate) {
-            Some(rate) => {
-                let ok = self.ctx.limiter.allow(key, rate);
-                if !ok {
-                    tracing::warn!(peer = %self.peer, key, "rate limit hit");
-                    self.ctx.metrics.rate_limited(limit);
+    /// Counts one event against a configured rate; `false` when over it. The check may
+    /// ask the fleet's Redis (bounded by its timeout): the future borrows nothing of the
+    /// session.
+    pub(super) fn within_rate(
+        &self,
+        key: &str,
+        rate: &str,
+        limit: &'static str,
+    ) -> impl Future<Output = bool> + Send + 'static {
+        let (ctx, peer, key) = (self.ctx.clone(), self.peer, key.to_owned());
+        let rate = crate::limits::parse(rate);
+        async move {
+            match rate {
+                Some(rate) => {
+                    let ok = ctx.limiter.allow(&key, rate).await;
+                    if !ok {
+                        tracing::warn!(peer = %peer, key, "rate limit hit");
+                        ctx.metrics.rate_limited(limit);
+                    }
+                    ok
                 }
-                ok
+                None => true,
             }
-            None => true,
         }
     }
 
@@ -30,12 +41,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `smtpd.limit_exempt_networks` are not limited (issue 13, item 11). Each limit has
     /// its own key: with one `ip:` key for both, a MAIL under `messages_per_ip` pushed the
     /// shared schedule past `recipients_per_ip`'s window and the next RCPT was refused.
-    pub(super) fn within_client_rate(&self, rate: &str, limit: &'static str) -> bool {
+    pub(super) async fn within_client_rate(&self, rate: &str, limit: &'static str) -> bool {
         let ip = self.peer.ip();
-        self.config.limits_exempt(ip) || self.within_rate(&format!("{limit}:{ip}"), rate, limit)
+        if self.config.limits_exempt(ip) {
+            return true;
+        }
+        self.within_rate(&format!("{limit}:{ip}"), rate, limit)
+            .await
     }
 
-    pub(super) fn mail(&mut self, from: MailFrom<String>) -> Flow {
+    pub(super) async fn mail(&mut self, from: MailFrom<String>) -> Flow {
         let Some(helo) = self.helo.clone() else {
             return self.error(Reply::NEED_HELO);
         };
@@ -62,18 +77,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // Only offered under TLS (RFC 8689 §4.1).
             return self.error(Reply::UNSUPPORTED_PARAMETER);
         }
-        if !self.within_client_rate(
-            &self.config.smtpd.rate_limits.messages_per_ip,
-            "messages_per_ip",
-        ) {
+        let limits = self.config.smtpd.rate_limits.clone();
+        if !self
+            .within_client_rate(&limits.messages_per_ip, "messages_per_ip")
+            .await
+        {
             return self.error(Reply::RATE_LIMITED);
         }
         if let Some(user) = &self.user
-            && !self.within_rate(
-                &format!("user:{}", user.name),
-                &self.config.smtpd.rate_limits.messages_per_user,
-                "messages_per_user",
-            )
+            && !self
+                .within_rate(
+                    &format!("user:{}", user.name),
+                    &limits.messages_per_user,
+                    "messages_per_user",
+                )
+                .await
         {
             return self.error(Reply::RATE_LIMITED);
         }

@@ -65,16 +65,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let config = self.config.clone();
         let limits = &config.smtpd.rate_limits;
-        if !self.within_client_rate(&limits.recipients_per_ip, "recipients_per_ip") {
+        if !self
+            .within_client_rate(&limits.recipients_per_ip, "recipients_per_ip")
+            .await
+        {
             return self.error(Reply::RATE_LIMITED);
         }
         if let Some((_, domain)) = crate::queue::split_address(&to.address)
             && self.config.local_domain(domain).is_none()
-            && !self.within_rate(
-                &format!("domain:{}", domain.to_ascii_lowercase()),
-                &limits.recipients_per_domain,
-                "recipients_per_domain",
-            )
+            && !self
+                .within_rate(
+                    &format!("domain:{}", domain.to_ascii_lowercase()),
+                    &limits.recipients_per_domain,
+                    "recipients_per_domain",
+                )
+                .await
         {
             return self.error(Reply::RATE_LIMITED);
         }

@@ -28,7 +28,9 @@ pub use escape::Escaped;
 pub use export::spans_dropped;
 pub use http::{Readiness, serve_http};
 pub use init::{TelemetryGuard, init};
-pub use metrics::{DrainState, HandoffDirection, MtaMetrics, Outcome, QueueState, TlsReload};
+pub use metrics::{
+    DrainState, HandoffDirection, MtaMetrics, Outcome, QueueState, RateLimitBackend, TlsReload,
+};
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]

@@ -33,6 +33,8 @@
 //! | `petrel_mta_dkim_keys` | `domain`, `selector`, `signing` | `petrel.mta.dkim.keys` |
 //! | `petrel_mta_drain_state` | `state` | `petrel.mta.drain.state` |
 //! | `petrel_mta_handoff_messages_total` | `direction` | `petrel.mta.handoff.messages` |
+//! | `petrel_mta_rate_limit_backend` | `backend` | `petrel.mta.rate_limit.backend` |
+//! | `petrel_mta_rate_limit_fallbacks_total` | | `petrel.mta.rate_limit.fallbacks` |
 //! | `petrel_mta_otel_spans_dropped_total` | `reason` | (not mirrored) |
 //! | `petrel_mta_otel_spans_exported_total` | | (not mirrored) |
 
@@ -151,6 +153,29 @@ impl DrainState {
     }
 }
 
+/// Where rate limits are counted (issue 16): `petrel_mta_rate_limit_backend` is 1 for the
+/// backend in use and 0 for the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RateLimitBackend {
+    /// The fleet's counters in Redis.
+    Redis,
+    /// This pod's own counters (no Redis configured, or Redis unreachable: then with the
+    /// pod's share of each rate).
+    Local,
+}
+
+impl RateLimitBackend {
+    pub const ALL: [RateLimitBackend; 2] = [RateLimitBackend::Redis, RateLimitBackend::Local];
+
+    /// The label value: `redis` or `local`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimitBackend::Redis => "redis",
+            RateLimitBackend::Local => "local",
+        }
+    }
+}
+
 /// Which way a handed-over message went, for `petrel_mta_handoff_messages_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HandoffDirection {
@@ -221,6 +246,11 @@ struct DirectionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -297,6 +327,8 @@ struct Prom {
     dkim_keys: Family<DkimKeyLabels, Gauge>,
     drain_state: Family<StateLabels, Gauge>,
     handoff_messages: Family<DirectionLabels, Counter>,
+    rate_limit_backend: Family<BackendLabels, Gauge>,
+    rate_limit_fallbacks: Counter,
 }
 
 struct Otel {
@@ -322,6 +354,8 @@ struct Otel {
     dkim_keys: OtelGauge<u64>,
     drain_state: OtelGauge<u64>,
     handoff_messages: OtelCounter<u64>,
+    rate_limit_backend: OtelGauge<u64>,
+    rate_limit_fallbacks: OtelCounter<u64>,
 }
 
 impl Default for MtaMetrics {
@@ -357,6 +391,8 @@ impl MtaMetrics {
             dkim_keys: Family::default(),
             drain_state: Family::default(),
             handoff_messages: Family::default(),
+            rate_limit_backend: Family::default(),
+            rate_limit_fallbacks: Counter::default(),
         };
         // Known label values start at zero, so a scraper sees the series before the
         // first event and `rate()` works from the start.
@@ -397,6 +433,13 @@ impl MtaMetrics {
             let _ = prom.handoff_messages.get_or_create(&DirectionLabels {
                 direction: direction.as_str(),
             });
+        }
+        for backend in RateLimitBackend::ALL {
+            prom.rate_limit_backend
+                .get_or_create(&BackendLabels {
+                    backend: backend.as_str(),
+                })
+                .set(i64::from(backend == RateLimitBackend::Local));
         }
 
         let mut registry = Registry::default();
@@ -515,6 +558,16 @@ impl MtaMetrics {
             "handoff_messages",
             "Messages handed over between peers by drains: sent (a peer took it), received (stored from a peer), duplicate (a resend recognised, not stored again)",
             prom.handoff_messages.clone(),
+        );
+        r.register(
+            "rate_limit_backend",
+            "Where rate limits are counted: 1 for the backend in use (redis: the fleet's counters; local: this pod's, with its share of each rate while Redis is unreachable), 0 for the other",
+            prom.rate_limit_backend.clone(),
+        );
+        r.register(
+            "rate_limit_fallbacks",
+            "Switches from the fleet's Redis counters to this pod's share (Redis unreachable or too slow)",
+            prom.rate_limit_fallbacks.clone(),
         );
         export::register(r);
 
@@ -746,6 +799,29 @@ impl MtaMetrics {
         }
     }
 
+    /// Rate limits are now counted in `backend`.
+    pub fn set_rate_limit_backend(&self, backend: RateLimitBackend) {
+        let i = &self.inner;
+        for each in RateLimitBackend::ALL {
+            let current = u64::from(each == backend);
+            i.prom
+                .rate_limit_backend
+                .get_or_create(&BackendLabels {
+                    backend: each.as_str(),
+                })
+                .set(current as i64);
+            i.otel
+                .rate_limit_backend
+                .record(current, &[KeyValue::new("backend", each.as_str())]);
+        }
+    }
+
+    /// Redis failed: this pod counts alone, with its share of each rate.
+    pub fn rate_limit_fallback(&self) {
+        self.inner.prom.rate_limit_fallbacks.inc();
+        self.inner.otel.rate_limit_fallbacks.add(1, &[]);
+    }
+
     /// A message was handed over (`direction` says which way it went).
     pub fn handoff(&self, direction: HandoffDirection) {
         self.inner
@@ -876,6 +952,16 @@ impl Otel {
             handoff_messages: m
                 .u64_counter("petrel.mta.handoff.messages")
                 .with_unit("{message}")
+                .build(),
+            rate_limit_backend: m
+                .u64_gauge("petrel.mta.rate_limit.backend")
+                .with_description(
+                    "1 for where rate limits are counted (redis, local), 0 for the other",
+                )
+                .build(),
+            rate_limit_fallbacks: m
+                .u64_counter("petrel.mta.rate_limit.fallbacks")
+                .with_unit("{fallback}")
                 .build(),
         }
     }
