@@ -19,6 +19,8 @@ command -v dovecot >/dev/null || [ -x /usr/sbin/dovecot ] || apt_missing+=(dovec
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || apt_missing+=(haproxy)
 # Two real authoritative DNS servers for operator/tests/authoritative_dns.rs.
 command -v nsd >/dev/null || [ -x /usr/sbin/nsd ] || apt_missing+=(nsd)
+# A Redis shared by three MTAs for e2e/test_fleet_limits.py (rate limits of the fleet).
+command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || apt_missing+=(redis-server)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     say "installing Debian packages needed by the tests: ${apt_missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
