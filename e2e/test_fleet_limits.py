@@ -11,6 +11,8 @@ persistence, its own temp dir).
    (its share), N in all.
 3. redis-server started again on the same port (empty, as nothing is persisted): every
    pod is back on Redis within about a second, and the fleet accepts N again, as in 1.
+4. redis-server stopped (SIGSTOP: connected, never answering): a MAIL waits at most the
+   Redis timeout, the pods go local; SIGCONT: back on Redis.
 
 Nothing sleeps to synchronise: every wait polls a condition with a deadline.
 """
@@ -18,6 +20,7 @@ Nothing sleeps to synchronise: every wait polls a condition with a deadline.
 import os
 import re
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
@@ -144,6 +147,17 @@ def mail_attempts(pod, n):
     return accepted
 
 
+def mail_latency(pod):
+    """Seconds one MAIL (accepted or refused) takes on an open session."""
+    with smtplib.SMTP(pod.ip, pod.mta.port, source_address=(CLIENT, 0), timeout=30) as s:
+        s.ehlo("client.test")
+        started = time.monotonic()
+        code, _ = s.mail("sender@client.test")
+        took = time.monotonic() - started
+        assert code in (250, 451), code
+        return took
+
+
 def round_of_attempts(pods):
     """N attempts at each pod in turn: (accepted per pod, seconds taken)."""
     started = time.monotonic()
@@ -206,6 +220,23 @@ def test_three_pods_share_a_rate_and_fall_back_to_their_share(tmp_path):
         assert accepted[0] >= N, accepted
         for p in pods:
             assert p.log_count("Redis reachable") == 2, p.mta.log()
+
+        # 4. Redis hangs: mail waits at most the timeout, then the pods count alone.
+        redis.proc.send_signal(signal.SIGSTOP)
+        slowest = max(mail_latency(p) for p in pods)
+        print(f"redis stopped: slowest MAIL {slowest:.3f}s (timeout {REDIS_TIMEOUT})")
+        assert slowest < 1.0, slowest
+        hung = switch_time(pods, "local")
+        print(f"redis stopped: every pod on its local share after {hung:.2f}s more")
+        assert hung < SWITCH_DEADLINE, hung
+        redis.proc.send_signal(signal.SIGCONT)
+        back = switch_time(pods, "redis")
+        print(f"redis continued: every pod on redis after {back:.2f}s")
+        assert back < SWITCH_DEADLINE, back
+        for p in pods:
+            assert p.log_count("Redis unreachable") == 2, p.mta.log()
+            assert p.log_count("Redis reachable") == 3, p.mta.log()
+            assert p.metric("petrel_mta_rate_limit_fallbacks_total") == 2
     finally:
         for p in pods:
             p.mta.kill()

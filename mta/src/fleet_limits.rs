@@ -22,6 +22,7 @@ use crate::limits::RateLimiter;
 use mta_config::{Rate, RedisLimitsConfig};
 use mta_telemetry::{MtaMetrics, RateLimitBackend};
 use redis::aio::MultiplexedConnection;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -67,8 +68,11 @@ impl std::fmt::Debug for FleetLimiter {
 
 struct Shared {
     client: redis::Client,
+    /// The URL the client was made for (a change needs a restart).
+    url: String,
     timeout: Duration,
-    fleet_size: u32,
+    /// Follows config reloads: the operator changes it as the fleet scales.
+    fleet_size: AtomicU32,
     script: redis::Script,
     metrics: MtaMetrics,
     state: Mutex<State>,
@@ -95,8 +99,9 @@ impl FleetLimiter {
             .map_err(|e| format!("smtpd.rate_limits.redis.url: {e}"))?;
         let shared = Arc::new(Shared {
             client,
+            url: config.url.clone(),
             timeout: config.timeout,
-            fleet_size: config.fleet_size,
+            fleet_size: AtomicU32::new(config.fleet_size),
             script: redis::Script::new(GCRA),
             metrics,
             state: Mutex::new(State::default()),
@@ -121,7 +126,25 @@ impl FleetLimiter {
         };
         match shared.allow(key, rate).await {
             Some(admitted) => admitted,
-            None => self.local.allow(key, rate.share(shared.fleet_size)),
+            None => self
+                .local
+                .allow(key, rate.share(shared.fleet_size.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Takes a reloaded `smtpd.rate_limits.redis`: a new `fleet_size` applies at once (the
+    /// share follows the fleet's size without a restart). Returns whether something else
+    /// changed (Redis added or removed, its URL or timeout), which needs a restart.
+    pub fn reconfigure(&self, config: Option<&RedisLimitsConfig>) -> bool {
+        match (&self.shared, config) {
+            (None, None) => false,
+            (Some(shared), Some(config)) => {
+                shared
+                    .fleet_size
+                    .store(config.fleet_size, Ordering::Relaxed);
+                shared.url != config.url || shared.timeout != config.timeout
+            }
+            _ => true,
         }
     }
 }
@@ -165,7 +188,7 @@ impl Shared {
         self.metrics.rate_limit_fallback();
         tracing::warn!(
             reason,
-            fleet_size = self.fleet_size,
+            fleet_size = self.fleet_size.load(Ordering::Relaxed),
             "rate limits: Redis unreachable, this pod now allows its local share (1/fleet_size) of each rate"
         );
     }
@@ -208,7 +231,7 @@ impl Shared {
                 drop(state);
                 tracing::warn!(
                     reason = %e,
-                    fleet_size = self.fleet_size,
+                    fleet_size = self.fleet_size.load(Ordering::Relaxed),
                     "rate limits: Redis unreachable, this pod allows its local share (1/fleet_size) of each rate"
                 );
             }
@@ -216,7 +239,7 @@ impl Shared {
                 state.warned = true;
                 drop(state);
                 tracing::warn!(
-                    fleet_size = self.fleet_size,
+                    fleet_size = self.fleet_size.load(Ordering::Relaxed),
                     "rate limits: Redis unreachable (no connection within the timeout), this pod allows its local share (1/fleet_size) of each rate"
                 );
             }
@@ -260,6 +283,35 @@ mod tests {
             n
         };
         assert_eq!(admitted, 12);
+    }
+
+    /// A reload changes the share at once; a new URL or timeout asks for a restart.
+    #[tokio::test]
+    async fn fleet_size_follows_reloads() {
+        let config = RedisLimitsConfig {
+            url: "redis://127.0.0.1:1/0".into(),
+            timeout: Duration::from_millis(50),
+            fleet_size: 3,
+        };
+        let limiter = FleetLimiter::start(Some(&config), MtaMetrics::new()).expect("limiter");
+        let six = RedisLimitsConfig {
+            fleet_size: 6,
+            ..config.clone()
+        };
+        assert!(!limiter.reconfigure(Some(&six)));
+        let mut admitted = 0;
+        for _ in 0..20 {
+            admitted += u32::from(limiter.allow("user:alice", rate(12)).await);
+        }
+        assert_eq!(admitted, 2);
+        let moved = RedisLimitsConfig {
+            url: "redis://127.0.0.1:2/0".into(),
+            ..config.clone()
+        };
+        assert!(limiter.reconfigure(Some(&moved)));
+        assert!(limiter.reconfigure(None));
+        assert!(!FleetLimiter::default().reconfigure(None));
+        assert!(FleetLimiter::default().reconfigure(Some(&config)));
     }
 
     /// Redis unreachable (nothing listens): each check is answered at once with the

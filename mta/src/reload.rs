@@ -6,7 +6,7 @@
 //! * valid: it becomes the config for new sessions, scheduling decisions and deliveries at
 //!   once; listeners that disappeared stop accepting (their sessions finish), new ones are
 //!   bound. Settings that need a restart (spool path, TLS and users file *names*, admin
-//!   address) are logged as such; the *contents* of the TLS and users files are reloaded
+//!   address, the rate limits' Redis URL and timeout) are logged as such; the *contents* of the TLS and users files are reloaded
 //!   on their own.
 //! * invalid: refused with a log line; the old config stays, and the error is kept in
 //!   [`ReloadState`] for the health endpoint.
@@ -128,6 +128,9 @@ pub async fn apply(
     subscribe: &impl Fn() -> Shutdown,
 ) {
     let old = ctx.config();
+    let redis_changed = ctx
+        .limiter
+        .reconfigure(config.smtpd.rate_limits.redis.as_ref());
     for (what, changed) in [
         ("spool.path", old.spool.path != config.spool.path),
         ("tls file names", old.tls != config.tls),
@@ -136,6 +139,7 @@ pub async fn apply(
             old.smtpd.auth_users_file != config.smtpd.auth_users_file,
         ),
         ("admin (address, token_file)", old.admin != config.admin),
+        ("smtpd.rate_limits.redis (url, timeout)", redis_changed),
     ] {
         if changed {
             tracing::warn!(

@@ -274,7 +274,8 @@ pub struct RateLimitsConfig {
     pub recipients_per_domain: String,
     /// A Redis shared by every pod of the fleet that holds the rate counters, so the
     /// rates above are the fleet's rather than each pod's. Default: none (each pod
-    /// counts alone). Read at start: a change takes effect when the MTA restarts.
+    /// counts alone). `url` and `timeout` are read at start (a change takes effect when
+    /// the MTA restarts); `fleet_size` follows config reloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisLimitsConfig>,
 }
@@ -291,6 +292,7 @@ pub struct RedisLimitsConfig {
     pub timeout: Duration,
     /// Pods sharing the limits. While Redis is unreachable each pod allows
     /// `N / fleet_size` of a rate `N/interval` (at least 1), so the fleet stays within N.
+    /// Whoever scales the fleet keeps it current (a reload applies it at once).
     pub fleet_size: u32,
 }
 
