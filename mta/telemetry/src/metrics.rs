@@ -1022,6 +1022,30 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_backend_is_a_state_set_and_fallbacks_count() {
+        let m = MtaMetrics::new();
+        let backend = |text: &str, b: &str| {
+            value(
+                text,
+                &format!(r#"petrel_mta_rate_limit_backend{{backend="{b}"}}"#),
+            )
+        };
+        let text = m.encode_prometheus();
+        assert_eq!(backend(&text, "local"), 1.0, "local until Redis answers");
+        assert_eq!(backend(&text, "redis"), 0.0);
+        assert_eq!(value(&text, "petrel_mta_rate_limit_fallbacks_total"), 0.0);
+        m.set_rate_limit_backend(RateLimitBackend::Redis);
+        let text = m.encode_prometheus();
+        assert_eq!(backend(&text, "redis"), 1.0);
+        assert_eq!(backend(&text, "local"), 0.0);
+        m.set_rate_limit_backend(RateLimitBackend::Local);
+        m.rate_limit_fallback();
+        let text = m.encode_prometheus();
+        assert_eq!(backend(&text, "local"), 1.0);
+        assert_eq!(value(&text, "petrel_mta_rate_limit_fallbacks_total"), 1.0);
+    }
+
+    #[test]
     fn dkim_keys_replace_the_previous_set() {
         let m = MtaMetrics::new();
         m.set_dkim_keys(&[
