@@ -37,7 +37,9 @@ const KEY_PREFIX: &str = "petrel:rate:";
 /// the event is admitted (and counted), 0 when it would exceed the rate. The stored
 /// theoretical arrival time expires once it is in the past. Numbers are written with
 /// `%.0f`: Lua's default conversion would round a time in microseconds to 14 digits.
+/// `replicate_commands` lets a Redis before 5 write after `TIME` (later ones always do).
 const GCRA: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local emission = tonumber(ARGV[1])
