@@ -355,6 +355,15 @@ pub struct SessionLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_connections_per_ip: Option<u32>,
+    /// A Redis that holds the RelayPolicies' rate counters for the whole fleet, e.g.
+    /// `redis://petrel-redis.mail:6379/0`: a rate `N/interval` is then the fleet's, not
+    /// each pod's. Every check waits at most 50 ms on it; while it is unreachable each pod
+    /// allows its share (N / pods) and `SharedRateLimits` turns False. Unset: each pod
+    /// counts alone. At most 253 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.startsWith('redis://')").message("sharedRateLimitsRedis is a redis:// URL"))]
+    pub shared_rate_limits_redis: Option<String>,
 }
 
 /// Observed state of an SmtpListener.

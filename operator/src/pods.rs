@@ -292,6 +292,17 @@ pub async fn cancel_drain(ip: IpAddr, token: &str) -> Result<bool, String> {
     Ok(true)
 }
 
+/// Whether a `/metrics` text says the pod counts rate limits alone because its shared
+/// Redis is unreachable (`petrel_mta_rate_limit_backend{backend="local"} 1` while Redis is
+/// configured).
+pub fn rate_limits_local(metrics: &str) -> bool {
+    metrics.lines().any(|l| {
+        l.starts_with("petrel_mta_rate_limit_backend{")
+            && l.contains("backend=\"local\"")
+            && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) == Some(1.0)
+    })
+}
+
 /// Messages in the queue, from a `/metrics` text (`petrel_mta_queue_messages`, all states).
 pub fn queue_depth(metrics: &str) -> Option<u64> {
     let mut total = None;
@@ -376,5 +387,20 @@ mod tests {
             ]
         );
         assert!(dkim_keys("petrel_mta_dkim_keys_other 1\n# EOF\n").is_empty());
+    }
+
+    #[test]
+    fn reads_queue_depth_and_rate_limit_backend_of_a_real_exposition() {
+        use mta_telemetry::{QueueState, RateLimitBackend};
+        let m = mta_telemetry::MtaMetrics::new();
+        m.set_queue_depth(QueueState::Waiting, 7);
+        m.set_queue_depth(QueueState::Held, 2);
+        m.set_rate_limit_backend(RateLimitBackend::Redis);
+        let text = m.encode_prometheus();
+        assert_eq!(queue_depth(&text), Some(9));
+        assert!(!rate_limits_local(&text));
+        m.set_rate_limit_backend(RateLimitBackend::Local);
+        assert!(rate_limits_local(&m.encode_prometheus()));
+        assert_eq!(queue_depth("# EOF\n"), None);
     }
 }

@@ -130,6 +130,8 @@ pub struct Observed {
     pub undrained_volumes: Vec<String>,
     /// Queue depth of each pod that answered, with its drain state while scaling in.
     pub queue_depth: Vec<crds::smtp_listener::PodQueueDepth>,
+    /// Pods counting rate limits alone because the shared Redis is unreachable.
+    pub rate_limits_local: Vec<String>,
 }
 
 /// The status of `obj` after a reconcile that found `observed`. Pure.
@@ -197,13 +199,38 @@ pub fn status(obj: &SmtpListener, observed: &Observed, now: &str) -> SmtpListene
         obj.metadata.generation,
         now,
     );
+    let mut extra = vec![scaling];
+    if obj.spec.limits.shared_rate_limits_redis.is_some() {
+        extra.push(if observed.rate_limits_local.is_empty() {
+            Condition::new(
+                SHARED_RATE_LIMITS,
+                ConditionStatus::True,
+                "Shared",
+                "the pods count rate limits in the shared Redis".to_owned(),
+                obj.metadata.generation,
+                now,
+            )
+        } else {
+            Condition::new(
+                SHARED_RATE_LIMITS,
+                ConditionStatus::False,
+                "RedisUnreachable",
+                format!(
+                    "Redis unreachable from {}: each counts its share of every rate (rate / pods) until it answers again",
+                    observed.rate_limits_local.join(", ")
+                ),
+                obj.metadata.generation,
+                now,
+            )
+        });
+    }
     SmtpListenerStatus {
         conditions: status::reconciled(
             &previous.conditions,
             obj.metadata.generation,
             &notes,
             pending,
-            vec![scaling],
+            extra,
             now,
         ),
         observed_generation: obj.metadata.generation,
@@ -329,6 +356,10 @@ async fn missing_secrets(ctx: &Context, ns: &str, refs: Vec<SecretRef>) -> Resul
 
 /// Condition type of a scale-in in progress (and of queue volumes left undrained).
 pub const SCALING_IN: &str = "ScalingIn";
+
+/// Condition type saying whether the pods share their rate limits through Redis (only
+/// with `limits.sharedRateLimitsRedis`).
+pub const SHARED_RATE_LIMITS: &str = "SharedRateLimits";
 
 /// How often a listener is looked at when nothing happens: its pods' queue depths
 /// (`status.queueDepth`) change without any event.
@@ -489,11 +520,12 @@ async fn collect_volumes(
     Ok(undrained)
 }
 
-/// Queue depth of each pod that answers its `/metrics`, with its drain state.
+/// Queue depth of each pod that answers its `/metrics`, with its drain state; and the
+/// pods that count rate limits alone (their shared Redis unreachable).
 async fn queue_depths(
     pods_by_ordinal: &BTreeMap<i32, Pod>,
     reports: &BTreeMap<i32, PodDrain>,
-) -> Vec<PodQueueDepth> {
+) -> (Vec<PodQueueDepth>, Vec<String>) {
     let scrapes = futures::future::join_all(pods_by_ordinal.iter().map(|(i, p)| async move {
         let text = match pod_ip(p) {
             Some(ip) => pods::scrape(ip, pods::SCRAPE_TIMEOUT).await.ok(),
@@ -502,7 +534,12 @@ async fn queue_depths(
         (*i, p.metadata.name.clone().unwrap_or_default(), text)
     }))
     .await;
-    scrapes
+    let local = scrapes
+        .iter()
+        .filter(|(_, _, text)| text.as_deref().is_some_and(pods::rate_limits_local))
+        .map(|(_, pod, _)| pod.clone())
+        .collect();
+    let depths = scrapes
         .into_iter()
         .filter_map(|(i, pod, text)| {
             let messages = pods::queue_depth(&text?)?;
@@ -516,7 +553,8 @@ async fn queue_depths(
                 drain,
             })
         })
-        .collect()
+        .collect();
+    (depths, local)
 }
 
 async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
@@ -547,7 +585,8 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
         .statefulset_replicas
         .insert(name.clone(), plan.statefulset_replicas);
     observed.scaling_in = plan.progress.clone();
-    observed.queue_depth = queue_depths(&pods_by_ordinal, &reports).await;
+    (observed.queue_depth, observed.rate_limits_local) =
+        queue_depths(&pods_by_ordinal, &reports).await;
     // The Certificate comes first: cert-manager fills the Secret the pods will mount only
     // once it exists.
     let mut changed = Vec::new();
@@ -763,6 +802,62 @@ mod tests {
             assert_eq!(s.observed_generation, Some(3));
             assert_eq!(s.desired_replicas, Some(observed.desired_replicas));
         }
+    }
+
+    #[test]
+    fn scaling_in_and_shared_rate_limits_conditions() {
+        let find = |s: &SmtpListenerStatus, t: &str| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status, c.reason.clone(), c.message.clone()))
+        };
+        let mut l = listener();
+        let now = "2026-11-30T00:00:00Z";
+        let idle = status(&l, &Observed::default(), now);
+        assert_eq!(
+            find(&idle, SCALING_IN).map(|c| (c.0, c.1)),
+            Some((ConditionStatus::False, "Idle".into()))
+        );
+        assert_eq!(
+            find(&idle, SHARED_RATE_LIMITS),
+            None,
+            "no Redis, no condition"
+        );
+
+        let draining = Observed {
+            scaling_in: Some("3 -> 1 pods once drained: mx-2 draining".into()),
+            ..Observed::default()
+        };
+        let s = status(&l, &draining, now);
+        let c = find(&s, SCALING_IN).unwrap();
+        assert_eq!((c.0, c.1.as_str()), (ConditionStatus::True, "Draining"));
+        assert!(c.2.contains("mx-2 draining"));
+
+        let left = Observed {
+            undrained_volumes: vec!["queue-mx-4".into()],
+            ..Observed::default()
+        };
+        let c = find(&status(&l, &left, now), SCALING_IN).unwrap();
+        assert_eq!(
+            (c.0, c.1.as_str()),
+            (ConditionStatus::False, "UndrainedVolumes")
+        );
+        assert!(c.2.contains("queue-mx-4") && c.2.contains("never deleted"));
+
+        l.spec.limits.shared_rate_limits_redis = Some("redis://redis:6379/0".into());
+        let c = find(&status(&l, &Observed::default(), now), SHARED_RATE_LIMITS).unwrap();
+        assert_eq!((c.0, c.1.as_str()), (ConditionStatus::True, "Shared"));
+        let alone = Observed {
+            rate_limits_local: vec!["mx-1".into()],
+            ..Observed::default()
+        };
+        let c = find(&status(&l, &alone, now), SHARED_RATE_LIMITS).unwrap();
+        assert_eq!(
+            (c.0, c.1.as_str()),
+            (ConditionStatus::False, "RedisUnreachable")
+        );
+        assert!(c.2.contains("mx-1"));
     }
 
     #[test]

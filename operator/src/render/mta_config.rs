@@ -166,6 +166,15 @@ pub fn for_listener(
     if let Some(v) = limits.max_connections_per_ip {
         config.smtpd.max_connections_per_ip = v as usize;
     }
+    if let Some(url) = &limits.shared_rate_limits_redis {
+        // The share each pod falls back to follows the fleet's size: a scale changes
+        // the config, which the pods reload.
+        config.smtpd.rate_limits.redis = Some(::mta_config::RedisLimitsConfig {
+            url: url.clone(),
+            timeout: std::time::Duration::from_millis(50),
+            fleet_size: u32::try_from(super::desired_replicas(listener).max(1)).unwrap_or(1),
+        });
+    }
     for domain in &world.domains {
         if let Some(local) = local_domain(domain, notes) {
             config.local_domains.push(local);

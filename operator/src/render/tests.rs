@@ -242,6 +242,37 @@ fn an_invalid_config_is_refused_with_the_mtas_message() {
 /// it on the key's Secret): before that the config has no key and the domain says why;
 /// after, the key file is the active selector's copy in the listener's DKIM Secret. The
 /// next key, staged, is loaded without signing.
+/// A shared Redis for the rate limits reaches the config, with the fleet's size for the
+/// share each pod falls back to.
+#[test]
+fn shared_rate_limits_follow_the_fleet_size() {
+    let mut world =
+        crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
+    let mx = world
+        .listeners
+        .iter_mut()
+        .find(|l| l.metadata.name.as_deref() == Some("mx"))
+        .expect("mx");
+    mx.spec.limits.shared_rate_limits_redis = Some("redis://petrel-redis:6379/0".into());
+    mx.spec.replicas = 3;
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    let redis = desired.configs["mx"]
+        .smtpd
+        .rate_limits
+        .redis
+        .clone()
+        .expect("redis");
+    assert_eq!(redis.url, "redis://petrel-redis:6379/0");
+    assert_eq!(redis.fleet_size, 3);
+    assert!(
+        desired.configs["submission"]
+            .smtpd
+            .rate_limits
+            .redis
+            .is_none()
+    );
+}
+
 #[test]
 fn dkim_key_signs_only_once_active() {
     use crate::render::dkim::{self, SlotPlan, SlotState};
