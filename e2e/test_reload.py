@@ -117,9 +117,10 @@ def test_changed_config_file_reconfigures_without_restart(workdir):
 
 
 def test_rendered_dkim_key_signs_mail_that_dkimpy_verifies(workdir):
-    """The operator→MTA signing contract with real keys: an Active rsa-2048 DkimKey renders a
-    key Secret and a `dkim.keys` entry; the MTA, given the Secret's file where the pod would
-    mount it, signs relayed mail, and dkimpy verifies it with the record the Secret
+    """The operator→MTA signing contract with real keys: an rsa-2048 DkimKey renders a key
+    Secret; once that Secret says Active (as the operator's rotation records it), the
+    listener gets a signing `dkim.keys` entry; the MTA, given the Secret's file where the pod
+    would mount it, signs relayed mail, and dkimpy verifies it with the record the Secret
     publishes."""
     import base64
     import dkim
@@ -135,26 +136,37 @@ apiVersion: mail.petrel.dev/v1alpha1
 kind: DkimKey
 metadata: {name: example-com-ed25519, namespace: mail}
 spec: {domain: example.com, algorithm: rsa-2048}
-status: {activeSelector: petrel-1}
 """)
-    out = subprocess.run([str(OPERATOR), "render", "-f", str(crs)],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+
+    def render():
+        out = subprocess.run([str(OPERATOR), "render", "-f", str(crs)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+    docs = render()
     secret = next(d for d in docs if d.get("kind") == "Secret"
-                  and d["metadata"]["name"] == "example-com-ed25519-petrel-1")
+                  and d["metadata"]["name"] == "example-com-ed25519-petrel-a")
+    assert secret["metadata"]["annotations"]["mail.petrel.dev/dkim-phase"] == "Generated"
+    config = yaml.safe_load(next(d["data"]["mta.yaml"] for d in docs
+                                 if d.get("kind") == "ConfigMap"))
+    assert not config.get("dkim", {}).get("keys"), "a Generated key signs nothing"
+    # The rotation made it Active (its record published, the pods loaded it).
+    secret["metadata"]["annotations"]["mail.petrel.dev/dkim-phase"] = "Active"
+    (crs / "04-key-secret.yaml").write_text(yaml.safe_dump(secret))
+    docs = render()
     private_pem = base64.b64decode(secret["data"]["private.pem"])
     record = base64.b64decode(secret["data"]["dns.txt"])
     assert b"k=rsa" in record
     config_doc = yaml.safe_load(next(d["data"]["mta.yaml"] for d in docs
                                      if d.get("kind") == "ConfigMap"))
     (key,) = config_doc["dkim"]["keys"]
-    assert (key["domain"], key["selector"]) == ("example.com", "petrel-1")
-    assert key["key_file"] == "/etc/petrel/dkim/example-com-ed25519-petrel-1.pem"
+    assert (key["domain"], key["selector"]) == ("example.com", "petrel-a")
+    assert key["key_file"] == "/etc/petrel/dkim/example-com-ed25519-petrel-a.pem"
     # The listener's DKIM Secret (mounted at /etc/petrel/dkim) carries a copy of the key.
     listener_keys = next(d for d in docs if d.get("kind") == "Secret"
                          and d["metadata"]["name"] == "mx-dkim")
-    assert base64.b64decode(listener_keys["data"]["example-com-ed25519-petrel-1.pem"]) == \
+    assert base64.b64decode(listener_keys["data"]["example-com-ed25519-petrel-a.pem"]) == \
         private_pem
     # What the pod's Secret mount provides, at a path of this test.
     key_file = workdir / "private.pem"
@@ -178,10 +190,10 @@ status: {activeSelector: petrel-1}
                        b"From: alice@example.com\r\nTo: bob@remote.test\r\n"
                        b"Subject: signed by a rendered key\r\n\r\nHello.\r\n")
         got = wait_for(lambda: sink.messages, what="relayed message")[0].content
-        assert b"DKIM-Signature:" in got and b"s=petrel-1" in got
+        assert b"DKIM-Signature:" in got and b"s=petrel-a" in got
 
         def dnsfunc(name, timeout=5):
-            assert name == b"petrel-1._domainkey.example.com.", name
+            assert name == b"petrel-a._domainkey.example.com.", name
             return record
 
         assert dkim.verify(got, dnsfunc=dnsfunc), "dkimpy verifies the signature"

@@ -368,7 +368,7 @@ pub struct DnsRecordStatus {
     pub type_: String,
     /// The value to publish (for MX: `<preference> <host>.`).
     pub value: String,
-    /// What the record is for, e.g. `SPF`, `DKIM selector petrel-1`, `DMARC`.
+    /// What the record is for, e.g. `SPF`, `DKIM selector petrel-a (Active)`, `DMARC`.
     pub purpose: String,
     /// `true` when live DNS already serves this value; absent when not checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
