@@ -5,10 +5,12 @@
 //! given at creation (the umask can only take bits away) and set again on the open file
 //! or new directory, which the umask does not touch. Existing directories keep their
 //! mode: an operator may have opened one up on purpose.
+//!
+//! [`stamp`] is how hot-reloaded files (config, certificates, tokens) notice a change.
 
 use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 pub const FILE_MODE: u32 = 0o600;
@@ -74,6 +76,30 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
         _ => Path::new("."),
     };
     File::open(dir)?.sync_all()
+}
+
+/// A file's identity as far as reloading goes: a changed device, inode, size or
+/// modification time means "read it again". A Kubernetes Secret or ConfigMap mount is
+/// replaced by a symlink swap, which changes the inode seen through the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: i64,
+    modified_ns: i64,
+}
+
+/// The [`Stamp`] of `path` (following symlinks), or `None` when it cannot be read.
+pub fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        device: meta.dev(),
+        inode: meta.ino(),
+        len: meta.len(),
+        modified: meta.mtime(),
+        modified_ns: meta.mtime_nsec(),
+    })
 }
 
 #[cfg(test)]

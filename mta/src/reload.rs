@@ -12,11 +12,11 @@
 //!   [`ReloadState`] for the health endpoint.
 
 use crate::context::Context;
+use crate::files::stamp;
 use crate::shutdown::Shutdown;
 use mta_config::{ListenerConfig, ListenerKind, MtaConfig};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -176,9 +176,4 @@ pub async fn apply(
         }
     }
     tracing::info!("config reloaded");
-}
-
-fn stamp(path: &std::path::Path) -> Option<(u64, i64, i64, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.len()))
 }

@@ -13,34 +13,15 @@
 //!
 //! `petrel_mta_tls_certificate_expiry_seconds` is the served certificate's notAfter.
 
+use crate::files::{Stamp, stamp};
 use mta_config::TlsConfig;
 use mta_telemetry::{MtaMetrics, TlsReload};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio_rustls::TlsAcceptor;
-
-/// The files' identity: a changed inode, size or modification time means "reload".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    inode: u64,
-    len: u64,
-    modified: i64,
-    modified_ns: i64,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        inode: meta.ino(),
-        len: meta.len(),
-        modified: meta.mtime(),
-        modified_ns: meta.mtime_nsec(),
-    })
-}
 
 /// Hands out acceptors for the current certificate.
 pub struct Certificates {

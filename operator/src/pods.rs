@@ -74,19 +74,19 @@ fn ready_pod(pod: &Pod) -> Option<ReadyPod> {
 /// checksum of the config and key files they mount.
 pub const FILES_CHECKSUM: &str = "mail.petrel.dev/files-checksum";
 
-/// Sets [`FILES_CHECKSUM`] to `checksum` on every pod of `listener` that has another
-/// value; returns how many were patched. A pod update makes the kubelet re-sync that pod's
+/// Sets [`FILES_CHECKSUM`] to `checksum` on each of `pods` (a listener's, as
+/// [`list`]ed) that has another value; returns how many were patched. A pod update makes the kubelet re-sync that pod's
 /// Secret and ConfigMap volumes at once, so a new config or DKIM key reaches the MTA in
 /// seconds rather than at the kubelet's next periodic sync (up to a minute or more).
-pub async fn nudge(
+pub async fn nudge<'a>(
     client: &Client,
-    listener: &SmtpListener,
+    pods: impl IntoIterator<Item = &'a Pod>,
     checksum: &str,
 ) -> kube::Result<usize> {
-    let ns = listener.metadata.namespace.clone().unwrap_or_default();
-    let api = Api::<Pod>::namespaced(client.clone(), &ns);
     let mut patched = 0;
-    for pod in list(client, listener).await? {
+    for pod in pods {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let api = Api::<Pod>::namespaced(client.clone(), &ns);
         let current = pod
             .metadata
             .annotations

@@ -9,30 +9,9 @@
 //!
 //! Never: logs the token; accepts an empty token; compares in variable time.
 
-use std::os::unix::fs::MetadataExt;
+use crate::files::{Stamp, stamp};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-
-/// A file's identity: a changed one is read again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    device: u64,
-    inode: u64,
-    len: u64,
-    modified: i64,
-    modified_ns: i64,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        device: meta.dev(),
-        inode: meta.ino(),
-        len: meta.len(),
-        modified: meta.mtime(),
-        modified_ns: meta.mtime_nsec(),
-    })
-}
 
 /// Why a request is not let in.
 #[derive(Debug, Clone, PartialEq, Eq)]

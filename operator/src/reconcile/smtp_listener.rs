@@ -628,7 +628,7 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
         // The pods pick up a new config or DKIM key now, not at the kubelet's next sync:
         // the DKIM rotation waits on them.
         let mounted = render::mounted_files_checksum(obj, &desired.objects);
-        let nudged = crate::pods::nudge(&ctx.client, obj, &mounted).await?;
+        let nudged = pods::nudge(&ctx.client, pods_by_ordinal.values(), &mounted).await?;
         if nudged > 0 {
             tracing::debug!(pods = nudged, "pods told to re-sync their mounted files");
         }
