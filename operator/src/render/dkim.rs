@@ -211,6 +211,11 @@ pub struct SlotPlan {
 /// The slot Secrets of `key` for `plans`: existing key material is copied from `world`
 /// (never regenerated), a fresh key is asked of `keys` only where a plan says so, and a
 /// Revoked slot keeps only its revoked record.
+///
+/// The Secrets are written one at a time and the listener renders its pods' config from
+/// whatever it sees in between, so the order matters: the Active slot comes first. At a
+/// switch the new key then signs before the old one stops (for a moment both sign, both
+/// published); the other order would leave a window in which nothing signs.
 pub fn slot_secrets(
     key: &DkimKey,
     world: &World,
@@ -219,7 +224,14 @@ pub fn slot_secrets(
 ) -> Result<Vec<Object>, RenderError> {
     let ns = key.namespace().unwrap_or_default();
     let mut objects = Vec::new();
-    for (selector, plan) in selectors(key).iter().zip(plans) {
+    let names = selectors(key);
+    let mut order: Vec<(&String, &SlotPlan)> = names.iter().zip(plans).collect();
+    order.sort_by_key(|(_, plan)| {
+        plan.state
+            .as_ref()
+            .is_none_or(|s| s.phase != DkimKeyPhase::Active)
+    });
+    for (selector, plan) in order {
         let Some(state) = &plan.state else { continue };
         let name = secret_name(key, selector);
         let mut data: BTreeMap<String, ByteString> = if plan.fresh {

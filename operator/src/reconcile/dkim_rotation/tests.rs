@@ -465,10 +465,20 @@ impl Model {
         });
         let objects = dkim::slot_secrets(&self.key, &self.world, &step.plans, &mut self.keys)
             .expect("render");
-        self.world.secrets.clear();
+        // The Secrets land one at a time, and the listener may render the pods' config
+        // from any state in between: once a key signs, every one of those states has a
+        // signing key.
+        let signed_before = self.signs_any();
         for o in objects {
             if let Object::Secret(s) = o {
+                self.world
+                    .secrets
+                    .retain(|old| old.metadata.name != s.metadata.name);
                 self.world.secrets.push(s);
+                assert!(
+                    !signed_before || self.signs_any(),
+                    "at {now} a partly written step leaves no signing key"
+                );
             }
         }
         let slots = dkim::read_slots(&self.key, &self.world);
@@ -514,6 +524,13 @@ impl Model {
             }
         }
         step
+    }
+
+    /// Whether the pods' config rendered from the Secrets as they are now has a key that
+    /// signs.
+    fn signs_any(&self) -> bool {
+        let slots = dkim::read_slots(&self.key, &self.world);
+        dkim::pod_keys(&slots).iter().any(|(_, u)| *u == Use::Sign)
     }
 
     /// Whether `selector`'s current record has been on every nameserver for `wait`.
