@@ -149,9 +149,10 @@ pub fn spool_reply(error: &spool::Error) -> Reply {
     match error {
         spool::Error::Full => Reply::SPOOL_FULL,
         spool::Error::Closed => Reply::SHUTTING_DOWN,
-        spool::Error::Io(_) | spool::Error::NotFound(_) | spool::Error::Corrupt { .. } => {
-            Reply::SPOOL_ERROR
-        }
+        spool::Error::Io(_)
+        | spool::Error::NotFound(_)
+        | spool::Error::Corrupt { .. }
+        | spool::Error::InUse { .. } => Reply::SPOOL_ERROR,
     }
 }
 

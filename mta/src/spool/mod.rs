@@ -30,6 +30,10 @@
 //! space while the active segment holds no live message, the writer moves to a new segment
 //! so that one can be deleted too. Finished segments are deleted at start-up before
 //! anything is written, and a deleted segment's read handle is closed with it.
+//!
+//! One owner: an open spool holds an exclusive `flock` on [`LOCK_FILE`]; a second MTA on
+//! the same directory (a pod and the Job draining its volume, on one node) is refused
+//! with [`Error::InUse`] before it reads anything.
 
 mod record;
 mod writer;
@@ -115,6 +119,35 @@ pub enum Error {
     /// A record could not be decoded while opening the spool.
     #[error("spool segment {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// Another process has the spool open (its lock file is locked): two writers would
+    /// corrupt it. In Kubernetes, a pod and the Job draining the same volume.
+    #[error(
+        "spool {} is in use by another petrel-mta (it holds {}); two MTAs never share a spool",
+        dir.display(),
+        LOCK_FILE
+    )]
+    InUse { dir: PathBuf },
+}
+
+/// The spool's lock file: whoever holds an exclusive `flock` on it owns the spool.
+pub const LOCK_FILE: &str = "petrel-spool.lock";
+
+/// Takes the spool's lock, or says who has it. A `flock` goes with the process: a crashed
+/// MTA never leaves its spool locked.
+fn lock(dir: &Path) -> Result<File, Error> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(Error::from_io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse {
+            dir: dir.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::from_io(e)),
+    }
 }
 
 impl Error {
@@ -215,6 +248,9 @@ struct Inner {
     /// The writer thread, joined when the last handle goes: a spool reopened on the same
     /// directory never races the old writer's last sync or segment deletions.
     writer: Option<std::thread::JoinHandle<()>>,
+    /// The exclusive lock on [`LOCK_FILE`], held as long as the spool is open; released
+    /// after the writer is joined (fields drop after `Drop::drop`).
+    _lock: File,
 }
 
 impl Drop for Inner {
@@ -249,6 +285,7 @@ impl Spool {
         observer: Option<SyncObserver>,
     ) -> Result<(Spool, Vec<Recovered>), Error> {
         crate::files::create_private_dir_all(dir).map_err(Error::from_io)?;
+        let lock = lock(dir)?;
         let (mut index, recovered, last_segment, max_id) = recover(dir)?;
         // Before anything is written: on a full volume the first write would fail, and
         // deleting waited for a successful one.
@@ -292,6 +329,7 @@ impl Spool {
                 health,
                 segment_size,
                 writer: Some(writer),
+                _lock: lock,
             }),
         };
         Ok((spool, recovered))

@@ -441,3 +441,30 @@ async fn a_full_volume_accepts_again_once_its_messages_are_done() {
     );
     assert!(spool.healthy().is_ok());
 }
+
+#[tokio::test]
+async fn a_spool_has_one_owner_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+    let id = spool.next_id();
+    spool
+        .store(id, &envelope("u@x.test"), &[b"Subject: kept\r\n\r\nx\r\n"])
+        .await
+        .expect("store");
+    // A second MTA on the same volume (a pod and the Job draining it) is refused, and
+    // says why, before it reads or writes anything.
+    match Spool::open(dir.path(), 1 << 20) {
+        Err(e @ Error::InUse { .. }) => {
+            let said = e.to_string();
+            assert!(said.contains("in use by another petrel-mta"), "{said}");
+            assert!(said.contains(LOCK_FILE), "{said}");
+        }
+        Err(e) => panic!("expected InUse, got {e}"),
+        Ok(_) => panic!("two owners of one spool"),
+    }
+    // The first owner is unharmed, and once it closes the spool the next one gets it.
+    assert_eq!(spool.len(), 1);
+    drop(spool);
+    let (_again, recovered) = Spool::open(dir.path(), 1 << 20).expect("reopen after close");
+    assert_eq!(recovered.len(), 1);
+}
