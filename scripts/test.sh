@@ -21,6 +21,10 @@ command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || apt_missing+=(hapro
 command -v nsd >/dev/null || [ -x /usr/sbin/nsd ] || apt_missing+=(nsd)
 # A Redis shared by three MTAs for e2e/test_fleet_limits.py (rate limits of the fleet).
 command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || apt_missing+=(redis-server)
+# Signed test zones (ldns-keygen, ldns-signzone) and an independent validator (delv) for
+# e2e/test_dane.py (DANE, RFC 7672).
+command -v ldns-signzone >/dev/null || apt_missing+=(ldnsutils)
+command -v delv >/dev/null || apt_missing+=(bind9-dnsutils)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     say "installing Debian packages needed by the tests: ${apt_missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
