@@ -15,6 +15,7 @@ use crate::render::{Object, certificate, labels};
 use crate::{FIELD_MANAGER, Result};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -186,7 +187,36 @@ pub async fn apply(client: &Client, object: &Object) -> Result<Applied> {
         Object::PodDisruptionBudget(o) => apply_typed(client, o).await,
         Object::HorizontalPodAutoscaler(o) => apply_typed(client, o).await,
         Object::Certificate(o) => apply_certificate(client, o).await,
+        Object::Job(o) => create_job(client, o).await,
     }
+}
+
+/// A Job is created, never updated: its pod template is immutable, and a drain in
+/// progress is not restarted because the listener changed meanwhile.
+async fn create_job(client: &Client, job: &Job) -> Result<Applied> {
+    let ns = job
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(crate::Error::MissingField("metadata.namespace"))?;
+    let name = job.name_any();
+    let api: Api<Job> = Api::namespaced(client.clone(), &ns);
+    if let Some(existing) = api.get_opt(&name).await? {
+        if !is_managed(&existing.metadata) {
+            return Err(crate::Error::NotOwned {
+                kind: "Job".to_owned(),
+                name,
+            });
+        }
+        return Ok(Applied::Unchanged);
+    }
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(job),
+    )
+    .await?;
+    Ok(Applied::Patched)
 }
 
 fn owner_selector(owner_kind: &str, instance: &str) -> String {
@@ -245,6 +275,9 @@ pub async fn prune(
             prune_typed::<HorizontalPodAutoscaler>(client, namespace, &selector, &keep).await?,
         );
         deleted.extend(prune_certificates(client, namespace, &selector, &keep).await?);
+        // Background propagation: the Job's pod goes with it, and only then is the volume
+        // it mounted free to be deleted.
+        deleted.extend(prune_typed::<Job>(client, namespace, &selector, &keep).await?);
     }
     Ok(deleted)
 }

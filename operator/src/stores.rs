@@ -103,6 +103,7 @@ impl Stores {
             mta_image: None,
             now: None,
             statefulset_replicas: Default::default(),
+            volume_drains: Default::default(),
         };
         world.sort();
         world

@@ -128,6 +128,11 @@ operator renders need create as well as patch.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get, list, patch, delete]
+# Jobs that drain a queue volume left by a pod that went without draining: created
+# (never updated), read for their state, deleted once the volume is drained.
+- apiGroups: ["batch"]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
 # Events on the reconciled resources (the recorder creates, then patches a series).
 - apiGroups: ["events.k8s.io"]
   resources: [events]

@@ -7,6 +7,9 @@
 //! [`plan`] is pure and keeps no memory: each reconcile recomputes it from the spec, the
 //! StatefulSet and what the pods report, so an operator restart mid-drain just asks
 //! again (the MTA's drain is idempotent). Scale-out is never delayed.
+//!
+//! A volume whose pod went without draining ([`left_behind`]) is drained by a Job on that
+//! volume (see `render::workload::volume_drain_job`) and deleted only once marked drained.
 
 use crate::pods::DrainReport;
 use std::collections::BTreeMap;
@@ -97,6 +100,34 @@ pub fn plan(
     }
 }
 
+/// Queue volumes no pod of the StatefulSet mounts or will mount again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeftBehind {
+    /// Marked drained: delete them.
+    pub drained: Vec<i32>,
+    /// Not drained (their pod went without draining: the StatefulSet was shrunk by hand,
+    /// or while the operator was away): drain them, by a Job each.
+    pub undrained: Vec<i32>,
+}
+
+/// Which of `volumes` (ordinal → marked drained) are left behind by a StatefulSet of
+/// `replicas` pods, of which `pods` (ordinals) still exist: a volume whose pod still
+/// exists (terminating, say) is not left behind yet.
+pub fn left_behind(volumes: &BTreeMap<i32, bool>, replicas: i32, pods: &[i32]) -> LeftBehind {
+    let mut out = LeftBehind::default();
+    for (&ordinal, &drained) in volumes.range(replicas..) {
+        if pods.contains(&ordinal) {
+            continue;
+        }
+        if drained {
+            out.drained.push(ordinal);
+        } else {
+            out.undrained.push(ordinal);
+        }
+    }
+    out
+}
+
 /// The ordinal of `<name>-<n>` (a pod) or `queue-<name>-<n>` (its volume).
 pub fn ordinal(name: &str, prefix: &str) -> Option<i32> {
     name.strip_prefix(prefix)?.strip_prefix('-')?.parse().ok()
@@ -115,6 +146,22 @@ mod tests {
             marker,
             error: None,
         })
+    }
+
+    #[test]
+    fn volumes_left_behind() {
+        let volumes = BTreeMap::from([(0, false), (1, false), (2, true), (3, false), (4, false)]);
+        // Two pods; pod 4 still terminating: volume 2 goes, 3 is drained by a Job, 4 waits
+        // for its pod.
+        assert_eq!(
+            left_behind(&volumes, 2, &[0, 1, 4]),
+            LeftBehind {
+                drained: vec![2],
+                undrained: vec![3],
+            }
+        );
+        // Scaled out again over them: nothing is left behind.
+        assert_eq!(left_behind(&volumes, 5, &[0, 1]), LeftBehind::default());
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crds::conditions::Condition;
 use crds::smtp_listener::{PodQueueDepth, SmtpListenerStatus};
 use crds::{ConditionStatus, SmtpListener};
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::DynamicObject;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -126,8 +127,9 @@ pub struct Observed {
     pub selector: String,
     /// A scale-in in progress: what the leaving pods report.
     pub scaling_in: Option<String>,
-    /// Queue volumes of removed pods that were never drained (kept, never deleted).
-    pub undrained_volumes: Vec<String>,
+    /// Queue volumes left by pods that went without draining, each drained by a Job:
+    /// what each one reports (they are kept until drained, never deleted before).
+    pub volume_drains: Vec<String>,
     /// Queue depth of each pod that answered, with its drain state while scaling in.
     pub queue_depth: Vec<crds::smtp_listener::PodQueueDepth>,
     /// Pods counting rate limits alone because the shared Redis is unreachable.
@@ -179,15 +181,15 @@ pub fn status(obj: &SmtpListener, observed: &Observed, now: &str) -> SmtpListene
             ),
         )
     });
-    let (state, reason, message) = match (&observed.scaling_in, &observed.undrained_volumes[..]) {
+    let (state, reason, message) = match (&observed.scaling_in, &observed.volume_drains[..]) {
         (Some(progress), _) => (ConditionStatus::True, "Draining", progress.clone()),
         (None, []) => (ConditionStatus::False, "Idle", String::new()),
         (None, volumes) => (
-            ConditionStatus::False,
-            "UndrainedVolumes",
+            ConditionStatus::True,
+            "DrainingVolumes",
             format!(
-                "queue volumes of removed pods that never drained are kept, never deleted: {}; scale out to bring their pods back (they deliver their queues), then scale in again",
-                volumes.join(", ")
+                "queue volumes left by pods that went without draining are drained by Jobs before they are deleted: {}",
+                volumes.join("; ")
             ),
         ),
     };
@@ -430,11 +432,7 @@ async fn drain_leaving(
     current: i32,
 ) -> BTreeMap<i32, PodDrain> {
     let token = fleet_token(world, listener);
-    let peers: Vec<String> = pods_by_ordinal
-        .iter()
-        .filter(|(i, p)| **i < desired && pod_ready(p))
-        .filter_map(|(_, p)| Some(format!("{}:{}", pod_ip(p)?, render::workload::HTTP_PORT)))
-        .collect();
+    let peers = staying_peers(pods_by_ordinal, desired);
     let mut reports = BTreeMap::new();
     for ordinal in desired..current {
         let report = match (pods_by_ordinal.get(&ordinal).and_then(pod_ip), &token) {
@@ -453,6 +451,85 @@ async fn drain_leaving(
         reports.insert(ordinal, report);
     }
     reports
+}
+
+/// The hand-over endpoints of the Ready pods that stay (ordinal < `desired`).
+fn staying_peers(pods_by_ordinal: &BTreeMap<i32, Pod>, desired: i32) -> Vec<String> {
+    pods_by_ordinal
+        .iter()
+        .filter(|(i, p)| **i < desired && pod_ready(p))
+        .filter_map(|(_, p)| Some(format!("{}:{}", pod_ip(p)?, render::workload::HTTP_PORT)))
+        .collect()
+}
+
+/// Asks the Job pod on each left-behind volume of `ordinals` to drain to the pods that
+/// stay, marks the volumes of those that report drained, and says how each one is doing.
+async fn drain_volumes(
+    ctx: &Context,
+    world: &World,
+    listener: &SmtpListener,
+    pods_by_ordinal: &BTreeMap<i32, Pod>,
+    desired: i32,
+    ordinals: &[i32],
+) -> Result<Vec<String>> {
+    let ns = listener.namespace().unwrap_or_default();
+    let token = fleet_token(world, listener);
+    let peers = staying_peers(pods_by_ordinal, desired);
+    let pod_api = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
+    let job_api = Api::<Job>::namespaced(ctx.client.clone(), &ns);
+    let mut progress = Vec::new();
+    for &ordinal in ordinals {
+        let volume = render::workload::queue_volume_name(listener, ordinal);
+        let job = render::workload::volume_drain_job_name(listener, ordinal);
+        let failed = job_api.get_opt(&job).await?.is_some_and(|j| {
+            j.status
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
+        });
+        let selector = format!("{}={volume}", render::workload::DRAINS_VOLUME_LABEL);
+        let running = pod_api
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+            .into_iter()
+            .find(|p| p.metadata.deletion_timestamp.is_none() && pod_ip(p).is_some());
+        let said = match (failed, running.as_ref().and_then(pod_ip), &token) {
+            (true, _, _) => format!(
+                "Job {job} failed (its pods' logs say why); the volume is kept: delete the Job to try again"
+            ),
+            (_, None, _) => format!("Job {job} starting"),
+            (_, Some(_), None) => "the fleet token Secret is not there yet".to_owned(),
+            (_, Some(_), Some(_)) if peers.is_empty() => {
+                "no Ready pod to hand its queue to".to_owned()
+            }
+            (_, Some(ip), Some(token)) => {
+                match pods::drain(ip, token, &peers, scale_in::DELIVER_FOR_SECS).await {
+                    Ok(r) if r.done() => {
+                        mark_drained(ctx, listener, &[ordinal]).await?;
+                        tracing::info!(pvc = volume, job, "left-behind queue volume drained");
+                        format!(
+                            "drained ({} handed off); the Job goes, then the volume",
+                            r.handed_off
+                        )
+                    }
+                    Ok(r) => format!(
+                        "{} ({} left, {} delivered, {} handed off{})",
+                        r.state,
+                        r.left,
+                        r.delivered,
+                        r.handed_off,
+                        r.error
+                            .as_deref()
+                            .map(|e| format!("; {e}"))
+                            .unwrap_or_default()
+                    ),
+                    Err(e) => format!("not reachable: {e}"),
+                }
+            }
+        };
+        progress.push(format!("{volume} by Job {job}: {said}"));
+    }
+    Ok(progress)
 }
 
 /// Marks the queue volumes of `ordinals` drained (before the StatefulSet shrinks).
@@ -479,45 +556,47 @@ async fn mark_drained(ctx: &Context, listener: &SmtpListener, ordinals: &[i32]) 
     Ok(())
 }
 
-/// Deletes the queue volumes of removed pods that drained; returns the names of those
-/// that never did (kept).
-async fn collect_volumes(
-    ctx: &Context,
-    listener: &SmtpListener,
-    replicas: i32,
-    pods_by_ordinal: &BTreeMap<i32, Pod>,
-) -> Result<Vec<String>> {
+/// The listener's queue volumes by ordinal: whether each is marked drained.
+async fn queue_volumes(ctx: &Context, listener: &SmtpListener) -> Result<BTreeMap<i32, bool>> {
     let ns = listener.namespace().unwrap_or_default();
     let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns);
     let prefix = format!("{}-{}", render::workload::QUEUE_VOLUME, listener.name_any());
-    let mut undrained = Vec::new();
-    for pvc in api.list(&ListParams::default()).await?.items {
-        let Some(name) = pvc.metadata.name.as_deref() else {
-            continue;
-        };
-        let Some(ordinal) = scale_in::ordinal(name, &prefix) else {
-            continue;
-        };
-        if ordinal < replicas || pods_by_ordinal.contains_key(&ordinal) {
-            continue;
-        }
-        let drained = pvc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(scale_in::DRAINED_ANNOTATION))
-            .is_some_and(|v| v == "true");
-        if drained {
-            match api.delete(name, &DeleteParams::background()).await {
-                Ok(_) => tracing::info!(pvc = name, "drained queue volume deleted"),
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            undrained.push(name.to_owned());
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|pvc| {
+            let ordinal = scale_in::ordinal(pvc.metadata.name.as_deref()?, &prefix)?;
+            let drained = pvc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(scale_in::DRAINED_ANNOTATION))
+                .is_some_and(|v| v == "true");
+            Some((ordinal, drained))
+        })
+        .collect())
+}
+
+/// Deletes the queue volumes of removed pods that are marked drained (a volume still
+/// mounted by a Job's pod goes once that pod is gone).
+async fn delete_drained_volumes(
+    ctx: &Context,
+    listener: &SmtpListener,
+    ordinals: &[i32],
+) -> Result<()> {
+    let ns = listener.namespace().unwrap_or_default();
+    let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns);
+    for &ordinal in ordinals {
+        let name = render::workload::queue_volume_name(listener, ordinal);
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => tracing::info!(pvc = name, "drained queue volume deleted"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(undrained)
+    Ok(())
 }
 
 /// Queue depth of each pod that answers its `/metrics`, with its drain state; and the
@@ -584,6 +663,16 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
     world
         .statefulset_replicas
         .insert(name.clone(), plan.statefulset_replicas);
+    // Volumes no pod of the StatefulSet will mount again: deleted once drained, drained
+    // by a Job until then.
+    let volumes = scale_in::left_behind(
+        &queue_volumes(ctx, obj).await?,
+        plan.statefulset_replicas,
+        &pods_by_ordinal.keys().copied().collect::<Vec<_>>(),
+    );
+    world
+        .volume_drains
+        .insert(name.clone(), volumes.undrained.clone());
     observed.scaling_in = plan.progress.clone();
     (observed.queue_depth, observed.rate_limits_local) =
         queue_depths(&pods_by_ordinal, &reports).await;
@@ -649,9 +738,17 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
     let sts_status = sts.as_ref().and_then(|s| s.status.as_ref());
     observed.replicas = sts_status.map_or(0, |s| s.replicas);
     observed.selector = pods::selector(obj);
-    observed.undrained_volumes =
-        collect_volumes(ctx, obj, plan.statefulset_replicas, &pods_by_ordinal).await?;
-    let requeue = if plan.progress.is_some() {
+    delete_drained_volumes(ctx, obj, &volumes.drained).await?;
+    observed.volume_drains = drain_volumes(
+        ctx,
+        &world,
+        obj,
+        &pods_by_ordinal,
+        desired,
+        &volumes.undrained,
+    )
+    .await?;
+    let requeue = if plan.progress.is_some() || !observed.volume_drains.is_empty() {
         requeue.min(SCALE_IN_RECHECK)
     } else {
         requeue
@@ -835,15 +932,15 @@ mod tests {
         assert!(c.2.contains("mx-2 draining"));
 
         let left = Observed {
-            undrained_volumes: vec!["queue-mx-4".into()],
+            volume_drains: vec!["queue-mx-4 by Job mx-drain-4: handing_off (7 left)".into()],
             ..Observed::default()
         };
         let c = find(&status(&l, &left, now), SCALING_IN).unwrap();
         assert_eq!(
             (c.0, c.1.as_str()),
-            (ConditionStatus::False, "UndrainedVolumes")
+            (ConditionStatus::True, "DrainingVolumes")
         );
-        assert!(c.2.contains("queue-mx-4") && c.2.contains("never deleted"));
+        assert!(c.2.contains("queue-mx-4 by Job mx-drain-4") && c.2.contains("7 left"));
 
         l.spec.limits.shared_rate_limits_redis = Some("redis://redis:6379/0".into());
         let c = find(&status(&l, &Observed::default(), now), SHARED_RATE_LIMITS).unwrap();

@@ -19,6 +19,7 @@ use ::mta_config::MtaConfig;
 use crds::{DkimKey, MailDomain, RelayPolicy, SmtpListener};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -66,6 +67,10 @@ pub struct World {
     /// StatefulSet sizes decided by the scale-in plan, by listener name: during a scale-in
     /// the pods leaving stay until they have drained. Absent: [`desired_replicas`].
     pub statefulset_replicas: BTreeMap<String, i32>,
+    /// Queue volumes left by pods that went without draining, by listener name: their
+    /// ordinals, each drained by a Job ([`workload::volume_drain_job`]) until it reports
+    /// drained.
+    pub volume_drains: BTreeMap<String, Vec<i32>>,
 }
 
 /// The pods a listener asks for: `spec.replicas`, kept within the autoscaling bounds.
@@ -112,6 +117,7 @@ impl World {
             mta_image: self.mta_image.clone(),
             now: self.now,
             statefulset_replicas: self.statefulset_replicas.clone(),
+            volume_drains: self.volume_drains.clone(),
         }
     }
 
@@ -154,6 +160,8 @@ pub enum Object {
     HorizontalPodAutoscaler(HorizontalPodAutoscaler),
     /// A cert-manager `Certificate` (`tls.issuerRef`), see [`certificate`].
     Certificate(DynamicObject),
+    /// Drains a queue volume left by a pod that went without draining.
+    Job(Job),
 }
 
 impl Object {
@@ -167,6 +175,7 @@ impl Object {
             Self::PodDisruptionBudget(o) => &o.metadata,
             Self::HorizontalPodAutoscaler(o) => &o.metadata,
             Self::Certificate(o) => &o.metadata,
+            Self::Job(o) => &o.metadata,
         }
     }
 
@@ -180,6 +189,7 @@ impl Object {
             Self::PodDisruptionBudget(_) => "PodDisruptionBudget",
             Self::HorizontalPodAutoscaler(_) => "HorizontalPodAutoscaler",
             Self::Certificate(_) => "Certificate",
+            Self::Job(_) => "Job",
         }
     }
 
@@ -198,6 +208,7 @@ impl Object {
             Self::PodDisruptionBudget(o) => serde_json::to_value(o),
             Self::HorizontalPodAutoscaler(o) => serde_json::to_value(o),
             Self::Certificate(o) => serde_json::to_value(o),
+            Self::Job(o) => serde_json::to_value(o),
         }
     }
 }
@@ -340,7 +351,7 @@ pub fn render_listener(
     // The pod template holds only what needs a restart (image, ports, which Secrets are
     // mounted): the config and the DKIM keys reach running pods as file updates, which
     // the MTA hot-reloads.
-    objects.push(Object::StatefulSet(workload::stateful_set(
+    let stateful_set = workload::stateful_set(
         listener,
         world.mta_image.as_deref(),
         &workload::Mounts {
@@ -355,7 +366,16 @@ pub fn render_listener(
             .get(&name)
             .copied()
             .unwrap_or_else(|| desired_replicas(listener)),
-    )));
+    );
+    // Volumes left behind are drained by Jobs running the pods' own template.
+    for ordinal in world.volume_drains.get(&name).into_iter().flatten() {
+        objects.push(Object::Job(workload::volume_drain_job(
+            listener,
+            &stateful_set,
+            *ordinal,
+        )));
+    }
+    objects.push(Object::StatefulSet(stateful_set));
     objects.extend(
         workload::services(listener)
             .into_iter()

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::keys::FixedKeys;
+use k8s_openapi::api::batch::v1::Job;
 use std::path::{Path, PathBuf};
 
 fn repo() -> PathBuf {
@@ -541,4 +542,84 @@ fn self_signed_certificates_are_renewed_before_expiry() {
     let facts = secrets::certificate_facts(crt.as_bytes()).expect("parses");
     assert_eq!(facts.dns_names, vec!["mx.example.com".to_owned()]);
     assert!((facts.not_after - (now + 200 * 86_400)).abs() < 2 * 86_400);
+}
+
+#[test]
+fn a_volume_left_behind_gets_a_drain_job_that_no_selector_matches() {
+    let mut world =
+        crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
+    world.volume_drains.insert("mx".into(), vec![3]);
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    let jobs: Vec<&Job> = desired
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Job(j) => Some(j),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(jobs.len(), 1, "one Job, for mx's volume 3 only");
+    let job = jobs[0];
+    assert_eq!(job.metadata.name.as_deref(), Some("mx-drain-3"));
+    let sts = desired
+        .objects
+        .iter()
+        .find_map(|o| match o {
+            Object::StatefulSet(s) if s.metadata.name.as_deref() == Some("mx") => Some(s),
+            _ => None,
+        })
+        .expect("mx's StatefulSet");
+    let spec = job.spec.as_ref().expect("job spec");
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .expect("pod labels");
+    // Neither the Services, the PDB nor the StatefulSet select it: it takes no mail and
+    // is nobody's peer.
+    let selector = workload::selector_labels(&world.listeners[0]);
+    let selects_it =
+        |sel: &BTreeMap<String, String>| sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v));
+    assert!(!selects_it(&selector));
+    for svc in desired.objects.iter().filter_map(|o| match o {
+        Object::Service(s) => Some(s),
+        _ => None,
+    }) {
+        let sel = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap_or_default();
+        assert!(
+            !selects_it(&sel),
+            "Service {:?} selects the drain Job",
+            svc.metadata.name
+        );
+    }
+    assert_eq!(
+        pod_labels
+            .get(workload::DRAINS_VOLUME_LABEL)
+            .map(String::as_str),
+        Some("queue-mx-3")
+    );
+    // The pods' own container, on that volume, where the pods mount theirs.
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    let sts_pod = sts.spec.template.spec.as_ref().expect("sts pod spec");
+    assert_eq!(pod.containers[0].image, sts_pod.containers[0].image);
+    assert_eq!(pod.containers[0].args, sts_pod.containers[0].args);
+    assert_eq!(
+        pod.containers[0].volume_mounts,
+        sts_pod.containers[0].volume_mounts
+    );
+    let claim = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == workload::QUEUE_VOLUME)
+        .and_then(|v| v.persistent_volume_claim.as_ref())
+        .expect("the queue volume");
+    assert_eq!(claim.claim_name, "queue-mx-3");
+    assert_eq!(pod.restart_policy.as_deref(), Some("OnFailure"));
+    assert_eq!(pod.automount_service_account_token, Some(false));
 }

@@ -5,6 +5,11 @@
 //! Pods run under the restricted Pod Security profile: non-root, read-only root
 //! filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp.
 //! They get no service-account token: MTA pods never talk to the Kubernetes API.
+//!
+//! A queue volume left by a pod that went without draining (the StatefulSet shrunk by
+//! hand, or while the operator was away) gets a Job ([`volume_drain_job`]): the pods' own
+//! template on that one volume, under labels no Service, PDB or StatefulSet selects, so it
+//! takes no mail and only hands its queue to the listener's pods when the operator asks.
 
 use super::mta_config::{
     AUTH_DIR, CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_DIR, FLEET_DIR, SMARTHOST_DIR, TLS_DIR,
@@ -18,12 +23,13 @@ use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
     MetricTarget, ResourceMetricSource,
 };
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -53,6 +59,27 @@ pub fn config_map_name(listener: &SmtpListener) -> String {
 /// Name of the headless Service governing the StatefulSet.
 pub fn headless_service_name(listener: &SmtpListener) -> String {
     format!("{}-headless", listener.name_any())
+}
+
+/// Label on a volume-drain Job and its pod: the PVC it drains.
+pub const DRAINS_VOLUME_LABEL: &str = "mail.petrel.dev/drains-volume";
+
+/// `app.kubernetes.io/name` of a volume-drain Job's pod (not `petrel-mta`: the listener's
+/// selectors must not match it).
+pub const VOLUME_DRAIN_NAME: &str = "petrel-volume-drain";
+
+/// Restarts a volume-drain Job's pod may take before the Job fails (and the operator
+/// says so); a failed pod leaves its queue on the volume, where the next Job finds it.
+pub const VOLUME_DRAIN_BACKOFF_LIMIT: i32 = 20;
+
+/// Name of the queue PVC of pod `ordinal` of `listener`.
+pub fn queue_volume_name(listener: &SmtpListener, ordinal: i32) -> String {
+    format!("{QUEUE_VOLUME}-{}-{ordinal}", listener.name_any())
+}
+
+/// Name of the Job draining the queue volume of pod `ordinal`.
+pub fn volume_drain_job_name(listener: &SmtpListener, ordinal: i32) -> String {
+    format!("{}-drain-{ordinal}", listener.name_any())
 }
 
 /// Labels that select the listener's pods.
@@ -300,6 +327,54 @@ pub fn stateful_set(
             ..StatefulSetSpec::default()
         },
         ..StatefulSet::default()
+    }
+}
+
+/// The Job that drains the queue volume of pod `ordinal`, which no pod of `stateful_set`
+/// mounts any more: the pods' template with that volume mounted where the pods mount
+/// theirs (the spool keeps its identity, so a hand-over the pod started and this Job
+/// finishes is still recognised by the peer). It runs `petrel-mta serve`, as a pod would;
+/// the operator asks it to drain, and removes the Job once it reports drained. The spool's
+/// lock keeps it and a pod the StatefulSet brings back from sharing the volume.
+pub fn volume_drain_job(listener: &SmtpListener, stateful_set: &StatefulSet, ordinal: i32) -> Job {
+    let volume = queue_volume_name(listener, ordinal);
+    let mut template = stateful_set.spec.template.clone();
+    let mut labels = owned_meta(listener, String::new(), "volume-drain")
+        .labels
+        .unwrap_or_default();
+    labels.insert(labels::NAME.to_owned(), VOLUME_DRAIN_NAME.to_owned());
+    labels.insert(DRAINS_VOLUME_LABEL.to_owned(), volume.clone());
+    template.metadata = Some(ObjectMeta {
+        labels: Some(labels),
+        ..ObjectMeta::default()
+    });
+    if let Some(pod) = template.spec.as_mut() {
+        pod.restart_policy = Some("OnFailure".to_owned());
+        for container in &mut pod.containers {
+            // Draining makes it unready on purpose; nothing routes to it anyway.
+            container.readiness_probe = None;
+        }
+        pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: QUEUE_VOLUME.to_owned(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: volume,
+                read_only: None,
+            }),
+            ..Volume::default()
+        });
+    }
+    Job {
+        metadata: owned_meta(
+            listener,
+            volume_drain_job_name(listener, ordinal),
+            "volume-drain",
+        ),
+        spec: Some(JobSpec {
+            backoff_limit: Some(VOLUME_DRAIN_BACKOFF_LIMIT),
+            template,
+            ..JobSpec::default()
+        }),
+        ..Job::default()
     }
 }
 
