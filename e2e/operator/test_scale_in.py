@@ -6,6 +6,10 @@ The operator drains pods 2 and 1 (they hand their queues to pod 0) and only then
 the StatefulSet; their queue volumes go only after they report drained. Pod 2 is deleted
 by hand in the middle of its drain. Then the sink accepts, pod 0 flushes, and every token
 arrives exactly once.
+
+Then a pod goes without draining (the StatefulSet shrunk by hand while the operator is
+stopped), leaving 200 messages on its volume: the operator, back, drains that volume with
+a Job into pod 0 and deletes it only then; every message arrives exactly once.
 """
 
 import json
@@ -169,3 +173,76 @@ def test_scale_in_drains_before_shrinking(kube, operator, sink):
         f"(pod 2 deleted mid-drain), {len(set(seen))} delivered, {duplicates} duplicates")
     assert duplicates == 0
     assert set(seen) == everything
+
+
+LEFT = 200
+
+
+def test_a_volume_left_behind_is_drained_by_a_job(kube, operator, sink):
+    """A pod that goes without draining (here: the StatefulSet shrunk by hand while the
+    operator is away) leaves its queue on its volume. The operator, back, drains that
+    volume with a Job into the pod that stays, and deletes the volume only then."""
+    sink.handler.rcpt_reply = "451 4.3.0 not now"
+    kube.run("patch", "smtplistener", LISTENER, "-n", NS, "--type=merge",
+             "-p", json.dumps({"spec": {"replicas": 2}}))
+    poll(lambda: f"{LISTENER}-1" in pods(kube), timeout=120, what=f"{LISTENER}-1 created")
+    kube.wait("--for=condition=Ready", f"pod/{LISTENER}-1", "-n", NS, timeout=180)
+    tokens = [f"left-{n}" for n in range(LEFT)]
+    send_many(pods(kube)[f"{LISTENER}-1"]["status"]["podIP"], tokens)
+    poll(lambda: depth(kube).get(f"{LISTENER}-1", {}).get("messages", 0) >= LEFT,
+         timeout=120, what=f"{LEFT} messages queued in {LISTENER}-1")
+
+    # The operator is away, and someone shrinks the StatefulSet by hand: pod 1 goes
+    # without draining, its queue stays on its volume.
+    operator_pods = ["pods", "-n", OPERATOR_NS, "-l",
+                     "app.kubernetes.io/name=petrel,app.kubernetes.io/component=operator"]
+    kube.run("scale", "deployment", "petrel-operator", "-n", OPERATOR_NS, "--replicas=0")
+    poll(lambda: not kube.json("get", *operator_pods)["items"], timeout=180,
+         what="the operator stopped")
+    kube.run("patch", "smtplistener", LISTENER, "-n", NS, "--type=merge",
+             "-p", json.dumps({"spec": {"replicas": 1}}))
+    kube.run("scale", "statefulset", LISTENER, "-n", NS, "--replicas=1")
+    poll(lambda: f"{LISTENER}-1" not in pods(kube), timeout=180,
+         what=f"{LISTENER}-1 gone without draining")
+    volume = f"queue-{LISTENER}-1"
+    pvc_names = lambda: [p["metadata"]["name"]  # noqa: E731
+                         for p in kube.json("get", "pvc", "-n", NS)["items"]]
+    assert volume in pvc_names()
+
+    # The operator comes back: a Job drains the volume into pod 0, then the volume goes.
+    began = time.monotonic()
+    kube.run("scale", "deployment", "petrel-operator", "-n", OPERATOR_NS, "--replicas=1")
+    job = f"{LISTENER}-drain-1"
+    seen = {"job": False, "reasons": set()}
+
+    def volume_drained():
+        if kube.run("get", "job", job, "-n", NS, check=False).returncode == 0:
+            seen["job"] = True
+        seen["reasons"].add(scaling(kube).get("reason"))
+        return volume not in pvc_names()
+
+    poll(volume_drained, timeout=300, interval=1, what=f"{volume} drained by {job}, then deleted")
+    drain_time = time.monotonic() - began
+    assert seen["job"], f"Job {job} was never seen"
+    assert "DrainingVolumes" in seen["reasons"], seen["reasons"]
+    poll(lambda: kube.run("get", "job", job, "-n", NS, check=False).returncode != 0,
+         timeout=120, what=f"Job {job} removed")
+    poll(lambda: scaling(kube).get("reason") == "Idle", timeout=60, what="ScalingIn Idle")
+    poll(lambda: depth(kube).get(f"{LISTENER}-0", {}).get("messages") == LEFT,
+         timeout=120, what=f"pod 0 holds the {LEFT} messages of the left-behind volume")
+
+    sink.handler.rcpt_reply = None
+    kube.run("exec", "-n", NS, f"{LISTENER}-0", "--", "petrel-mta", "queue", "flush",
+             "--config", "/etc/petrel/config/mta.yaml")
+
+    def arrived():
+        got = [m.group(1).decode() for m in
+               (re.search(rb"Subject: (left-\d+)", x.content) for x in sink.messages) if m]
+        return got if set(got) >= set(tokens) else None
+
+    got = poll(arrived, timeout=300, what=f"all {LEFT} left-behind messages at the sink")
+    duplicates = len(got) - len(set(got))
+    log(f"left-behind volume: {LEFT} queued, drained by a Job and deleted {drain_time:.0f} s "
+        f"after the operator came back, {len(set(got))} delivered, {duplicates} duplicates")
+    assert duplicates == 0
+    assert set(got) == set(tokens)
