@@ -272,26 +272,29 @@ pub struct RateLimitsConfig {
     pub messages_per_user: String,
     /// Recipients per destination domain (outbound, at RCPT). Default: `off`.
     pub recipients_per_domain: String,
-    /// A Redis shared by every pod of the fleet that holds the rate counters, so the
-    /// rates above are the fleet's rather than each pod's. Default: none (each pod
-    /// counts alone). `url` and `timeout` are read at start (a change takes effect when
-    /// the MTA restarts); `fleet_size` follows config reloads.
+    /// A Redis shared by every pod of the fleet that holds the rate counters and the
+    /// outbound connection leases, so the rates above and
+    /// `queue.max_connections_per_destination` are the fleet's rather than each pod's.
+    /// Default: none (each pod counts alone). `url` and `timeout` are read at start (a
+    /// change takes effect when the MTA restarts); `fleet_size` follows config reloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisLimitsConfig>,
 }
 
-/// Where the fleet's rate counters live, and what each pod does without them.
+/// Where the fleet's rate counters and connection leases live, and what each pod does
+/// without them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct RedisLimitsConfig {
     /// `redis://host:port/db`, e.g. `redis://petrel-redis:6379/0` (plain TCP).
     pub url: String,
-    /// Longest a rate check waits on Redis (connect or command) before the pod counts
-    /// alone. Default: `50ms`; at most `1s`.
+    /// Longest a rate check or a connection lease waits on Redis (connect or command)
+    /// before the pod counts alone. Default: `50ms`; at most `1s`.
     #[serde(with = "duration", default = "default_redis_timeout")]
     pub timeout: Duration,
     /// Pods sharing the limits. While Redis is unreachable each pod allows
-    /// `N / fleet_size` of a rate `N/interval` (at least 1), so the fleet stays within N.
+    /// `N / fleet_size` of a rate `N/interval`, and of N connections per destination
+    /// (at least 1 of each), so the fleet stays within N.
     /// Whoever scales the fleet keeps it current (a reload applies it at once).
     pub fleet_size: u32,
 }

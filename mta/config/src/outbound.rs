@@ -87,6 +87,9 @@ pub struct QueueConfig {
     #[serde(with = "duration::optional")]
     pub delay_warning_after: Option<Duration>,
     /// Simultaneous connections to one destination (MX domain or smarthost). Default: `10`.
+    /// With `smtpd.rate_limits.redis` set it is the fleet's: at most this many across
+    /// every pod sharing that Redis, and each pod's share (this / `fleet_size`, at least
+    /// 1) while Redis is unreachable. LMTP destinations are always counted per pod.
     pub max_connections_per_destination: usize,
     /// Messages sent over one connection before it is closed. Default: `100`.
     pub max_messages_per_connection: usize,

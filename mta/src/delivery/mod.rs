@@ -7,6 +7,16 @@
 //! and reports each item's per-recipient [`Status`] back to the scheduler. A worker with
 //! nothing left to do exits, so an idle destination costs nothing.
 //!
+//! With `smtpd.rate_limits.redis` set, the SMTP destinations' limit is the fleet's (issue
+//! 16): before its first item a worker takes a [`ConnectionLease`] on one of the
+//! destination's N connections ([`crate::fleet_limits`]) and holds it until it exits,
+//! after its last connection has closed, so the leases held bound the connections open
+//! across every pod. While all N are taken one worker per destination waits, asking again
+//! every [`SLOT_RETRY_INTERVAL`] (jittered); the others leave, and the waiter starts the
+//! next one once it has a slot. Items wait in the queue meanwhile: a full destination is
+//! not an attempt, and never defers or bounces mail. Maildir and LMTP routes are this
+//! pod's own and are not shared.
+//!
 //! Routes: local Maildir ([`crate::local`]), LMTP, and SMTP to a smarthost or to the
 //! domain's MX hosts ([`route`] resolves them; [`mta_sts`] says which of them may be used
 //! and how; [`smtp`] speaks to them).
@@ -17,6 +27,7 @@ pub mod route;
 pub mod smtp;
 
 use crate::context::Context;
+use crate::fleet_limits::ConnectionLease;
 use crate::local::{self, Delivered};
 use crate::queue::{Envelope, QueueId, Status, split_address};
 use crate::shutdown::Shutdown;
@@ -65,6 +76,24 @@ impl Route {
                 ..
             } => format!("smarthost:{host_port}"),
             Route::Unroutable { .. } => "unroutable".into(),
+        }
+    }
+
+    /// The name of the destination whose connections the fleet shares
+    /// (`mx:example.com`, `smarthost:relay.example.net:587`): routes to the same next hop
+    /// share it whatever their TLS or credentials. `None` for local routes (Maildir,
+    /// LMTP), whose connections are this pod's own.
+    pub fn fleet_destination(&self) -> Option<String> {
+        match self {
+            Route::Smtp {
+                next_hop: NextHop::Mx { domain },
+                ..
+            } => Some(format!("mx:{}", domain.to_ascii_lowercase())),
+            Route::Smtp {
+                next_hop: NextHop::Smarthost { host_port },
+                ..
+            } => Some(format!("smarthost:{}", host_port.to_ascii_lowercase())),
+            Route::Maildir { .. } | Route::Lmtp { .. } | Route::Unroutable { .. } => None,
         }
     }
 }
@@ -151,6 +180,8 @@ pub struct Destinations {
 
 struct Destination {
     route: Route,
+    /// [`Route::fleet_destination`], computed once.
+    fleet_destination: Option<String>,
     state: Mutex<DestinationState>,
     /// Wakes an idle worker when an item arrives.
     arrived: Notify,
@@ -162,11 +193,18 @@ struct DestinationState {
     workers: usize,
     /// Workers waiting for an item with their connection still open.
     idle: usize,
+    /// A worker is waiting for one of the fleet's connection slots: no other starts
+    /// until it has one.
+    waiting_for_slot: bool,
 }
 
 /// How long a worker keeps its connection open waiting for more work (Postfix's
 /// connection cache time is 2s too).
 const IDLE_CONNECTION_TIME: Duration = Duration::from_secs(2);
+
+/// How often a worker asks again for a connection slot while the fleet's are all taken
+/// (plus up to as much again at random, so that the pods waiting do not ask in step).
+pub const SLOT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Destinations {
     pub fn new(ctx: Arc<Context>, shutdown: Shutdown) -> Self {
@@ -186,6 +224,7 @@ impl Destinations {
             .entry(route.clone())
             .or_insert_with(|| {
                 Arc::new(Destination {
+                    fleet_destination: route.fleet_destination(),
                     route,
                     state: Mutex::new(DestinationState::default()),
                     arrived: Notify::new(),
@@ -195,7 +234,8 @@ impl Destinations {
         let start_worker = {
             let mut state = destination.lock();
             state.items.push_back(item);
-            let wanted = state.workers < limit && state.items.len() > state.idle;
+            let wanted =
+                state.workers < limit && state.items.len() > state.idle && !state.waiting_for_slot;
             if wanted {
                 state.workers += 1;
             }
@@ -219,6 +259,88 @@ impl Destinations {
 impl Destination {
     fn lock(&self) -> std::sync::MutexGuard<'_, DestinationState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection slot for a new worker: at once for routes the fleet does not share
+    /// (and for every route without Redis); else one of the fleet's, waiting for it as
+    /// the only waiter of this destination. `None` after the worker has been counted
+    /// out: another worker is already waiting, the items are gone, or shutdown.
+    async fn connection_slot(
+        self: &Arc<Self>,
+        ctx: &Arc<Context>,
+        shutdown: &mut Shutdown,
+    ) -> Option<ConnectionLease> {
+        let Some(destination) = &self.fleet_destination else {
+            return Some(ConnectionLease::unshared());
+        };
+        let mut waiter = false;
+        loop {
+            let limit = ctx.config().queue.max_connections_per_destination;
+            if let Some(lease) = ctx.limiter.connection_lease(destination, limit).await {
+                {
+                    let mut state = self.lock();
+                    if state.items.is_empty() {
+                        // Another worker took them: give the slot back at once rather
+                        // than hold it through an idle wait.
+                        if waiter {
+                            state.waiting_for_slot = false;
+                        }
+                        state.workers -= 1;
+                        return None;
+                    }
+                }
+                if waiter {
+                    self.lock().waiting_for_slot = false;
+                    // Items may be waiting for more workers than there are: the next
+                    // one takes its chance (or becomes the waiter).
+                    self.start_worker_if_wanted(ctx, shutdown, limit);
+                }
+                return Some(lease);
+            }
+            {
+                let mut state = self.lock();
+                if shutdown.is_shutdown()
+                    || state.items.is_empty()
+                    || (state.waiting_for_slot && !waiter)
+                {
+                    if waiter {
+                        state.waiting_for_slot = false;
+                    }
+                    state.workers -= 1;
+                    return None;
+                }
+                state.waiting_for_slot = true;
+                waiter = true;
+            }
+            let jitter = SLOT_RETRY_INTERVAL.mul_f64(rand::random::<f64>());
+            tokio::select! {
+                () = tokio::time::sleep(SLOT_RETRY_INTERVAL + jitter) => {}
+                () = shutdown.recv() => {}
+            }
+        }
+    }
+
+    /// Starts one more worker when items outnumber the workers that could take them
+    /// (the caller, holding a slot but no item yet, counts as one that will).
+    fn start_worker_if_wanted(
+        self: &Arc<Self>,
+        ctx: &Arc<Context>,
+        shutdown: &Shutdown,
+        limit: usize,
+    ) {
+        let start = {
+            let mut state = self.lock();
+            let wanted = state.workers < limit
+                && state.items.len() > state.idle + 1
+                && !state.waiting_for_slot;
+            if wanted {
+                state.workers += 1;
+            }
+            wanted
+        };
+        if start {
+            tokio::spawn(worker(ctx.clone(), self.clone(), shutdown.clone()));
+        }
     }
 
     /// The next item, waiting up to [`IDLE_CONNECTION_TIME`] for one; `None` after the
@@ -253,6 +375,10 @@ impl Destination {
 }
 
 async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: Shutdown) {
+    // Held until the connection below has closed.
+    let Some(slot) = destination.connection_slot(&ctx, &mut shutdown).await else {
+        return;
+    };
     let mut connection = smtp::Session::default();
     while let Some(item) = destination.next(&mut shutdown).await {
         let span = mta_telemetry::spans::delivery_attempt(
@@ -281,6 +407,7 @@ async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: 
         ctx.scheduler.attempted(item.id, results, remote_mta);
     }
     connection.close().await;
+    drop(slot);
 }
 
 async fn deliver(
@@ -413,5 +540,53 @@ fn log_result(id: QueueId, to: &str, status: &Status) {
         }
         Status::Failed { detail } => tracing::warn!(queue_id = %id, to, detail, "failed"),
         Status::Scheduled => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smtp(next_hop: NextHop, tls: TlsMode) -> Route {
+        Route::Smtp {
+            next_hop,
+            tls,
+            auth: None,
+        }
+    }
+
+    /// The fleet shares a destination per next hop, whatever the TLS; local routes are
+    /// each pod's own.
+    #[test]
+    fn fleet_destinations_are_next_hops() {
+        let mx = |domain: &str| NextHop::Mx {
+            domain: domain.into(),
+        };
+        assert_eq!(
+            smtp(mx("example.com"), TlsMode::Opportunistic).fleet_destination(),
+            Some("mx:example.com".into())
+        );
+        assert_eq!(
+            smtp(mx("example.com"), TlsMode::Verified).fleet_destination(),
+            smtp(mx("Example.COM"), TlsMode::None).fleet_destination()
+        );
+        let relay = NextHop::Smarthost {
+            host_port: "Relay.Example.net:587".into(),
+        };
+        assert_eq!(
+            smtp(relay, TlsMode::Required).fleet_destination(),
+            Some("smarthost:relay.example.net:587".into())
+        );
+        assert_eq!(
+            Route::Lmtp {
+                address: "127.0.0.1:24".into()
+            }
+            .fleet_destination(),
+            None
+        );
+        assert_eq!(
+            Route::Maildir { root: "/m".into() }.fleet_destination(),
+            None
+        );
     }
 }

@@ -153,14 +153,14 @@ impl DrainState {
     }
 }
 
-/// Where rate limits are counted (issue 16): `petrel_mta_rate_limit_backend` is 1 for the
-/// backend in use and 0 for the other.
+/// Where rate limits and outbound connections per destination are counted (issue 16):
+/// `petrel_mta_rate_limit_backend` is 1 for the backend in use and 0 for the other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RateLimitBackend {
-    /// The fleet's counters in Redis.
+    /// The fleet's counters and connection leases in Redis.
     Redis,
     /// This pod's own counters (no Redis configured, or Redis unreachable: then with the
-    /// pod's share of each rate).
+    /// pod's share of each rate and of each destination's connections).
     Local,
 }
 
@@ -561,12 +561,12 @@ impl MtaMetrics {
         );
         r.register(
             "rate_limit_backend",
-            "Where rate limits are counted: 1 for the backend in use (redis: the fleet's counters; local: this pod's, with its share of each rate while Redis is unreachable), 0 for the other",
+            "Where rate limits and connections per destination are counted: 1 for the backend in use (redis: the fleet's counters and leases; local: this pod's, with its share of each rate and of each destination's connections while Redis is unreachable), 0 for the other",
             prom.rate_limit_backend.clone(),
         );
         r.register(
             "rate_limit_fallbacks",
-            "Switches from the fleet's Redis counters to this pod's share (Redis unreachable or too slow)",
+            "Switches from the fleet's Redis counters and leases to this pod's share (Redis unreachable or too slow)",
             prom.rate_limit_fallbacks.clone(),
         );
         export::register(r);
