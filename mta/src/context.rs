@@ -47,6 +47,8 @@ pub struct Context {
     pub mta_sts: crate::delivery::mta_sts::PolicyCache,
     /// Built on first use, rebuilt when `dns` in the config changes.
     resolver: Mutex<Option<(mta_config::DnsConfig, Arc<TokioResolver>)>>,
+    /// The DNSSEC-validating resolver for DANE (RFC 7672); also rebuilt on changes.
+    pub dane: crate::delivery::dane::ValidatingResolver,
 }
 
 /// Whether this MTA takes new mail. While draining (a drain was asked for, or shutdown has
@@ -175,6 +177,7 @@ impl Context {
             sessions: Default::default(),
             mta_sts: Default::default(),
             resolver: Mutex::new(None),
+            dane: Default::default(),
         }
     }
 

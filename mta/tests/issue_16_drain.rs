@@ -39,6 +39,7 @@ fn config(dir: &Path, fleet_token: Option<&Path>) -> MtaConfig {
         smarthost: Some(closed_port().to_string()),
         tls: TlsMode::None,
         auth: None,
+        dane: None,
     }];
     // One attempt on arrival, then a long wait: the messages sit deferred.
     config.queue.retry_interval = Duration::from_secs(3600);

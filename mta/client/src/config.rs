@@ -147,6 +147,11 @@ pub struct ClientConfig {
     /// Authenticate after EHLO (and after TLS unless `tls` is [`TlsMode::None`]).
     pub auth: Option<Credentials>,
     pub timeouts: Timeouts,
+    /// A caller-made rustls configuration that [`TlsMode::Verified`] uses instead of the
+    /// built-in one (roots plus `extra_roots_pem`): its certificate verifier decides.
+    /// The delivery stage makes one per connection for DANE (RFC 7672), carrying that
+    /// host's TLSA records, with session resumption off.
+    pub rustls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
@@ -159,6 +164,7 @@ impl ClientConfig {
             extra_roots_pem: None,
             auth: None,
             timeouts: Timeouts::default(),
+            rustls: None,
         }
     }
 }

@@ -517,9 +517,12 @@ impl Connection {
             });
         }
 
-        let tls_config = match config.tls {
-            TlsMode::Verified => tls::verified_config(config.extra_roots_pem.as_deref()),
-            TlsMode::None | TlsMode::Opportunistic | TlsMode::Required => tls::unverified_config(),
+        let tls_config = match (&config.rustls, config.tls) {
+            (Some(custom), TlsMode::Verified) => Ok(custom.clone()),
+            (None, TlsMode::Verified) => tls::verified_config(config.extra_roots_pem.as_deref()),
+            (_, TlsMode::None | TlsMode::Opportunistic | TlsMode::Required) => {
+                tls::unverified_config()
+            }
         }
         .map_err(|detail| ClientError::Tls { detail })?;
         let name = match (ServerName::try_from(server_name.to_owned()), config.tls) {

@@ -44,6 +44,11 @@ pub struct RouteConfig {
     /// TLS for this route. Default: `opportunistic`.
     #[serde(default)]
     pub tls: TlsMode,
+    /// DANE (RFC 7672) for this route's delivery by MX, overriding `smtp_client.dane`.
+    /// Not allowed with `smarthost` (DANE applies to MX hosts only). Default: absent
+    /// (`smtp_client.dane` decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dane: Option<bool>,
     /// SMTP AUTH (PLAIN or LOGIN) towards the smarthost. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<RouteAuth>,
@@ -182,6 +187,24 @@ pub struct SmtpClientConfig {
     /// TCP port of the HTTPS servers MTA-STS policies are fetched from. Default: `443`;
     /// change it only for tests.
     pub mta_sts_port: u16,
+    /// Apply DANE (RFC 7672) to delivery by MX. MX, address and TLSA records are looked
+    /// up with DNSSEC validation (against `dnssec_trust_anchor`). When the MX records and
+    /// a host's addresses are signed (secure) and the host publishes usable TLSA records
+    /// at `_25._tcp.<host>`, TLS is mandatory and the certificate must match them: DANE-EE
+    /// (`3 x x`) matches the server's key or certificate (names and expiry are ignored),
+    /// DANE-TA (`2 x x`) needs a chain to the published authority and the MX host name.
+    /// Unsigned (insecure) domains are delivered as without DANE (opportunistic TLS or
+    /// MTA-STS); DANE, where it applies, wins over MTA-STS (RFC 8461 §2). A bogus
+    /// (forged or broken) answer or a failed TLSA lookup defers with `4.7.5`, never
+    /// falls back to plain text. The name servers in `dns` must pass DNSSEC records
+    /// through (any validating or DNSSEC-aware recursive resolver does); with ones that
+    /// strip them every answer is bogus and mail by MX waits. Default: `true`.
+    pub dane: bool,
+    /// File of DNSKEY records (zone-file lines, e.g. `. IN DNSKEY 257 3 8 AwEAA…`) that
+    /// DNSSEC validation trusts. Default: absent, meaning the root zone's published keys
+    /// (KSK-2017 and KSK-2024, built in). Set it only for a private DNS tree or tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnssec_trust_anchor: Option<std::path::PathBuf>,
     /// TCP connect. Default: `30s`.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
@@ -206,6 +229,8 @@ impl Default for SmtpClientConfig {
             ca_file: None,
             mta_sts: true,
             mta_sts_port: 443,
+            dane: true,
+            dnssec_trust_anchor: None,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(5 * 60),
             data_init_timeout: Duration::from_secs(2 * 60),

@@ -352,3 +352,24 @@ fn fallback_share_never_exceeds_the_fleet_rate() {
         }
     }
 }
+
+#[test]
+fn dane_is_on_by_default_and_its_mistakes_name_their_keys() {
+    let config = MtaConfig::from_yaml("hostname: a.test\n").expect("parses");
+    assert!(config.smtp_client.dane);
+    assert_eq!(config.smtp_client.dnssec_trust_anchor, None);
+    let yaml = "\
+smtp_client:
+  dnssec_trust_anchor: ''
+routes:
+  - domain: '*'
+    smarthost: relay.test:587
+    dane: true
+  - domain: mx.test
+    dane: false
+";
+    assert_eq!(
+        problem_keys(yaml),
+        ["routes[0].dane", "smtp_client.dnssec_trust_anchor"]
+    );
+}

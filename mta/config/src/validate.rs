@@ -367,6 +367,12 @@ impl MtaConfig {
                     format!("{host:?} is not host:port"),
                 );
             }
+            if route.dane.is_some() && route.smarthost.is_some() {
+                problem(
+                    format!("{key}.dane"),
+                    "DANE applies to delivery by MX; a smarthost route cannot set it".into(),
+                );
+            }
             if route.auth.is_some() && route.smarthost.is_none() {
                 problem(
                     format!("{key}.auth"),
@@ -381,6 +387,18 @@ impl MtaConfig {
                     "set exactly one of username and username_file".into(),
                 );
             }
+        }
+
+        if self
+            .smtp_client
+            .dnssec_trust_anchor
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            problem(
+                "smtp_client.dnssec_trust_anchor".into(),
+                "must name a file of DNSKEY records, or be left out for the root's keys".into(),
+            );
         }
 
         let queue = &self.queue;

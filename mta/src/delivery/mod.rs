@@ -18,9 +18,10 @@
 //! pod's own and are not shared.
 //!
 //! Routes: local Maildir ([`crate::local`]), LMTP, and SMTP to a smarthost or to the
-//! domain's MX hosts ([`route`] resolves them; [`mta_sts`] says which of them may be used
-//! and how; [`smtp`] speaks to them).
+//! domain's MX hosts ([`route`] resolves them; [`dane`] and [`mta_sts`] say which of them
+//! may be used and how; [`smtp`] speaks to them).
 
+pub mod dane;
 pub mod mta_sts;
 pub mod outcome;
 pub mod route;

@@ -96,6 +96,19 @@ pub fn from_error_under_mta_sts(error: &ClientError, host: &str) -> Status {
     }
 }
 
+/// [`from_error`] for a connection DANE governs (RFC 7672 §2.2): when the MX host cannot
+/// give TLS (matching its TLSA records, when it has usable ones), the attempt is deferred
+/// with `4.7.5` and never retried in plain text.
+pub fn from_error_under_dane(error: &ClientError, host: &str) -> Status {
+    if is_tls_failure(error) {
+        Status::Deferred {
+            detail: format!("451 4.7.5 DANE: no TLS matching the TLSA records of {host} ({error})"),
+        }
+    } else {
+        from_error(error)
+    }
+}
+
 fn describe(reply: &Reply) -> String {
     match reply.enhanced {
         Some([a, b, c]) => format!("{} {a}.{b}.{c} {}", reply.code, reply.text),

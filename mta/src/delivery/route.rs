@@ -10,10 +10,10 @@
 //! * SERVFAIL, timeouts and other resolver errors: deferred (`451 4.4.3`).
 
 use crate::queue::Status;
-use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
+use hickory_resolver::{ResolverBuilder, TokioResolver};
 use mta_config::DnsConfig;
 use rand::seq::SliceRandom;
 use std::net::{IpAddr, SocketAddr};
@@ -28,7 +28,16 @@ pub struct Target {
 
 /// Builds the resolver from config: the listed name servers, or the system's resolv.conf.
 pub fn resolver(config: &DnsConfig) -> Result<TokioResolver, String> {
-    let builder = if config.nameservers.is_empty() {
+    resolver_builder(config)?
+        .build()
+        .map_err(|e| format!("resolver: {e}"))
+}
+
+/// [`resolver`] before it is built, for the DNSSEC-validating one of [`super::dane`].
+pub fn resolver_builder(
+    config: &DnsConfig,
+) -> Result<ResolverBuilder<TokioRuntimeProvider>, String> {
+    Ok(if config.nameservers.is_empty() {
         TokioResolver::builder_tokio().map_err(|e| format!("system resolver: {e}"))?
     } else {
         let servers = config
@@ -46,8 +55,7 @@ pub fn resolver(config: &DnsConfig) -> Result<TokioResolver, String> {
             ResolverConfig::from_name_servers(servers),
             TokioRuntimeProvider::default(),
         )
-    };
-    builder.build().map_err(|e| format!("resolver: {e}"))
+    })
 }
 
 /// The hosts to try for mail to `domain`, best first, on `port`.
@@ -172,7 +180,7 @@ async fn host_addresses(resolver: &TokioResolver, host: &str) -> Result<Vec<IpAd
 }
 
 /// Sorts by preference, shuffling hosts of equal preference (RFC 5321 §5.1).
-fn order_by_preference(hosts: &mut [(u16, String)]) {
+pub(super) fn order_by_preference(hosts: &mut [(u16, String)]) {
     let mut rng = rand::rng();
     hosts.shuffle(&mut rng);
     hosts.sort_by_key(|(preference, _)| *preference);

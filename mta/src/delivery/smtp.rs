@@ -1,8 +1,9 @@
 //! SMTP and LMTP delivery for one worker: resolves the route's hosts (and, for MX routes,
-//! applies the domain's MTA-STS policy), keeps one client [`Connection`] open across
+//! applies DANE, else the domain's MTA-STS policy), keeps one client [`Connection`] open across
 //! messages (up to `queue.max_messages_per_connection`), and turns replies and errors into
 //! per-recipient statuses ([`super::outcome`]).
 
+use super::dane::{self, HostPolicy, Tlsa};
 use super::mta_sts::{self, Mode, Policy};
 use super::route::{self, Target};
 use super::{NextHop, Route, WorkItem, outcome};
@@ -130,7 +131,8 @@ impl Session {
 
 /// How MTA-STS (RFC 8461, [`mta_sts`]) shapes the connection attempts of one delivery.
 enum Sts {
-    /// No policy applies (no policy, `mode: none`, MTA-STS off, not an MX route).
+    /// No policy applies (no policy, `mode: none`, MTA-STS off, not an MX route, or DANE
+    /// applies: RFC 8461 §2).
     Off,
     /// `enforce`: the targets are already those the policy allows and the client asks
     /// for verified TLS; TLS failures are reported as MTA-STS deferrals.
@@ -147,7 +149,7 @@ async fn connect(
     route: &Route,
     require_tls: bool,
 ) -> Result<(Connection, bool, String), Status> {
-    let (targets, client, sts) = match route {
+    let (targets, client, sts): (Vec<Target>, _, _) = match route {
         Route::Lmtp { address } => {
             let client = client_config(config, true, TlsMode::None, None)?;
             if address.starts_with('/') {
@@ -171,8 +173,23 @@ async fn connect(
             let mut mode = if require_tls { TlsMode::Verified } else { *tls };
             let (targets, sts) = match next_hop {
                 NextHop::Mx { domain } => {
-                    let targets =
-                        route::mx_targets(&resolver, domain, config.smtp_client.port).await?;
+                    let dane_on = config
+                        .route(domain)
+                        .and_then(|r| r.dane)
+                        .unwrap_or(config.smtp_client.dane);
+                    let targets = if dane_on {
+                        let validating = ctx.dane.get(config)?;
+                        let plan = dane::plan(&validating, domain, config.smtp_client.port).await?;
+                        if plan.applies() {
+                            // RFC 8461 §2: where DANE applies, MTA-STS does not.
+                            tracing::info!(domain = %mta_telemetry::Escaped(domain.as_str()), "DANE: TLSA records apply");
+                            let client = client_config(config, false, mode, auth.as_ref())?;
+                            return try_targets(plan.hosts, &client, require_tls, Sts::Off).await;
+                        }
+                        plan.hosts.into_iter().map(|(target, _)| target).collect()
+                    } else {
+                        route::mx_targets(&resolver, domain, config.smtp_client.port).await?
+                    };
                     let policy = if config.smtp_client.mta_sts {
                         ctx.mta_sts
                             .policy(&resolver, &config.smtp_client, domain)
@@ -201,11 +218,9 @@ async fn connect(
                     Sts::Off,
                 ),
             };
-            (
-                targets,
-                client_config(config, false, mode, auth.as_ref())?,
-                sts,
-            )
+            let targets = targets.into_iter().map(|t| (t, HostPolicy::None)).collect();
+            let client = client_config(config, false, mode, auth.as_ref())?;
+            return try_targets(targets, &client, require_tls, sts).await;
         }
         Route::Maildir { .. } | Route::Unroutable { .. } => {
             return Err(Status::Deferred {
@@ -213,17 +228,42 @@ async fn connect(
             });
         }
     };
+    let targets = targets.into_iter().map(|t| (t, HostPolicy::None)).collect();
+    try_targets(targets, &client, require_tls, sts).await
+}
+
+/// Connects to the first target that answers, each as DANE ([`HostPolicy`]) or else the
+/// MTA-STS policy asks.
+async fn try_targets(
+    targets: Vec<(Target, HostPolicy)>,
+    client: &ClientConfig,
+    require_tls: bool,
+    sts: Sts,
+) -> Result<(Connection, bool, String), Status> {
     let verified = client.tls == mta_client::TlsMode::Verified;
     let mut last = None;
-    for Target { name, address } in targets {
+    for (Target { name, address }, dane) in targets {
         let target = mta_client::Target::Tcp(address);
-        let attempt = match &sts {
-            Sts::Testing { policy, domain } => {
-                connect_testing(policy, domain, &target, &name, &client).await
+        let attempt = match (&dane, &sts) {
+            (HostPolicy::Dane(tlsa), _) => connect_dane(tlsa, &target, &name, client).await,
+            (HostPolicy::TlsRequired, _) => {
+                // RFC 7672 §2.2: unusable TLSA records still make TLS mandatory.
+                let mut required = client.clone();
+                if required.tls != mta_client::TlsMode::Verified {
+                    required.tls = mta_client::TlsMode::Required;
+                }
+                Connection::connect(&target, &name, &required)
+                    .await
+                    .map(|c| (c, verified))
             }
-            Sts::Off | Sts::Enforce => Connection::connect(&target, &name, &client)
-                .await
-                .map(|c| (c, verified)),
+            (HostPolicy::None, Sts::Testing { policy, domain }) => {
+                connect_testing(policy, domain, &target, &name, client).await
+            }
+            (HostPolicy::None, Sts::Off | Sts::Enforce) => {
+                Connection::connect(&target, &name, client)
+                    .await
+                    .map(|c| (c, verified))
+            }
         };
         match attempt {
             Ok((connection, verified)) => {
@@ -240,20 +280,39 @@ async fn connect(
             }
             Err(error) => {
                 tracing::info!(host = %mta_telemetry::Escaped(name.as_str()), %address, error = %mta_telemetry::Escaped(&error.to_string()), "connection attempt failed");
-                last = Some((name, error));
+                last = Some((name, error, dane.applies()));
             }
         }
     }
     Err(match last {
-        Some((_, error)) if require_tls => outcome::from_error_requiring_tls(&error),
-        Some((host, error)) if matches!(sts, Sts::Enforce) => {
+        Some((_, error, _)) if require_tls => outcome::from_error_requiring_tls(&error),
+        Some((host, error, true)) => outcome::from_error_under_dane(&error, &host),
+        Some((host, error, false)) if matches!(sts, Sts::Enforce) => {
             outcome::from_error_under_mta_sts(&error, &host)
         }
-        Some((_, error)) => outcome::from_error(&error),
+        Some((_, error, _)) => outcome::from_error(&error),
         None => Status::Deferred {
             detail: "451 4.4.4 no host to connect to".into(),
         },
     })
+}
+
+/// One attempt to a host with usable TLSA records: TLS is mandatory and the certificate
+/// is judged by those records alone ([`dane::DaneVerifier`]), in a rustls configuration
+/// made for this connection. Such a connection counts as verified (REQUIRETLS, RFC 8689).
+async fn connect_dane(
+    tlsa: &Arc<Vec<Tlsa>>,
+    target: &mta_client::Target,
+    name: &str,
+    client: &ClientConfig,
+) -> Result<(Connection, bool), ClientError> {
+    let mut dane = client.clone();
+    dane.tls = mta_client::TlsMode::Verified;
+    dane.rustls =
+        Some(dane::tls_config(tlsa.clone(), name).map_err(|detail| ClientError::Tls { detail })?);
+    let connection = Connection::connect(target, name, &dane).await?;
+    tracing::info!(host = %mta_telemetry::Escaped(name), "DANE: certificate matches the TLSA records");
+    Ok((connection, true))
 }
 
 /// One attempt under an MTA-STS `testing` policy (RFC 8461 §5): to a host the policy

@@ -407,6 +407,7 @@ fn apply_relay_policies(config: &mut MtaConfig, world: &World, notes: &mut Vec<N
                 smarthost,
                 tls,
                 auth,
+                dane: None,
             });
         }
     }

@@ -1,0 +1,703 @@
+//! DANE (RFC 7672) for delivery by MX: the DNSSEC-validating resolver, the per-host
+//! decision from MX, address and TLSA records, and the certificate verifier that carries
+//! one host's TLSA records into its TLS handshake. [`super::smtp`] asks [`plan`] for the
+//! hosts of a domain and, for a host with usable TLSA records, connects with
+//! [`tls_config`]; smarthost and LMTP routes never get here.
+//!
+//! * Lookups go through [`ValidatingResolver`]: hickory's resolver with DNSSEC validation
+//!   against `smtp_client.dnssec_trust_anchor` (the root's keys by default). Every answer
+//!   is secure, insecure or bogus; a bogus answer is an error, never an insecure one.
+//! * Decisions (RFC 7672 §2.2): an insecure MX set means no DANE (the caller goes on as
+//!   without it: opportunistic TLS or MTA-STS). With a secure MX set, each host whose
+//!   addresses are secure has its TLSA records looked up at `_25._tcp.<host>`: secure and
+//!   usable (DANE-TA(2) or DANE-EE(3), selector 0/1, matching 0/1/2) means TLS that must
+//!   match them; secure but all unusable means TLS without authentication, still
+//!   mandatory; none (proven) means no DANE for that host. A bogus answer or a failed
+//!   lookup (SERVFAIL, timeout) takes the host out; when no host is left the mail is
+//!   deferred with `451 4.7.5`.
+//! * Matching, inside the handshake ([`DaneVerifier`]): DANE-EE compares the server's
+//!   certificate or its key with the record and ignores names and dates; DANE-TA finds
+//!   the published authority among the certificates the server sent and checks the chain
+//!   from it (webpki: signatures, dates, usage) and the MX host name.
+//!
+//! Must never: use a bogus or unvalidated answer as secure, send mail in plain text (or
+//! over TLS that does not match) to a host with usable TLSA records, or let a TLS session
+//! made under one TLSA set be resumed under another (every DANE connection gets its own
+//! rustls configuration with resumption off).
+//!
+//! Not here: TLSA lookups after CNAME expansion of the MX host (the records are looked up
+//! at the MX name as published), DANE-TA(2) `2 0 0` anchors the server does not send, and
+//! TLS-RPT reports (RFC 8460).
+
+use super::route::Target;
+use crate::queue::Status;
+use hickory_resolver::TokioResolver;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::dnssec::TrustAnchors;
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{RData, Record, RecordType};
+use mta_config::{DnsConfig, MtaConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{Resumption, WebPkiServerVerifier};
+use rustls::crypto::{CryptoProvider, ring as ring_provider};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// The validating resolver for the current `dns` and `smtp_client.dnssec_trust_anchor`,
+/// built on first use and rebuilt when either changes.
+#[derive(Default)]
+pub struct ValidatingResolver {
+    cached: Mutex<Option<(ResolverKey, Arc<TokioResolver>)>>,
+}
+
+type ResolverKey = (DnsConfig, Option<PathBuf>);
+
+impl ValidatingResolver {
+    pub fn get(&self, config: &MtaConfig) -> Result<Arc<TokioResolver>, Status> {
+        let key = (
+            config.dns.clone(),
+            config.smtp_client.dnssec_trust_anchor.clone(),
+        );
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((built_for, resolver)) = cached.as_ref()
+            && *built_for == key
+        {
+            return Ok(resolver.clone());
+        }
+        let anchors = match &key.1 {
+            Some(path) => TrustAnchors::from_file(path).map_err(|e| Status::Deferred {
+                detail: format!(
+                    "451 4.7.5 DANE: cannot load smtp_client.dnssec_trust_anchor {}: {e}",
+                    path.display()
+                ),
+            })?,
+            None => TrustAnchors::default(),
+        };
+        if anchors.is_empty() && key.1.is_some() {
+            return Err(Status::Deferred {
+                detail: "451 4.7.5 DANE: smtp_client.dnssec_trust_anchor has no root DNSKEY \
+                         record"
+                    .into(),
+            });
+        }
+        let resolver = super::route::resolver_builder(&key.0)
+            .map_err(|e| Status::Deferred {
+                detail: format!("451 4.4.3 {e}"),
+            })?
+            .with_trust_anchor(Arc::new(anchors))
+            .build()
+            .map_err(|e| Status::Deferred {
+                detail: format!("451 4.4.3 validating resolver: {e}"),
+            })?;
+        let resolver = Arc::new(resolver);
+        *cached = Some((key, resolver.clone()));
+        Ok(resolver)
+    }
+}
+
+/// One TLSA record (RFC 6698 §2.1), as numbers and bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tlsa {
+    pub usage: u8,
+    pub selector: u8,
+    pub matching: u8,
+    pub data: Vec<u8>,
+}
+
+/// DANE-TA (RFC 7218 acronym): the record names a trust anchor of the server's chain.
+pub const DANE_TA: u8 = 2;
+/// DANE-EE: the record names the server's own certificate or key.
+pub const DANE_EE: u8 = 3;
+
+impl Tlsa {
+    /// Usable for SMTP (RFC 7672 §3.1): DANE-TA or DANE-EE, a known selector and a known
+    /// matching type. PKIX-TA(0) and PKIX-EE(1) are not.
+    pub fn is_usable(&self) -> bool {
+        matches!(self.usage, DANE_TA | DANE_EE) && self.selector <= 1 && self.matching <= 2
+    }
+
+    /// Whether `cert` (DER) is what this record describes (selector, then matching type).
+    pub fn matches(&self, cert: &[u8]) -> bool {
+        let selected = match self.selector {
+            0 => cert,
+            1 => match x509_parser::parse_x509_certificate(cert) {
+                Ok((_, parsed)) => parsed.tbs_certificate.subject_pki.raw,
+                Err(_) => return false,
+            },
+            _ => return false,
+        };
+        match self.matching {
+            0 => selected == self.data.as_slice(),
+            1 => ring::digest::digest(&ring::digest::SHA256, selected).as_ref() == self.data,
+            2 => ring::digest::digest(&ring::digest::SHA512, selected).as_ref() == self.data,
+            _ => false,
+        }
+    }
+}
+
+/// What DANE asks of one MX host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPolicy {
+    /// DANE does not apply: no secure TLSA records (or insecure MX or address records).
+    None,
+    /// Secure TLSA records, none usable: TLS is mandatory, the certificate is not checked
+    /// (RFC 7672 §2.2).
+    TlsRequired,
+    /// Secure usable TLSA records: TLS that matches one of them.
+    Dane(Arc<Vec<Tlsa>>),
+}
+
+impl HostPolicy {
+    pub fn applies(&self) -> bool {
+        !matches!(self, HostPolicy::None)
+    }
+}
+
+/// The hosts to try for a domain, best first, with what DANE asks of each.
+#[derive(Debug)]
+pub struct Plan {
+    /// The MX records were validated as secure.
+    pub mx_secure: bool,
+    pub hosts: Vec<(Target, HostPolicy)>,
+}
+
+impl Plan {
+    /// Whether DANE governs delivery to this domain (it then wins over MTA-STS).
+    pub fn applies(&self) -> bool {
+        self.hosts.iter().any(|(_, policy)| policy.applies())
+    }
+}
+
+/// What a validated lookup gave.
+enum Answer {
+    /// Records, all secure or not.
+    Records {
+        records: Vec<Record>,
+        secure: bool,
+    },
+    /// The name exists without records of the type (NODATA).
+    NoData,
+    NxDomain,
+    /// Validation failed: forged, broken or stripped signatures.
+    Bogus,
+    /// SERVFAIL, timeout or another failure to get an answer.
+    Failed(String),
+}
+
+fn classify(result: Result<Vec<Record>, NetError>) -> Answer {
+    match result {
+        Ok(records) => {
+            let data: Vec<&Record> = records
+                .iter()
+                .filter(|r| r.record_type() != RecordType::RRSIG)
+                .collect();
+            let secure = !data.is_empty() && data.iter().all(|r| r.proof.is_secure());
+            if data.iter().any(|r| r.proof.is_bogus()) {
+                return Answer::Bogus;
+            }
+            Answer::Records { records, secure }
+        }
+        Err(e) if e.is_nx_domain() => Answer::NxDomain,
+        Err(e) if e.is_no_records_found() => Answer::NoData,
+        Err(NetError::Dns(DnsError::DnssecBogus)) => Answer::Bogus,
+        Err(NetError::Dns(DnsError::Nsec {
+            proof, response, ..
+        })) => {
+            if proof.is_bogus() {
+                Answer::Bogus
+            } else if response.metadata.response_code == ResponseCode::NXDomain {
+                Answer::NxDomain
+            } else {
+                Answer::NoData
+            }
+        }
+        Err(e) => Answer::Failed(e.to_string()),
+    }
+}
+
+async fn lookup(resolver: &TokioResolver, name: &str, kind: RecordType) -> Answer {
+    classify(
+        resolver
+            .lookup(name, kind)
+            .await
+            .map(|l| l.answers().to_vec()),
+    )
+}
+
+/// The hosts for mail to `domain` on `port`, with DANE's decision for each (see the
+/// module doc). Errors are the statuses of all recipients: NXDOMAIN and null MX fail as
+/// without DANE; a bogus MX set, or no usable host when DANE lookups failed, defers
+/// with `4.7.5`.
+pub async fn plan(resolver: &TokioResolver, domain: &str, port: u16) -> Result<Plan, Status> {
+    let fqdn = format!("{}.", domain.trim_end_matches('.'));
+    let (mut hosts, mx_secure) = match lookup(resolver, &fqdn, RecordType::MX).await {
+        Answer::Records { records, secure } => {
+            let hosts = records
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::MX(mx) => Some((mx.preference, mx.exchange.to_ascii())),
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            (hosts, secure)
+        }
+        // RFC 5321 §5.1: the domain itself is the implicit MX; its address records'
+        // security decides below (the non-existence proof of the MX is not kept).
+        Answer::NoData => (vec![(0, fqdn.clone())], true),
+        Answer::NxDomain => {
+            return Err(Status::Failed {
+                detail: format!("550 5.1.2 domain {domain} does not exist (NXDOMAIN)"),
+            });
+        }
+        Answer::Bogus => {
+            return Err(Status::Deferred {
+                detail: format!(
+                    "451 4.7.5 DANE: DNSSEC validation of the MX records of {domain} failed \
+                     (bogus)"
+                ),
+            });
+        }
+        Answer::Failed(e) => {
+            return Err(Status::Deferred {
+                detail: format!("451 4.4.3 MX lookup for {domain} failed: {e}"),
+            });
+        }
+    };
+    if hosts.len() == 1 && hosts[0].1 == "." {
+        return Err(Status::Failed {
+            detail: format!("556 5.1.10 domain {domain} does not accept mail (null MX)"),
+        });
+    }
+    hosts.retain(|(_, name)| name != ".");
+    super::route::order_by_preference(&mut hosts);
+
+    let mut planned = Vec::new();
+    let mut unusable = Vec::new();
+    for (_, host) in hosts {
+        let name = host.trim_end_matches('.').to_owned();
+        let (addresses, addresses_secure) = match host_addresses(resolver, &host).await {
+            Ok(found) => found,
+            Err(HostProblem::Missing) => continue,
+            Err(HostProblem::Unusable(why)) => {
+                unusable.push(format!("{name}: {why}"));
+                continue;
+            }
+        };
+        let policy = if mx_secure && addresses_secure {
+            match tlsa_policy(resolver, &name).await {
+                Ok(policy) => policy,
+                Err(why) => {
+                    unusable.push(format!("{name}: {why}"));
+                    continue;
+                }
+            }
+        } else {
+            HostPolicy::None
+        };
+        planned.extend(addresses.into_iter().map(|ip| {
+            (
+                Target {
+                    name: name.clone(),
+                    address: SocketAddr::new(ip, port),
+                },
+                policy.clone(),
+            )
+        }));
+    }
+    if planned.is_empty() {
+        return Err(if unusable.is_empty() {
+            Status::Failed {
+                detail: format!("550 5.4.4 no address for any MX host of {domain}"),
+            }
+        } else {
+            Status::Deferred {
+                detail: format!(
+                    "451 4.7.5 DANE: no usable MX host for {domain} ({})",
+                    unusable.join("; ")
+                ),
+            }
+        });
+    }
+    Ok(Plan {
+        mx_secure,
+        hosts: planned,
+    })
+}
+
+enum HostProblem {
+    /// NXDOMAIN or no A/AAAA records: the host is skipped, as without DANE.
+    Missing,
+    /// Bogus or failed lookup: the host is skipped and named if nothing else is left.
+    Unusable(String),
+}
+
+/// The host's addresses and whether they were all validated as secure.
+async fn host_addresses(
+    resolver: &TokioResolver,
+    host: &str,
+) -> Result<(Vec<IpAddr>, bool), HostProblem> {
+    let result = resolver
+        .lookup_ip(host)
+        .await
+        .map(|l| l.as_lookup().answers().to_vec());
+    match classify(result) {
+        Answer::Records { records, secure } => {
+            let addresses: Vec<IpAddr> = records
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                    _ => None,
+                })
+                .collect();
+            if addresses.is_empty() {
+                Err(HostProblem::Missing)
+            } else {
+                Ok((addresses, secure))
+            }
+        }
+        Answer::NoData | Answer::NxDomain => Err(HostProblem::Missing),
+        Answer::Bogus => Err(HostProblem::Unusable(
+            "DNSSEC validation of its addresses failed (bogus)".into(),
+        )),
+        Answer::Failed(e) => Err(HostProblem::Unusable(format!("address lookup failed: {e}"))),
+    }
+}
+
+/// RFC 7672 §2.2: the TLSA records at `_25._tcp.<host>` (the port is that of SMTP, not
+/// `smtp_client.port`, which only tests change).
+async fn tlsa_policy(resolver: &TokioResolver, host: &str) -> Result<HostPolicy, String> {
+    let name = format!("_25._tcp.{host}.");
+    match lookup(resolver, &name, RecordType::TLSA).await {
+        Answer::Records { records, secure } => {
+            if !secure {
+                return Ok(HostPolicy::None);
+            }
+            let tlsa: Vec<Tlsa> = records
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::TLSA(t) => Some(Tlsa {
+                        usage: t.cert_usage.into(),
+                        selector: t.selector.into(),
+                        matching: t.matching.into(),
+                        data: t.cert_data.clone(),
+                    }),
+                    _ => None,
+                })
+                .collect();
+            let usable: Vec<Tlsa> = tlsa.into_iter().filter(Tlsa::is_usable).collect();
+            Ok(if usable.is_empty() {
+                HostPolicy::TlsRequired
+            } else {
+                HostPolicy::Dane(Arc::new(usable))
+            })
+        }
+        Answer::NoData | Answer::NxDomain => Ok(HostPolicy::None),
+        Answer::Bogus => Err("DNSSEC validation of its TLSA records failed (bogus)".into()),
+        Answer::Failed(e) => Err(format!("TLSA lookup failed: {e}")),
+    }
+}
+
+/// A rustls configuration for one connection to `host` under `tlsa`: the certificate must
+/// match a record ([`DaneVerifier`]); no session is resumed (none is stored).
+pub fn tls_config(tlsa: Arc<Vec<Tlsa>>, host: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(ring_provider::default_provider());
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("{host:?} is not a usable TLS name: {e}"))?;
+    let verifier = DaneVerifier {
+        tlsa,
+        host: host.to_owned(),
+        name,
+        provider: provider.clone(),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Why a certificate was refused, as rustls reports it ("invalid peer certificate: …").
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Mismatch(String);
+
+fn mismatch(why: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(Mismatch(why)),
+    )))
+}
+
+/// Judges a server certificate by one host's TLSA records (RFC 7672 §3.1, RFC 7671 §5).
+#[derive(Debug)]
+pub struct DaneVerifier {
+    tlsa: Arc<Vec<Tlsa>>,
+    /// The MX host name, for DANE-TA's name check and error messages.
+    host: String,
+    name: ServerName<'static>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl DaneVerifier {
+    /// DANE-TA: `anchor` (a certificate the server sent, matching a record) is the only
+    /// root; the chain from it and the host name are checked as for any PKIX server.
+    fn chain_to(
+        &self,
+        anchor: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), String> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(anchor.clone().into_owned())
+            .map_err(|e| format!("TLSA trust anchor unusable: {e}"))?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| e.to_string())?;
+        verifier
+            .verify_server_cert(end_entity, intermediates, &self.name, &[], now)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl ServerCertVerifier for DaneVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // DANE-EE: the key or certificate itself; names and dates do not matter (§3.1.1).
+        if self
+            .tlsa
+            .iter()
+            .any(|t| t.usage == DANE_EE && t.matches(end_entity))
+        {
+            return Ok(ServerCertVerified::assertion());
+        }
+        // DANE-TA: an issuer the server sent, then a valid chain for the host (§3.1.2).
+        let mut why = None;
+        for anchor in intermediates {
+            if self
+                .tlsa
+                .iter()
+                .any(|t| t.usage == DANE_TA && t.matches(anchor))
+            {
+                match self.chain_to(anchor, end_entity, intermediates, now) {
+                    Ok(()) => return Ok(ServerCertVerified::assertion()),
+                    Err(e) => why = Some(e),
+                }
+            }
+        }
+        Err(mismatch(match why {
+            Some(e) => format!(
+                "DANE: the TLSA trust anchor of {} is in the chain, but: {e}",
+                self.host
+            ),
+            None => format!(
+                "DANE: the certificate of {} matches none of its TLSA records",
+                self.host
+            ),
+        }))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+    fn sha256(data: &[u8]) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, data)
+            .as_ref()
+            .to_vec()
+    }
+
+    fn spki(cert: &[u8]) -> Vec<u8> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert).expect("certificate");
+        parsed.tbs_certificate.subject_pki.raw.to_vec()
+    }
+
+    fn record(usage: u8, selector: u8, matching: u8, data: Vec<u8>) -> Tlsa {
+        Tlsa {
+            usage,
+            selector,
+            matching,
+            data,
+        }
+    }
+
+    /// A CA, and a server certificate it issued for `names`: (leaf DER, CA DER).
+    fn chain(names: &[&str]) -> (CertificateDer<'static>, CertificateDer<'static>) {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca_key = KeyPair::generate().expect("key");
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let leaf_key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(names)
+            .expect("params")
+            .signed_by(&leaf_key, &issuer)
+            .expect("leaf");
+        (
+            CertificateDer::from(leaf.der().to_vec()),
+            CertificateDer::from(ca.der().to_vec()),
+        )
+    }
+
+    fn verify(
+        tlsa: Vec<Tlsa>,
+        host: &str,
+        leaf: &CertificateDer<'_>,
+        rest: &[CertificateDer<'_>],
+    ) -> Result<(), String> {
+        let verifier = DaneVerifier {
+            tlsa: Arc::new(tlsa),
+            host: host.into(),
+            name: ServerName::try_from(host.to_owned()).expect("name"),
+            provider: Arc::new(ring_provider::default_provider()),
+        };
+        let name = ServerName::try_from("ignored.test").expect("name");
+        verifier
+            .verify_server_cert(leaf, rest, &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn usable_records_are_dane_ta_and_dane_ee_with_known_parameters() {
+        assert!(record(3, 1, 1, vec![1]).is_usable());
+        assert!(record(2, 0, 2, vec![1]).is_usable());
+        assert!(record(3, 1, 0, vec![1]).is_usable());
+        assert!(!record(0, 1, 1, vec![1]).is_usable(), "PKIX-TA");
+        assert!(!record(1, 1, 1, vec![1]).is_usable(), "PKIX-EE");
+        assert!(!record(3, 2, 1, vec![1]).is_usable(), "unknown selector");
+        assert!(
+            !record(3, 1, 3, vec![1]).is_usable(),
+            "unknown matching type"
+        );
+    }
+
+    #[test]
+    fn dane_ee_matches_key_or_certificate_and_ignores_the_name() {
+        let (leaf, _) = chain(&["somewhere-else.test"]);
+        let key = spki(&leaf);
+        let sha512 = ring::digest::digest(&ring::digest::SHA512, &key)
+            .as_ref()
+            .to_vec();
+        for tlsa in [
+            record(3, 1, 1, sha256(&key)),
+            record(3, 1, 2, sha512),
+            record(3, 1, 0, key.clone()),
+            record(3, 0, 1, sha256(&leaf)),
+            record(3, 0, 0, leaf.to_vec()),
+        ] {
+            // No chain, and a name that is not the MX's: DANE-EE does not care.
+            verify(vec![tlsa.clone()], "mx.example.test", &leaf, &[])
+                .unwrap_or_else(|e| panic!("{tlsa:?}: {e}"));
+        }
+        let mut wrong = sha256(&key);
+        wrong[0] ^= 1;
+        let err = verify(vec![record(3, 1, 1, wrong)], "mx.example.test", &leaf, &[])
+            .expect_err("a wrong digest is refused");
+        assert!(err.contains("matches none of its TLSA records"), "{err}");
+    }
+
+    #[test]
+    fn dane_ta_needs_the_anchor_in_the_chain_and_the_mx_name() {
+        let (leaf, ca) = chain(&["mx.example.test"]);
+        let anchor = record(2, 1, 1, sha256(&spki(&ca)));
+        verify(
+            vec![anchor.clone()],
+            "mx.example.test",
+            &leaf,
+            std::slice::from_ref(&ca),
+        )
+        .expect("chain to the published anchor, right name");
+        verify(
+            vec![record(2, 0, 1, sha256(&ca))],
+            "mx.example.test",
+            &leaf,
+            std::slice::from_ref(&ca),
+        )
+        .expect("full-certificate anchor");
+        let err = verify(
+            vec![anchor.clone()],
+            "mx.other.test",
+            &leaf,
+            std::slice::from_ref(&ca),
+        )
+        .expect_err("another host's name is refused");
+        assert!(
+            err.contains("trust anchor of mx.other.test is in the chain"),
+            "{err}"
+        );
+        verify(vec![anchor.clone()], "mx.example.test", &leaf, &[])
+            .expect_err("the anchor must be sent");
+        // A DANE-TA record never matches the server's own certificate as if it were EE.
+        let (other_leaf, other_ca) = chain(&["mx.example.test"]);
+        verify(vec![anchor], "mx.example.test", &other_leaf, &[other_ca])
+            .expect_err("another CA is refused");
+    }
+
+    #[test]
+    fn every_dane_connection_has_its_own_configuration_without_resumption() {
+        let tlsa = Arc::new(vec![record(3, 1, 1, vec![0; 32])]);
+        let a = tls_config(tlsa.clone(), "mx.example.test").expect("config");
+        let b = tls_config(tlsa, "mx.example.test").expect("config");
+        assert!(!Arc::ptr_eq(&a, &b));
+        let resumption = format!("{:?}", a.resumption);
+        assert!(
+            resumption.contains("NoClientSessionStorage"),
+            "{resumption}"
+        );
+    }
+}
