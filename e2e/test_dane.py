@@ -14,10 +14,14 @@ certificates, made here with `cryptography`.
 
 import datetime
 import hashlib
+import json
 
 import pytest
 
+from conftest import Mta, mta_header, wait_for
 from dnssec import Front, SignedDns, have_tools
+from outbound import Sink, free_port
+from test_outbound import queue_cli, send
 
 pytestmark = pytest.mark.skipif(not have_tools(),
                                 reason="ldnsutils, bind9-dnsutils (delv) or nsd missing")
@@ -35,6 +39,8 @@ MX = {
     "servfail.test": ("mx.servfail.test", "127.0.0.67"),
     "both.test": ("mx.both.test", "127.0.0.68"),
     "bothbad.test": ("mx.bothbad.test", "127.0.0.69"),
+    # A signed MX set naming a host in the unsigned zone: its addresses are insecure.
+    "insecurehost.test": ("mx.insecurehost.unsigned.test", "127.0.0.70"),
 }
 SERVFAIL = [("_25._tcp.mx.servfail.test", "TLSA")]
 
@@ -101,6 +107,7 @@ class World:
             "both.test": self_signed(directory, "mx.both.test"),
             # From the CA MTA-STS trusts, but the TLSA digest is wrong: DANE defers.
             "bothbad.test": self.sts_ca.issue("mx.bothbad.test"),
+            "insecurehost.test": self_signed(directory, "mx.insecurehost.unsigned.test"),
         }
         records = {"test.": [], "unsigned.test.": [], "bogus.test.": []}
         wrong = "00" * 32
@@ -113,6 +120,8 @@ class World:
             "servfail.test": f"3 1 1 {spki_sha256(self.certs['servfail.test'][0])}",
             "both.test": f"3 1 1 {spki_sha256(self.certs['both.test'][0])}",
             "bothbad.test": f"3 1 1 {wrong}",
+            # Unsigned, so never used: DANE needs secure addresses and TLSA records.
+            "insecurehost.test": f"3 1 1 {wrong}",
         }
         for domain, (host, ip) in MX.items():
             records[zone_of(domain)].append(f"{domain}. IN MX 10 {host}.")
@@ -125,6 +134,42 @@ class World:
         self.dns = SignedDns(records, listen=DNS_IP)
         self.front = Front((DNS_IP, self.dns.port), servfail=SERVFAIL, listen=DNS_IP)
         self.sinks, self.policy_server = {}, None
+
+    def start_sinks(self):
+        """One STARTTLS sink per MX, all on one port, and the MTA-STS policy server."""
+        from test_mta_sts import PolicyServer, TlsSink
+        if self.sinks:
+            return
+        self.port = free_port(host=MX["ee.test"][1])
+        for domain, (_, ip) in MX.items():
+            self.sinks[domain] = TlsSink(ip, self.port, self.certs[domain])
+        policies = {d: f"version: STSv1\r\nmode: enforce\r\nmx: mx.{d}\r\nmax_age: 86400\r\n"
+                    for d in ("both.test", "bothbad.test")}
+        self.policy_server = PolicyServer(
+            self.sts_ca.issue(*(f"mta-sts.{d}" for d in policies)), policies)
+
+    def config(self, workdir, smtp_client=""):
+        """The MTA relays for 127.0.0.0/8, asks the front, trusts the private root."""
+        return mta_header(workdir) + f"""\
+relay:
+  client_networks: ["127.0.0.0/8"]
+dns:
+  nameservers: ["{self.front.listen}:{self.front.port}"]
+smtp_client:
+  port: {self.port}
+  connect_timeout: 5s
+  ca_file: {self.sts_ca.pem_path}
+  mta_sts_port: {self.policy_server.port}
+  dnssec_trust_anchor: {self.dns.anchor_file}
+{smtp_client}queue:
+  retry_interval: 1s
+  max_retry_interval: 2s
+local_domains:
+  - name: example.test
+    delivery:
+      maildir:
+        root: {workdir / "maildir"}
+"""
 
     def stop(self):
         for sink in self.sinks.values():
@@ -150,6 +195,9 @@ def test_delv_agrees_on_every_answer(world):
     assert d.delv("_25._tcp.mx.ee.test", "TLSA") == "secure"
     assert d.delv("_25._tcp.mx.wrongdigest.test", "TLSA") == "secure"
     assert d.delv("_25._tcp.mx.ta.test", "TLSA") == "secure"
+    assert d.delv("insecurehost.test", "MX") == "secure"
+    assert d.delv("mx.insecurehost.unsigned.test", "A") == "insecure"
+    assert d.delv("_25._tcp.mx.insecurehost.unsigned.test", "TLSA") == "insecure"
     assert d.delv("plain.unsigned.test", "MX") == "insecure"
     assert d.delv("mx.plain.unsigned.test", "A") == "insecure"
     assert d.delv("bad.bogus.test", "MX") == "bogus"
@@ -160,3 +208,136 @@ def test_delv_agrees_on_every_answer(world):
     assert d.delv("_mta-sts.both.test", "TXT", port=front) == "secure"
     # A name that does not exist is proven not to exist.
     assert d.delv("_25._tcp.mx.none.test", "TLSA") == "secure"
+
+
+@pytest.fixture
+def mta(world, workdir):
+    world.start_sinks()
+    server = Mta(workdir, world.config(workdir)).start()
+    yield server
+    server.kill()
+
+
+def recipient_status(mta, address):
+    """(state, detail) of `address` in the queue, or None when it is not queued."""
+    data = json.loads(queue_cli(mta, "--json", "list").stdout)
+    for entry in data["messages"]:
+        for r in entry["recipients"]:
+            if r["address"] == address:
+                status = r["status"]
+                return status["state"], status.get("detail") or ""
+    return None
+
+
+def deferred(mta, address, *expected):
+    """Waits until `address` has been deferred twice with a detail containing every
+    string of `expected` (twice: a retry decides the same), and returns the detail."""
+    def check():
+        status = recipient_status(mta, address)
+        if status and status[0] == "deferred" and all(e in status[1] for e in expected):
+            return status[1]
+        return None
+    detail = wait_for(check, what=f"{address} deferred with {expected}")
+    wait_for(lambda: mta.log().count(f'to="{address}"') >= 2, what=f"a retry for {address}")
+    return detail
+
+
+def delivered(world, domain, address):
+    """Waits for `address`'s message at the MX of `domain`; it came over TLS."""
+    sink = world.sinks[domain]
+
+    def arrived():
+        with sink.handler.lock:
+            return [tls for m, tls in zip(sink.handler.messages, sink.handler.over_tls)
+                    if m.recipients == [address]]
+    over_tls = wait_for(arrived, what=f"delivery to the MX of {domain}")
+    assert over_tls == [True], "DANE and opportunistic delivery use TLS"
+
+
+def never_sent(world, domain, address):
+    assert [m for m in world.sinks[domain].messages if address in m.recipients] == []
+
+
+def test_dane_ee_3_1_1_match_delivers(world, mta):
+    """The certificate is expired and names another host: DANE-EE looks at the key only."""
+    send(mta, "me@example.test", ["user@ee.test"], subject="dane-ee")
+    delivered(world, "ee.test", "user@ee.test")
+    assert "DANE: certificate matches the TLSA records" in mta.log()
+
+
+def test_wrong_digest_defers_and_never_sends(world, mta):
+    send(mta, "me@example.test", ["user@wrongdigest.test"], subject="wrong-digest")
+    detail = deferred(mta, "user@wrongdigest.test", "451 4.7.5 DANE",
+                      "matches none of its TLSA records")
+    assert "mx.wrongdigest.test" in detail
+    never_sent(world, "wrongdigest.test", "user@wrongdigest.test")
+
+
+def test_bogus_zone_defers(world, mta):
+    send(mta, "me@example.test", ["user@bad.bogus.test"], subject="bogus")
+    detail = deferred(mta, "user@bad.bogus.test", "451 4.7.5 DANE", "bogus")
+    assert "MX records of bad.bogus.test" in detail
+    assert world.sinks["bad.bogus.test"].handler.sessions == set()
+    assert world.sinks["bad.bogus.test"].messages == []
+
+
+def test_unsigned_zone_delivers_with_opportunistic_tls(world, mta):
+    """No DNSSEC, no DANE: a self-signed certificate is fine, as without DANE."""
+    send(mta, "me@example.test", ["user@plain.unsigned.test"], subject="unsigned")
+    delivered(world, "plain.unsigned.test", "user@plain.unsigned.test")
+    assert "DANE: TLSA records apply" not in mta.log()
+
+
+def test_secure_mx_with_insecure_host_addresses_is_not_dane(world, mta):
+    """RFC 7672 §2.2.2: TLSA records count only when the host's addresses are secure
+    too; here they are not, so the (wrong, unsigned) TLSA record is not used."""
+    send(mta, "me@example.test", ["user@insecurehost.test"], subject="insecure-host")
+    delivered(world, "insecurehost.test", "user@insecurehost.test")
+    assert "DANE: TLSA records apply domain=insecurehost.test" not in mta.log()
+
+
+def test_dane_ta_2_1_1_with_a_private_ca_delivers(world, mta):
+    send(mta, "me@example.test", ["user@ta.test"], subject="dane-ta")
+    delivered(world, "ta.test", "user@ta.test")
+
+
+def test_dane_ta_refuses_a_certificate_for_another_name(world, mta):
+    send(mta, "me@example.test", ["user@tawrongname.test"], subject="dane-ta-name")
+    deferred(mta, "user@tawrongname.test", "451 4.7.5 DANE", "mx.tawrongname.test")
+    never_sent(world, "tawrongname.test", "user@tawrongname.test")
+
+
+def test_tlsa_servfail_defers(world, mta):
+    send(mta, "me@example.test", ["user@servfail.test"], subject="servfail")
+    detail = deferred(mta, "user@servfail.test", "451 4.7.5 DANE", "TLSA lookup failed")
+    assert "mx.servfail.test" in detail
+    assert world.front.servfails >= 1
+    assert world.sinks["servfail.test"].handler.sessions == set()
+
+
+def test_dane_decides_over_mta_sts(world, mta):
+    """both.test: MTA-STS enforce with a certificate its CA list does not vouch for would
+    defer; the matching TLSA record delivers. bothbad.test: the certificate satisfies
+    MTA-STS, but the TLSA digest is wrong: deferred."""
+    send(mta, "me@example.test", ["user@both.test"], subject="both")
+    delivered(world, "both.test", "user@both.test")
+    send(mta, "me@example.test", ["user@bothbad.test"], subject="both-bad")
+    deferred(mta, "user@bothbad.test", "451 4.7.5 DANE", "matches none of its TLSA records")
+    never_sent(world, "bothbad.test", "user@bothbad.test")
+    # MTA-STS was not even asked (RFC 8461 §2).
+    assert not any(host.startswith("mta-sts.both") for host, _ in world.policy_server.requests)
+
+
+def test_dane_off_for_a_route_delivers_despite_a_wrong_digest(world, workdir):
+    world.start_sinks()
+    config = world.config(workdir).replace(
+        "local_domains:", "routes:\n  - domain: wrongdigest.test\n    dane: false\nlocal_domains:")
+    mta = Mta(workdir, config).start()
+    try:
+        send(mta, "me@example.test", ["other@wrongdigest.test"], subject="dane-off")
+        got = wait_for(lambda: [m for m in world.sinks["wrongdigest.test"].messages
+                                if m.recipients == ["other@wrongdigest.test"]],
+                       what="delivery with DANE off for the route")
+        assert got
+    finally:
+        mta.kill()
