@@ -208,6 +208,21 @@ impl DrainReport {
     }
 }
 
+impl std::fmt::Display for DrainReport {
+    /// `handing_off (12 left, 3 delivered, 85 handed off; <last error>)`, for conditions.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({} left, {} delivered, {} handed off",
+            self.state, self.left, self.delivered, self.handed_off
+        )?;
+        if let Some(e) = &self.error {
+            write!(f, "; {e}")?;
+        }
+        f.write_str(")")
+    }
+}
+
 /// Asks the pod at `ip` to drain (hand its queue to `peers` after `deliver_for_secs` of
 /// delivering) and returns its progress. Asking again is harmless (the MTA treats it as
 /// the same drain, with the new peer list), so every reconcile of a scale-in does.

@@ -66,17 +66,7 @@ pub fn plan(
     let parts: Vec<String> = leaving
         .iter()
         .map(|i| match reports.get(i) {
-            Some(PodDrain::Report(r)) => format!(
-                "{name}-{i} {} ({} left, {} delivered, {} handed off{})",
-                r.state,
-                r.left,
-                r.delivered,
-                r.handed_off,
-                r.error
-                    .as_deref()
-                    .map(|e| format!("; {e}"))
-                    .unwrap_or_default()
-            ),
+            Some(PodDrain::Report(r)) => format!("{name}-{i} {r}"),
             Some(PodDrain::Unreachable(why)) => format!("{name}-{i} not reachable: {why}"),
             None => format!("{name}-{i} not asked yet"),
         })

@@ -512,17 +512,7 @@ async fn drain_volumes(
                             r.handed_off
                         )
                     }
-                    Ok(r) => format!(
-                        "{} ({} left, {} delivered, {} handed off{})",
-                        r.state,
-                        r.left,
-                        r.delivered,
-                        r.handed_off,
-                        r.error
-                            .as_deref()
-                            .map(|e| format!("; {e}"))
-                            .unwrap_or_default()
-                    ),
+                    Ok(r) => r.to_string(),
                     Err(e) => format!("not reachable: {e}"),
                 }
             }
