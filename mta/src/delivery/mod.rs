@@ -280,18 +280,17 @@ impl Destination {
             if let Some(lease) = ctx.limiter.connection_lease(destination, limit).await {
                 {
                     let mut state = self.lock();
+                    if waiter {
+                        state.waiting_for_slot = false;
+                    }
                     if state.items.is_empty() {
                         // Another worker took them: give the slot back at once rather
                         // than hold it through an idle wait.
-                        if waiter {
-                            state.waiting_for_slot = false;
-                        }
                         state.workers -= 1;
                         return None;
                     }
                 }
                 if waiter {
-                    self.lock().waiting_for_slot = false;
                     // Items may be waiting for more workers than there are: the next
                     // one takes its chance (or becomes the waiter).
                     self.start_worker_if_wanted(ctx, shutdown, limit);
