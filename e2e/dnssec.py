@@ -166,14 +166,15 @@ class SignedDns:
              str(self.delv_anchor_file), "+root=.", "+tcp", name, rtype],
             capture_output=True, text=True, timeout=60)
         out = done.stdout + done.stderr
-        if "fully validated" in out:
-            return "secure"
-        if "unsigned answer" in out:
-            return "insecure"
+        # An answer through a CNAME has a verdict per RRset: the weakest one counts.
         if "no valid" in out or "broken trust chain" in out or "insecurity proof failed" in out:
             return "bogus"
         if "SERVFAIL" in out or "resolution failed: failure" in out:
             return "servfail"
+        if "unsigned answer" in out:
+            return "insecure"
+        if "fully validated" in out:
+            return "secure"
         return out
 
     def stop(self, keep_dir=False):

@@ -41,7 +41,13 @@ MX = {
     "bothbad.test": ("mx.bothbad.test", "127.0.0.69"),
     # A signed MX set naming a host in the unsigned zone: its addresses are insecure.
     "insecurehost.test": ("mx.insecurehost.unsigned.test", "127.0.0.70"),
+    # The MX host is an alias (CNAME) of a host in the unsigned zone.
+    "cname.test": ("mx.cname.test", "127.0.0.71"),
+    # The MX host is an alias of a host in the signed zone: TLSA at the target's name.
+    "cnamesec.test": ("mx.cnamesec.test", "127.0.0.72"),
 }
+# MX host: the name its CNAME points to (which has the address).
+CNAMES = {"mx.cname.test": "mx.cname.unsigned.test", "mx.cnamesec.test": "mxhost.cnamesec.test"}
 SERVFAIL = [("_25._tcp.mx.servfail.test", "TLSA")]
 
 
@@ -108,6 +114,9 @@ class World:
             # From the CA MTA-STS trusts, but the TLSA digest is wrong: DANE defers.
             "bothbad.test": self.sts_ca.issue("mx.bothbad.test"),
             "insecurehost.test": self_signed(directory, "mx.insecurehost.unsigned.test"),
+            "cname.test": self_signed(directory, "mx.cname.test"),
+            # For the CNAME target only: DANE-TA accepts the TLSA base domain's name.
+            "cnamesec.test": self.ca.issue("mxhost.cnamesec.test"),
         }
         records = {"test.": [], "unsigned.test.": [], "bogus.test.": []}
         wrong = "00" * 32
@@ -122,12 +131,20 @@ class World:
             "bothbad.test": f"3 1 1 {wrong}",
             # Unsigned, so never used: DANE needs secure addresses and TLSA records.
             "insecurehost.test": f"3 1 1 {wrong}",
+            # Signed but wrong, at the alias: not used, as the addresses are insecure.
+            "cname.test": f"3 1 1 {wrong}",
+            "cnamesec.test": f"2 1 1 {spki_sha256(self.ca.pem_path)}",
         }
+        tlsa_owner = {"cnamesec.test": "mxhost.cnamesec.test"}
         for domain, (host, ip) in MX.items():
             records[zone_of(domain)].append(f"{domain}. IN MX 10 {host}.")
-            records[zone_of(host)].append(f"{host}. IN A {ip}")
+            if host in CNAMES:
+                records[zone_of(host)].append(f"{host}. IN CNAME {CNAMES[host]}.")
+            address_owner = CNAMES.get(host, host)
+            records[zone_of(address_owner)].append(f"{address_owner}. IN A {ip}")
             if domain in tlsa:
-                records[zone_of(host)].append(f"_25._tcp.{host}. IN TLSA {tlsa[domain]}")
+                owner = tlsa_owner.get(domain, host)
+                records[zone_of(owner)].append(f"_25._tcp.{owner}. IN TLSA {tlsa[domain]}")
         for domain in ("both.test", "bothbad.test"):
             records["test."] += [f'_mta-sts.{domain}. IN TXT "v=STSv1; id=20260101T000000;"',
                                  f"mta-sts.{domain}. IN A 127.0.0.20"]
@@ -199,6 +216,10 @@ def test_delv_agrees_on_every_answer(world):
     assert d.delv("mx.insecurehost.unsigned.test", "A") == "insecure"
     assert d.delv("_25._tcp.mx.insecurehost.unsigned.test", "TLSA") == "insecure"
     assert d.delv("plain.unsigned.test", "MX") == "insecure"
+    assert d.delv("mx.cname.test", "A") == "insecure"  # CNAME secure, target unsigned
+    assert d.delv("_25._tcp.mx.cname.test", "TLSA") == "secure"
+    assert d.delv("mx.cnamesec.test", "A") == "secure"
+    assert d.delv("_25._tcp.mxhost.cnamesec.test", "TLSA") == "secure"
     assert d.delv("mx.plain.unsigned.test", "A") == "insecure"
     assert d.delv("bad.bogus.test", "MX") == "bogus"
     assert d.delv("_25._tcp.mx.bad.bogus.test", "TLSA") == "bogus"
@@ -294,6 +315,22 @@ def test_secure_mx_with_insecure_host_addresses_is_not_dane(world, mta):
     send(mta, "me@example.test", ["user@insecurehost.test"], subject="insecure-host")
     delivered(world, "insecurehost.test", "user@insecurehost.test")
     assert "DANE: TLSA records apply domain=insecurehost.test" not in mta.log()
+
+
+def test_mx_alias_into_an_unsigned_zone_is_not_dane(world, mta):
+    """The MX host is a CNAME into the unsigned zone: its addresses are insecure, so the
+    (signed, wrong) TLSA record at the alias is not used."""
+    send(mta, "me@example.test", ["user@cname.test"], subject="cname-unsigned")
+    delivered(world, "cname.test", "user@cname.test")
+    assert "DANE: TLSA records apply domain=cname.test" not in mta.log()
+
+
+def test_mx_alias_in_a_signed_zone_uses_the_target_tlsa_and_name(world, mta):
+    """A secure CNAME chain: TLSA at the target's name (2 1 1), and a certificate naming
+    only the target (the TLSA base domain) is accepted."""
+    send(mta, "me@example.test", ["user@cnamesec.test"], subject="cname-signed")
+    delivered(world, "cnamesec.test", "user@cnamesec.test")
+    assert "DANE: certificate matches the TLSA records host=mx.cnamesec.test" in mta.log()
 
 
 def test_dane_ta_2_1_1_with_a_private_ca_delivers(world, mta):

@@ -25,9 +25,13 @@
 //! made under one TLSA set be resumed under another (every DANE connection gets its own
 //! rustls configuration with resumption off).
 //!
-//! Not here: TLSA lookups after CNAME expansion of the MX host (the records are looked up
-//! at the MX name as published), DANE-TA(2) `2 0 0` anchors the server does not send, and
-//! TLS-RPT reports (RFC 8460).
+//! * CNAME (RFC 7672 §2.2.2): when the MX host is an alias and the whole chain is secure,
+//!   the TLSA records are looked up at the final name first, then at the MX name; DANE-TA
+//!   accepts a certificate for either name. A chain that ends in an unsigned zone makes the
+//!   addresses insecure: no DANE for that host.
+//!
+//! Not here: DANE-TA(2) `2 0 0` anchors the server does not send, and TLS-RPT reports
+//! (RFC 8460).
 
 use super::route::Target;
 use crate::queue::Status;
@@ -148,7 +152,15 @@ pub enum HostPolicy {
     /// (RFC 7672 §2.2).
     TlsRequired,
     /// Secure usable TLSA records: TLS that matches one of them.
-    Dane(Arc<Vec<Tlsa>>),
+    Dane(Arc<TlsaSet>),
+}
+
+/// The usable TLSA records of one host and the names a DANE-TA certificate may carry: the
+/// MX host name and, after CNAME expansion, the TLSA base domain (RFC 7672 §3.2.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsaSet {
+    pub records: Vec<Tlsa>,
+    pub names: Vec<String>,
 }
 
 impl HostPolicy {
@@ -279,7 +291,7 @@ pub async fn plan(resolver: &TokioResolver, domain: &str, port: u16) -> Result<P
     let mut unusable = Vec::new();
     for (_, host) in hosts {
         let name = host.trim_end_matches('.').to_owned();
-        let (addresses, addresses_secure) = match host_addresses(resolver, &host).await {
+        let (addresses, addresses_secure, alias_of) = match host_addresses(resolver, &host).await {
             Ok(found) => found,
             Err(HostProblem::Missing) => continue,
             Err(HostProblem::Unusable(why)) => {
@@ -288,7 +300,7 @@ pub async fn plan(resolver: &TokioResolver, domain: &str, port: u16) -> Result<P
             }
         };
         let policy = if mx_secure && addresses_secure {
-            match tlsa_policy(resolver, &name).await {
+            match tlsa_policy(resolver, &name, alias_of.as_deref()).await {
                 Ok(policy) => policy,
                 Err(why) => {
                     unusable.push(format!("{name}: {why}"));
@@ -335,11 +347,12 @@ enum HostProblem {
     Unusable(String),
 }
 
-/// The host's addresses and whether they were all validated as secure.
+/// The host's addresses, whether they (and any CNAME on the way) were all validated as
+/// secure, and the name they belong to when the host is an alias (CNAME).
 async fn host_addresses(
     resolver: &TokioResolver,
     host: &str,
-) -> Result<(Vec<IpAddr>, bool), HostProblem> {
+) -> Result<(Vec<IpAddr>, bool, Option<String>), HostProblem> {
     let result = resolver
         .lookup_ip(host)
         .await
@@ -354,10 +367,15 @@ async fn host_addresses(
                     _ => None,
                 })
                 .collect();
+            let owner = records
+                .iter()
+                .find(|r| matches!(r.data, RData::A(_) | RData::AAAA(_)))
+                .map(|r| r.name.to_ascii().trim_end_matches('.').to_ascii_lowercase());
+            let alias_of = owner.filter(|o| !o.eq_ignore_ascii_case(host.trim_end_matches('.')));
             if addresses.is_empty() {
                 Err(HostProblem::Missing)
             } else {
-                Ok((addresses, secure))
+                Ok((addresses, secure, alias_of))
             }
         }
         Answer::NoData | Answer::NxDomain => Err(HostProblem::Missing),
@@ -369,9 +387,30 @@ async fn host_addresses(
 }
 
 /// RFC 7672 §2.2: the TLSA records at `_25._tcp.<host>` (the port is that of SMTP, not
-/// `smtp_client.port`, which only tests change).
-async fn tlsa_policy(resolver: &TokioResolver, host: &str) -> Result<HostPolicy, String> {
-    let name = format!("_25._tcp.{host}.");
+/// `smtp_client.port`, which only tests change); for an alias, at `_25._tcp.<target>`
+/// first (§2.2.2).
+async fn tlsa_policy(
+    resolver: &TokioResolver,
+    host: &str,
+    alias_of: Option<&str>,
+) -> Result<HostPolicy, String> {
+    let mut names = vec![host.to_owned()];
+    if let Some(target) = alias_of {
+        names.push(target.to_owned());
+        let policy = tlsa_records(resolver, target, &names).await?;
+        if policy.applies() {
+            return Ok(policy);
+        }
+    }
+    tlsa_records(resolver, host, &names).await
+}
+
+async fn tlsa_records(
+    resolver: &TokioResolver,
+    base: &str,
+    names: &[String],
+) -> Result<HostPolicy, String> {
+    let name = format!("_25._tcp.{base}.");
     match lookup(resolver, &name, RecordType::TLSA).await {
         Answer::Records { records, secure } => {
             if !secure {
@@ -393,7 +432,10 @@ async fn tlsa_policy(resolver: &TokioResolver, host: &str) -> Result<HostPolicy,
             Ok(if usable.is_empty() {
                 HostPolicy::TlsRequired
             } else {
-                HostPolicy::Dane(Arc::new(usable))
+                HostPolicy::Dane(Arc::new(TlsaSet {
+                    records: usable,
+                    names: names.to_vec(),
+                }))
             })
         }
         Answer::NoData | Answer::NxDomain => Ok(HostPolicy::None),
@@ -404,14 +446,20 @@ async fn tlsa_policy(resolver: &TokioResolver, host: &str) -> Result<HostPolicy,
 
 /// A rustls configuration for one connection to `host` under `tlsa`: the certificate must
 /// match a record ([`DaneVerifier`]); no session is resumed (none is stored).
-pub fn tls_config(tlsa: Arc<Vec<Tlsa>>, host: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn tls_config(tlsa: Arc<TlsaSet>, host: &str) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(ring_provider::default_provider());
-    let name = ServerName::try_from(host.to_owned())
-        .map_err(|e| format!("{host:?} is not a usable TLS name: {e}"))?;
+    let names = tlsa
+        .names
+        .iter()
+        .map(|name| {
+            ServerName::try_from(name.clone())
+                .map_err(|e| format!("{name:?} is not a usable TLS name: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let verifier = DaneVerifier {
         tlsa,
         host: host.to_owned(),
-        name,
+        names,
         provider: provider.clone(),
     };
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -438,16 +486,18 @@ fn mismatch(why: String) -> rustls::Error {
 /// Judges a server certificate by one host's TLSA records (RFC 7672 §3.1, RFC 7671 §5).
 #[derive(Debug)]
 pub struct DaneVerifier {
-    tlsa: Arc<Vec<Tlsa>>,
-    /// The MX host name, for DANE-TA's name check and error messages.
+    tlsa: Arc<TlsaSet>,
+    /// The MX host name, for error messages.
     host: String,
-    name: ServerName<'static>,
+    /// The names DANE-TA accepts ([`TlsaSet::names`]).
+    names: Vec<ServerName<'static>>,
     provider: Arc<CryptoProvider>,
 }
 
 impl DaneVerifier {
     /// DANE-TA: `anchor` (a certificate the server sent, matching a record) is the only
-    /// root; the chain from it and the host name are checked as for any PKIX server.
+    /// root; the chain from it and the host name (any of [`TlsaSet::names`]) are checked
+    /// as for any PKIX server.
     fn chain_to(
         &self,
         anchor: &CertificateDer<'_>,
@@ -463,10 +513,14 @@ impl DaneVerifier {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| e.to_string())?;
-        verifier
-            .verify_server_cert(end_entity, intermediates, &self.name, &[], now)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let mut why = String::from("no name to check");
+        for name in &self.names {
+            match verifier.verify_server_cert(end_entity, intermediates, name, &[], now) {
+                Ok(_) => return Ok(()),
+                Err(e) => why = e.to_string(),
+            }
+        }
+        Err(why)
     }
 }
 
@@ -482,6 +536,7 @@ impl ServerCertVerifier for DaneVerifier {
         // DANE-EE: the key or certificate itself; names and dates do not matter (§3.1.1).
         if self
             .tlsa
+            .records
             .iter()
             .any(|t| t.usage == DANE_EE && t.matches(end_entity))
         {
@@ -492,6 +547,7 @@ impl ServerCertVerifier for DaneVerifier {
         for anchor in intermediates {
             if self
                 .tlsa
+                .records
                 .iter()
                 .any(|t| t.usage == DANE_TA && t.matches(anchor))
             {
@@ -600,9 +656,12 @@ mod tests {
         rest: &[CertificateDer<'_>],
     ) -> Result<(), String> {
         let verifier = DaneVerifier {
-            tlsa: Arc::new(tlsa),
+            tlsa: Arc::new(TlsaSet {
+                records: tlsa,
+                names: vec![host.into()],
+            }),
             host: host.into(),
-            name: ServerName::try_from(host.to_owned()).expect("name"),
+            names: vec![ServerName::try_from(host.to_owned()).expect("name")],
             provider: Arc::new(ring_provider::default_provider()),
         };
         let name = ServerName::try_from("ignored.test").expect("name");
@@ -689,8 +748,31 @@ mod tests {
     }
 
     #[test]
+    fn dane_ta_accepts_the_tlsa_base_domain_of_an_alias() {
+        let (leaf, ca) = chain(&["target.example.test"]);
+        let verifier = DaneVerifier {
+            tlsa: Arc::new(TlsaSet {
+                records: vec![record(2, 1, 1, sha256(&spki(&ca)))],
+                names: vec!["mx.example.test".into(), "target.example.test".into()],
+            }),
+            host: "mx.example.test".into(),
+            names: ["mx.example.test", "target.example.test"]
+                .map(|n| ServerName::try_from(n).expect("name"))
+                .to_vec(),
+            provider: Arc::new(ring_provider::default_provider()),
+        };
+        let name = ServerName::try_from("mx.example.test").expect("name");
+        verifier
+            .verify_server_cert(&leaf, &[ca], &name, &[], UnixTime::now())
+            .expect("a certificate for the CNAME target is accepted");
+    }
+
+    #[test]
     fn every_dane_connection_has_its_own_configuration_without_resumption() {
-        let tlsa = Arc::new(vec![record(3, 1, 1, vec![0; 32])]);
+        let tlsa = Arc::new(TlsaSet {
+            records: vec![record(3, 1, 1, vec![0; 32])],
+            names: vec!["mx.example.test".into()],
+        });
         let a = tls_config(tlsa.clone(), "mx.example.test").expect("config");
         let b = tls_config(tlsa, "mx.example.test").expect("config");
         assert!(!Arc::ptr_eq(&a, &b));

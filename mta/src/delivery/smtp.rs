@@ -3,7 +3,7 @@
 //! messages (up to `queue.max_messages_per_connection`), and turns replies and errors into
 //! per-recipient statuses ([`super::outcome`]).
 
-use super::dane::{self, HostPolicy, Tlsa};
+use super::dane::{self, HostPolicy, TlsaSet};
 use super::mta_sts::{self, Mode, Policy};
 use super::route::{self, Target};
 use super::{NextHop, Route, WorkItem, outcome};
@@ -301,7 +301,7 @@ async fn try_targets(
 /// is judged by those records alone ([`dane::DaneVerifier`]), in a rustls configuration
 /// made for this connection. Such a connection counts as verified (REQUIRETLS, RFC 8689).
 async fn connect_dane(
-    tlsa: &Arc<Vec<Tlsa>>,
+    tlsa: &Arc<TlsaSet>,
     target: &mta_client::Target,
     name: &str,
     client: &ClientConfig,
