@@ -14,6 +14,7 @@ use mta_config::MtaConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 #[derive(Debug, thiserror::Error)]
@@ -87,15 +88,13 @@ impl Server {
             let metrics = metrics.clone();
             Arc::new(move |latency, batch| metrics.spool_sync(latency, batch))
         };
-        let (spool, recovered) = Spool::open_observed(
-            &config.spool.path,
-            config.spool.segment_size,
-            Some(observer),
-        )
-        .map_err(|source| StartError::Spool {
-            path: config.spool.path.clone(),
-            source,
-        })?;
+        let (spool, recovered) =
+            open_spool(&config, observer)
+                .await
+                .map_err(|source| StartError::Spool {
+                    path: config.spool.path.clone(),
+                    source,
+                })?;
         let mut sockets = Vec::new();
         for listener in &config.listeners {
             let socket = TcpListener::bind(listener.address)
@@ -248,5 +247,34 @@ impl Server {
         self.ctx.intake.stop();
         self.trigger.shutdown().await;
         drop(self.http_stop);
+    }
+}
+
+/// How long a start waits for another owner of the spool to let go of it: an MTA
+/// restarting in place, or a volume-drain Job on its way out.
+const SPOOL_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens the spool, waiting up to [`SPOOL_LOCK_WAIT`] while another MTA still has it.
+async fn open_spool(
+    config: &MtaConfig,
+    observer: crate::spool::SyncObserver,
+) -> Result<(Spool, Vec<crate::spool::Recovered>), crate::spool::Error> {
+    let deadline = tokio::time::Instant::now() + SPOOL_LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match Spool::open_observed(
+            &config.spool.path,
+            config.spool.segment_size,
+            Some(observer.clone()),
+        ) {
+            Err(crate::spool::Error::InUse { dir }) if tokio::time::Instant::now() < deadline => {
+                if !said {
+                    tracing::warn!(spool = %dir.display(), wait_secs = SPOOL_LOCK_WAIT.as_secs(), "spool in use by another petrel-mta: waiting for it to stop");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            opened => return opened,
+        }
     }
 }
