@@ -315,6 +315,8 @@ def test_a_person_drains_a_pod_by_hand_with_the_cli(tmp_path):
             report = json.loads(out.stdout)
             return report["state"] == "drained" and report
         report = wait_for(drained, what="drained, as the CLI reports it")
+        # The spool's identity: how peers recognise this MTA at another address.
+        assert re.fullmatch(r"[0-9a-f]{16,}", report.pop("spool", "")), report
         assert report == {"result": "drain", "state": "drained", "left": 0, "delivered": 0,
                           "handed_off": 20, "marker": True, "peers": [peer.http_address]}, report
         shown = sender.cli("drain", "--status").stdout

@@ -601,7 +601,8 @@ async fn a_resend_is_recognised_and_a_draining_peer_takes_nothing() {
 
 /// A peer that reads each hand-over and, while `hang_up` is set (at first), hangs up
 /// without answering (as if it crashed after storing, or before); then answers every
-/// offer with `status_line` and `answer`.
+/// offer with `status_line` and `answer`. Its drain report (`GET /admin/drain`) gives
+/// its spool identity.
 struct ForgetfulPeer {
     address: SocketAddr,
     origins: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -610,10 +611,26 @@ struct ForgetfulPeer {
 
 impl ForgetfulPeer {
     async fn start(status_line: &'static str, answer: &'static str) -> ForgetfulPeer {
+        Self::start_as(None, status_line, answer).await
+    }
+
+    /// With spool identity `spool` (by default one of its own).
+    async fn start_as(
+        spool: Option<&str>,
+        status_line: &'static str,
+        answer: &'static str,
+    ) -> ForgetfulPeer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("addr");
+        let spool = spool.map_or_else(|| format!("forgetful-{}", address.port()), str::to_owned);
+        let report: &'static str = Box::leak(
+            serde_json::json!({"state": "serving", "left": 0, "delivered": 0,
+                "handed_off": 0, "marker": false, "peers": [], "spool": spool})
+            .to_string()
+            .into_boxed_str(),
+        );
         let origins = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let hang_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let seen = origins.clone();
@@ -629,10 +646,14 @@ impl ForgetfulPeer {
                     let mut reader = BufReader::new(stream);
                     loop {
                         let mut length = 0;
+                        let mut get = None;
                         loop {
                             let mut line = String::new();
                             if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
                                 return;
+                            }
+                            if get.is_none() {
+                                get = Some(line.starts_with("GET "));
                             }
                             if let Some(value) =
                                 line.to_ascii_lowercase().strip_prefix("content-length:")
@@ -645,6 +666,18 @@ impl ForgetfulPeer {
                         }
                         let mut body = vec![0; length];
                         reader.read_exact(&mut body).await.expect("body");
+                        if get == Some(true) {
+                            let response = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{report}",
+                                report.len()
+                            );
+                            reader
+                                .get_mut()
+                                .write_all(response.as_bytes())
+                                .await
+                                .expect("report");
+                            continue;
+                        }
                         let request: serde_json::Value =
                             serde_json::from_slice(&body).expect("json");
                         let id = request["origin"]["id"].as_str().expect("id").to_owned();
@@ -957,4 +990,100 @@ async fn assert_not_attempted(sender: &Server, attempts: u32) {
         ["pinned", "handing_off"].contains(&listed[0].state.as_str()),
         "{listed:?}"
     );
+}
+
+/// A pinned message whose peer comes back at another address (a restarted pod gets a new
+/// IP, its spool stays on its volume) is offered to it there, found by its spool identity,
+/// and to no other listed peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_peer_back_at_another_address_is_found_by_its_spool() {
+    let sender_dir = tempfile::tempdir().expect("tempdir");
+    let peer_dir = tempfile::tempdir().expect("tempdir");
+    let token = token_file(sender_dir.path());
+    let sender = start(config(sender_dir.path(), Some(&token))).await;
+    let healthy = start(config(peer_dir.path(), Some(&token))).await;
+    // The same spool before and after its "restart", at two addresses.
+    let before = ForgetfulPeer::start_as(
+        Some("spool-of-pod-2"),
+        "HTTP/1.1 200 OK",
+        r#"{"stored":true,"duplicate":false}"#,
+    )
+    .await;
+    let after = ForgetfulPeer::start_as(
+        Some("spool-of-pod-2"),
+        "HTTP/1.1 200 OK",
+        r#"{"stored":false,"duplicate":true}"#,
+    )
+    .await;
+    after.answer_from_now_on();
+
+    let (mut smtp, _) = Smtp::connect(sender.addresses[0]).await;
+    assert!(smtp.command("EHLO client.test").await.starts_with("250"));
+    // Several messages: without the spool identity each would go to either listed peer,
+    // so all of them reaching the right one by chance is unlikely (1 in 2^MESSAGES).
+    const MESSAGES: usize = 10;
+    for n in 0..MESSAGES {
+        assert!(
+            smtp.send(
+                "a@client.test",
+                "",
+                "b@remote.test",
+                "",
+                &format!("moved {n}")
+            )
+            .await
+            .starts_with("250")
+        );
+    }
+    until("deferred", || async {
+        let listed = list(&sender).await;
+        (listed.len() == MESSAGES && listed.iter().all(|m| m.attempts == 1)).then_some(())
+    })
+    .await;
+    let post = |peers: Vec<String>| {
+        let address = sender.http_address.expect("http");
+        async move {
+            let plan = serde_json::json!({"peers": peers, "deliver_for_secs": 0}).to_string();
+            assert_eq!(
+                http(address, "POST", "/admin/drain", Some(TOKEN), &plan)
+                    .await
+                    .0,
+                202
+            );
+        }
+    };
+    // Offered to the peer at its first address, which hangs up: the answer is lost.
+    post(vec![before.address.to_string()]).await;
+    until("every answer lost", || async {
+        (before.offers().len() >= MESSAGES
+            && drain_status(&sender).await["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("to no other")))
+        .then_some(())
+    })
+    .await;
+    let mut pinned = before.offers();
+    pinned.sort();
+    pinned.dedup();
+    assert_eq!(pinned.len(), MESSAGES, "{pinned:?}");
+
+    // The operator now lists a healthy peer and the same pod at its new address (the old
+    // one is gone): the message goes to the pod it was offered to, which has it.
+    let healthy_http = healthy.http_address.expect("http").to_string();
+    post(vec![healthy_http, after.address.to_string()]).await;
+    until("drained", || async {
+        (drain_status(&sender).await["state"] == "drained").then_some(())
+    })
+    .await;
+    let mut offered = after.offers();
+    offered.sort();
+    offered.dedup();
+    assert_eq!(offered, pinned, "every one offered again to the same spool");
+    assert!(
+        list(&healthy).await.is_empty(),
+        "the other peer never got it (it would have delivered it a second time)"
+    );
+    assert!(sender.ctx.spool.is_empty());
+    sender.shutdown().await;
+    healthy.shutdown().await;
 }

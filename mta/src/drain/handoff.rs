@@ -143,6 +143,7 @@ impl WireEnvelope {
             expires_at: _,
             handoff_origin: _,
             handoff_peer: _,
+            handoff_peer_spool: _,
         } = envelope;
         WireEnvelope {
             sender: sender.clone(),
@@ -213,6 +214,7 @@ impl WireEnvelope {
             expires_at: Some(expires_at),
             handoff_origin: Some(origin),
             handoff_peer: None,
+            handoff_peer_spool: None,
         }
     }
 }
@@ -375,6 +377,55 @@ impl Client {
         });
         self.connections.insert(peer.to_owned(), sender);
         Ok(())
+    }
+
+    /// The spool identity `peer` reports (`GET /admin/drain`), over the connection
+    /// [`Client::connect`] opened: what recognises that peer at another address.
+    pub async fn identity(&mut self, peer: &str) -> Result<String, String> {
+        let Some(sender) = self.connections.get_mut(peer) else {
+            return Err(format!("{peer}: not connected"));
+        };
+        let request = http::Request::get(super::http::DRAIN_PATH)
+            .header(http::header::HOST, peer)
+            .header(http::header::USER_AGENT, "petrel-mta")
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("{peer}: request: {e}"))?;
+        // Err(true): the connection is not to be trusted again; Err(false): it answered.
+        let asked = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| (true, e.to_string()))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| (true, e.to_string()))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err((false, format!("HTTP {status}")));
+            }
+            let report: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| (false, e.to_string()))?;
+            report["spool"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| (false, "no spool identity in its drain report".to_owned()))
+        };
+        let (broken, why) = match tokio::time::timeout(CONNECT_TIMEOUT, asked).await {
+            Ok(Ok(spool)) => return Ok(spool),
+            Ok(Err(failure)) => failure,
+            Err(_) => (true, format!("no answer within {CONNECT_TIMEOUT:?}")),
+        };
+        if broken {
+            self.connections.remove(peer);
+        }
+        Err(format!("{peer}: {why}"))
     }
 
     /// Offers `body` (a serialised [`Request`]) to `peer`, over the connection
@@ -544,6 +595,7 @@ mod tests {
             expires_at: None,
             handoff_origin: None,
             handoff_peer: Some("10.0.0.5:8080".into()),
+            handoff_peer_spool: Some("spool-of-10.0.0.5".into()),
         }
     }
 

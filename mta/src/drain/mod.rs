@@ -148,6 +148,9 @@ pub struct Report {
     /// The last hand-over error, while messages are kept for a retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// This spool's identity: how a draining peer recognises this MTA at a new address.
+    #[serde(default)]
+    pub spool: String,
 }
 
 /// Drain operations on the loopback admin endpoint (`petrel-mta queue drain`).
@@ -388,6 +391,7 @@ impl Drain {
             marker: self.marker.exists(),
             peers: p.peers.clone(),
             error: p.error.clone(),
+            spool: self.spool_id.clone(),
         }
     }
 
@@ -669,12 +673,14 @@ impl Drain {
         let workers = WORKERS.min(work.len());
         let work = Arc::new(Mutex::new(work));
         let health = self.health.clone();
+        let identities = Arc::new(offer::Identities::default());
         let mut running = tokio::task::JoinSet::new();
         for _ in 0..workers {
             let offer = Offer {
                 drain: self.clone(),
                 peers: peers.clone(),
                 health: health.clone(),
+                identities: identities.clone(),
                 generation,
                 mode,
             };
@@ -885,11 +891,13 @@ mod tests {
             marker: false,
             peers: vec!["10.0.0.5:8080".into()],
             error: None,
+            spool: "d1f0".into(),
         };
         assert_eq!(
             serde_json::to_value(&report).expect("json"),
             serde_json::json!({"state": "handing_off", "left": 3, "delivered": 1,
-                "handed_off": 7, "marker": false, "peers": ["10.0.0.5:8080"]})
+                "handed_off": 7, "marker": false, "peers": ["10.0.0.5:8080"],
+                "spool": "d1f0"})
         );
     }
 }

@@ -8,6 +8,13 @@
 //! whether it has the message, and another would deliver it a second time. A peer that is
 //! unreachable or refuses goes last for every other message for a while ([`PeerHealth`]).
 //!
+//! A pin names the peer by address and, when the peer told (its `GET /admin/drain`), by
+//! its spool identity. A peer pod that comes back at another address (a restart gives it
+//! a new IP; its spool and its record of what it stored are on its volume) is found by
+//! that identity among the listed peers and asked again there. A pinned peer that is
+//! neither listed nor found is given up on: the message goes elsewhere (a duplicate is
+//! possible, never a loss).
+//!
 //! Never: removes a message here (the scheduler does, on [`Drain::handed_over`]); offers a
 //! pinned message to a second peer while the first may have it.
 
@@ -37,6 +44,8 @@ pub(super) struct Offer {
     pub(super) drain: Arc<Drain>,
     pub(super) peers: Arc<[String]>,
     pub(super) health: Arc<PeerHealth>,
+    /// The listed peers' spool identities, learnt once per pass.
+    pub(super) identities: Arc<Identities>,
     pub(super) generation: u64,
     pub(super) mode: Mode,
 }
@@ -113,12 +122,26 @@ impl Offer {
             if self.peers.contains(&pinned) {
                 order.retain(|p| *p != pinned);
                 order.insert(0, pinned);
+            } else if let Some(moved) = self.find_moved(client, &envelope).await {
+                // The same peer at another address: only it can say whether it has it.
+                tracing::info!(queue_id = %id, from = %pinned, to = %moved, "hand-over: the peer last offered this message is back at another address");
+                envelope.handoff_peer = Some(moved.clone());
+                if let Err(e) = ctx.spool.update(id, &envelope).await {
+                    envelope.handoff_peer = Some(pinned);
+                    return Offered::Kept(
+                        Box::new(envelope),
+                        format!("cannot record the peer's new address: {e}"),
+                    );
+                }
+                order.retain(|p| *p != moved);
+                order.insert(0, moved);
             } else {
                 // Gone from the operator's list of Ready peers: if it had the message it
                 // delivers it, and this copy would be a second one; but it may as well
                 // never have had it, and mail must not stay here for ever.
                 tracing::warn!(queue_id = %id, peer = %pinned, "hand-over: the peer last offered this message is no longer listed; offering it elsewhere");
                 envelope.handoff_peer = None;
+                envelope.handoff_peer_spool = None;
             }
         }
         if self.mode == Mode::Resolve {
@@ -138,10 +161,14 @@ impl Offer {
                 continue;
             }
             if !pinned_earlier {
-                let before = envelope.handoff_peer.replace(peer.clone());
+                let spool = self.identities.of(client, &peer).await;
+                let before = (
+                    envelope.handoff_peer.replace(peer.clone()),
+                    std::mem::replace(&mut envelope.handoff_peer_spool, spool),
+                );
                 if let Err(e) = ctx.spool.update(id, &envelope).await {
                     // Nothing sent: either pin on disk is as good.
-                    envelope.handoff_peer = before;
+                    (envelope.handoff_peer, envelope.handoff_peer_spool) = before;
                     return Offered::Kept(
                         Box::new(envelope),
                         format!("cannot record the peer: {e}"),
@@ -159,11 +186,13 @@ impl Offer {
                     // Not sent this time: the pin on disk is stale but harmless (after
                     // a crash that peer is asked first, and answers).
                     envelope.handoff_peer = None;
+                    envelope.handoff_peer_spool = None;
                 }
                 handoff::Outcome::Refused { detail, .. } => {
                     // It stored nothing: the message is free to go elsewhere.
                     self.health.failed(&peer);
                     envelope.handoff_peer = None;
+                    envelope.handoff_peer_spool = None;
                     ctx.spool.update_detached(id, &envelope);
                     last_error = detail;
                 }
@@ -177,6 +206,63 @@ impl Offer {
             }
         }
         Offered::Kept(Box::new(envelope), last_error)
+    }
+}
+
+impl Offer {
+    /// The listed peer whose spool is the one `envelope` is pinned to, if any.
+    async fn find_moved(
+        &self,
+        client: &mut handoff::Client,
+        envelope: &Envelope,
+    ) -> Option<String> {
+        let wanted = envelope.handoff_peer_spool.as_deref()?;
+        for peer in self.peers.iter() {
+            if self.identities.of(client, peer).await.as_deref() == Some(wanted) {
+                return Some(peer.clone());
+            }
+        }
+        None
+    }
+}
+
+/// The spool identities of a pass's peers, each asked once (a failure too is remembered
+/// for the pass: the pin then names the address only).
+#[derive(Default)]
+pub(super) struct Identities {
+    known: Mutex<HashMap<String, Option<String>>>,
+}
+
+impl Identities {
+    async fn of(&self, client: &mut handoff::Client, peer: &str) -> Option<String> {
+        if let Some(known) = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+        {
+            return known.clone();
+        }
+        let learnt = match client.connect(peer).await {
+            Ok(()) => client.identity(peer).await,
+            Err(e) => Err(e),
+        };
+        let spool = match learnt {
+            Ok(spool) => Some(spool),
+            Err(e) => {
+                tracing::debug!(
+                    peer,
+                    error = e,
+                    "hand-over: the peer's spool identity is unknown"
+                );
+                None
+            }
+        };
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer.to_owned(), spool.clone());
+        spool
     }
 }
 

@@ -156,6 +156,10 @@ pub struct Envelope {
     /// recognises it) rather than to a second one (which would deliver it again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff_peer: Option<String>,
+    /// The spool identity of that peer, when it told: a peer pod that comes back at
+    /// another address is still the one to ask (see `drain::offer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_peer_spool: Option<String>,
 }
 
 /// The identity of a handed-over message at the pod that first queued it: unique in the
@@ -195,6 +199,7 @@ impl Envelope {
             expires_at: None,
             handoff_origin: None,
             handoff_peer: None,
+            handoff_peer_spool: None,
         }
     }
 }

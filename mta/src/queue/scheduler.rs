@@ -592,6 +592,7 @@ impl Scheduler {
         if entry.phase == Phase::Pinned {
             tracing::warn!(queue_id = %id, peer = entry.envelope.handoff_peer.as_deref().unwrap_or("-"), "released while pinned to a peer: delivered from here (the peer may deliver it too)");
             entry.envelope.handoff_peer = None;
+            entry.envelope.handoff_peer_spool = None;
             entry.phase = Phase::Held;
         }
         if entry.phase == Phase::Held {
