@@ -4,7 +4,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `POST /admin/drain` `{"peers": ["host:port", …], "deliver_for_secs": 30}` | `202 {"state": …}`; `400 {"error": …}` for a malformed body or peer |
-//! | `GET /admin/drain` | `200` [`Report`]: `{"state", "left", "delivered", "handed_off", "marker", "peers", "error"?}` |
+//! | `GET /admin/drain` | `200` [`Report`]: `{"state", "left", "delivered", "handed_off", "marker", "peers", "error"?, "spool"}` (`spool`: this spool's identity, by which a draining peer recognises this MTA at a new address) |
 //! | `DELETE /admin/drain` | `200 {"state": "serving"}`: drain cancelled, marker removed |
 //! | `POST /admin/handoff` [`handoff::Request`] | `200 {"stored": true}`; `200 {"stored": false, "duplicate": true}`; `409` draining; `400` malformed; `503` not stored (spool); `413` too large |
 //!
