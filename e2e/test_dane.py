@@ -95,7 +95,7 @@ def self_signed(directory, name, expired=False):
 class World:
     """The signed zones, the front, the certificates and (when delivering) the sinks."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, extra_records=None):
         from test_mta_sts import Ca
         self.dir = directory
         self.ca = Ca(directory, "dane-ta-ca")
@@ -148,6 +148,8 @@ class World:
         for domain in ("both.test", "bothbad.test"):
             records["test."] += [f'_mta-sts.{domain}. IN TXT "v=STSv1; id=20260101T000000;"',
                                  f"mta-sts.{domain}. IN A 127.0.0.20"]
+        for zone, lines in (extra_records or {}).items():
+            records[zone] += lines
         self.dns = SignedDns(records, listen=DNS_IP)
         self.front = Front((DNS_IP, self.dns.port), servfail=SERVFAIL, listen=DNS_IP)
         self.sinks, self.policy_server = {}, None
@@ -165,7 +167,7 @@ class World:
         self.policy_server = PolicyServer(
             self.sts_ca.issue(*(f"mta-sts.{d}" for d in policies)), policies)
 
-    def config(self, workdir, smtp_client=""):
+    def config(self, workdir, smtp_client="", retry_interval="1s"):
         """The MTA relays for 127.0.0.0/8, asks the front, trusts the private root."""
         return mta_header(workdir) + f"""\
 relay:
@@ -179,8 +181,8 @@ smtp_client:
   mta_sts_port: {self.policy_server.port}
   dnssec_trust_anchor: {self.dns.anchor_file}
 {smtp_client}queue:
-  retry_interval: 1s
-  max_retry_interval: 2s
+  retry_interval: {retry_interval}
+  max_retry_interval: {retry_interval}
 local_domains:
   - name: example.test
     delivery:

@@ -49,6 +49,8 @@ pub struct Context {
     resolver: Mutex<Option<(mta_config::DnsConfig, Arc<TokioResolver>)>>,
     /// The DNSSEC-validating resolver for DANE (RFC 7672); also rebuilt on changes.
     pub dane: crate::delivery::dane::ValidatingResolver,
+    /// TLS-RPT (RFC 8460) counts of this period and the task that reports them.
+    pub tls_rpt: crate::delivery::smtp::tls_rpt::Reporter,
 }
 
 /// Whether this MTA takes new mail. While draining (a drain was asked for, or shutdown has
@@ -178,6 +180,7 @@ impl Context {
             mta_sts: Default::default(),
             resolver: Mutex::new(None),
             dane: Default::default(),
+            tls_rpt: Default::default(),
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 pub use outbound::{
     AdminConfig, DkimConfig, DkimKeyConfig, DnsConfig, DnsblAction, MailAuthConfig, QueueConfig,
-    RelayConfig, RouteAuth, RouteConfig, SmtpClientConfig, TlsMode,
+    RelayConfig, RouteAuth, RouteConfig, SmtpClientConfig, TlsMode, TlsRptConfig,
 };
 pub use validate::{ConfigError, Problem, is_maildir_safe_local_part};
 

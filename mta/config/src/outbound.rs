@@ -205,6 +205,10 @@ pub struct SmtpClientConfig {
     /// (KSK-2017 and KSK-2024, built in). Set it only for a private DNS tree or tests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dnssec_trust_anchor: Option<std::path::PathBuf>,
+    /// TLS-RPT (RFC 8460): results of delivery by MX to domains that ask for reports, and
+    /// the aggregate reports sent to them.
+    #[serde(default, skip_serializing_if = "TlsRptConfig::is_default")]
+    pub tls_rpt: TlsRptConfig,
     /// TCP connect. Default: `30s`.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
@@ -231,12 +235,54 @@ impl Default for SmtpClientConfig {
             mta_sts_port: 443,
             dane: true,
             dnssec_trust_anchor: None,
+            tls_rpt: TlsRptConfig::default(),
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(5 * 60),
             data_init_timeout: Duration::from_secs(2 * 60),
             data_block_timeout: Duration::from_secs(3 * 60),
             data_done_timeout: Duration::from_secs(10 * 60),
         }
+    }
+}
+
+/// TLS-RPT (RFC 8460). Each connection by MX to a domain that publishes a
+/// `_smtp._tls` TXT record (`v=TLSRPTv1; rua=…`) counts as a success or as a failure of
+/// the policy that applied (DANE's TLSA records, the MTA-STS policy, or none), with the
+/// RFC 8460 result type. Every `report_interval`, each such domain gets one aggregate
+/// JSON report, gzipped, by mail (`mailto:`, with `TLS-Required: No`) or HTTPS POST
+/// (`https:`) as its record asks. Reports are never counted in reports. Counts are this
+/// pod's own (each report id names the host and the pod) and are lost at a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct TlsRptConfig {
+    /// Record results and send reports. Default: `true`.
+    pub enabled: bool,
+    /// Time covered by one report. Default: `1d` (RFC 8460 §4.1); change it only for tests.
+    #[serde(with = "duration")]
+    pub report_interval: Duration,
+    /// `From:` and envelope sender of mailed reports. Default: absent, meaning
+    /// `tls-reports@<hostname>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// `organization-name` of the reports. Default: absent, meaning `hostname`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization: Option<String>,
+}
+
+impl Default for TlsRptConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            report_interval: Duration::from_secs(24 * 3600),
+            sender: None,
+            organization: None,
+        }
+    }
+}
+
+impl TlsRptConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
     }
 }
 

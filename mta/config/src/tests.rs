@@ -373,3 +373,22 @@ routes:
         ["routes[0].dane", "smtp_client.dnssec_trust_anchor"]
     );
 }
+
+#[test]
+fn tls_rpt_defaults_and_mistakes() {
+    let config = MtaConfig::from_yaml("hostname: a.test\n").expect("parses");
+    assert!(config.smtp_client.tls_rpt.enabled);
+    assert_eq!(
+        config.smtp_client.tls_rpt.report_interval,
+        std::time::Duration::from_secs(86400)
+    );
+    assert!(!config.to_yaml().contains("tls_rpt"), "defaults are not rendered");
+    let yaml = "smtp_client:\n  tls_rpt: {report_interval: 0s, sender: nobody}\n";
+    assert_eq!(
+        problem_keys(yaml),
+        [
+            "smtp_client.tls_rpt.report_interval",
+            "smtp_client.tls_rpt.sender"
+        ]
+    );
+}

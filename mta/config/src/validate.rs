@@ -401,6 +401,22 @@ impl MtaConfig {
             );
         }
 
+        let rpt = &self.smtp_client.tls_rpt;
+        if rpt.report_interval.as_secs() == 0 {
+            problem(
+                "smtp_client.tls_rpt.report_interval".into(),
+                "must be at least 1s".into(),
+            );
+        }
+        if let Some(sender) = &rpt.sender
+            && !is_mail_address(sender)
+        {
+            problem(
+                "smtp_client.tls_rpt.sender".into(),
+                format!("{sender:?} is not an address"),
+            );
+        }
+
         let queue = &self.queue;
         if queue.retry_interval.as_secs() == 0 {
             problem("queue.retry_interval".into(), "must be at least 1s".into());

@@ -1,7 +1,10 @@
 //! SMTP and LMTP delivery for one worker: resolves the route's hosts (and, for MX routes,
 //! applies DANE, else the domain's MTA-STS policy), keeps one client [`Connection`] open across
 //! messages (up to `queue.max_messages_per_connection`), and turns replies and errors into
-//! per-recipient statuses ([`super::outcome`]).
+//! per-recipient statuses ([`super::outcome`]). Connections to domains that ask for TLS
+//! reports are counted by [`tls_rpt`] (RFC 8460).
+
+pub mod tls_rpt;
 
 use super::dane::{self, HostPolicy, TlsaSet};
 use super::mta_sts::{self, Mode, Policy};
@@ -15,6 +18,7 @@ use mta_client::{
 };
 use mta_config::{MtaConfig, RouteAuth, TlsMode};
 use std::sync::Arc;
+use tls_rpt::PolicyKey;
 
 /// A worker's connection, reused while it delivers to the same destination.
 #[derive(Default)]
@@ -57,7 +61,10 @@ impl Session {
             self.connection = None;
         }
         if self.connection.is_none() {
-            match connect(ctx, &config, route, require_tls).await {
+            // TLS-RPT: the delivery of a report is never counted in one (RFC 8460 §5.3).
+            let report = config.smtp_client.tls_rpt.enabled
+                && item.envelope.sender != tls_rpt::report_sender(&config);
+            match connect(ctx, &config, route, require_tls, report).await {
                 Ok((connection, verified, host)) => {
                     self.connection = Some(connection);
                     self.sent = 0;
@@ -148,6 +155,7 @@ async fn connect(
     config: &MtaConfig,
     route: &Route,
     require_tls: bool,
+    report: bool,
 ) -> Result<(Connection, bool, String), Status> {
     let (targets, client, sts): (Vec<Target>, _, _) = match route {
         Route::Lmtp { address } => {
@@ -171,8 +179,19 @@ async fn connect(
         } => {
             let resolver = ctx.resolver()?;
             let mut mode = if require_tls { TlsMode::Verified } else { *tls };
-            let (targets, sts) = match next_hop {
+            let (targets, sts, rpt) = match next_hop {
                 NextHop::Mx { domain } => {
+                    let rua = if report {
+                        ctx.tls_rpt.rua(&resolver, domain).await
+                    } else {
+                        None
+                    };
+                    let rpt = rua.map(|rua| Rpt {
+                        ctx,
+                        domain,
+                        rua,
+                        sts: PolicyKey::none(),
+                    });
                     let dane_on = config
                         .route(domain)
                         .and_then(|r| r.dane)
@@ -184,7 +203,8 @@ async fn connect(
                             // RFC 8461 §2: where DANE applies, MTA-STS does not.
                             tracing::info!(domain = %mta_telemetry::Escaped(domain.as_str()), "DANE: TLSA records apply");
                             let client = client_config(config, false, mode, auth.as_ref())?;
-                            return try_targets(plan.hosts, &client, require_tls, Sts::Off).await;
+                            return try_targets(plan.hosts, &client, require_tls, Sts::Off, rpt)
+                                .await;
                         }
                         plan.hosts.into_iter().map(|(target, _)| target).collect()
                     } else {
@@ -197,7 +217,14 @@ async fn connect(
                     } else {
                         None
                     };
-                    match policy {
+                    let rpt = rpt.map(|rpt| Rpt {
+                        sts: match &policy {
+                            Some(policy) if policy.mode != Mode::None => sts_key(policy),
+                            Some(_) | None => PolicyKey::none(),
+                        },
+                        ..rpt
+                    });
+                    let (targets, sts) = match policy {
                         Some(policy) if policy.mode == Mode::Enforce => {
                             mode = TlsMode::Verified;
                             let targets = mta_sts::enforce_hosts(&policy, domain, targets)?;
@@ -211,16 +238,18 @@ async fn connect(
                             },
                         ),
                         Some(_) | None => (targets, Sts::Off),
-                    }
+                    };
+                    (targets, sts, rpt)
                 }
                 NextHop::Smarthost { host_port } => (
                     route::host_port_targets(&resolver, host_port).await?,
                     Sts::Off,
+                    None,
                 ),
             };
             let targets = targets.into_iter().map(|t| (t, HostPolicy::None)).collect();
             let client = client_config(config, false, mode, auth.as_ref())?;
-            return try_targets(targets, &client, require_tls, sts).await;
+            return try_targets(targets, &client, require_tls, sts, rpt).await;
         }
         Route::Maildir { .. } | Route::Unroutable { .. } => {
             return Err(Status::Deferred {
@@ -229,7 +258,91 @@ async fn connect(
         }
     };
     let targets = targets.into_iter().map(|t| (t, HostPolicy::None)).collect();
-    try_targets(targets, &client, require_tls, sts).await
+    try_targets(targets, &client, require_tls, sts, None).await
+}
+
+/// Where TLS-RPT results of one delivery by MX go: the domain asked for reports at `rua`.
+struct Rpt<'a> {
+    ctx: &'a Arc<Context>,
+    domain: &'a str,
+    rua: Vec<String>,
+    /// The policy of hosts DANE does not govern: MTA-STS's, or none.
+    sts: PolicyKey,
+}
+
+impl Rpt<'_> {
+    /// Counts one attempt: a TLS session is a success, anything that kept TLS from being
+    /// negotiated (as the policy wants it) a failure; other failures (no connection, a
+    /// timeout) are not about TLS and are not counted.
+    fn record(
+        &self,
+        dane: &HostPolicy,
+        host: &str,
+        address: std::net::SocketAddr,
+        attempt: &Result<(Connection, bool), ClientError>,
+    ) {
+        use tls_rpt::{Outcome, ResultType};
+        let policy = match dane {
+            HostPolicy::Dane(set) => PolicyKey {
+                kind: "tlsa",
+                strings: set
+                    .records
+                    .iter()
+                    .map(|t| {
+                        let hex: String = t.data.iter().map(|b| format!("{b:02x}")).collect();
+                        format!("{} {} {} {hex}", t.usage, t.selector, t.matching)
+                    })
+                    .collect(),
+                mx_hosts: vec![host.to_owned()],
+            },
+            HostPolicy::TlsRequired => PolicyKey {
+                kind: "tlsa",
+                strings: Vec::new(),
+                mx_hosts: vec![host.to_owned()],
+            },
+            HostPolicy::None => self.sts.clone(),
+        };
+        let failure = |result| Outcome::Failure {
+            result,
+            mx_host: host.to_owned(),
+            receiving_ip: address.ip(),
+        };
+        let outcome = match attempt {
+            Ok((connection, _)) if connection.tls_active() => Outcome::Success,
+            Ok(_) | Err(ClientError::TlsUnavailable) => failure(ResultType::StartTlsNotSupported),
+            Err(ClientError::Tls { .. }) => failure(ResultType::ValidationFailure),
+            Err(
+                ClientError::Connect { .. }
+                | ClientError::Timeout { .. }
+                | ClientError::Io { .. }
+                | ClientError::Protocol { .. }
+                | ClientError::AuthFailed { .. }
+                | ClientError::AuthUnavailable
+                | ClientError::Rejected { .. }
+                | ClientError::MessageTooBig { .. }
+                | ClientError::EightBitUnsupported
+                | ClientError::Smtputf8Unsupported,
+            ) => return,
+        };
+        self.ctx
+            .tls_rpt
+            .record(self.ctx, self.domain, &self.rua, policy, outcome);
+    }
+}
+
+/// The TLS-RPT `policy` of an MTA-STS policy (RFC 8460 §4.4): its lines, its patterns.
+fn sts_key(policy: &Policy) -> PolicyKey {
+    let mut strings = vec![
+        "version: STSv1".to_owned(),
+        format!("mode: {}", policy.mode),
+    ];
+    strings.extend(policy.mx.iter().map(|mx| format!("mx: {mx}")));
+    strings.push(format!("max_age: {}", policy.max_age.as_secs()));
+    PolicyKey {
+        kind: "sts",
+        strings,
+        mx_hosts: policy.mx.clone(),
+    }
 }
 
 /// Connects to the first target that answers, each as DANE ([`HostPolicy`]) or else the
@@ -239,6 +352,7 @@ async fn try_targets(
     client: &ClientConfig,
     require_tls: bool,
     sts: Sts,
+    rpt: Option<Rpt<'_>>,
 ) -> Result<(Connection, bool, String), Status> {
     let verified = client.tls == mta_client::TlsMode::Verified;
     let mut last = None;
@@ -265,6 +379,9 @@ async fn try_targets(
                     .map(|c| (c, verified))
             }
         };
+        if let Some(rpt) = &rpt {
+            rpt.record(&dane, &name, address, &attempt);
+        }
         match attempt {
             Ok((connection, verified)) => {
                 let span = tracing::Span::current();
