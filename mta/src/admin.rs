@@ -302,7 +302,6 @@ pub fn render_drain(report: &Report) -> String {
 
 /// Human-readable form of a response (the CLI's default output).
 pub fn render(response: &AdminResponse) -> String {
-    use crate::queue::Status;
     use std::fmt::Write;
     let mut out = String::new();
     let next = |at: Option<u64>| match at {
@@ -344,18 +343,21 @@ pub fn render(response: &AdminResponse) -> String {
             let _ = writeln!(out, "attempts:      {}", m.attempts);
             let _ = writeln!(out, "next attempt:  {}", next(m.next_attempt_at));
             for r in &m.recipients {
-                let (state, detail) = match &r.status {
-                    Status::Scheduled => ("scheduled", ""),
-                    Status::Delivered { detail } => ("delivered", detail.as_str()),
-                    Status::Deferred { detail } => ("deferred", detail.as_str()),
-                    Status::Failed { detail } => ("failed", detail.as_str()),
-                };
+                let state = r.status.state();
+                let detail = r
+                    .status
+                    .diagnostic()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
                 let via = r
                     .remote_mta
                     .as_deref()
                     .map(|host| format!(" (from {host})"))
                     .unwrap_or_default();
-                let _ = writeln!(out, "  <{}>  {state}  {detail}{via}", r.address);
+                let class = crate::delivery::classify::verdict(&r.status)
+                    .map(|v| format!(" [{}, {}]", v.class, v.disposition))
+                    .unwrap_or_default();
+                let _ = writeln!(out, "  <{}>  {state}  {detail}{via}{class}", r.address);
             }
         }
         AdminResponse::Done { affected } => {

@@ -269,12 +269,11 @@ impl Context {
         {
             return Ok(resolver.clone());
         }
-        let resolver =
-            Arc::new(
-                crate::delivery::route::resolver(&dns).map_err(|e| Status::Deferred {
-                    detail: format!("451 4.4.3 {e}"),
-                })?,
-            );
+        let resolver = Arc::new(crate::delivery::route::resolver(&dns).map_err(|e| {
+            crate::delivery::outcome::DeliveryError::Dns {
+                detail: e.to_string(),
+            }
+        })?);
         *cached = Some((dns, resolver.clone()));
         Ok(resolver)
     }

@@ -40,8 +40,8 @@ pub fn retire(ctx: &Arc<Context>, id: QueueId, envelope: Envelope) {
         }
         let mut bounced = false;
         for recipient in &envelope.recipients {
-            if let Status::Failed { detail } = &recipient.status {
-                tracing::warn!(queue_id = %id, to = %mta_telemetry::Escaped(&recipient.address), detail, "bounced");
+            if let Status::Failed(diagnostic) = &recipient.status {
+                tracing::warn!(queue_id = %id, to = %mta_telemetry::Escaped(&recipient.address), detail = %diagnostic, "bounced");
                 bounced = true;
             }
         }
@@ -105,9 +105,9 @@ async fn notify(ctx: &Arc<Context>, id: QueueId, envelope: &Envelope, kind: Kind
 fn wants(recipient: &Recipient, kind: Kind) -> bool {
     let notify = schedule::notify(recipient);
     match (&recipient.status, kind) {
-        (Status::Failed { .. }, Kind::Failure) => notify.failure,
-        (Status::Deferred { .. } | Status::Scheduled, Kind::Delay) => notify.delay,
-        (Status::Delivered { .. }, Kind::Success) => notify.success,
+        (Status::Failed(_), Kind::Failure) => notify.failure,
+        (Status::Deferred(_) | Status::Scheduled, Kind::Delay) => notify.delay,
+        (Status::Delivered(_), Kind::Success) => notify.success,
         _ => false,
     }
 }
@@ -215,9 +215,18 @@ pub fn build(
         if let Some(host) = &r.remote_mta {
             let _ = write!(out, "Remote-MTA: dns; {host}\r\n");
         }
-        let text = detail(&r.status);
-        if starts_with_reply_code(text) {
-            let _ = write!(out, "Diagnostic-Code: smtp; {text}\r\n");
+        if let Some(diagnostic) = r.status.diagnostic()
+            && diagnostic.code.is_some()
+        {
+            let _ = write!(out, "Diagnostic-Code: smtp; {diagnostic}\r\n");
+        }
+        // An extension field (RFC 3464 §3.3: `X-` names are for private use).
+        if let Some(verdict) = crate::delivery::classify::verdict(&r.status) {
+            let _ = write!(
+                out,
+                "X-Petrel-Class: {}; {}\r\n",
+                verdict.class, verdict.disposition
+            );
         }
         if kind == Kind::Delay {
             let until = schedule::expires_at_ms(&config.queue, envelope.received_at) / 1000;
@@ -247,45 +256,26 @@ pub fn build(
     bytes
 }
 
-fn detail(status: &Status) -> &str {
-    match status {
-        Status::Delivered { detail } | Status::Deferred { detail } | Status::Failed { detail } => {
-            detail
-        }
-        Status::Scheduled => "not yet attempted",
+/// The one-line answer about a recipient, for the human-readable part.
+fn detail(status: &Status) -> String {
+    match status.diagnostic() {
+        Some(diagnostic) => diagnostic.to_string(),
+        None => "not yet attempted".to_owned(),
     }
 }
 
-/// The RFC 3463 code of a status: the enhanced code in its detail when there is one,
-/// otherwise the class's generic code.
+/// The RFC 3463 code of a status: its enhanced code when it has one, otherwise the
+/// class's generic code.
 pub fn status_code(status: &Status) -> String {
-    let text = detail(status);
-    let enhanced = text
-        .split_whitespace()
-        .take(2)
-        .find(|word| is_enhanced_code(word));
-    if let Some(code) = enhanced {
-        return code.to_owned();
+    if let Some(code) = status.diagnostic().and_then(|d| d.enhanced_code()) {
+        return code;
     }
     match status {
-        Status::Delivered { .. } => "2.0.0",
-        Status::Failed { .. } => "5.0.0",
-        Status::Deferred { .. } | Status::Scheduled => "4.0.0",
+        Status::Delivered(_) => "2.0.0",
+        Status::Failed(_) => "5.0.0",
+        Status::Deferred(_) | Status::Scheduled => "4.0.0",
     }
     .to_owned()
-}
-
-fn is_enhanced_code(word: &str) -> bool {
-    let parts: Vec<&str> = word.split('.').collect();
-    parts.len() == 3
-        && matches!(parts[0], "2" | "4" | "5")
-        && parts[1..]
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
-}
-
-fn starts_with_reply_code(text: &str) -> bool {
-    text.len() >= 3 && text.as_bytes()[..3].iter().all(u8::is_ascii_digit)
 }
 
 /// The header section of a message, up to and including the blank line.

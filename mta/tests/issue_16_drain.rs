@@ -407,7 +407,7 @@ async fn a_drain_hands_every_message_over_with_its_state() {
         assert_eq!(m.received_at, original.received_at, "{}", m.sender);
         assert_eq!(m.attempts, 1);
         assert_eq!(m.recipients, original.recipients);
-        assert!(matches!(m.recipients[0].status, Status::Deferred { .. }));
+        assert!(matches!(m.recipients[0].status, Status::Deferred(_)));
         let was_held = held.contains(&original.id);
         assert_eq!(
             m.state,

@@ -33,6 +33,7 @@
 //! Not here: DANE-TA(2) `2 0 0` anchors the server does not send, and TLS-RPT reports
 //! (RFC 8460).
 
+use super::outcome::DeliveryError;
 use super::route::Target;
 use crate::queue::Status;
 use hickory_resolver::TokioResolver;
@@ -73,29 +74,28 @@ impl ValidatingResolver {
             return Ok(resolver.clone());
         }
         let anchors = match &key.1 {
-            Some(path) => TrustAnchors::from_file(path).map_err(|e| Status::Deferred {
+            Some(path) => TrustAnchors::from_file(path).map_err(|e| DeliveryError::Dane {
                 detail: format!(
-                    "451 4.7.5 DANE: cannot load smtp_client.dnssec_trust_anchor {}: {e}",
+                    "cannot load smtp_client.dnssec_trust_anchor {}: {e}",
                     path.display()
                 ),
             })?,
             None => TrustAnchors::default(),
         };
         if anchors.is_empty() && key.1.is_some() {
-            return Err(Status::Deferred {
-                detail: "451 4.7.5 DANE: smtp_client.dnssec_trust_anchor has no root DNSKEY \
-                         record"
-                    .into(),
-            });
+            return Err(DeliveryError::Dane {
+                detail: "smtp_client.dnssec_trust_anchor has no root DNSKEY record".into(),
+            }
+            .into());
         }
         let resolver = super::route::resolver_builder(&key.0)
-            .map_err(|e| Status::Deferred {
-                detail: format!("451 4.4.3 {e}"),
+            .map_err(|e| DeliveryError::Dns {
+                detail: e.to_string(),
             })?
             .with_trust_anchor(Arc::new(anchors))
             .build()
-            .map_err(|e| Status::Deferred {
-                detail: format!("451 4.4.3 validating resolver: {e}"),
+            .map_err(|e| DeliveryError::Dns {
+                detail: format!("validating resolver: {e}"),
             })?;
         let resolver = Arc::new(resolver);
         *cached = Some((key, resolver.clone()));
@@ -261,28 +261,29 @@ pub async fn plan(resolver: &TokioResolver, domain: &str, port: u16) -> Result<P
         // security decides below (the non-existence proof of the MX is not kept).
         Answer::NoData => (vec![(0, fqdn.clone())], true),
         Answer::NxDomain => {
-            return Err(Status::Failed {
-                detail: format!("550 5.1.2 domain {domain} does not exist (NXDOMAIN)"),
-            });
+            return Err(DeliveryError::NoSuchDomain {
+                domain: domain.to_owned(),
+            }
+            .into());
         }
         Answer::Bogus => {
-            return Err(Status::Deferred {
-                detail: format!(
-                    "451 4.7.5 DANE: DNSSEC validation of the MX records of {domain} failed \
-                     (bogus)"
-                ),
-            });
+            return Err(DeliveryError::Dane {
+                detail: format!("DNSSEC validation of the MX records of {domain} failed (bogus)"),
+            }
+            .into());
         }
         Answer::Failed(e) => {
-            return Err(Status::Deferred {
-                detail: format!("451 4.4.3 MX lookup for {domain} failed: {e}"),
-            });
+            return Err(DeliveryError::Dns {
+                detail: format!("MX lookup for {domain} failed: {e}"),
+            }
+            .into());
         }
     };
     if hosts.len() == 1 && hosts[0].1 == "." {
-        return Err(Status::Failed {
-            detail: format!("556 5.1.10 domain {domain} does not accept mail (null MX)"),
-        });
+        return Err(DeliveryError::NullMx {
+            domain: domain.to_owned(),
+        }
+        .into());
     }
     hosts.retain(|(_, name)| name != ".");
     super::route::order_by_preference(&mut hosts);
@@ -322,17 +323,15 @@ pub async fn plan(resolver: &TokioResolver, domain: &str, port: u16) -> Result<P
     }
     if planned.is_empty() {
         return Err(if unusable.is_empty() {
-            Status::Failed {
-                detail: format!("550 5.4.4 no address for any MX host of {domain}"),
+            DeliveryError::NoMxAddress {
+                domain: domain.to_owned(),
             }
         } else {
-            Status::Deferred {
-                detail: format!(
-                    "451 4.7.5 DANE: no usable MX host for {domain} ({})",
-                    unusable.join("; ")
-                ),
+            DeliveryError::Dane {
+                detail: format!("no usable MX host for {domain} ({})", unusable.join("; ")),
             }
-        });
+        }
+        .into());
     }
     Ok(Plan {
         mx_secure,

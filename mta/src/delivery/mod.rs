@@ -21,6 +21,7 @@
 //! domain's MX hosts ([`route`] resolves them; [`dane`] and [`mta_sts`] say which of them
 //! may be used and how; [`smtp`] speaks to them).
 
+pub mod classify;
 pub mod dane;
 pub mod mta_sts;
 pub mod outcome;
@@ -35,6 +36,7 @@ use crate::shutdown::Shutdown;
 use mta_config::{LocalDelivery, MtaConfig, RouteAuth, TlsMode};
 use mta_telemetry::Outcome;
 use mta_telemetry::spans::field;
+use outcome::DeliveryError;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -136,9 +138,7 @@ pub fn group_by_destination(config: &MtaConfig, envelope: &Envelope) -> Vec<(Rou
 fn route_for(config: &MtaConfig, address: &str) -> Route {
     let Some((_, domain)) = split_address(address) else {
         return Route::Unroutable {
-            status: Status::Failed {
-                detail: "550 5.1.3 recipient address has no domain".into(),
-            },
+            status: DeliveryError::AddressWithoutDomain.status(),
         };
     };
     if let Some(local) = config.local_domain(domain) {
@@ -397,6 +397,10 @@ async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: 
             log_result(item.id, &item.envelope.recipients[*index].address, status);
             if let Some(outcome) = metric_outcome(status) {
                 ctx.metrics.delivery_attempt(outcome, latency);
+                if let Some(verdict) = classify::verdict(status) {
+                    ctx.metrics
+                        .delivery_failure(outcome, verdict.class.as_str());
+                }
             }
         }
         record_outcome(&span, &results);
@@ -426,9 +430,10 @@ async fn deliver(
     let message = match ctx.spool.read_message(item.id).await {
         Ok(message) => Arc::new(message),
         Err(e) => {
-            let status = Status::Deferred {
-                detail: format!("451 4.3.0 cannot read queued message: {e}"),
-            };
+            let status = DeliveryError::Local {
+                detail: format!("cannot read queued message: {e}"),
+            }
+            .status();
             return item
                 .recipients
                 .iter()
@@ -457,12 +462,7 @@ async fn deliver_maildir(
         let address = &item.envelope.recipients[index].address;
         let local_part = split_address(address).map(|(l, _)| l).unwrap_or(address);
         let Some(mailbox) = local::mailbox_name(local_part) else {
-            results.push((
-                index,
-                Status::Failed {
-                    detail: "553 5.1.3 local part not acceptable for local delivery".into(),
-                },
-            ));
+            results.push((index, DeliveryError::LocalPartNotAcceptable.status()));
             continue;
         };
         let (root, hostname, message, id) =
@@ -473,18 +473,20 @@ async fn deliver_maildir(
         })
         .await;
         let status = match result {
-            Ok(Ok(Delivered::New(path))) => Status::Delivered {
-                detail: format!("250 2.0.0 delivered to {}", path.display()),
-            },
-            Ok(Ok(Delivered::AlreadyThere(path))) => Status::Delivered {
-                detail: format!("250 2.0.0 already delivered to {}", path.display()),
-            },
-            Ok(Err(e)) => Status::Deferred {
-                detail: format!("451 4.3.0 maildir write failed: {e}"),
-            },
-            Err(e) => Status::Deferred {
-                detail: format!("451 4.3.0 delivery task failed: {e}"),
-            },
+            Ok(Ok(Delivered::New(path))) => {
+                outcome::delivered_locally(format!("delivered to {}", path.display()))
+            }
+            Ok(Ok(Delivered::AlreadyThere(path))) => {
+                outcome::delivered_locally(format!("already delivered to {}", path.display()))
+            }
+            Ok(Err(e)) => DeliveryError::Local {
+                detail: format!("maildir write failed: {e}"),
+            }
+            .status(),
+            Err(e) => DeliveryError::Local {
+                detail: format!("delivery task failed: {e}"),
+            }
+            .status(),
         };
         results.push((index, status));
     }
@@ -493,9 +495,9 @@ async fn deliver_maildir(
 
 fn metric_outcome(status: &Status) -> Option<Outcome> {
     match status {
-        Status::Delivered { .. } => Some(Outcome::Delivered),
-        Status::Deferred { .. } => Some(Outcome::Deferred),
-        Status::Failed { .. } => Some(Outcome::Failed),
+        Status::Delivered(_) => Some(Outcome::Delivered),
+        Status::Deferred(_) => Some(Outcome::Deferred),
+        Status::Failed(_) => Some(Outcome::Failed),
         Status::Scheduled => None,
     }
 }
@@ -503,14 +505,11 @@ fn metric_outcome(status: &Status) -> Option<Outcome> {
 /// The attempt's outcome on its span: failed if any recipient failed, deferred if any was
 /// deferred, else delivered; the reply code is the first recipient's.
 fn record_outcome(span: &tracing::Span, results: &[(usize, Status)]) {
-    let outcome = if results
-        .iter()
-        .any(|(_, s)| matches!(s, Status::Failed { .. }))
-    {
+    let outcome = if results.iter().any(|(_, s)| matches!(s, Status::Failed(_))) {
         Outcome::Failed
     } else if results
         .iter()
-        .any(|(_, s)| matches!(s, Status::Deferred { .. }))
+        .any(|(_, s)| matches!(s, Status::Deferred(_)))
     {
         Outcome::Deferred
     } else {
@@ -520,25 +519,29 @@ fn record_outcome(span: &tracing::Span, results: &[(usize, Status)]) {
     if outcome != Outcome::Delivered {
         span.record(field::STATUS, "error");
     }
-    let code = results.first().and_then(|(_, s)| match s {
-        Status::Delivered { detail } | Status::Deferred { detail } | Status::Failed { detail } => {
-            detail.get(..3).and_then(|c| c.parse::<i64>().ok())
-        }
-        Status::Scheduled => None,
-    });
+    let code = results
+        .first()
+        .and_then(|(_, s)| s.diagnostic())
+        .and_then(|d| d.code);
     if let Some(code) = code {
-        span.record(field::REPLY_CODE, code);
+        span.record(field::REPLY_CODE, i64::from(code));
     }
 }
 
-/// One log line per recipient disposition, with the queue id (`grep ID` tells the story).
+/// One log line per recipient disposition, with the queue id (`grep ID` tells the story)
+/// and, for failures, their class and disposition.
 fn log_result(id: QueueId, to: &str, status: &Status) {
+    let verdict = classify::verdict(status);
+    let class = verdict.map(|v| v.class.as_str()).unwrap_or_default();
+    let disposition = verdict.map(|v| v.disposition.as_str()).unwrap_or_default();
     match status {
-        Status::Delivered { detail } => tracing::info!(queue_id = %id, to, detail, "delivered"),
-        Status::Deferred { detail } => {
-            tracing::info!(queue_id = %id, to, detail, "attempt deferred")
+        Status::Delivered(d) => tracing::info!(queue_id = %id, to, detail = %d, "delivered"),
+        Status::Deferred(d) => {
+            tracing::info!(queue_id = %id, to, detail = %d, class, disposition, "attempt deferred")
         }
-        Status::Failed { detail } => tracing::warn!(queue_id = %id, to, detail, "failed"),
+        Status::Failed(d) => {
+            tracing::warn!(queue_id = %id, to, detail = %d, class, disposition, "failed")
+        }
         Status::Scheduled => {}
     }
 }

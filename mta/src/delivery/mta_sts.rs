@@ -18,6 +18,7 @@
 //!
 //! Not here: TLS-RPT reports (RFC 8460) and proactive refresh before expiry.
 
+use super::outcome::DeliveryError;
 use super::route::Target;
 use crate::queue::Status;
 use bytes::Bytes;
@@ -486,12 +487,13 @@ pub fn enforce_hosts(
         tracing::warn!(domain, host = %mta_telemetry::Escaped(&target.name.to_string()), "MTA-STS: MX host not in the policy; skipped");
     }
     if allowed.is_empty() {
-        return Err(Status::Deferred {
+        return Err(DeliveryError::MtaSts {
             detail: format!(
-                "451 4.7.5 MTA-STS: no MX host of {domain} matches its policy (mx: {})",
+                "no MX host of {domain} matches its policy (mx: {})",
                 policy.mx.join(", ")
             ),
-        });
+        }
+        .into());
     }
     Ok(allowed)
 }
@@ -669,7 +671,8 @@ mod tests {
         .expect("one host allowed");
         assert_eq!(kept, vec![target("MX.example.com")]);
         match enforce_hosts(&p, "example.com", vec![target("evil.test")]) {
-            Err(Status::Deferred { detail }) => {
+            Err(Status::Deferred(detail)) => {
+                let detail = detail.to_string();
                 assert!(detail.starts_with("451 4.7.5 MTA-STS: "), "{detail}")
             }
             other => panic!("{other:?}"),

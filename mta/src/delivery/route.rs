@@ -9,6 +9,7 @@
 //! * NXDOMAIN: the domain does not exist: fails (`550 5.1.2`).
 //! * SERVFAIL, timeouts and other resolver errors: deferred (`451 4.4.3`).
 
+use super::outcome::DeliveryError;
 use crate::queue::Status;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
@@ -75,21 +76,24 @@ pub async fn mx_targets(
             })
             .collect(),
         Err(e) if e.is_nx_domain() => {
-            return Err(Status::Failed {
-                detail: format!("550 5.1.2 domain {domain} does not exist (NXDOMAIN)"),
-            });
+            return Err(DeliveryError::NoSuchDomain {
+                domain: domain.to_owned(),
+            }
+            .into());
         }
         Err(e) if e.is_no_records_found() => vec![(0, fqdn.clone())],
         Err(e) => {
-            return Err(Status::Deferred {
-                detail: format!("451 4.4.3 MX lookup for {domain} failed: {e}"),
-            });
+            return Err(DeliveryError::Dns {
+                detail: format!("MX lookup for {domain} failed: {e}"),
+            }
+            .into());
         }
     };
     if hosts.len() == 1 && hosts[0].1 == "." {
-        return Err(Status::Failed {
-            detail: format!("556 5.1.10 domain {domain} does not accept mail (null MX)"),
-        });
+        return Err(DeliveryError::NullMx {
+            domain: domain.to_owned(),
+        }
+        .into());
     }
     hosts.retain(|(_, name)| name != ".");
     order_by_preference(&mut hosts);
@@ -108,15 +112,14 @@ pub async fn mx_targets(
     }
     if targets.is_empty() {
         return Err(match temporary_failure {
-            Some(detail) => Status::Deferred {
-                detail: format!(
-                    "451 4.4.3 address lookup for the MX hosts of {domain} failed: {detail}"
-                ),
+            Some(detail) => DeliveryError::Dns {
+                detail: format!("address lookup for the MX hosts of {domain} failed: {detail}"),
             },
-            None => Status::Failed {
-                detail: format!("550 5.4.4 no address for any MX host of {domain}"),
+            None => DeliveryError::NoMxAddress {
+                domain: domain.to_owned(),
             },
-        });
+        }
+        .into());
     }
     Ok(targets)
 }
@@ -127,12 +130,13 @@ pub async fn host_port_targets(
     host_port: &str,
 ) -> Result<Vec<Target>, Status> {
     let Some((host, port)) = host_port.rsplit_once(':') else {
-        return Err(Status::Failed {
-            detail: format!("554 5.3.5 {host_port:?} is not host:port"),
-        });
+        return Err(DeliveryError::BadNextHop {
+            detail: format!("{host_port:?} is not host:port"),
+        }
+        .into());
     };
-    let port: u16 = port.parse().map_err(|_| Status::Failed {
-        detail: format!("554 5.3.5 bad port in {host_port:?}"),
+    let port: u16 = port.parse().map_err(|_| DeliveryError::BadNextHop {
+        detail: format!("bad port in {host_port:?}"),
     })?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<IpAddr>() {
@@ -149,12 +153,14 @@ pub async fn host_port_targets(
                 address: SocketAddr::new(ip, port),
             })
             .collect()),
-        Err(HostError::Temporary(detail)) => Err(Status::Deferred {
-            detail: format!("451 4.4.3 address lookup for {host} failed: {detail}"),
-        }),
-        Err(HostError::Missing) => Err(Status::Deferred {
-            detail: format!("451 4.4.4 {host} has no address"),
-        }),
+        Err(HostError::Temporary(detail)) => Err(DeliveryError::Dns {
+            detail: format!("address lookup for {host} failed: {detail}"),
+        }
+        .into()),
+        Err(HostError::Missing) => Err(DeliveryError::HostWithoutAddress {
+            host: host.to_owned(),
+        }
+        .into()),
     }
 }
 

@@ -8,6 +8,7 @@ pub mod tls_rpt;
 
 use super::dane::{self, HostPolicy, TlsaSet};
 use super::mta_sts::{self, Mode, Policy};
+use super::outcome::DeliveryError;
 use super::route::{self, Target};
 use super::{NextHop, Route, WorkItem, outcome};
 use crate::context::Context;
@@ -252,9 +253,10 @@ async fn connect(
             return try_targets(targets, &client, require_tls, sts, rpt).await;
         }
         Route::Maildir { .. } | Route::Unroutable { .. } => {
-            return Err(Status::Deferred {
-                detail: "451 4.3.0 internal error: not an SMTP route".into(),
-            });
+            return Err(DeliveryError::Local {
+                detail: "internal error: not an SMTP route".into(),
+            }
+            .into());
         }
     };
     let targets = targets.into_iter().map(|t| (t, HostPolicy::None)).collect();
@@ -408,9 +410,7 @@ async fn try_targets(
             outcome::from_error_under_mta_sts(&error, &host)
         }
         Some((_, error, _)) => outcome::from_error(&error),
-        None => Status::Deferred {
-            detail: "451 4.4.4 no host to connect to".into(),
-        },
+        None => DeliveryError::NoHost.status(),
     })
 }
 
@@ -479,19 +479,19 @@ fn client_config(
 ) -> Result<ClientConfig, Status> {
     let c = &config.smtp_client;
     let extra_roots_pem = match &c.ca_file {
-        Some(path) => Some(std::fs::read(path).map_err(|e| Status::Deferred {
-            detail: format!(
-                "451 4.3.5 cannot read smtp_client.ca_file {}: {e}",
-                path.display()
-            ),
+        Some(path) => Some(std::fs::read(path).map_err(|e| DeliveryError::LocalFile {
+            detail: format!("cannot read smtp_client.ca_file {}: {e}", path.display()),
         })?),
         None => None,
     };
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path)
             .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
-            .map_err(|e| Status::Deferred {
-                detail: format!("451 4.3.5 cannot read {}: {e}", path.display()),
+            .map_err(|e| {
+                DeliveryError::LocalFile {
+                    detail: format!("cannot read {}: {e}", path.display()),
+                }
+                .status()
             })
     };
     let auth = match auth {

@@ -539,6 +539,7 @@ fn classify(status: http::StatusCode, body: &[u8]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::Diagnostic;
 
     /// An envelope with every field set to something other than its default.
     fn full_envelope() -> Envelope {
@@ -553,27 +554,21 @@ mod tests {
                         delay: true,
                     }),
                     orcpt: Some("Bob@Remote.test".into()),
-                    status: Status::Deferred {
-                        detail: "451 4.3.0 try later".into(),
-                    },
+                    status: Status::Deferred(Diagnostic::new(451, [4, 3, 0], "try later")),
                     remote_mta: Some("mx1.remote.test".into()),
                 },
                 Recipient {
                     address: "carol@remote.test".into(),
                     notify: None,
                     orcpt: None,
-                    status: Status::Delivered {
-                        detail: "250 2.0.0 ok".into(),
-                    },
+                    status: Status::Delivered(Diagnostic::new(250, [2, 0, 0], "ok")),
                     remote_mta: None,
                 },
                 Recipient {
                     address: "dave@remote.test".into(),
                     notify: Some(DsnNotify::default()),
                     orcpt: None,
-                    status: Status::Failed {
-                        detail: "550 5.1.1 unknown".into(),
-                    },
+                    status: Status::Failed(Diagnostic::new(550, [5, 1, 1], "unknown")),
                     remote_mta: Some("mx2.remote.test".into()),
                 },
                 Recipient::new("erin@remote.test"),
@@ -640,15 +635,18 @@ mod tests {
                     {"address": "bob@remote.test",
                      "notify": {"success": true, "failure": false, "delay": true},
                      "orcpt": "Bob@Remote.test",
-                     "status": {"state": "deferred", "detail": "451 4.3.0 try later"},
+                     "status": {"state": "deferred", "detail": "451 4.3.0 try later",
+                                "code": 451, "enhanced": "4.3.0", "text": "try later"},
                      "remote_mta": "mx1.remote.test"},
                     {"address": "carol@remote.test", "notify": null, "orcpt": null,
-                     "status": {"state": "delivered", "detail": "250 2.0.0 ok"},
+                     "status": {"state": "delivered", "detail": "250 2.0.0 ok",
+                                "code": 250, "enhanced": "2.0.0", "text": "ok"},
                      "remote_mta": null},
                     {"address": "dave@remote.test",
                      "notify": {"success": false, "failure": false, "delay": false},
                      "orcpt": null,
-                     "status": {"state": "failed", "detail": "550 5.1.1 unknown"},
+                     "status": {"state": "failed", "detail": "550 5.1.1 unknown",
+                                "code": 550, "enhanced": "5.1.1", "text": "unknown"},
                      "remote_mta": "mx2.remote.test"},
                     {"address": "erin@remote.test", "notify": null, "orcpt": null,
                      "status": {"state": "scheduled"}, "remote_mta": null}

@@ -3,7 +3,7 @@
 //! `<name>.actual` for review (set `PETREL_BLESS=1` to accept it).
 
 use super::*;
-use crate::queue::DsnNotify;
+use crate::queue::{Class, Diagnostic, DsnNotify};
 
 fn envelope() -> Envelope {
     Envelope {
@@ -12,9 +12,12 @@ fn envelope() -> Envelope {
                 address: "bob@remote.test".into(),
                 notify: None,
                 orcpt: Some("Bob@remote.test".into()),
-                status: Status::Failed {
-                    detail: "550 5.1.1 <bob@remote.test>: user unknown".into(),
-                },
+                status: Status::Failed(Diagnostic {
+                    code: Some(550),
+                    enhanced: Some([5, 1, 1]),
+                    text: "<bob@remote.test>: user unknown".into(),
+                    class: Some(Class::BadMailbox),
+                }),
                 remote_mta: Some("mx1.remote.test".into()),
             },
             Recipient {
@@ -25,18 +28,24 @@ fn envelope() -> Envelope {
                     delay: false,
                 }),
                 orcpt: None,
-                status: Status::Delivered {
-                    detail: "250 2.0.0 ok".into(),
-                },
+                status: Status::Delivered(Diagnostic {
+                    code: Some(250),
+                    enhanced: Some([2, 0, 0]),
+                    text: "ok".into(),
+                    class: None,
+                }),
                 remote_mta: Some("mx1.remote.test".into()),
             },
             Recipient {
                 address: "dave@slow.test".into(),
                 notify: None,
                 orcpt: None,
-                status: Status::Deferred {
-                    detail: "451 4.7.1 greylisted".into(),
-                },
+                status: Status::Deferred(Diagnostic {
+                    code: Some(451),
+                    enhanced: Some([4, 7, 1]),
+                    text: "greylisted".into(),
+                    class: None,
+                }),
                 remote_mta: None,
             },
         ],
@@ -114,33 +123,48 @@ fn success_notice_only_for_notify_success() {
 fn status_codes() {
     let cases = [
         (
-            Status::Failed {
-                detail: "550 5.1.1 unknown".into(),
-            },
+            Status::Failed(Diagnostic {
+                code: Some(550),
+                enhanced: Some([5, 1, 1]),
+                text: "unknown".into(),
+                class: None,
+            }),
             "5.1.1",
         ),
         (
-            Status::Failed {
-                detail: "550 no enhanced code".into(),
-            },
+            Status::Failed(Diagnostic {
+                code: Some(550),
+                enhanced: None,
+                text: "no enhanced code".into(),
+                class: None,
+            }),
             "5.0.0",
         ),
         (
-            Status::Deferred {
-                detail: "451 4.7.1 later".into(),
-            },
+            Status::Deferred(Diagnostic {
+                code: Some(451),
+                enhanced: Some([4, 7, 1]),
+                text: "later".into(),
+                class: None,
+            }),
             "4.7.1",
         ),
         (
-            Status::Failed {
-                detail: "5.4.7 message expired".into(),
-            },
+            Status::Failed(Diagnostic {
+                code: None,
+                enhanced: Some([5, 4, 7]),
+                text: "message expired".into(),
+                class: None,
+            }),
             "5.4.7",
         ),
         (
-            Status::Delivered {
-                detail: "250 ok".into(),
-            },
+            Status::Delivered(Diagnostic {
+                code: Some(250),
+                enhanced: None,
+                text: "ok".into(),
+                class: None,
+            }),
             "2.0.0",
         ),
     ];

@@ -8,6 +8,9 @@
 
 pub mod schedule;
 pub mod scheduler;
+mod status;
+
+pub use status::{Class, Diagnostic, Disposition, Status};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -233,28 +236,6 @@ pub struct Recipient {
     /// `Remote-MTA`); `None` when no host was reached or delivery is local.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_mta: Option<String>,
-}
-
-/// Where a recipient stands. The same value drives the queue, the logs and (later) DSNs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "state")]
-pub enum Status {
-    /// Not yet attempted, or due again.
-    #[default]
-    Scheduled,
-    /// Handed over for good (`2xx`, or written into a Maildir).
-    Delivered { detail: String },
-    /// Failed for now; will be retried.
-    Deferred { detail: String },
-    /// Failed for good.
-    Failed { detail: String },
-}
-
-impl Status {
-    /// True when nothing more will be done for this recipient.
-    pub fn is_final(&self) -> bool {
-        matches!(self, Status::Delivered { .. } | Status::Failed { .. })
-    }
 }
 
 /// Splits `local@domain` at the last `@`. `None` for addresses without a domain.

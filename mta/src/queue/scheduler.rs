@@ -32,6 +32,7 @@
 use super::schedule;
 use super::{Envelope, QueueId, Status};
 use crate::context::Context;
+use crate::delivery::outcome::{self, GaveUp};
 use crate::delivery::{self, Destinations, WorkItem};
 use crate::dsn;
 use crate::shutdown::Shutdown;
@@ -732,23 +733,21 @@ impl Scheduler {
         if matches!(how, Retirement::Finished) {
             self.finished += 1;
         }
-        let reason = match how {
+        let gave_up = match how {
             Retirement::Finished | Retirement::Deleted => None,
-            Retirement::Expired => Some("5.4.7 message expired: delivery time limit exceeded"),
-            Retirement::Bounced => Some("5.0.0 message bounced by the postmaster"),
+            Retirement::Expired => Some(GaveUp::Expired),
+            Retirement::Bounced => Some(GaveUp::Bounced),
         };
-        if let Some(reason) = reason {
+        if let Some(why) = gave_up {
             for recipient in &mut entry.envelope.recipients {
                 if !recipient.status.is_final() {
-                    let last = match &recipient.status {
-                        Status::Deferred { detail } => format!(" (last attempt: {detail})"),
-                        _ => String::new(),
-                    };
-                    recipient.status = Status::Failed {
-                        detail: format!("{reason}{last}"),
-                    };
+                    recipient.status = outcome::gave_up(why, &recipient.status);
                 }
             }
+            let reason = outcome::gave_up(why, &Status::Scheduled)
+                .diagnostic()
+                .map(ToString::to_string)
+                .unwrap_or_default();
             tracing::warn!(queue_id = %id, reason, "retired undelivered");
             if matches!(how, Retirement::Expired) {
                 self.ctx.metrics.message_expired();

@@ -1,5 +1,5 @@
 use super::*;
-use crate::queue::{Recipient, Status};
+use crate::queue::{Diagnostic, Recipient, Status};
 
 fn envelope(rcpt: &str) -> Envelope {
     Envelope {
@@ -39,9 +39,12 @@ async fn store_read_remove_and_recover() {
     );
     spool.remove(ids[0]).await.expect("remove");
     let mut updated = envelope("u1@x.test");
-    updated.recipients[0].status = Status::Deferred {
-        detail: "451 try later".into(),
-    };
+    updated.recipients[0].status = Status::Deferred(Diagnostic {
+        code: Some(451),
+        enhanced: None,
+        text: "try later".into(),
+        class: None,
+    });
     spool.update(ids[1], &updated).await.expect("update");
     drop(spool);
 
@@ -467,4 +470,111 @@ async fn a_spool_has_one_owner_at_a_time() {
     drop(spool);
     let (_again, recovered) = Spool::open(dir.path(), 1 << 20).expect("reopen after close");
     assert_eq!(recovered.len(), 1);
+}
+
+/// A segment written before statuses were typed (`{"state": ..., "detail": "550 5.1.1
+/// ..."}`, captured from that version: a `Message` record, then an `Update` with every kind
+/// of status) loads into typed diagnostics whose one-line form is the old detail.
+#[tokio::test]
+async fn a_spool_from_before_typed_statuses_loads() {
+    /// Address, state, reply code, enhanced code, one-line diagnostic, remote MTA.
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        Option<u16>,
+        Option<[u8; 3]>,
+        String,
+        Option<&'a str>,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("0000000001.seg"),
+        include_bytes!("testdata/status_detail_v1.seg"),
+    )
+    .expect("write segment");
+    let (spool, recovered) = Spool::open(dir.path(), 1 << 20).expect("open");
+    assert_eq!(recovered.len(), 1);
+    let message = &recovered[0];
+    assert_eq!(message.id, QueueId(0x0006_5F0A_1B2C_3D4E));
+    let got: Vec<Row> = message
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| {
+            let d = r.status.diagnostic();
+            (
+                r.address.as_str(),
+                r.status.state(),
+                d.and_then(|d| d.code),
+                d.and_then(|d| d.enhanced),
+                d.map(ToString::to_string).unwrap_or_default(),
+                r.remote_mta.as_deref(),
+            )
+        })
+        .collect();
+    let expected: Vec<Row> = vec![
+        (
+            "bob@remote.test",
+            "failed",
+            Some(550),
+            Some([5, 1, 1]),
+            "550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown".into(),
+            Some("mx1.remote.test"),
+        ),
+        (
+            "carol@remote.test",
+            "deferred",
+            Some(451),
+            Some([4, 7, 1]),
+            "451 4.7.1 Greylisted, please try again later".into(),
+            Some("mx1.remote.test"),
+        ),
+        (
+            "dave@remote.test",
+            "delivered",
+            Some(250),
+            Some([2, 0, 0]),
+            "250 2.0.0 Ok: queued as 4XyZ".into(),
+            Some("mx2.remote.test"),
+        ),
+        (
+            "erin@remote.test",
+            "deferred",
+            Some(451),
+            Some([4, 4, 0]),
+            "451 4.4.0 cannot connect to 192.0.2.9:25: Connection refused (os error 111)".into(),
+            None,
+        ),
+        (
+            "frank@remote.test",
+            "failed",
+            None,
+            Some([5, 4, 7]),
+            "5.4.7 message expired: delivery time limit exceeded (last attempt: 421 too busy)"
+                .into(),
+            None,
+        ),
+        (
+            "gina@remote.test",
+            "failed",
+            Some(550),
+            None,
+            "550 no enhanced code here".into(),
+            None,
+        ),
+        (
+            "hal@remote.test",
+            "scheduled",
+            None,
+            None,
+            String::new(),
+            None,
+        ),
+    ];
+    assert_eq!(got, expected);
+    assert_eq!(message.envelope.attempts, 3);
+    assert_eq!(
+        spool.read_message(message.id).await.expect("read"),
+        b"Subject: old\r\n\r\nold spool\r\n"
+    );
 }

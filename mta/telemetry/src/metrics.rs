@@ -19,6 +19,7 @@
 //! | `petrel_mta_accept_duration_seconds` | | `petrel.mta.accept.duration` |
 //! | `petrel_mta_delivery_attempts_total` | `outcome` | `petrel.mta.delivery.attempts` |
 //! | `petrel_mta_delivery_duration_seconds` | `outcome` | `petrel.mta.delivery.duration` |
+//! | `petrel_mta_delivery_failures_total` | `outcome`, `class` | `petrel.mta.delivery.failures` |
 //! | `petrel_mta_messages_bounced_total` | | `petrel.mta.messages.bounced` |
 //! | `petrel_mta_messages_expired_total` | | `petrel.mta.messages.expired` |
 //! | `petrel_mta_queue_messages` | `state` | `petrel.mta.queue.messages` |
@@ -222,6 +223,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    outcome: &'static str,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -313,6 +320,7 @@ struct Prom {
     accept_duration: Histogram,
     delivery_attempts: Family<OutcomeLabels, Counter>,
     delivery_duration: HistogramFamily<OutcomeLabels>,
+    delivery_failures: Family<FailureLabels, Counter>,
     bounced: Counter,
     expired: Counter,
     queue: Family<StateLabels, Gauge>,
@@ -340,6 +348,7 @@ struct Otel {
     accept_duration: OtelHistogram<f64>,
     delivery_attempts: OtelCounter<u64>,
     delivery_duration: OtelHistogram<f64>,
+    delivery_failures: OtelCounter<u64>,
     bounced: OtelCounter<u64>,
     expired: OtelCounter<u64>,
     queue: OtelGauge<u64>,
@@ -377,6 +386,7 @@ impl MtaMetrics {
             accept_duration: Histogram::new(buckets(ACCEPT_BUCKETS)),
             delivery_attempts: Family::default(),
             delivery_duration: Family::new_with_constructor(delivery_histogram),
+            delivery_failures: Family::default(),
             bounced: Counter::default(),
             expired: Counter::default(),
             queue: Family::default(),
@@ -486,6 +496,11 @@ impl MtaMetrics {
             "Duration of delivery attempts, by outcome",
             Unit::Seconds,
             prom.delivery_duration.clone(),
+        );
+        r.register(
+            "delivery_failures",
+            "Recipients deferred or failed by a delivery attempt, by outcome and class (a fixed set of names)",
+            prom.delivery_failures.clone(),
         );
         r.register(
             "messages_bounced",
@@ -628,6 +643,22 @@ impl MtaMetrics {
     }
 
     /// One delivery attempt ended with `outcome` after `latency`.
+    /// A recipient deferred or failed by an attempt, with its class: one of a fixed set
+    /// of names chosen by the caller (never reply text), so the series stay bounded.
+    pub fn delivery_failure(&self, outcome: Outcome, class: &'static str) {
+        let i = &self.inner;
+        let labels = FailureLabels {
+            outcome: outcome.as_str(),
+            class,
+        };
+        i.prom.delivery_failures.get_or_create(&labels).inc();
+        let attrs = [
+            KeyValue::new("outcome", outcome.as_str()),
+            KeyValue::new("class", class),
+        ];
+        i.otel.delivery_failures.add(1, &attrs);
+    }
+
     pub fn delivery_attempt(&self, outcome: Outcome, latency: Duration) {
         let i = &self.inner;
         let labels = OutcomeLabels {
@@ -894,6 +925,10 @@ impl Otel {
                 "Duration of delivery attempts",
                 DELIVERY_BUCKETS,
             ),
+            delivery_failures: m
+                .u64_counter("petrel.mta.delivery.failures")
+                .with_unit("{recipient}")
+                .build(),
             bounced: m
                 .u64_counter("petrel.mta.messages.bounced")
                 .with_unit("{message}")
