@@ -167,11 +167,30 @@ def test_5xx_gives_rfc3464_bounce(workdir, world):
         assert per_recipient["Status"] == "5.1.1"
         assert per_recipient["Final-Recipient"] == "rfc822; ghost@bounce.test"
         assert "550 5.1.1 no such user here" in per_recipient["Diagnostic-Code"]
+        assert per_recipient["X-Petrel-Class"] == "bad_mailbox; hard"
         returned = parts[2].get_payload()[0]
         assert returned["Subject"] == "doomed"
         assert original.split(b"\r\n\r\n", 1)[1] in files[0].read_bytes()
         # The bounce itself came from the null sender.
         assert files[0].read_bytes().startswith(b"Return-Path: <>\r\n")
+    finally:
+        mta.kill()
+
+
+def test_4xx_with_a_permanent_bad_mailbox_code_is_never_retried(workdir, world):
+    """Issue 17: 450 5.1.1 contradicts itself; a hard bad mailbox is not retried (the
+    next attempt would be in an hour): bounced after the first attempt."""
+    dns, port, sink = world
+    sink("127.0.0.5", rcpt_reply="450 5.1.1 no such user here")
+    mta = Mta(workdir, outbound_config(workdir, dns.port, port, retry_interval="1h",
+                                       max_retry_interval="2h")).start()
+    try:
+        send(mta, "alice@example.test", ["ghost@bounce.test"])
+        files = wait_for(lambda: maildir_files(workdir / "maildir", "alice"), what="bounce")
+        text = files[0].read_bytes().decode()
+        assert "Action: failed" in text and "Status: 5.1.1" in text
+        assert "X-Petrel-Class: bad_mailbox; hard" in text
+        assert "bad_mailbox" in mta.log()  # the delivery log line names the class
     finally:
         mta.kill()
 
@@ -184,6 +203,7 @@ def test_null_mx_bounces_at_once(workdir, world):
         files = wait_for(lambda: maildir_files(workdir / "maildir", "alice"), what="bounce")
         text = files[0].read_bytes().decode()
         assert "Status: 5.1.10" in text and "null MX" in text
+        assert "X-Petrel-Class: bad_domain; hard" in text
     finally:
         mta.kill()
 
@@ -369,6 +389,6 @@ def test_queue_show_names_the_host_that_deferred(workdir, world):
                          what="a deferred attempt")[0]
         assert entry["recipients"][0]["remote_mta"] == "mx.defer.test"
         show = queue_cli(mta, "show", f"{entry['id']:016X}").stdout
-        assert "451 4.7.1 greylisted, try again (from mx.defer.test)" in show, show
+        assert "451 4.7.1 greylisted, try again (from mx.defer.test) [greylisted, soft]" in show, show
     finally:
         mta.kill()
