@@ -41,7 +41,8 @@ pub fn retire(ctx: &Arc<Context>, id: QueueId, envelope: Envelope) {
         let mut bounced = false;
         for recipient in &envelope.recipients {
             if let Status::Failed(diagnostic) = &recipient.status {
-                tracing::warn!(queue_id = %id, to = %mta_telemetry::Escaped(&recipient.address), detail = %diagnostic, "bounced");
+                let class = diagnostic.class.map(|c| c.as_str()).unwrap_or_default();
+                tracing::warn!(queue_id = %id, to = %mta_telemetry::Escaped(&recipient.address), detail = %diagnostic, class, "bounced");
                 bounced = true;
             }
         }

@@ -1118,6 +1118,9 @@ mod tests {
         m.delivery_attempt(Outcome::Delivered, Duration::from_millis(20));
         m.delivery_attempt(Outcome::Deferred, Duration::from_secs(2));
         m.delivery_attempt(Outcome::Deferred, Duration::from_secs(3));
+        m.delivery_failure(Outcome::Deferred, "rate_limit");
+        m.delivery_failure(Outcome::Deferred, "rate_limit");
+        m.delivery_failure(Outcome::Failed, "bad_mailbox");
         m.message_bounced();
         m.message_expired();
         m.message_expired();
@@ -1191,6 +1194,20 @@ mod tests {
                 r#"petrel_mta_delivery_attempts_total{outcome="deferred"}"#
             ),
             2.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_delivery_failures_total{outcome="deferred",class="rate_limit"}"#
+            ),
+            2.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"petrel_mta_delivery_failures_total{outcome="failed",class="bad_mailbox"}"#
+            ),
+            1.0
         );
         assert_eq!(
             value(
