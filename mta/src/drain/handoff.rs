@@ -617,6 +617,7 @@ mod tests {
             expires_at: Some(1_795_432_000),
             handoff_origin: Some(origin()),
             handoff_peer: None,
+            handoff_peer_spool: None,
             ..envelope
         };
         assert_eq!(stored, expected);
