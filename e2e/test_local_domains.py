@@ -27,7 +27,6 @@ dns:
   nameservers: ["127.0.0.1:{dns.port}"]
 smtp_client:
   port: {port}
-  dane: false  # dnsmasq's unsigned .test has no signed root (see test_outbound.py)
 queue:
   retry_interval: 1s
 local_domains:

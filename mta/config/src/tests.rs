@@ -382,7 +382,10 @@ fn tls_rpt_defaults_and_mistakes() {
         config.smtp_client.tls_rpt.report_interval,
         std::time::Duration::from_secs(86400)
     );
-    assert!(!config.to_yaml().contains("tls_rpt"), "defaults are not rendered");
+    assert!(
+        !config.to_yaml().contains("tls_rpt"),
+        "defaults are not rendered"
+    );
     let yaml = "smtp_client:\n  tls_rpt: {report_interval: 0s, sender: nobody}\n";
     assert_eq!(
         problem_keys(yaml),

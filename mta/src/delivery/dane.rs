@@ -20,6 +20,16 @@
 //!   the published authority among the certificates the server sent and checks the chain
 //!   from it (webpki: signatures, dates, usage) and the MX host name.
 //!
+//! * Whether validation works at all ([`ValidatingResolver::validation_available`]): the
+//!   root's SOA must validate through the configured resolvers. Where it does not (a
+//!   resolver that strips DNSSEC records, or no route to the root's data), no answer could
+//!   ever be secure and every MX set would look bogus; DANE is then not in effect and mail
+//!   goes as without it (opportunistic TLS or MTA-STS), with a warning logged at each
+//!   change, as Postfix does with a resolver that does not validate. Asked again every
+//!   [`VALIDATION_PROBE_TTL`]. (Whoever can strip signatures between this MTA and its
+//!   resolver at that moment can turn DANE off: use a DNSSEC-aware resolver on a trusted
+//!   path.)
+//!
 //! Must never: use a bogus or unvalidated answer as secure, send mail in plain text (or
 //! over TLS that does not match) to a host with usable TLSA records, or let a TLS session
 //! made under one TLSA set be resumed under another (every DANE connection gets its own
@@ -57,7 +67,13 @@ use std::sync::{Arc, Mutex};
 #[derive(Default)]
 pub struct ValidatingResolver {
     cached: Mutex<Option<(ResolverKey, Arc<TokioResolver>)>>,
+    /// The last verdict of [`ValidatingResolver::validation_available`]: for which
+    /// resolver, when, and whether validation worked.
+    probe: Mutex<Option<(ResolverKey, tokio::time::Instant, bool)>>,
 }
+
+/// How long a verdict on whether DNSSEC validation works holds.
+pub const VALIDATION_PROBE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 type ResolverKey = (DnsConfig, Option<PathBuf>);
 
@@ -100,6 +116,60 @@ impl ValidatingResolver {
         let resolver = Arc::new(resolver);
         *cached = Some((key, resolver.clone()));
         Ok(resolver)
+    }
+}
+
+impl ValidatingResolver {
+    /// Whether DNSSEC validation works through the configured resolvers: the root's SOA,
+    /// looked up with `resolver` (the one [`ValidatingResolver::get`] built for `config`),
+    /// validates as secure. See the module doc for what follows when it does not.
+    pub async fn validation_available(&self, config: &MtaConfig, resolver: &TokioResolver) -> bool {
+        let key = (
+            config.dns.clone(),
+            config.smtp_client.dnssec_trust_anchor.clone(),
+        );
+        let now = tokio::time::Instant::now();
+        let previous = {
+            let probe = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+            match &*probe {
+                Some((k, at, works))
+                    if *k == key && now.duration_since(*at) < VALIDATION_PROBE_TTL =>
+                {
+                    return *works;
+                }
+                Some((k, _, works)) if *k == key => Some(*works),
+                _ => None,
+            }
+        };
+        let (works, why) = match lookup(resolver, ".", RecordType::SOA).await {
+            Answer::Records { secure: true, .. } => (true, String::new()),
+            Answer::Records { secure: false, .. } => (
+                false,
+                "the root's SOA came without a validated signature".to_owned(),
+            ),
+            Answer::Bogus => (
+                false,
+                "the root's SOA did not validate (signatures stripped or broken)".to_owned(),
+            ),
+            Answer::NoData | Answer::NxDomain => {
+                (false, "the resolvers have no SOA for the root".to_owned())
+            }
+            Answer::Failed(e) => (false, format!("the root's SOA could not be looked up: {e}")),
+        };
+        if previous != Some(works) {
+            if works {
+                tracing::info!(
+                    "DNSSEC validation works through the configured resolvers: DANE is in effect"
+                );
+            } else {
+                tracing::warn!(
+                    reason = why,
+                    "DNSSEC validation is unavailable through the configured resolvers: DANE is not in effect (mail by MX goes with opportunistic TLS or MTA-STS) until it is; use a resolver that passes DNSSEC records"
+                );
+            }
+        }
+        *self.probe.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, now, works));
+        works
     }
 }
 

@@ -197,8 +197,16 @@ async fn connect(
                         .route(domain)
                         .and_then(|r| r.dane)
                         .unwrap_or(config.smtp_client.dane);
-                    let targets = if dane_on {
+                    let validating = if dane_on {
                         let validating = ctx.dane.get(config)?;
+                        ctx.dane
+                            .validation_available(config, &validating)
+                            .await
+                            .then_some(validating)
+                    } else {
+                        None
+                    };
+                    let targets = if let Some(validating) = validating {
                         let plan = dane::plan(&validating, domain, config.smtp_client.port).await?;
                         if plan.applies() {
                             // RFC 8461 §2: where DANE applies, MTA-STS does not.
