@@ -376,15 +376,13 @@ fn apply_relay_policies(config: &mut MtaConfig, world: &World, notes: &mut Vec<N
             config.smtpd.rate_limits.recipients_per_domain =
                 format!("{}/{}", rate.messages, rate.interval);
         }
-        if spec.outbound_tls.dane {
-            note("outboundTls.dane is not enforced yet".to_owned());
-        }
         if route_set {
             continue;
         }
         route_set = true;
-        // MTA-STS is one switch for the whole MTA: the route's policy sets it.
+        // MTA-STS and DANE are switches for the whole MTA: the route's policy sets them.
         config.smtp_client.mta_sts = spec.outbound_tls.mta_sts;
+        config.smtp_client.dane = spec.outbound_tls.dane;
         let tls = match spec.outbound_tls.mode {
             OutboundTlsMode::Opportunistic => TlsMode::Opportunistic,
             OutboundTlsMode::Required => TlsMode::Required,

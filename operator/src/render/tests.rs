@@ -623,3 +623,24 @@ fn a_volume_left_behind_gets_a_drain_job_that_no_selector_matches() {
     assert_eq!(pod.restart_policy.as_deref(), Some("OnFailure"));
     assert_eq!(pod.automount_service_account_token, Some(false));
 }
+
+#[test]
+fn relay_policy_outbound_tls_dane_reaches_the_mta_config() {
+    let mut world =
+        crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    assert!(
+        desired.configs["mx"].smtp_client.dane,
+        "DANE is on by default"
+    );
+    for policy in &mut world.relay_policies {
+        policy.spec.outbound_tls.dane = false;
+    }
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    assert!(!desired.configs["mx"].smtp_client.dane);
+    assert!(
+        desired.notes.iter().all(|n| !n.message.contains("dane")),
+        "no 'not enforced yet' note: {:?}",
+        desired.notes
+    );
+}
