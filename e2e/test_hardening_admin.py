@@ -141,3 +141,41 @@ def test_http_requests_are_closed_unanswered_and_never_run(workdir):
         assert "not the admin protocol" in mta.log()
     finally:
         mta.kill()
+
+
+def test_a_long_queue_is_listed_page_by_page(workdir):
+    """Issue 17: `list` is streamed in pages of 1000 (each written before the next is
+    asked of the scheduler), so a long queue is never one reply in the MTA's memory; the
+    CLI prints the same table and the same JSON as for a short one."""
+    count = 2100
+    mta = Mta(workdir, held_config(workdir)).start()
+    try:
+        with smtplib.SMTP(mta.host, mta.port, timeout=60) as s:
+            for n in range(count):
+                s.sendmail("sender@remote.test", ["bob@example.test"],
+                           f"Subject: {n}\r\n\r\nhi\r\n".encode())
+        token_line = next(l for l in mta.stdout_lines if "admin token in" in l)
+        token = open(token_line.split("admin token in ", 1)[1].split(" (", 1)[0]).read().strip()
+        request = json.dumps({"op": "list", "token": token}).encode() + b"\n"
+        with socket.create_connection(admin_address(mta), timeout=30) as sock:
+            sock.sendall(request)
+            reader = sock.makefile("rb")
+            pages = []
+            while True:
+                page = json.loads(reader.readline())
+                assert page["result"] == "list_page", page
+                pages.append(page)
+                if not page["more"]:
+                    break
+        ids = [m["id"] for p in pages for m in p["messages"]]
+        assert [len(p["messages"]) for p in pages] == [1000, 1000, 100]
+        assert ids == sorted(set(ids)) and len(ids) == count, "each message once, by id"
+
+        text = cli(mta, "list")
+        assert text.returncode == 0, text.stderr
+        lines = text.stdout.splitlines()
+        assert lines[0].startswith("QUEUE ID") and lines[-1] == f"{count} message(s)"
+        assert sum(1 for l in lines if " held " in l) == count
+        assert queued_ids(mta) == ids
+    finally:
+        mta.kill()

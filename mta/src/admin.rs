@@ -16,11 +16,16 @@
 //! HTTP body is never read, let alone run. A Unix socket was the alternative; the token
 //! works the same on a laptop and in a pod (where `kubectl exec` runs as the MTA's user)
 //! and keeps the TCP address the CLI already knows.
+//!
+//! `list` is answered page by page ([`LIST_PAGE`] messages a line, `{"result":
+//! "list_page","messages":[…],"more":true}`, the last with `"more":false`), each page
+//! written before the next is asked of the scheduler: a queue of a million messages is
+//! never one reply in memory, and other requests are served between pages.
 
 use crate::context::Context;
 use crate::drain::{AdminDrain, Drain, Report};
 use crate::files;
-use crate::queue::scheduler::{AdminRequest, AdminResponse};
+use crate::queue::scheduler::{AdminRequest, AdminResponse, QueueEntry};
 use crate::shutdown::Shutdown;
 use std::io::Write as _;
 use std::path::Path;
@@ -32,6 +37,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
+
+/// Messages in one page of `list`.
+pub const LIST_PAGE: usize = 1000;
 
 /// Random bytes in a token (written as hex).
 const TOKEN_BYTES: usize = 32;
@@ -211,6 +219,12 @@ async fn handle(
                 return;
             }
             Line::Invalid(message) => error_line(&message),
+            Line::Request(Request::Queue(AdminRequest::List)) => {
+                if stream_list(&ctx, &mut write).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             Line::Request(Request::Queue(request)) => match ctx.scheduler.admin(request).await {
                 Some(response) => match serde_json::to_string(&response) {
                     Ok(text) => text,
@@ -232,14 +246,72 @@ async fn handle(
     }
 }
 
-/// Client side, for the CLI: sends one request (an [`AdminRequest`] answered by an
-/// [`AdminResponse`], or an [`AdminDrain`] answered by a [`DrainResponse`]) with the token
-/// and returns the response.
-pub async fn request<R: serde::de::DeserializeOwned>(
+/// Writes the list page by page (see the module doc).
+async fn stream_list(ctx: &Context, write: &mut OwnedWriteHalf) -> std::io::Result<()> {
+    let mut after = None;
+    loop {
+        let request = AdminRequest::ListPage {
+            after,
+            limit: LIST_PAGE,
+        };
+        let Some(page) = ctx.scheduler.admin(request).await else {
+            return write_line(write, error_line("shutting down")).await;
+        };
+        let more = match &page {
+            AdminResponse::ListPage { messages, more } => {
+                after = messages.last().map(|m| m.id);
+                *more
+            }
+            _ => false,
+        };
+        let text = serde_json::to_string(&page).map_err(std::io::Error::other)?;
+        write_line(write, text).await?;
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// Client side of `list`: the pages as they come, each given to `page`; returns how many
+/// messages there were.
+pub async fn list(
+    address: std::net::SocketAddr,
+    token: &Token,
+    mut page: impl FnMut(Vec<QueueEntry>),
+) -> Result<usize, String> {
+    let (mut reply, _write) = send(address, token, &AdminRequest::List).await?;
+    let mut total = 0;
+    loop {
+        let mut line = String::new();
+        reply
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        if line.is_empty() {
+            return Err(format!(
+                "the admin endpoint at {address} closed the connection in the middle of the list"
+            ));
+        }
+        match parse_reply::<AdminResponse>(&line)? {
+            AdminResponse::ListPage { messages, more } => {
+                total += messages.len();
+                page(messages);
+                if !more {
+                    return Ok(total);
+                }
+            }
+            other => return Err(format!("unexpected response to list: {other:?}")),
+        }
+    }
+}
+
+/// Sends one request line with the token; returns the reader of the replies (and the
+/// writing half, kept open while they are read).
+async fn send(
     address: std::net::SocketAddr,
     token: &Token,
     request: &impl serde::Serialize,
-) -> Result<R, String> {
+) -> Result<(BufReader<tokio::net::tcp::OwnedReadHalf>, OwnedWriteHalf), String> {
     let stream = TcpStream::connect(address).await.map_err(|e| {
         format!("cannot reach the admin endpoint at {address}: {e} (is petrel-mta running?)")
     })?;
@@ -255,9 +327,32 @@ pub async fn request<R: serde::de::DeserializeOwned>(
         .write_all(line.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
+    Ok((BufReader::new(read), write))
+}
+
+/// One reply line as `R`, or the endpoint's error message.
+fn parse_reply<R: serde::de::DeserializeOwned>(reply: &str) -> Result<R, String> {
+    serde_json::from_str(reply).map_err(|e| {
+        match serde_json::from_str::<serde_json::Value>(reply) {
+            Ok(value) if value["result"] == "error" => {
+                value["message"].as_str().unwrap_or("error").to_owned()
+            }
+            _ => format!("bad response {reply:?}: {e}"),
+        }
+    })
+}
+
+/// Client side, for the CLI: sends one request (an [`AdminRequest`] answered by an
+/// [`AdminResponse`], or an [`AdminDrain`] answered by a [`DrainResponse`]) with the token
+/// and returns the response.
+pub async fn request<R: serde::de::DeserializeOwned>(
+    address: std::net::SocketAddr,
+    token: &Token,
+    request: &impl serde::Serialize,
+) -> Result<R, String> {
+    let (mut read, _write) = send(address, token, request).await?;
     let mut reply = String::new();
-    BufReader::new(read)
-        .read_line(&mut reply)
+    read.read_line(&mut reply)
         .await
         .map_err(|e| e.to_string())?;
     if reply.is_empty() {
@@ -265,14 +360,7 @@ pub async fn request<R: serde::de::DeserializeOwned>(
             "the admin endpoint at {address} closed the connection"
         ));
     }
-    serde_json::from_str(&reply).map_err(|e| {
-        match serde_json::from_str::<serde_json::Value>(&reply) {
-            Ok(value) if value["result"] == "error" => {
-                value["message"].as_str().unwrap_or("error").to_owned()
-            }
-            _ => format!("bad response {reply:?}: {e}"),
-        }
-    })
+    parse_reply(&reply)
 }
 
 /// Human-readable form of a drain report (the CLI's default output).
@@ -300,6 +388,44 @@ pub fn render_drain(report: &Report) -> String {
     out
 }
 
+/// The head of the list's table.
+pub fn render_list_header() -> String {
+    format!(
+        "{:<16}  {:<7}  {:>8}  {:<31}  {:<30}  PENDING/ALL\n",
+        "QUEUE ID", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "SENDER"
+    )
+}
+
+/// Rows of the list's table.
+pub fn render_list_rows(messages: &[QueueEntry]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for m in messages {
+        let pending = m.recipients.iter().filter(|r| !r.status.is_final()).count();
+        let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
+        let next = match m.next_attempt_at {
+            Some(at) => crate::cleanup::rfc5322_date(at),
+            None => "-".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16}  {:<7}  {:>8}  {:<31}  {:<30}  {pending}/{}",
+            m.id.to_string(),
+            m.state,
+            m.attempts,
+            next,
+            sender,
+            m.recipients.len()
+        );
+    }
+    out
+}
+
+/// The last line of the list.
+pub fn render_list_footer(count: usize) -> String {
+    format!("{count} message(s)\n")
+}
+
 /// Human-readable form of a response (the CLI's default output).
 pub fn render(response: &AdminResponse) -> String {
     use std::fmt::Write;
@@ -310,27 +436,11 @@ pub fn render(response: &AdminResponse) -> String {
     };
     match response {
         AdminResponse::List { messages } => {
-            let _ = writeln!(
-                out,
-                "{:<16}  {:<7}  {:>8}  {:<31}  {:<30}  PENDING/ALL",
-                "QUEUE ID", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "SENDER"
-            );
-            for m in messages {
-                let pending = m.recipients.iter().filter(|r| !r.status.is_final()).count();
-                let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
-                let _ = writeln!(
-                    out,
-                    "{:<16}  {:<7}  {:>8}  {:<31}  {:<30}  {pending}/{}",
-                    m.id.to_string(),
-                    m.state,
-                    m.attempts,
-                    next(m.next_attempt_at),
-                    sender,
-                    m.recipients.len()
-                );
-            }
-            let _ = writeln!(out, "{} message(s)", messages.len());
+            out.push_str(&render_list_header());
+            out.push_str(&render_list_rows(messages));
+            out.push_str(&render_list_footer(messages.len()));
         }
+        AdminResponse::ListPage { messages, .. } => out.push_str(&render_list_rows(messages)),
         AdminResponse::Show { message: m } => {
             let _ = writeln!(out, "queue id:      {}", m.id);
             let _ = writeln!(out, "state:         {}", m.state);

@@ -289,7 +289,7 @@ async fn queue_command(
             };
             return drain_command(address, token, op, json).await;
         }
-        QueueOp::List => AdminRequest::List,
+        QueueOp::List => return list_command(address, token, json).await,
         QueueOp::Show { id } => AdminRequest::Show { id },
         QueueOp::Flush { id, domain } => AdminRequest::Flush { id, domain },
         QueueOp::Hold { id } => AdminRequest::Hold { id },
@@ -315,6 +315,45 @@ async fn queue_command(
     match response {
         AdminResponse::NotFound { .. } => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
+    }
+}
+
+/// `queue list`: the table is printed page by page as the MTA streams it; `--json`
+/// prints the same single object as before, once every page is in.
+async fn list_command(
+    address: std::net::SocketAddr,
+    token: &mta::admin::Token,
+    json: bool,
+) -> ExitCode {
+    let mut all = Vec::new();
+    if !json {
+        print!("{}", mta::admin::render_list_header());
+    }
+    let listed = mta::admin::list(address, token, |page| {
+        if json {
+            all.extend(page);
+        } else {
+            print!("{}", mta::admin::render_list_rows(&page));
+        }
+    })
+    .await;
+    match listed {
+        Ok(count) => {
+            if json {
+                let response = AdminResponse::List { messages: all };
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&response).unwrap_or_default()
+                );
+            } else {
+                print!("{}", mta::admin::render_list_footer(count));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("petrel-mta queue: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

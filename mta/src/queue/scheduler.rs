@@ -37,7 +37,7 @@ use crate::delivery::{self, Destinations, WorkItem};
 use crate::dsn;
 use crate::shutdown::Shutdown;
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
@@ -97,7 +97,14 @@ const MAX_RELOCATIONS_PER_TICK: usize = 1000;
 #[derive(Debug, Clone, serde::Deserialize, Serialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum AdminRequest {
+    /// Every message at once (in-process callers; the admin endpoint pages instead).
     List,
+    /// One page of the list: up to `limit` messages with ids after `after`, by id. The
+    /// admin endpoint streams `list` page by page, so a reply is never the whole queue.
+    ListPage {
+        after: Option<QueueId>,
+        limit: usize,
+    },
     Show {
         id: QueueId,
     },
@@ -141,10 +148,23 @@ pub struct QueueEntry {
 #[derive(Debug, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "result")]
 pub enum AdminResponse {
-    List { messages: Vec<QueueEntry> },
-    Show { message: QueueEntry },
-    Done { affected: usize },
-    NotFound { id: QueueId },
+    List {
+        messages: Vec<QueueEntry>,
+    },
+    /// A page of the list; `more` when messages with later ids remain.
+    ListPage {
+        messages: Vec<QueueEntry>,
+        more: bool,
+    },
+    Show {
+        message: QueueEntry,
+    },
+    Done {
+        affected: usize,
+    },
+    NotFound {
+        id: QueueId,
+    },
 }
 
 /// Talks to the scheduler task. Cheap to clone; never blocks.
@@ -289,7 +309,8 @@ struct Entry {
 struct Scheduler {
     ctx: Arc<Context>,
     clock: Clock,
-    messages: HashMap<QueueId, Entry>,
+    /// By id: pages of the admin list and drain check-outs walk it in order.
+    messages: BTreeMap<QueueId, Entry>,
     due: BTreeSet<(u64, QueueId)>,
     expiry: BTreeSet<(u64, QueueId)>,
     destinations: Destinations,
@@ -314,7 +335,7 @@ pub async fn run(
         destinations: Destinations::new(ctx.clone(), shutdown.clone()),
         ctx,
         clock: Clock::start(),
-        messages: HashMap::new(),
+        messages: BTreeMap::new(),
         due: BTreeSet::new(),
         expiry: BTreeSet::new(),
         active: 0,
@@ -627,7 +648,8 @@ impl Scheduler {
     /// meanwhile.
     fn check_out(&mut self, max: usize, only_pinned: bool) -> Vec<(QueueId, Envelope)> {
         self.rounds_paused |= !only_pinned;
-        let mut ids: Vec<QueueId> = self
+        // Oldest first: ids grow with time, and the map is ordered by id.
+        let ids: Vec<QueueId> = self
             .messages
             .iter()
             .filter(|(_, e)| match e.phase {
@@ -636,9 +658,8 @@ impl Scheduler {
                 Phase::Active(_) | Phase::Out => false,
             })
             .map(|(id, _)| *id)
+            .take(max)
             .collect();
-        ids.sort_unstable();
-        ids.truncate(max);
         let mut taken = Vec::with_capacity(ids.len());
         for id in ids {
             let Some(entry) = self.messages.get_mut(&id) else {
@@ -763,14 +784,26 @@ impl Scheduler {
 
     fn admin(&mut self, request: AdminRequest) -> AdminResponse {
         match request {
-            AdminRequest::List => {
-                let mut messages: Vec<QueueEntry> = self
+            AdminRequest::List => AdminResponse::List {
+                messages: self
                     .messages
                     .iter()
                     .map(|(id, entry)| self.describe(*id, entry))
+                    .collect(),
+            },
+            AdminRequest::ListPage { after, limit } => {
+                use std::ops::Bound;
+                let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+                let mut page = self.messages.range((from, Bound::Unbounded));
+                let messages: Vec<QueueEntry> = page
+                    .by_ref()
+                    .take(limit.max(1))
+                    .map(|(id, entry)| self.describe(*id, entry))
                     .collect();
-                messages.sort_by_key(|m| m.id);
-                AdminResponse::List { messages }
+                AdminResponse::ListPage {
+                    messages,
+                    more: page.next().is_some(),
+                }
             }
             AdminRequest::Show { id } => match self.messages.get(&id) {
                 Some(entry) => AdminResponse::Show {
