@@ -135,12 +135,14 @@ pub const LOCK_FILE: &str = "petrel-spool.lock";
 /// Takes the spool's lock, or says who has it. A `flock` goes with the process: a crashed
 /// MTA never leaves its spool locked.
 fn lock(dir: &Path) -> Result<File, Error> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(LOCK_FILE))
-        .map_err(Error::from_io)?;
+    let file = crate::files::open_private(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true),
+        &dir.join(LOCK_FILE),
+    )
+    .map_err(Error::from_io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse {
