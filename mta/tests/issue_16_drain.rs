@@ -599,6 +599,15 @@ async fn a_resend_is_recognised_and_a_draining_peer_takes_nothing() {
     peer.shutdown().await;
 }
 
+/// Writes one JSON answer.
+async fn respond(stream: &mut TcpStream, status_line: &str, body: &str) {
+    let response = format!(
+        "{status_line}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await.expect("answer");
+}
+
 /// A peer that reads each hand-over and, while `hang_up` is set (at first), hangs up
 /// without answering (as if it crashed after storing, or before); then answers every
 /// offer with `status_line` and `answer`. Its drain report (`GET /admin/drain`) gives
@@ -667,15 +676,7 @@ impl ForgetfulPeer {
                         let mut body = vec![0; length];
                         reader.read_exact(&mut body).await.expect("body");
                         if get == Some(true) {
-                            let response = format!(
-                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{report}",
-                                report.len()
-                            );
-                            reader
-                                .get_mut()
-                                .write_all(response.as_bytes())
-                                .await
-                                .expect("report");
+                            respond(reader.get_mut(), "HTTP/1.1 200 OK", report).await;
                             continue;
                         }
                         let request: serde_json::Value =
@@ -685,15 +686,7 @@ impl ForgetfulPeer {
                         if hanging.load(std::sync::atomic::Ordering::SeqCst) {
                             return; // hang up: the sender cannot know whether we stored it
                         }
-                        let response = format!(
-                            "{status_line}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
-                            answer.len()
-                        );
-                        reader
-                            .get_mut()
-                            .write_all(response.as_bytes())
-                            .await
-                            .expect("answer");
+                        respond(reader.get_mut(), status_line, answer).await;
                     }
                 });
             }
