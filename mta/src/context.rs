@@ -51,6 +51,8 @@ pub struct Context {
     pub dane: crate::delivery::dane::ValidatingResolver,
     /// TLS-RPT (RFC 8460) counts of this period and the task that reports them.
     pub tls_rpt: crate::delivery::smtp::tls_rpt::Reporter,
+    /// Outbound shaping: connection permits, rates and throttle state per site.
+    pub sites: crate::delivery::site::Sites,
 }
 
 /// Whether this MTA takes new mail. While draining (a drain was asked for, or shutdown has
@@ -181,6 +183,7 @@ impl Context {
             resolver: Mutex::new(None),
             dane: Default::default(),
             tls_rpt: Default::default(),
+            sites: Default::default(),
         }
     }
 

@@ -129,6 +129,7 @@ impl Server {
         let mut context = Context::new(config, spool, handle, certificates, users);
         context.verifier = verifier;
         context.metrics = metrics;
+        context.sites = crate::delivery::site::Sites::new(context.metrics.clone());
         context.limiter = crate::fleet_limits::FleetLimiter::start(
             context.config().smtpd.rate_limits.redis.as_ref(),
             context.metrics.clone(),

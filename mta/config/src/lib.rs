@@ -20,7 +20,8 @@ use std::time::Duration;
 
 pub use outbound::{
     AdminConfig, DkimConfig, DkimKeyConfig, DnsConfig, DnsblAction, MailAuthConfig, QueueConfig,
-    RelayConfig, RouteAuth, RouteConfig, SmtpClientConfig, TlsMode, TlsRptConfig,
+    RelayConfig, RouteAuth, RouteConfig, SiteLimits, SiteRule, SmtpClientConfig, TlsMode,
+    TlsRptConfig,
 };
 pub use validate::{ConfigError, Problem, is_maildir_safe_local_part};
 

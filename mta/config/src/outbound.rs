@@ -98,6 +98,16 @@ pub struct QueueConfig {
     pub max_connections_per_destination: usize,
     /// Messages sent over one connection before it is closed. Default: `100`.
     pub max_messages_per_connection: usize,
+    /// Outbound shaping: the limits of every *site* (the domains whose MX hosts are the
+    /// same, with the same TLS policy in force, share one site and its limits) that no
+    /// rule in `sites` names. Per pod. Default: see [`SiteLimits`].
+    #[serde(default, skip_serializing_if = "SiteLimits::is_default")]
+    pub site_limits: SiteLimits,
+    /// Named sites: domains, or MX host patterns, that share one provider's limits
+    /// whatever their MX sets (e.g. every domain hosted by one big mailbox provider).
+    /// The first rule that matches wins. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SiteRule>,
     /// Bounces that cannot be delivered (their sender is `<>`) are not bounced again;
     /// when set, they are forwarded to this address instead. Default: none (logged only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,8 +126,87 @@ impl Default for QueueConfig {
             max_connections_per_destination: 10,
             max_messages_per_connection: 100,
             postmaster: None,
+            site_limits: SiteLimits::default(),
+            sites: Vec::new(),
         }
     }
+}
+
+/// How hard one site is pushed, and how it is backed off (adaptive throttling, AIMD).
+///
+/// A reply that says "too many connections" or "rate limited" (a *throttle*) halves the
+/// site's connections (at least 1) and message rate at once, and remembers the level it
+/// happened at as a ceiling; every `recovery_interval` with deliveries and no throttle,
+/// one connection and a quarter of the ceiling's rate come back, up to the ceiling. A site
+/// that keeps failing (`suspend_after` throttles or connection failures in a row with no
+/// delivery between them) is suspended: its mail stays queued, deferred with `451 4.4.5`
+/// naming the site, and is not tried there until the suspension ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct SiteLimits {
+    /// Simultaneous connections to the site from this pod, over all its domains.
+    /// Default: `20`.
+    pub max_connections: usize,
+    /// Messages per interval to the site (`N/interval`, e.g. `5/1s`, `600/1m`), or `off`
+    /// for no limit until the site throttles. Default: `off`.
+    pub max_message_rate: String,
+    /// How often a throttled site gets one step of its concurrency and rate back, while
+    /// mail to it is delivered. Default: `2s`.
+    #[serde(with = "duration")]
+    pub recovery_interval: Duration,
+    /// How long the ceilings learnt from a throttle are kept after the last one; then
+    /// the configured limits apply again. Default: `15m`.
+    #[serde(with = "duration")]
+    pub throttle_memory: Duration,
+    /// Throttles or connection failures in a row (each counted at most once a second)
+    /// after which the site is suspended. Default: `5`.
+    pub suspend_after: u32,
+    /// The first suspension's length; each one that follows without a delivery between
+    /// them lasts twice as long, up to `max_suspend_time`. Default: `1m`.
+    #[serde(with = "duration")]
+    pub suspend_time: Duration,
+    /// The longest suspension. Default: `30m`.
+    #[serde(with = "duration")]
+    pub max_suspend_time: Duration,
+}
+
+impl Default for SiteLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 20,
+            max_message_rate: "off".into(),
+            recovery_interval: Duration::from_secs(2),
+            throttle_memory: Duration::from_secs(15 * 60),
+            suspend_after: 5,
+            suspend_time: Duration::from_secs(60),
+            max_suspend_time: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+impl SiteLimits {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A named site: recipient domains, or MX host patterns, that share one set of limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct SiteRule {
+    /// The site's name, in logs, deferral texts and metrics labels. Required, unique.
+    pub name: String,
+    /// Recipient domains of the site (exact names). Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+    /// MX host names or patterns (`*.mail.example` matches any name under
+    /// `mail.example`): a domain with any MX host that matches belongs to the site.
+    /// Default: none. A rule needs `domains` or `mx`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mx: Vec<String>,
+    /// The site's limits. Default: `queue.site_limits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<SiteLimits>,
 }
 
 /// DNS resolution for MX lookups.

@@ -395,3 +395,60 @@ fn tls_rpt_defaults_and_mistakes() {
         ]
     );
 }
+
+/// Issue 17: site limits default sensibly, stay out of a rendered config at their
+/// defaults, round-trip when set, and every mistake names its key.
+#[test]
+fn site_limits_defaults_rules_and_mistakes() {
+    let default = MtaConfig::default();
+    assert_eq!(default.queue.site_limits.max_connections, 20);
+    assert_eq!(default.queue.site_limits.max_message_rate, "off");
+    let yaml = default.to_yaml();
+    assert!(!yaml.contains("site"), "{yaml}");
+    let set = MtaConfig::from_yaml(
+        "queue:\n  site_limits: {max_message_rate: 600/1m, recovery_interval: 10s}\n  sites:\n    - name: bigmail\n      mx: ['*.mail.example']\n      limits: {max_connections: 50}\n    - name: small.example\n      domains: [small.example]\n",
+    )
+    .expect("valid");
+    assert_eq!(set.queue.sites.len(), 2);
+    assert_eq!(
+        set.queue.site_limits.recovery_interval,
+        std::time::Duration::from_secs(10)
+    );
+    assert_eq!(
+        MtaConfig::from_yaml(&set.to_yaml()).expect("round trip"),
+        set
+    );
+    assert_eq!(
+        problem_keys(
+            "queue:\n  site_limits: {max_connections: 0, max_message_rate: fast, recovery_interval: 0s, suspend_after: 0, suspend_time: 0s}\n"
+        ),
+        [
+            "queue.site_limits.max_connections",
+            "queue.site_limits.max_message_rate",
+            "queue.site_limits.recovery_interval",
+            "queue.site_limits.suspend_after",
+            "queue.site_limits.suspend_time",
+        ]
+    );
+    assert_eq!(
+        problem_keys(
+            "queue:\n  site_limits: {throttle_memory: 1s, recovery_interval: 5s, suspend_time: 10m, max_suspend_time: 1m}\n"
+        ),
+        [
+            "queue.site_limits.throttle_memory",
+            "queue.site_limits.max_suspend_time"
+        ]
+    );
+    assert_eq!(
+        problem_keys(
+            "queue:\n  sites:\n    - name: a\n      mx: ['*.x.example', 'mx.*.example']\n    - name: a\n      domains: [b.example]\n    - name: 'no spaces'\n      limits: {max_connections: 0}\n"
+        ),
+        [
+            "queue.sites[0].mx[1]",
+            "queue.sites[1].name",
+            "queue.sites[2].name",
+            "queue.sites[2]",
+            "queue.sites[2].limits.max_connections",
+        ]
+    );
+}

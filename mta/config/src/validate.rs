@@ -451,6 +451,45 @@ impl MtaConfig {
                 "must be at least 1".into(),
             );
         }
+        validate_site_limits("queue.site_limits", &queue.site_limits, &mut problem);
+        let mut site_names = std::collections::HashSet::new();
+        for (i, rule) in queue.sites.iter().enumerate() {
+            let key = format!("queue.sites[{i}]");
+            if rule.name.is_empty()
+                || !rule
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                problem(
+                    format!("{key}.name"),
+                    format!(
+                        "{:?} must be letters, digits, '-', '_' or '.' (it is a metrics label)",
+                        rule.name
+                    ),
+                );
+            } else if !site_names.insert(rule.name.as_str()) {
+                problem(
+                    format!("{key}.name"),
+                    format!("{:?} names another site already", rule.name),
+                );
+            }
+            if rule.domains.is_empty() && rule.mx.is_empty() {
+                problem(key.clone(), "needs domains or mx (or both)".into());
+            }
+            for (j, pattern) in rule.mx.iter().enumerate() {
+                let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+                if name.is_empty() || name.contains('*') {
+                    problem(
+                        format!("{key}.mx[{j}]"),
+                        format!("{pattern:?} is not a host name or *.domain pattern"),
+                    );
+                }
+            }
+            if let Some(limits) = &rule.limits {
+                validate_site_limits(&format!("{key}.limits"), limits, &mut problem);
+            }
+        }
         if let Some(postmaster) = &queue.postmaster
             && !postmaster.contains('@')
         {
@@ -531,4 +570,45 @@ pub fn is_maildir_safe_local_part(local: &str) -> bool {
         && local
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
+}
+
+/// The checks of one [`crate::SiteLimits`] (at `queue.site_limits` or a site's `limits`).
+fn validate_site_limits(
+    key: &str,
+    limits: &crate::SiteLimits,
+    problem: &mut impl FnMut(String, String),
+) {
+    if limits.max_connections == 0 {
+        problem(
+            format!("{key}.max_connections"),
+            "must be at least 1".into(),
+        );
+    }
+    if let Err(e) = crate::Rate::parse(&limits.max_message_rate) {
+        problem(format!("{key}.max_message_rate"), e);
+    }
+    if limits.recovery_interval.is_zero() {
+        problem(
+            format!("{key}.recovery_interval"),
+            "must be longer than 0s".into(),
+        );
+    }
+    if limits.throttle_memory < limits.recovery_interval {
+        problem(
+            format!("{key}.throttle_memory"),
+            "must not be shorter than recovery_interval".into(),
+        );
+    }
+    if limits.suspend_after == 0 {
+        problem(format!("{key}.suspend_after"), "must be at least 1".into());
+    }
+    if limits.suspend_time.as_secs() == 0 {
+        problem(format!("{key}.suspend_time"), "must be at least 1s".into());
+    }
+    if limits.max_suspend_time < limits.suspend_time {
+        problem(
+            format!("{key}.max_suspend_time"),
+            "must not be shorter than suspend_time".into(),
+        );
+    }
 }

@@ -17,6 +17,12 @@
 //! not an attempt, and never defers or bounces mail. Maildir and LMTP routes are this
 //! pod's own and are not shared.
 //!
+//! Outbound shaping (issue 17): besides its destination's limit, an SMTP worker takes a
+//! permit of its *site* ([`site`]: the domains sharing one MX host set and TLS policy)
+//! once it knows the hosts, and a site rate token before each message; the site's limits
+//! adapt to the throttle replies it gets. A worker whose site others are waiting for
+//! does not keep its connection open idle: it hands the permit over at once.
+//!
 //! Routes: local Maildir ([`crate::local`]), LMTP, and SMTP to a smarthost or to the
 //! domain's MX hosts ([`route`] resolves them; [`dane`] and [`mta_sts`] say which of them
 //! may be used and how; [`smtp`] speaks to them).
@@ -26,6 +32,7 @@ pub mod dane;
 pub mod mta_sts;
 pub mod outcome;
 pub mod route;
+pub mod site;
 pub mod smtp;
 
 use crate::context::Context;
@@ -199,6 +206,13 @@ struct DestinationState {
     waiting_for_slot: bool,
 }
 
+/// Whether a worker with nothing to do keeps its connection open a while for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linger {
+    Yes,
+    No,
+}
+
 /// How long a worker keeps its connection open waiting for more work (Postfix's
 /// connection cache time is 2s too).
 const IDLE_CONNECTION_TIME: Duration = Duration::from_secs(2);
@@ -343,10 +357,10 @@ impl Destination {
         }
     }
 
-    /// The next item, waiting up to [`IDLE_CONNECTION_TIME`] for one; `None` after the
-    /// worker has been counted out.
-    async fn next(&self, shutdown: &mut Shutdown) -> Option<WorkItem> {
-        let mut waited = false;
+    /// The next item, waiting up to [`IDLE_CONNECTION_TIME`] for one unless
+    /// [`Linger::No`]; `None` after the worker has been counted out.
+    async fn next(&self, shutdown: &mut Shutdown, linger: Linger) -> Option<WorkItem> {
+        let mut waited = linger == Linger::No;
         loop {
             {
                 let mut state = self.lock();
@@ -379,8 +393,18 @@ async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: 
     let Some(slot) = destination.connection_slot(&ctx, &mut shutdown).await else {
         return;
     };
-    let mut connection = smtp::Session::default();
-    while let Some(item) = destination.next(&mut shutdown).await {
+    let mut connection = smtp::Session::new(shutdown.clone());
+    loop {
+        // Others wait for this connection's site (other domains of the same MX hosts):
+        // hand the connection over rather than hold it open idle.
+        let linger = if connection.site_contended() {
+            Linger::No
+        } else {
+            Linger::Yes
+        };
+        let Some(item) = destination.next(&mut shutdown, linger).await else {
+            break;
+        };
         let span = mta_telemetry::spans::delivery_attempt(
             &item.id.to_string(),
             &destination.route.label(),

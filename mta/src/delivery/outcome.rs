@@ -55,6 +55,12 @@ pub enum DeliveryError {
     /// `451 4.3.0`: this MTA failed (reading the spool, writing a Maildir, a task).
     #[error("{detail}")]
     Local { detail: String },
+    /// `451 4.4.5`: the recipient's site is suspended after repeated throttling or
+    /// connection failures ([`super::site`]); the mail stays queued.
+    #[error(
+        "site {site} suspended for {seconds}s after repeated throttling or connection failures; the message stays queued"
+    )]
+    SiteSuspended { site: String, seconds: u64 },
 }
 
 impl DeliveryError {
@@ -79,6 +85,7 @@ impl DeliveryError {
                 deferred(451, [4, 7, 5], Class::Tls, text)
             }
             DeliveryError::Local { .. } => deferred(451, [4, 3, 0], Class::Local, text),
+            DeliveryError::SiteSuspended { .. } => deferred(451, [4, 4, 5], Class::RateLimit, text),
         }
     }
 }

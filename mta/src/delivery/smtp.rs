@@ -10,9 +10,11 @@ use super::dane::{self, HostPolicy, TlsaSet};
 use super::mta_sts::{self, Mode, Policy};
 use super::outcome::DeliveryError;
 use super::route::{self, Target};
+use super::site::{SiteKey, SitePermit, TlsPolicy};
 use super::{NextHop, Route, WorkItem, outcome};
 use crate::context::Context;
 use crate::queue::{BodyType, DsnReturn, Status};
+use crate::shutdown::Shutdown;
 use mta_client::{
     ClientConfig, ClientError, Connection, Credentials, OutboundMessage, OutboundRecipient,
     Timeouts,
@@ -32,9 +34,20 @@ pub struct Session {
     /// The host of the connection the last message went to (kept after an error, since
     /// that host's failure is what gets reported); `None` when no host was reached.
     remote_host: Option<String>,
+    /// The site's permit for `connection` ([`super::site`]), held while it is open.
+    site: Option<SitePermit>,
+    /// Ends waits for a site's permit or rate token.
+    shutdown: Option<Shutdown>,
 }
 
 impl Session {
+    pub fn new(shutdown: Shutdown) -> Self {
+        Session {
+            shutdown: Some(shutdown),
+            ..Session::default()
+        }
+    }
+
     pub async fn deliver(
         &mut self,
         ctx: &Arc<Context>,
@@ -62,12 +75,16 @@ impl Session {
             self.connection = None;
         }
         if self.connection.is_none() {
+            // A worker holds one site permit at most: give it back before asking again.
+            self.site = None;
             // TLS-RPT: the delivery of a report is never counted in one (RFC 8460 §5.3).
             let report = config.smtp_client.tls_rpt.enabled
                 && item.envelope.sender != tls_rpt::report_sender(&config);
-            match connect(ctx, &config, route, require_tls, report).await {
-                Ok((connection, verified, host)) => {
+            let shutdown = self.shutdown.as_mut();
+            match connect(ctx, &config, route, require_tls, report, shutdown).await {
+                Ok((connection, verified, host, site)) => {
                     self.connection = Some(connection);
+                    self.site = site;
                     self.sent = 0;
                     self.verified = verified;
                     self.remote_host = Some(host);
@@ -77,6 +94,9 @@ impl Session {
                     return all(status);
                 }
             }
+        }
+        if let Some(permit) = &self.site {
+            permit.site().rate_token(self.shutdown.as_mut()).await;
         }
         let Some(connection) = self.connection.as_mut() else {
             return Vec::new();
@@ -104,7 +124,7 @@ impl Session {
             dsn_ret_full: envelope.dsn_ret.map(|r| r == DsnReturn::Full),
             dsn_envid: envelope.dsn_envid.as_deref(),
         };
-        match connection.send(&outbound).await {
+        let results = match connection.send(&outbound).await {
             Ok(replies) => {
                 self.sent += 1;
                 item.recipients
@@ -120,7 +140,19 @@ impl Session {
                 }
                 all(outcome::from_error(&error))
             }
+        };
+        if let Some(permit) = &self.site {
+            permit.site().observe(&results);
         }
+        if self.connection.is_none() {
+            self.site = None;
+        }
+        results
+    }
+
+    /// Others wait for this connection's site: it should not stay open idle.
+    pub fn site_contended(&self) -> bool {
+        self.site.as_ref().is_some_and(|p| p.site().contended())
     }
 
     /// See [`Session::remote_host`]'s field.
@@ -132,6 +164,7 @@ impl Session {
         if let Some(connection) = self.connection.take() {
             connection.quit().await;
         }
+        self.site = None;
         self.sent = 0;
         self.verified = false;
     }
@@ -157,7 +190,8 @@ async fn connect(
     route: &Route,
     require_tls: bool,
     report: bool,
-) -> Result<(Connection, bool, String), Status> {
+    shutdown: Option<&mut Shutdown>,
+) -> Result<Connected, Status> {
     let (targets, client, sts): (Vec<Target>, _, _) = match route {
         Route::Lmtp { address } => {
             let client = client_config(config, true, TlsMode::None, None)?;
@@ -166,7 +200,7 @@ async fn connect(
                 // A local socket needs no TLS, even for REQUIRETLS.
                 return Connection::connect(&target, "localhost", &client)
                     .await
-                    .map(|c| (c, true, address.clone()))
+                    .map(|c| (c, true, address.clone(), None))
                     .map_err(|e| outcome::from_error(&e));
             }
             let resolver = ctx.resolver()?;
@@ -212,7 +246,14 @@ async fn connect(
                             // RFC 8461 §2: where DANE applies, MTA-STS does not.
                             tracing::info!(domain = %mta_telemetry::Escaped(domain.as_str()), "DANE: TLSA records apply");
                             let client = client_config(config, false, mode, auth.as_ref())?;
-                            return try_targets(plan.hosts, &client, require_tls, Sts::Off, rpt)
+                            let gate = Gate {
+                                ctx,
+                                config,
+                                domain: Some(domain),
+                                shutdown,
+                            };
+                            let (hosts, sts) = (plan.hosts, Sts::Off);
+                            return try_targets(hosts, &client, require_tls, sts, rpt, Some(gate))
                                 .await;
                         }
                         plan.hosts.into_iter().map(|(target, _)| target).collect()
@@ -258,7 +299,16 @@ async fn connect(
             };
             let targets = targets.into_iter().map(|t| (t, HostPolicy::None)).collect();
             let client = client_config(config, false, mode, auth.as_ref())?;
-            return try_targets(targets, &client, require_tls, sts, rpt).await;
+            let gate = Gate {
+                ctx,
+                config,
+                domain: match next_hop {
+                    NextHop::Mx { domain } => Some(domain.as_str()),
+                    NextHop::Smarthost { .. } => None,
+                },
+                shutdown,
+            };
+            return try_targets(targets, &client, require_tls, sts, rpt, Some(gate)).await;
         }
         Route::Maildir { .. } | Route::Unroutable { .. } => {
             return Err(DeliveryError::Local {
@@ -268,7 +318,50 @@ async fn connect(
         }
     };
     let targets = targets.into_iter().map(|t| (t, HostPolicy::None)).collect();
-    try_targets(targets, &client, require_tls, sts, None).await
+    try_targets(targets, &client, require_tls, sts, None, None).await
+}
+
+/// A connection, whether its TLS was verified, its host's name, and its site's permit.
+type Connected = (Connection, bool, String, Option<SitePermit>);
+
+/// What an SMTP delivery needs to take its site's permit ([`super::site`]) once its hosts
+/// are known; LMTP has none.
+struct Gate<'a> {
+    ctx: &'a Arc<Context>,
+    config: &'a MtaConfig,
+    /// The recipient domain (none for a smarthost).
+    domain: Option<&'a str>,
+    shutdown: Option<&'a mut Shutdown>,
+}
+
+impl Gate<'_> {
+    /// Waits for a permit of the site of `targets` under the TLS policy in force.
+    async fn permit(
+        self,
+        targets: &[(Target, HostPolicy)],
+        client: &ClientConfig,
+        require_tls: bool,
+        sts: &Sts,
+    ) -> Result<SitePermit, Status> {
+        let tls = if targets.iter().any(|(_, dane)| dane.applies()) {
+            TlsPolicy::Dane
+        } else if require_tls {
+            TlsPolicy::RequireTls
+        } else if matches!(sts, Sts::Enforce) {
+            TlsPolicy::MtaSts
+        } else {
+            match client.tls {
+                mta_client::TlsMode::Verified => TlsPolicy::Verified,
+                mta_client::TlsMode::Required => TlsPolicy::Required,
+                mta_client::TlsMode::Opportunistic => TlsPolicy::Opportunistic,
+                mta_client::TlsMode::None => TlsPolicy::Plain,
+            }
+        };
+        let hosts: Vec<&str> = targets.iter().map(|(t, _)| t.name.as_str()).collect();
+        let key = SiteKey::new(self.config, self.domain, &hosts, tls);
+        let site = self.ctx.sites.get(self.config, key);
+        site.acquire(self.shutdown).await
+    }
 }
 
 /// Where TLS-RPT results of one delivery by MX go: the domain asked for reports at `rua`.
@@ -363,7 +456,12 @@ async fn try_targets(
     require_tls: bool,
     sts: Sts,
     rpt: Option<Rpt<'_>>,
-) -> Result<(Connection, bool, String), Status> {
+    gate: Option<Gate<'_>>,
+) -> Result<Connected, Status> {
+    let mut permit = match gate {
+        Some(gate) => Some(gate.permit(&targets, client, require_tls, &sts).await?),
+        None => None,
+    };
     let verified = client.tls == mta_client::TlsMode::Verified;
     let mut last = None;
     for (Target { name, address }, dane) in targets {
@@ -403,7 +501,10 @@ async fn try_targets(
                 if let Some(version) = connection.tls_version() {
                     span.record(mta_telemetry::spans::field::TLS_VERSION, version);
                 }
-                return Ok((connection, verified, name));
+                if let Some(permit) = permit.as_mut() {
+                    permit.connected();
+                }
+                return Ok((connection, verified, name, permit));
             }
             Err(error) => {
                 tracing::info!(host = %mta_telemetry::Escaped(name.as_str()), %address, error = %mta_telemetry::Escaped(&error.to_string()), "connection attempt failed");
@@ -411,7 +512,7 @@ async fn try_targets(
             }
         }
     }
-    Err(match last {
+    let status = match last {
         Some((_, error, _)) if require_tls => outcome::from_error_requiring_tls(&error),
         Some((host, error, true)) => outcome::from_error_under_dane(&error, &host),
         Some((host, error, false)) if matches!(sts, Sts::Enforce) => {
@@ -419,7 +520,11 @@ async fn try_targets(
         }
         Some((_, error, _)) => outcome::from_error(&error),
         None => DeliveryError::NoHost.status(),
-    })
+    };
+    if let Some(permit) = &permit {
+        permit.site().connect_failed(&status);
+    }
+    Err(status)
 }
 
 /// One attempt to a host with usable TLSA records: TLS is mandatory and the certificate

@@ -36,6 +36,14 @@
 //! | `petrel_mta_handoff_messages_total` | `direction` | `petrel.mta.handoff.messages` |
 //! | `petrel_mta_rate_limit_backend` | `backend` | `petrel.mta.rate_limit.backend` |
 //! | `petrel_mta_rate_limit_fallbacks_total` | | `petrel.mta.rate_limit.fallbacks` |
+//! | `petrel_mta_site_throttles_total` | `site` | `petrel.mta.site.throttles` |
+//! | `petrel_mta_site_suspensions_total` | `site` | `petrel.mta.site.suspensions` |
+//! | `petrel_mta_site_connections_limit` | `site` | `petrel.mta.site.connections.limit` |
+//! | `petrel_mta_site_message_rate_limit` | `site` | `petrel.mta.site.message_rate.limit` |
+//!
+//! `site` (outbound shaping) is the name of a `queue.sites` rule, a closed set the config
+//! chooses; the counters put every site found by MX rollup under `other`, and the gauges
+//! exist only for named sites, since MX sets are as many as the destinations.
 //! | `petrel_mta_otel_spans_dropped_total` | `reason` | (not mirrored) |
 //! | `petrel_mta_otel_spans_exported_total` | | (not mirrored) |
 
@@ -52,6 +60,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
 
 use crate::export;
 
@@ -256,6 +265,11 @@ struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SiteLabels {
+    site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     backend: &'static str,
 }
@@ -337,6 +351,10 @@ struct Prom {
     handoff_messages: Family<DirectionLabels, Counter>,
     rate_limit_backend: Family<BackendLabels, Gauge>,
     rate_limit_fallbacks: Counter,
+    site_throttles: Family<SiteLabels, Counter>,
+    site_suspensions: Family<SiteLabels, Counter>,
+    site_connections_limit: Family<SiteLabels, Gauge>,
+    site_message_rate_limit: Family<SiteLabels, Gauge<f64, AtomicU64>>,
 }
 
 struct Otel {
@@ -365,6 +383,10 @@ struct Otel {
     handoff_messages: OtelCounter<u64>,
     rate_limit_backend: OtelGauge<u64>,
     rate_limit_fallbacks: OtelCounter<u64>,
+    site_throttles: OtelCounter<u64>,
+    site_suspensions: OtelCounter<u64>,
+    site_connections_limit: OtelGauge<u64>,
+    site_message_rate_limit: OtelGauge<f64>,
 }
 
 impl Default for MtaMetrics {
@@ -403,6 +425,10 @@ impl MtaMetrics {
             handoff_messages: Family::default(),
             rate_limit_backend: Family::default(),
             rate_limit_fallbacks: Counter::default(),
+            site_throttles: Family::default(),
+            site_suspensions: Family::default(),
+            site_connections_limit: Family::default(),
+            site_message_rate_limit: Family::default(),
         };
         // Known label values start at zero, so a scraper sees the series before the
         // first event and `rate()` works from the start.
@@ -583,6 +609,26 @@ impl MtaMetrics {
             "rate_limit_fallbacks",
             "Switches from the fleet's Redis counters and leases to this pod's share (Redis unreachable or too slow)",
             prom.rate_limit_fallbacks.clone(),
+        );
+        r.register(
+            "site_throttles",
+            "Throttle replies (too many connections, rate limited) that lowered a site's limits, by site (a queue.sites name, or other)",
+            prom.site_throttles.clone(),
+        );
+        r.register(
+            "site_suspensions",
+            "Sites suspended after repeated throttles or connection failures, by site (a queue.sites name, or other)",
+            prom.site_suspensions.clone(),
+        );
+        r.register(
+            "site_connections_limit",
+            "Connections a named site (queue.sites) may have open from this pod now",
+            prom.site_connections_limit.clone(),
+        );
+        r.register(
+            "site_message_rate_limit",
+            "Messages per second a named site (queue.sites) is sent now; 0: no limit",
+            prom.site_message_rate_limit.clone(),
         );
         export::register(r);
 
@@ -868,6 +914,46 @@ impl MtaMetrics {
             .add(1, &[KeyValue::new("direction", direction.as_str())]);
     }
 
+    /// A throttle lowered the limits of `site` (a `queue.sites` name, or `other`).
+    pub fn site_throttled(&self, site: &str) {
+        let i = &self.inner;
+        let labels = SiteLabels { site: site.into() };
+        i.prom.site_throttles.get_or_create(&labels).inc();
+        i.otel
+            .site_throttles
+            .add(1, &[KeyValue::new("site", site.to_owned())]);
+    }
+
+    /// `site` (a `queue.sites` name, or `other`) was suspended.
+    pub fn site_suspended(&self, site: &str) {
+        let i = &self.inner;
+        let labels = SiteLabels { site: site.into() };
+        i.prom.site_suspensions.get_or_create(&labels).inc();
+        i.otel
+            .site_suspensions
+            .add(1, &[KeyValue::new("site", site.to_owned())]);
+    }
+
+    /// The limits of a named site now: connections, and messages per second (`None`: no
+    /// limit, shown as 0).
+    pub fn set_site_limits(&self, site: &str, connections: usize, rate: Option<f64>) {
+        let i = &self.inner;
+        let labels = SiteLabels { site: site.into() };
+        let connections = u64::try_from(connections).unwrap_or(u64::MAX);
+        let rate = rate.unwrap_or(0.0);
+        i.prom
+            .site_connections_limit
+            .get_or_create(&labels)
+            .set(i64::try_from(connections).unwrap_or(i64::MAX));
+        i.prom
+            .site_message_rate_limit
+            .get_or_create(&labels)
+            .set(rate);
+        let attrs = [KeyValue::new("site", site.to_owned())];
+        i.otel.site_connections_limit.record(connections, &attrs);
+        i.otel.site_message_rate_limit.record(rate, &attrs);
+    }
+
     /// The registry in the text exposition format (OpenMetrics 1.0, which Prometheus
     /// scrapes natively; it ends with `# EOF`).
     pub fn encode_prometheus(&self) -> String {
@@ -998,6 +1084,22 @@ impl Otel {
                 .u64_counter("petrel.mta.rate_limit.fallbacks")
                 .with_unit("{fallback}")
                 .build(),
+            site_throttles: m
+                .u64_counter("petrel.mta.site.throttles")
+                .with_unit("{throttle}")
+                .build(),
+            site_suspensions: m
+                .u64_counter("petrel.mta.site.suspensions")
+                .with_unit("{suspension}")
+                .build(),
+            site_connections_limit: m
+                .u64_gauge("petrel.mta.site.connections.limit")
+                .with_unit("{connection}")
+                .build(),
+            site_message_rate_limit: m
+                .f64_gauge("petrel.mta.site.message_rate.limit")
+                .with_unit("{message}/s")
+                .build(),
         }
     }
 }
@@ -1078,6 +1180,25 @@ mod tests {
         let text = m.encode_prometheus();
         assert_eq!(backend(&text, "local"), 1.0);
         assert_eq!(value(&text, "petrel_mta_rate_limit_fallbacks_total"), 1.0);
+    }
+
+    #[test]
+    fn site_series_carry_only_the_names_they_are_given() {
+        let m = MtaMetrics::new();
+        m.site_throttled("other");
+        m.site_throttled("bigmail");
+        m.site_suspended("bigmail");
+        m.set_site_limits("bigmail", 2, Some(4.75));
+        let text = m.encode_prometheus();
+        for expected in [
+            r#"petrel_mta_site_throttles_total{site="other"} 1"#,
+            r#"petrel_mta_site_throttles_total{site="bigmail"} 1"#,
+            r#"petrel_mta_site_suspensions_total{site="bigmail"} 1"#,
+            r#"petrel_mta_site_connections_limit{site="bigmail"} 2"#,
+            r#"petrel_mta_site_message_rate_limit{site="bigmail"} 4.75"#,
+        ] {
+            assert!(text.contains(expected), "{expected} in\n{text}");
+        }
     }
 
     #[test]

@@ -1,0 +1,204 @@
+"""Issue 17, outbound shaping: 50 domains in a loopback DNS zone (dnsmasq) all use the
+same two MX hosts, 127.0.0.2 and 127.0.0.3, served by one aiosmtpd sink that answers
+`421 4.7.0 too many connections` to a connection above LIMIT open at once (counted over
+both addresses, from every client), and `451 4.7.1 rate limited` to a MAIL above RATE
+accepted in the last second.
+
+150 messages, three to each domain: the 50 domains are one site (one MX set), so they
+share one connection limit and one message rate; the MTA backs off within a few throttle
+replies (its first burst), never has more than LIMIT connections open after that, and
+recovers; every message is delivered exactly once, and the whole takes at most 20% more
+than the ideal for those limits (150 / RATE = 30 s).
+
+Only the issue's timing assertion is timed; everything else polls a condition with a
+generous deadline. Ports come from the OS; everything is on loopback.
+"""
+
+import re
+import shutil
+import smtplib
+import threading
+import time
+from collections import deque
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+from conftest import Mta, mta_header, wait_for
+from outbound import Dns, free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed")
+
+LIMIT = 2          # connections open at once
+RATE = 5           # messages accepted per second
+DOMAINS = [f"d{i:02}.shaping.test" for i in range(50)]
+MX_HOSTS = [("mx1.shaping.test", "127.0.0.2"), ("mx2.shaping.test", "127.0.0.3")]
+MESSAGES = 150
+IDEAL = MESSAGES / RATE
+# After its first burst the MTA must have learnt the limits: no refused connection
+# (nor more than LIMIT open) once this long has passed since the first throttle reply.
+SETTLE = 3.0
+
+
+class Limits:
+    """The sink's shared state: connections open, MAILs of the last second, and what
+    happened when (monotonic times)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.open = 0
+        self.opens = []            # (time, open after this one opened)
+        self.refused = []          # times of 421 replies
+        self.rate_limited = []     # times of 451 replies
+        self.accepted = deque()    # times of MAILs accepted in the last second
+        self.delivered = []        # (time, subject)
+
+    def opened(self):
+        """Counts a new connection; False when it is above the limit."""
+        with self.lock:
+            self.open += 1
+            now = time.monotonic()
+            self.opens.append((now, self.open))
+            if self.open > LIMIT:
+                self.refused.append(now)
+                return False
+            return True
+
+    def closed(self):
+        with self.lock:
+            self.open -= 1
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        with self.lock:
+            now = time.monotonic()
+            while self.accepted and now - self.accepted[0] >= 1.0:
+                self.accepted.popleft()
+            if len(self.accepted) >= RATE:
+                self.rate_limited.append(now)
+                return "451 4.7.1 rate limited, slow down"
+            self.accepted.append(now)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        m = re.search(rb"^Subject: (\S+)\r$", envelope.original_content, re.M)
+        with self.lock:
+            self.delivered.append((time.monotonic(), m.group(1).decode() if m else "?"))
+        return "250 2.0.0 accepted by the shaping sink"
+
+    def snapshot(self):
+        with self.lock:
+            return (list(self.opens), list(self.refused), list(self.rate_limited),
+                    list(self.delivered))
+
+
+class LimitedSMTP(SMTP):
+    """aiosmtpd's server, greeting with 421 when the connection is one too many."""
+
+    def connection_made(self, transport):
+        self._counted = False
+        super().connection_made(transport)
+
+    async def _handle_client(self):
+        self._counted = True
+        if not self.event_handler.opened():
+            await self.push("421 4.7.0 too many connections, try again later")
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def connection_lost(self, error):
+        if self._counted:
+            self._counted = False
+            self.event_handler.closed()
+        super().connection_lost(error)
+
+
+class LimitedController(Controller):
+    def factory(self):
+        return LimitedSMTP(self.handler, **self.SMTP_kwargs)
+
+
+@pytest.fixture
+def world(workdir):
+    mx = [(domain, host, 10) for domain in DOMAINS for host, _ in MX_HOSTS]
+    dns = Dns(mx=mx, hosts=MX_HOSTS)
+    # dnsmasq logs every query to a pipe: read it, or it blocks once the pipe is full
+    # (this test asks hundreds of questions).
+    threading.Thread(target=dns.proc.stderr.read, daemon=True).start()
+    port = free_port(host=MX_HOSTS[0][1])
+    limits = Limits()
+    controllers = []
+    for _, ip in MX_HOSTS:
+        c = LimitedController(limits, hostname=ip, port=port, decode_data=False)
+        c.start()
+        controllers.append(c)
+    yield dns, port, limits
+    for c in controllers:
+        c.stop()
+    dns.stop()
+
+
+def shaping_config(workdir, dns_port, smtp_port):
+    # Deferred mail comes back within a second or two; everything else is the default
+    # (queue.site_limits included).
+    return f"""\
+{mta_header(workdir)}relay:
+  client_networks: ["127.0.0.0/8"]
+dns:
+  nameservers: ["127.0.0.1:{dns_port}"]
+smtp_client:
+  port: {smtp_port}
+  connect_timeout: 5s
+queue:
+  retry_interval: 1s
+  max_retry_interval: 2s
+"""
+
+
+def test_fifty_domains_on_two_mx_hosts_share_one_adaptive_limit(workdir, world):
+    dns, port, limits = world
+    mta = Mta(workdir, shaping_config(workdir, dns.port, port)).start()
+    try:
+        subjects = [f"shaping-{i:03}" for i in range(MESSAGES)]
+        began = time.monotonic()
+        with smtplib.SMTP(mta.host, mta.port, timeout=30) as s:
+            s.ehlo("client.test")
+            for i, subject in enumerate(subjects):
+                rcpt = f"user{i}@{DOMAINS[i % len(DOMAINS)]}"
+                msg = (f"From: me@example.test\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
+                       f"Message-ID: <{subject}@petrel.test>\r\n\r\nShaped.\r\n").encode()
+                s.sendmail("me@example.test", [rcpt], msg)
+        submitted = time.monotonic() - began
+
+        def all_delivered():
+            return len(limits.snapshot()[3]) >= MESSAGES
+        wait_for(all_delivered, timeout=3 * IDEAL, what=f"{MESSAGES} deliveries")
+        opens, refused, rate_limited, delivered = limits.snapshot()
+        elapsed = delivered[-1][0] - began
+        first_throttle = min(refused[:1] + rate_limited[:1], default=began)
+        late_opens = [n for t, n in opens if t > first_throttle + SETTLE]
+        report = (f"submitted in {submitted:.1f}s; delivered in {elapsed:.1f}s "
+                  f"(ideal {IDEAL:.0f}s, {elapsed / IDEAL:.2f}x); 421s {len(refused)}, "
+                  f"451s {len(rate_limited)}; most open at once {max(n for _, n in opens)}, "
+                  f"after settling {max(late_opens, default=0)}")
+        print(report)
+
+        # Every message exactly once.
+        assert sorted(s for _, s in delivered) == subjects, report
+        # One limit for all 50 domains: once the first burst was answered, the sink
+        # never again had more than LIMIT connections open, nor refused one.
+        assert max(late_opens, default=0) <= LIMIT, report
+        assert [t for t in refused if t > first_throttle + SETTLE] == [], report
+        # Backed off within a few errors, and recovered: few rate-limit replies in all.
+        assert len(rate_limited) <= 20, report
+        # The issue's figure: within 20% of the ideal.
+        assert elapsed <= 1.2 * IDEAL, report
+
+        log = mta.log()
+        assert "site throttled" in log, log[-3000:]
+        assert "mx1.shaping.test,mx2.shaping.test (opportunistic)" in log
+    finally:
+        mta.stop()

@@ -1,0 +1,1018 @@
+//! Outbound shaping by *site* (issue 17): the limits that domains sharing a provider
+//! share, and how they adapt to what the provider says.
+//!
+//! A site is the set of MX host names a domain resolves to (sorted; a smarthost's name for
+//! a smarthost route), or the name of the first `queue.sites` rule that matches the domain
+//! or one of its MX hosts, together with the TLS policy in force ([`TlsPolicy`]: DANE,
+//! MTA-STS enforce, REQUIRETLS, or what the route asks), so one domain's strict policy
+//! never holds up another's mail. Fifty domains hosted on the same two MX hosts are one
+//! site with one connection limit and one message rate.
+//!
+//! A delivery worker, once it knows the MX set, takes a [`SitePermit`] before it connects
+//! (held while the connection is open) and a rate token ([`Site::rate_token`]) before
+//! each message; it reports what happened ([`Site::connect_failed`],
+//! [`Site::observe`]). Adaptive throttling (AIMD, after TCP's congestion control and
+//! Postfix's destination concurrency feedback):
+//! - a *throttle* (a reply [`classify`] calls so: 421/451 "too many connections", "rate
+//!   limited"...) halves the site's connections (at least 1) and its message rate at
+//!   once, at most once per [`REACTION_WINDOW`] for connection refusals and once for
+//!   message replies, since the replies of the attempts already under way say the same
+//!   thing again. A refused connection also teaches a connection ceiling (the connections
+//!   this pod had open and working then), and a rate-limited message a rate ceiling
+//!   ([`CEILING_MARGIN`] of the rate that was being sent);
+//! - every `recovery_interval` in which mail is delivered and nothing is throttled, one
+//!   connection and a quarter of the rate ceiling come back, up to the ceilings; ceilings
+//!   are forgotten `throttle_memory` after the last throttle;
+//! - `suspend_after` strikes in a row (throttles or connection failures, each counted at
+//!   most once per [`REACTION_WINDOW`], none with a delivery between them) suspend the
+//!   site for `suspend_time`, doubling for each suspension in a row up to
+//!   `max_suspend_time`: while suspended, [`Site::acquire`] defers at once with
+//!   `451 4.4.5` naming the site (an ordinary deferral: the mail stays queued and is
+//!   retried; throttling never bounces anything).
+//!
+//! Limits are this pod's (the fleet's connection leases of [`crate::fleet_limits`] stay
+//! per destination). Owns no I/O and no queue state: it must never decide a recipient's
+//! status other than the suspension deferral, and never sleeps except to wait for a
+//! permit or a token the caller asked for.
+
+use super::classify;
+use super::outcome::DeliveryError;
+use crate::queue::Status;
+use crate::shutdown::Shutdown;
+use mta_config::{MtaConfig, Rate, SiteLimits};
+use mta_telemetry::MtaMetrics;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// Throttles that arrive within this time of the one that lowered the limits are the
+/// same news (the attempts already under way when the site said so) and lower nothing
+/// more; strikes are counted at most once per window too.
+pub const REACTION_WINDOW: Duration = Duration::from_secs(1);
+
+/// A rate ceiling is this much of the rate sent when the site said "too fast": just
+/// below the level that was refused, rather than at it, so the site is not throttling
+/// us again and again at the edge.
+pub const CEILING_MARGIN: f64 = 0.95;
+
+/// The slowest a throttled site is sent to: one message a minute.
+pub const MIN_RATE: f64 = 1.0 / 60.0;
+
+/// Sites are forgotten (when idle and not throttled) once the map holds more than this.
+const PRUNE_AT: usize = 1024;
+
+/// The TLS policy in force for a delivery: part of the site's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsPolicy {
+    /// DANE (RFC 7672) applies to the MX hosts.
+    Dane,
+    /// An MTA-STS policy (RFC 8461) in `enforce` mode.
+    MtaSts,
+    /// The message asks for REQUIRETLS (RFC 8689).
+    RequireTls,
+    /// The route asks for verified TLS.
+    Verified,
+    /// The route asks for TLS, any certificate.
+    Required,
+    /// STARTTLS when offered.
+    Opportunistic,
+    /// No TLS.
+    Plain,
+}
+
+impl TlsPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsPolicy::Dane => "dane",
+            TlsPolicy::MtaSts => "mta-sts",
+            TlsPolicy::RequireTls => "requiretls",
+            TlsPolicy::Verified => "verified",
+            TlsPolicy::Required => "required",
+            TlsPolicy::Opportunistic => "opportunistic",
+            TlsPolicy::Plain => "none",
+        }
+    }
+}
+
+/// Which site: a rule's name or the sorted MX host names, and the TLS policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SiteKey {
+    pub name: String,
+    pub tls: TlsPolicy,
+    /// The name is a `queue.sites` rule's (a bounded set: the only names metrics show).
+    pub configured: bool,
+}
+
+impl fmt::Display for SiteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name, self.tls.as_str())
+    }
+}
+
+impl SiteKey {
+    /// The key of a delivery to `domain` (none for a smarthost) over `hosts`.
+    pub fn new(config: &MtaConfig, domain: Option<&str>, hosts: &[&str], tls: TlsPolicy) -> Self {
+        if let Some(rule) = rule_for(config, domain, hosts) {
+            return SiteKey {
+                name: rule.name.clone(),
+                tls,
+                configured: true,
+            };
+        }
+        let mut names: Vec<String> = hosts
+            .iter()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        names.sort();
+        names.dedup();
+        SiteKey {
+            name: names.join(","),
+            tls,
+            configured: false,
+        }
+    }
+
+    /// The metrics label: the rule's name, or `other` (MX sets are unbounded).
+    pub fn label(&self) -> &str {
+        if self.configured { &self.name } else { "other" }
+    }
+}
+
+fn rule_for<'a>(
+    config: &'a MtaConfig,
+    domain: Option<&str>,
+    hosts: &[&str],
+) -> Option<&'a mta_config::SiteRule> {
+    config.queue.sites.iter().find(|rule| {
+        domain.is_some_and(|d| rule.domains.iter().any(|r| r.eq_ignore_ascii_case(d)))
+            || hosts
+                .iter()
+                .any(|h| rule.mx.iter().any(|pattern| mx_matches(pattern, h)))
+    })
+}
+
+/// `*.mail.example` matches any name under `mail.example`; other patterns match the
+/// name itself. Case and a trailing dot do not matter.
+fn mx_matches(pattern: &str, host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    match pattern.strip_prefix("*.") {
+        Some(parent) => {
+            host.len() > parent.len() + 1 && {
+                let (head, tail) = host.split_at(host.len() - parent.len());
+                head.ends_with('.') && tail.eq_ignore_ascii_case(parent)
+            }
+        }
+        None => pattern.trim_end_matches('.').eq_ignore_ascii_case(host),
+    }
+}
+
+/// The limits of `key` under `config`: the rule's, else `queue.site_limits`.
+fn limits_for(config: &MtaConfig, key: &SiteKey) -> Limits {
+    let limits = key
+        .configured
+        .then(|| config.queue.sites.iter().find(|r| r.name == key.name))
+        .flatten()
+        .and_then(|r| r.limits.as_ref())
+        .unwrap_or(&config.queue.site_limits);
+    Limits::from(limits)
+}
+
+/// [`SiteLimits`] in the units used here.
+#[derive(Debug, Clone, PartialEq)]
+struct Limits {
+    max_connections: usize,
+    /// Messages per second; `None`: no limit.
+    max_rate: Option<f64>,
+    recovery_interval: Duration,
+    throttle_memory: Duration,
+    suspend_after: u32,
+    suspend_time: Duration,
+    max_suspend_time: Duration,
+}
+
+impl From<&SiteLimits> for Limits {
+    fn from(l: &SiteLimits) -> Self {
+        // Validation has refused a rate that does not parse.
+        let max_rate = Rate::parse(&l.max_message_rate)
+            .ok()
+            .flatten()
+            .map(|r| f64::from(r.count) / r.interval.as_secs_f64());
+        Limits {
+            max_connections: l.max_connections.max(1),
+            max_rate,
+            recovery_interval: l.recovery_interval,
+            throttle_memory: l.throttle_memory,
+            suspend_after: l.suspend_after.max(1),
+            suspend_time: l.suspend_time,
+            max_suspend_time: l.max_suspend_time,
+        }
+    }
+}
+
+/// Every site with connections, waiters or throttle state.
+#[derive(Default)]
+pub struct Sites {
+    sites: Mutex<HashMap<SiteKey, Arc<Site>>>,
+    metrics: Option<MtaMetrics>,
+}
+
+impl Sites {
+    /// Sites that record their throttles, suspensions and (named sites only) limits.
+    pub fn new(metrics: MtaMetrics) -> Self {
+        Sites {
+            sites: Mutex::default(),
+            metrics: Some(metrics),
+        }
+    }
+
+    /// The site of `key`, made on first use; its limits follow config reloads.
+    pub fn get(&self, config: &MtaConfig, key: SiteKey) -> Arc<Site> {
+        let limits = limits_for(config, &key);
+        let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        if sites.len() > PRUNE_AT {
+            sites.retain(|_, site| Arc::strong_count(site) > 1 || site.remembers());
+        }
+        let site = sites
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let mut site = Site::new(key, limits.clone());
+                site.metrics = self.metrics.clone();
+                site.publish(&site.lock());
+                Arc::new(site)
+            })
+            .clone();
+        site.set_limits(limits);
+        site
+    }
+
+    /// The sites suspended now, by name (for logs and tests).
+    pub fn suspended(&self) -> Vec<String> {
+        let sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        sites
+            .values()
+            .filter(|s| s.suspended_for(Instant::now()).is_some())
+            .map(|s| s.key.to_string())
+            .collect()
+    }
+}
+
+/// One site: its connection permits, its rate and its throttle state.
+pub struct Site {
+    pub key: SiteKey,
+    permits: Arc<Semaphore>,
+    /// Workers waiting for a permit.
+    waiters: AtomicUsize,
+    state: Mutex<State>,
+    metrics: Option<MtaMetrics>,
+}
+
+struct State {
+    limits: Limits,
+    /// Connections allowed now (permits in circulation minus `debt`).
+    connections: usize,
+    /// Permits to forget as they come back, after the limit was lowered while they
+    /// were out.
+    debt: usize,
+    connection_ceiling: Option<usize>,
+    /// Permits out, and how many of them have a working connection.
+    held: usize,
+    established: usize,
+    /// Messages per second now; `None`: no limit.
+    rate: Option<f64>,
+    rate_ceiling: Option<f64>,
+    /// When the next rate token may be used (a bucket of one: tokens are spaced by
+    /// `1 / rate` at least).
+    next_token: Instant,
+    /// Deliveries of the last [`REACTION_WINDOW`]: the rate the site took.
+    recent: VecDeque<Instant>,
+    connection_reaction: Option<Instant>,
+    message_reaction: Option<Instant>,
+    last_throttle: Option<Instant>,
+    last_step: Instant,
+    last_strike: Option<Instant>,
+    strikes: u32,
+    suspensions: u32,
+    suspended_until: Option<Instant>,
+}
+
+/// Where a throttle came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Refused at connection (a 421 greeting, or the attempt failed as a whole).
+    Connect,
+    /// A reply to a message (MAIL, RCPT, DATA).
+    Message,
+}
+
+/// What the site made of one report, for the caller's logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reaction {
+    /// A throttle lowered the limits.
+    pub lowered: bool,
+    /// The site was suspended.
+    pub suspended: Option<Duration>,
+}
+
+impl Site {
+    fn new(key: SiteKey, limits: Limits) -> Self {
+        let now = Instant::now();
+        Site {
+            key,
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            waiters: AtomicUsize::new(0),
+            metrics: None,
+            state: Mutex::new(State {
+                connections: limits.max_connections,
+                rate: limits.max_rate,
+                limits,
+                debt: 0,
+                connection_ceiling: None,
+                held: 0,
+                established: 0,
+                rate_ceiling: None,
+                next_token: now,
+                recent: VecDeque::new(),
+                connection_reaction: None,
+                message_reaction: None,
+                last_throttle: None,
+                last_step: now,
+                last_strike: None,
+                strikes: 0,
+                suspensions: 0,
+                suspended_until: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Throttle state worth keeping although nobody uses the site now.
+    fn remembers(&self) -> bool {
+        let state = self.lock();
+        state.last_throttle.is_some() || state.suspended_until.is_some() || state.strikes > 0
+    }
+
+    fn set_limits(&self, limits: Limits) {
+        let mut state = self.lock();
+        if state.limits == limits {
+            return;
+        }
+        let top = limits.max_connections.min(
+            state
+                .connection_ceiling
+                .unwrap_or(limits.max_connections)
+                .max(1),
+        );
+        if state.last_throttle.is_none() || state.connections > top {
+            self.set_connections(&mut state, top);
+        }
+        state.rate = match (state.rate, limits.max_rate) {
+            (Some(rate), Some(max)) => Some(rate.min(max)),
+            (_, max) if state.last_throttle.is_none() => max,
+            (rate, max) => rate.or(max),
+        };
+        state.limits = limits;
+        self.publish(&state);
+    }
+
+    /// The limits in force, as gauges, for a named site (a bounded set).
+    fn publish(&self, state: &State) {
+        if let Some(metrics) = &self.metrics
+            && self.key.configured
+        {
+            metrics.set_site_limits(&self.key.name, state.connections, state.rate);
+        }
+    }
+
+    /// A connection permit: at once when the site has one free, else in turn (FIFO).
+    /// `Err` with the deferral to report when the site is suspended (or shutdown began).
+    pub async fn acquire(
+        self: &Arc<Self>,
+        shutdown: Option<&mut Shutdown>,
+    ) -> Result<SitePermit, Status> {
+        self.check_suspended()?;
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let permit = match shutdown {
+            Some(shutdown) => tokio::select! {
+                permit = self.permits.clone().acquire_owned() => permit.ok(),
+                () = shutdown.recv() => None,
+            },
+            None => self.permits.clone().acquire_owned().await.ok(),
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        let Some(permit) = permit else {
+            return Err(DeliveryError::Local {
+                detail: "shutting down".into(),
+            }
+            .status());
+        };
+        let permit = SitePermit {
+            site: self.clone(),
+            permit: Some(permit),
+            established: false,
+        };
+        self.lock().held += 1;
+        // The site may have been suspended while this worker waited.
+        self.check_suspended()?;
+        Ok(permit)
+    }
+
+    fn check_suspended(&self) -> Result<(), Status> {
+        match self.suspended_for(Instant::now()) {
+            Some(left) => Err(DeliveryError::SiteSuspended {
+                site: self.key.to_string(),
+                seconds: left.as_secs().max(1),
+            }
+            .status()),
+            None => Ok(()),
+        }
+    }
+
+    fn suspended_for(&self, now: Instant) -> Option<Duration> {
+        self.lock()
+            .suspended_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
+    }
+
+    /// Others wait for a permit: a worker should not keep an idle connection open.
+    pub fn contended(&self) -> bool {
+        self.waiters.load(Ordering::SeqCst) > 0
+    }
+
+    /// Waits for the site's next rate token (at once without a rate limit).
+    pub async fn rate_token(&self, shutdown: Option<&mut Shutdown>) {
+        let at = {
+            let mut state = self.lock();
+            let Some(rate) = state.rate else {
+                return;
+            };
+            let at = state.next_token.max(Instant::now());
+            state.next_token = at + Duration::from_secs_f64(1.0 / rate.max(MIN_RATE));
+            at
+        };
+        match shutdown {
+            Some(shutdown) => tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = shutdown.recv() => {}
+            },
+            None => tokio::time::sleep_until(at).await,
+        }
+    }
+
+    /// A connection attempt that held a permit failed with `status`: a throttle when the
+    /// site refused the connection so, else a strike (the site is not answering well).
+    pub fn connect_failed(&self, status: &Status) -> Reaction {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let reaction = if classify::verdict(status).is_some_and(|v| v.is_throttle()) {
+            self.throttled(&mut state, Stage::Connect, now)
+        } else {
+            let mut reaction = Reaction::default();
+            self.strike(&mut state, now, &mut reaction);
+            reaction
+        };
+        self.log(&state, reaction, status);
+        reaction
+    }
+
+    /// The statuses of one message sent over a connection of this site.
+    pub fn observe(&self, results: &[(usize, Status)]) -> Reaction {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let throttled = results
+            .iter()
+            .any(|(_, s)| classify::verdict(s).is_some_and(|v| v.is_throttle()));
+        if results
+            .iter()
+            .any(|(_, s)| matches!(s, Status::Delivered(_)))
+        {
+            self.delivered(&mut state, now);
+        }
+        if !throttled {
+            return Reaction::default();
+        }
+        let reaction = self.throttled(&mut state, Stage::Message, now);
+        if let Some((_, status)) = results.first() {
+            self.log(&state, reaction, status);
+        }
+        reaction
+    }
+
+    /// One line when the limits were lowered or the site suspended.
+    fn log(&self, state: &State, reaction: Reaction, status: &Status) {
+        let site = self.key.to_string();
+        let rate = state
+            .rate
+            .map(|r| format!("{r:.2}/s"))
+            .unwrap_or_else(|| "unlimited".into());
+        let reply = mta_telemetry::Escaped(
+            status
+                .diagnostic()
+                .map(|d| d.text.as_str())
+                .unwrap_or_default(),
+        );
+        if let Some(metrics) = &self.metrics {
+            if reaction.lowered {
+                metrics.site_throttled(self.key.label());
+            }
+            if reaction.suspended.is_some() {
+                metrics.site_suspended(self.key.label());
+            }
+        }
+        self.publish(state);
+        if let Some(length) = reaction.suspended {
+            tracing::warn!(site, seconds = length.as_secs(), %reply, "site suspended: its mail stays queued");
+        } else if reaction.lowered {
+            tracing::info!(site, connections = state.connections, rate, %reply, "site throttled: limits lowered");
+        }
+    }
+
+    fn delivered(&self, state: &mut State, now: Instant) {
+        state.recent.push_back(now);
+        while state
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > REACTION_WINDOW)
+            || state.recent.len() > 10_000
+        {
+            state.recent.pop_front();
+        }
+        state.strikes = 0;
+        state.suspensions = 0;
+        if let Some(last) = state.last_throttle
+            && now.duration_since(last) >= state.limits.throttle_memory
+        {
+            state.last_throttle = None;
+            state.connection_ceiling = None;
+            state.rate_ceiling = None;
+            state.rate = state.limits.max_rate;
+        }
+        if now.duration_since(state.last_step) >= state.limits.recovery_interval {
+            state.last_step = now;
+            self.recover(state);
+        }
+    }
+
+    /// One step back up: a connection, and a quarter of the rate ceiling.
+    fn recover(&self, state: &mut State) {
+        let before = (state.connections, state.rate);
+        let top = state
+            .limits
+            .max_connections
+            .min(state.connection_ceiling.unwrap_or(usize::MAX));
+        if state.connections < top {
+            let up = state.connections + 1;
+            self.set_connections(state, up);
+        }
+        state.rate = match (state.rate, state.rate_ceiling.or(state.limits.max_rate)) {
+            (Some(rate), Some(cap)) => Some((rate + cap / 4.0).min(cap)),
+            // No ceiling learnt and none configured: no limit.
+            (Some(_), None) => None,
+            (None, cap) => cap,
+        };
+        if (state.connections, state.rate) != before {
+            let rate = state
+                .rate
+                .map(|r| format!("{r:.2}/s"))
+                .unwrap_or_else(|| "unlimited".into());
+            tracing::info!(site = %self.key, connections = state.connections, rate, "site recovering: limits raised");
+            self.publish(state);
+        }
+    }
+
+    fn throttled(&self, state: &mut State, stage: Stage, now: Instant) -> Reaction {
+        state.last_throttle = Some(now);
+        let window = match stage {
+            Stage::Connect => &mut state.connection_reaction,
+            Stage::Message => &mut state.message_reaction,
+        };
+        let fresh = window.is_none_or(|t| now.duration_since(t) >= REACTION_WINDOW);
+        if stage == Stage::Connect {
+            // The site refused a connection while this many of ours worked: that many it
+            // takes. Within one window the refusals race with the connections still
+            // being set up, so the most seen then counts.
+            let seen = state.established.max(1);
+            state.connection_ceiling = Some(match state.connection_ceiling {
+                Some(ceiling) if !fresh => ceiling.max(seen),
+                Some(_) | None => seen,
+            });
+        }
+        let mut reaction = Reaction::default();
+        if !fresh {
+            if let Some(ceiling) = state.connection_ceiling
+                && state.connections > ceiling
+            {
+                self.set_connections(state, ceiling);
+            }
+            return reaction;
+        }
+        *match stage {
+            Stage::Connect => &mut state.connection_reaction,
+            Stage::Message => &mut state.message_reaction,
+        } = Some(now);
+        reaction.lowered = true;
+        state.last_step = now;
+        let halved = (state.connections / 2).max(1);
+        let lowered = halved.min(state.connection_ceiling.unwrap_or(usize::MAX).max(1));
+        self.set_connections(state, lowered);
+        let taken = state.recent.len() as f64;
+        state.rate = match (stage, state.rate) {
+            (Stage::Message, rate) => {
+                // What was being sent when the site said "too fast": the limit in force,
+                // or what it took in the last window when there was none.
+                let sent = rate.unwrap_or(taken).max(MIN_RATE);
+                let ceiling = (sent * CEILING_MARGIN).max(MIN_RATE);
+                state.rate_ceiling = Some(ceiling);
+                Some((ceiling / 2.0).max(MIN_RATE))
+            }
+            (Stage::Connect, Some(rate)) => Some((rate / 2.0).max(MIN_RATE)),
+            // A refused connection says nothing of the rate the site takes, and there is
+            // no rate to halve: the connections alone come down.
+            (Stage::Connect, None) => None,
+        };
+        self.strike(state, now, &mut reaction);
+        reaction
+    }
+
+    fn strike(&self, state: &mut State, now: Instant, reaction: &mut Reaction) {
+        if state
+            .last_strike
+            .is_some_and(|t| now.duration_since(t) < REACTION_WINDOW)
+        {
+            return;
+        }
+        state.last_strike = Some(now);
+        state.strikes += 1;
+        if state.strikes < state.limits.suspend_after {
+            return;
+        }
+        let factor = 2u32.saturating_pow(state.suspensions.min(16));
+        let length = state
+            .limits
+            .suspend_time
+            .saturating_mul(factor)
+            .min(state.limits.max_suspend_time);
+        state.suspended_until = Some(now + length);
+        state.suspensions += 1;
+        state.strikes = 0;
+        reaction.suspended = Some(length);
+    }
+
+    /// Sets the connections allowed: new permits at once; fewer as they come back.
+    fn set_connections(&self, state: &mut State, to: usize) {
+        let to = to.max(1);
+        while state.connections < to {
+            if state.debt > 0 {
+                state.debt -= 1;
+            } else {
+                self.permits.add_permits(1);
+            }
+            state.connections += 1;
+        }
+        while state.connections > to {
+            match self.permits.try_acquire() {
+                Ok(permit) => permit.forget(),
+                Err(_) => state.debt += 1,
+            }
+            state.connections -= 1;
+        }
+    }
+
+    /// Connections allowed now, and the message rate (for metrics and tests).
+    pub fn limits_now(&self) -> (usize, Option<f64>) {
+        let state = self.lock();
+        (state.connections, state.rate)
+    }
+}
+
+/// One of the site's connections, from before connecting until the connection closes.
+pub struct SitePermit {
+    site: Arc<Site>,
+    permit: Option<OwnedSemaphorePermit>,
+    established: bool,
+}
+
+impl SitePermit {
+    pub fn site(&self) -> &Arc<Site> {
+        &self.site
+    }
+
+    /// The connection is up (the site accepted it): it counts toward what the site takes.
+    pub fn connected(&mut self) {
+        if !self.established {
+            self.established = true;
+            self.site.lock().established += 1;
+        }
+    }
+}
+
+impl Drop for SitePermit {
+    fn drop(&mut self) {
+        let mut state = self.site.lock();
+        state.held -= 1;
+        if self.established {
+            state.established -= 1;
+        }
+        if let Some(permit) = self.permit.take()
+            && state.debt > 0
+        {
+            state.debt -= 1;
+            permit.forget();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Diagnostic;
+
+    fn config(yaml: &str) -> MtaConfig {
+        MtaConfig::from_yaml(yaml).expect("config")
+    }
+
+    fn key(name: &str) -> SiteKey {
+        SiteKey {
+            name: name.into(),
+            tls: TlsPolicy::Opportunistic,
+            configured: false,
+        }
+    }
+
+    fn site(limits: SiteLimits) -> Arc<Site> {
+        Arc::new(Site::new(key("mx.example"), Limits::from(&limits)))
+    }
+
+    fn limits(max_connections: usize, rate: &str) -> SiteLimits {
+        SiteLimits {
+            max_connections,
+            max_message_rate: rate.into(),
+            recovery_interval: Duration::from_secs(1),
+            ..SiteLimits::default()
+        }
+    }
+
+    fn delivered() -> Vec<(usize, Status)> {
+        vec![(0, Status::Delivered(Diagnostic::new(250, [2, 0, 0], "ok")))]
+    }
+
+    fn rate_limited() -> Vec<(usize, Status)> {
+        vec![(
+            0,
+            Status::Deferred(Diagnostic::new(451, [4, 7, 1], "rate limited")),
+        )]
+    }
+
+    fn too_many_connections() -> Status {
+        Status::Deferred(Diagnostic::new(421, [4, 7, 0], "too many connections"))
+    }
+
+    fn refused() -> Status {
+        Status::Deferred(Diagnostic::new(
+            451,
+            [4, 4, 1],
+            "connection refused by 127.0.0.2:25",
+        ))
+    }
+
+    #[test]
+    fn domains_with_the_same_mx_set_share_a_site_and_tls_policy_splits_it() {
+        let c = config("version: 1\n");
+        let a = SiteKey::new(
+            &c,
+            Some("a.example"),
+            &["mx2.host.example", "MX1.host.example."],
+            TlsPolicy::Opportunistic,
+        );
+        let b = SiteKey::new(
+            &c,
+            Some("b.example"),
+            &["mx1.host.example", "mx2.host.example"],
+            TlsPolicy::Opportunistic,
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.name, "mx1.host.example,mx2.host.example");
+        assert_eq!(a.label(), "other");
+        let strict = SiteKey::new(
+            &c,
+            Some("c.example"),
+            &["mx1.host.example", "mx2.host.example"],
+            TlsPolicy::MtaSts,
+        );
+        assert_ne!(a, strict);
+        assert_eq!(
+            strict.to_string(),
+            "mx1.host.example,mx2.host.example (mta-sts)"
+        );
+    }
+
+    #[test]
+    fn rules_name_sites_by_domain_or_mx_pattern() {
+        let c = config(
+            "version: 1\nqueue:\n  sites:\n    - name: bigmail\n      mx: ['*.mail.example']\n    - name: small\n      domains: [small.example]\n      limits: {max_connections: 2}\n",
+        );
+        let by_mx = SiteKey::new(
+            &c,
+            Some("x.example"),
+            &["in1.mail.example"],
+            TlsPolicy::Opportunistic,
+        );
+        assert_eq!((by_mx.name.as_str(), by_mx.configured), ("bigmail", true));
+        assert_eq!(by_mx.label(), "bigmail");
+        let other = SiteKey::new(
+            &c,
+            Some("y.example"),
+            &["mail.example"],
+            TlsPolicy::Opportunistic,
+        );
+        assert!(
+            !other.configured,
+            "*.mail.example does not match mail.example"
+        );
+        let by_domain = SiteKey::new(
+            &c,
+            Some("Small.Example"),
+            &["mx.elsewhere.example"],
+            TlsPolicy::Opportunistic,
+        );
+        assert_eq!(by_domain.name, "small");
+        assert_eq!(limits_for(&c, &by_domain).max_connections, 2);
+        assert_eq!(limits_for(&c, &by_mx).max_connections, 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permits_bound_the_connections_and_a_throttle_halves_them() {
+        let site = site(limits(8, "off"));
+        let mut permits = Vec::new();
+        for _ in 0..8 {
+            let mut permit = site.acquire(None).await.expect("permit");
+            permit.connected();
+            permits.push(permit);
+        }
+        let ninth = site.clone();
+        let waiting = tokio::spawn(async move { ninth.acquire(None).await.map(|_| ()) });
+        tokio::task::yield_now().await;
+        assert!(site.contended());
+        // Refused while 8 were open: the ceiling is 8, the limit halves to 4.
+        assert!(site.connect_failed(&too_many_connections()).lowered);
+        assert_eq!(site.limits_now().0, 4);
+        // The permits come back; only when 4 or fewer are out does the waiter get one.
+        for _ in 0..4 {
+            permits.pop();
+        }
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        permits.pop();
+        assert!(waiting.await.expect("task").is_ok());
+        assert!(!site.contended());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_teach_a_ceiling_that_recovery_does_not_pass() {
+        let site = site(limits(20, "off"));
+        let mut permits = Vec::new();
+        for _ in 0..2 {
+            let mut permit = site.acquire(None).await.expect("permit");
+            permit.connected();
+            permits.push(permit);
+        }
+        // Many refused at once: one reaction.
+        assert!(site.connect_failed(&too_many_connections()).lowered);
+        assert!(!site.connect_failed(&too_many_connections()).lowered);
+        assert_eq!(site.limits_now().0, 2);
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            site.observe(&delivered());
+        }
+        assert_eq!(site.limits_now().0, 2, "recovery stops at the ceiling");
+        // After throttle_memory the ceiling is forgotten and recovery goes on.
+        tokio::time::advance(Duration::from_secs(15 * 60)).await;
+        site.observe(&delivered());
+        assert_eq!(site.limits_now().0, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_learns_a_ceiling_halves_and_recovers_in_steps() {
+        let site = site(limits(4, "off"));
+        let _permit = site.acquire(None).await.expect("permit");
+        for _ in 0..5 {
+            site.rate_token(None).await;
+            site.observe(&delivered());
+        }
+        assert_eq!(site.limits_now().1, None);
+        assert!(site.observe(&rate_limited()).lowered);
+        // Five went through in the last second: the ceiling is 4.75/s, half of it now.
+        let (connections, rate) = site.limits_now();
+        assert_eq!(connections, 2);
+        assert!((rate.expect("rate") - 2.375).abs() < 1e-9, "{rate:?}");
+        // Tokens are spaced by 1/rate.
+        let began = Instant::now();
+        site.rate_token(None).await;
+        site.rate_token(None).await;
+        let spacing = Instant::now() - began;
+        assert!(
+            (spacing.as_secs_f64() - 1.0 / 2.375).abs() < 0.01,
+            "{spacing:?}"
+        );
+        // A quarter of the ceiling back per recovery interval with deliveries.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        site.observe(&delivered());
+        assert!((site.limits_now().1.expect("rate") - 3.5625).abs() < 1e-9);
+        assert_eq!(site.limits_now().0, 3);
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            site.observe(&delivered());
+        }
+        assert_eq!(site.limits_now(), (4, Some(4.75)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_configured_rate_spaces_the_tokens() {
+        let site = site(limits(4, "5/1s"));
+        let began = Instant::now();
+        for _ in 0..11 {
+            site.rate_token(None).await;
+        }
+        assert_eq!(Instant::now() - began, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_site_that_keeps_failing_is_suspended_with_backoff_and_defers() {
+        let site = site(limits(4, "off"));
+        // Strikes within one window count once.
+        for _ in 0..10 {
+            site.connect_failed(&refused());
+        }
+        for _ in 0..3 {
+            tokio::time::advance(REACTION_WINDOW).await;
+            assert_eq!(site.connect_failed(&refused()).suspended, None);
+        }
+        tokio::time::advance(REACTION_WINDOW).await;
+        assert_eq!(
+            site.connect_failed(&too_many_connections()).suspended,
+            Some(Duration::from_secs(60))
+        );
+        let Err(Status::Deferred(diagnostic)) = site.acquire(None).await.map(|_| ()) else {
+            panic!("a suspended site defers");
+        };
+        assert_eq!(diagnostic.enhanced, Some([4, 4, 5]));
+        assert!(
+            diagnostic.text.contains("mx.example (opportunistic)"),
+            "{}",
+            diagnostic.text
+        );
+        assert!(diagnostic.text.contains("60s"), "{}", diagnostic.text);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let permit = site.acquire(None).await.expect("the suspension is over");
+        drop(permit);
+        // Failing on: the next suspension is twice as long.
+        let mut last = None;
+        for _ in 0..5 {
+            tokio::time::advance(REACTION_WINDOW).await;
+            last = site.connect_failed(&refused()).suspended;
+        }
+        assert_eq!(last, Some(Duration::from_secs(120)));
+        // A delivery forgives.
+        tokio::time::advance(Duration::from_secs(120)).await;
+        site.observe(&delivered());
+        for _ in 0..5 {
+            tokio::time::advance(REACTION_WINDOW).await;
+            last = site.connect_failed(&refused()).suspended;
+        }
+        assert_eq!(last, Some(Duration::from_secs(60)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deliveries_between_throttles_keep_the_site_open() {
+        let site = site(limits(4, "off"));
+        for _ in 0..20 {
+            tokio::time::advance(REACTION_WINDOW).await;
+            assert_eq!(site.observe(&rate_limited()).suspended, None);
+            site.observe(&delivered());
+        }
+        assert!(site.acquire(None).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_map_keeps_one_site_per_key_and_follows_reloads() {
+        let sites = Sites::default();
+        let c = config("version: 1\n");
+        let a = sites.get(&c, key("mx.example"));
+        let b = sites.get(&c, key("mx.example"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.limits_now(), (20, None));
+        let c = config(
+            "version: 1\nqueue:\n  site_limits: {max_connections: 3, max_message_rate: 10/1s}\n",
+        );
+        let a = sites.get(&c, key("mx.example"));
+        assert_eq!(a.limits_now(), (3, Some(10.0)));
+        assert!(sites.suspended().is_empty());
+    }
+}
