@@ -95,7 +95,9 @@ def self_signed(directory, name, expired=False):
 class World:
     """The signed zones, the front, the certificates and (when delivering) the sinks."""
 
-    def __init__(self, directory, extra_records=None):
+    def __init__(self, directory, extra_records=None, sts_policies=None, sts_uncertified=()):
+        """`sts_policies`: more MTA-STS policies the policy server serves (domain: text,
+        or None for a 404); its certificate names none of the `sts_uncertified` domains."""
         from test_mta_sts import Ca
         self.dir = directory
         self.ca = Ca(directory, "dane-ta-ca")
@@ -153,6 +155,7 @@ class World:
         self.dns = SignedDns(records, listen=DNS_IP)
         self.front = Front((DNS_IP, self.dns.port), servfail=SERVFAIL, listen=DNS_IP)
         self.sinks, self.policy_server = {}, None
+        self.sts_policies, self.sts_uncertified = sts_policies or {}, set(sts_uncertified)
 
     def start_sinks(self):
         """One STARTTLS sink per MX, all on one port, and the MTA-STS policy server."""
@@ -164,8 +167,9 @@ class World:
             self.sinks[domain] = TlsSink(ip, self.port, self.certs[domain])
         policies = {d: f"version: STSv1\r\nmode: enforce\r\nmx: mx.{d}\r\nmax_age: 86400\r\n"
                     for d in ("both.test", "bothbad.test")}
-        self.policy_server = PolicyServer(
-            self.sts_ca.issue(*(f"mta-sts.{d}" for d in policies)), policies)
+        policies.update(self.sts_policies)
+        names = [f"mta-sts.{d}" for d in policies if d not in self.sts_uncertified]
+        self.policy_server = PolicyServer(self.sts_ca.issue(*names), policies)
 
     def config(self, workdir, smtp_client="", retry_interval="1s"):
         """The MTA relays for 127.0.0.0/8, asks the front, trusts the private root."""

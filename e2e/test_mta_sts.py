@@ -77,14 +77,17 @@ class Ca:
         from cryptography.hazmat.primitives import serialization
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, *names):
-        """A server certificate for `names`; returns (cert file, key file)."""
+    def issue(self, *names, expired=False):
+        """A server certificate for `names` (valid now, or `expired` a month ago);
+        returns (cert file, key file)."""
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
+        if expired:
+            now -= datetime.timedelta(days=30)
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
@@ -100,7 +103,7 @@ class Ca:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256()))
-        stem = self.directory / f"{self.name}-{names[0]}"
+        stem = self.directory / f"{self.name}-{names[0]}{'-expired' if expired else ''}"
         cert_path, key_path = stem.with_suffix(".crt"), stem.with_suffix(".key")
         cert_path.write_bytes(self._pem(cert) + self._pem(self.cert))
         key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,

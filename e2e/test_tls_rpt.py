@@ -1,21 +1,33 @@
 """TLS-RPT (RFC 8460) on outbound delivery by MX, on the signed zones of test_dane.py.
 
-ee.test (DANE 3 1 1 matching), wrongdigest.test (DANE, wrong digest) and
-plain.unsigned.test (no DNSSEC, no policy) publish `_smtp._tls` records asking for reports
+ee.test (DANE 3 1 1 matching), wrongdigest.test (DANE, wrong digest),
+plain.unsigned.test (no DNSSEC, no policy), bad.bogus.test (bogus MX set) and servfail.test
+(TLSA lookup SERVFAIL) publish `_smtp._tls` records, and so do five domains of the unsigned
+zone under MTA-STS: `enforce` with an MX certificate for another name (stsname) or expired
+(stsexpired), `testing` with the wrong name (ststesting: delivered, reported as a
+failure), and a policy that cannot be had: 404 (stsfetch), not a valid policy
+(stsinvalid), a policy host whose certificate does not name it (stswebpki). Each asks for reports
 by mail (`mailto:tlsrpt@reports.test`, an aiosmtpd sink as reports.test's MX) and by HTTPS
 POST (`https://reports.test:<port>/tlsrpt`, Python's http.server with a certificate from
 the CA the MTA trusts). reports.test asks for reports too, so a report counted in a report
 would show up as one for reports.test. The reports' JSON is checked against a JSON schema
 written from RFC 8460 §4.4 (jsonschema validates it) and its counts against the attempts
 made (one each: retries are an hour away).
+
+Counts survive a `kill -9` (saved in the spool directory), and with the rate limits' Redis
+three MTAs send one report per domain and period with the fleet's counts, or each its own
+(distinct report ids) while Redis is down.
 """
 
 import email
 import email.policy
 import gzip
 import json
+import os
+import shutil
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -24,6 +36,7 @@ from conftest import Mta, wait_for
 from dnssec import have_tools
 from outbound import Sink
 from test_dane import World
+from test_fleet_limits import Redis
 from test_outbound import send
 
 pytestmark = pytest.mark.skipif(not have_tools(),
@@ -31,7 +44,15 @@ pytestmark = pytest.mark.skipif(not have_tools(),
 jsonschema = pytest.importorskip("jsonschema")
 
 REPORTS_MX_IP, REPORTS_HTTPS_IP = "127.0.0.74", "127.0.0.75"
-REPORTED = ("ee.test", "wrongdigest.test", "plain.unsigned.test")
+# MTA-STS enforce domains whose MX certificates fail: domain: (MX address, what is wrong)
+STS_MX = {"stsname.unsigned.test": ("127.0.0.76", "name"),
+          "stsexpired.unsigned.test": ("127.0.0.77", "expired")}
+# MTA-STS testing, its MX the sink of stsname (a certificate for another name).
+STS_TESTING = "ststesting.unsigned.test"
+# Domains whose MTA-STS policy cannot be had; their MX is plain.unsigned.test's sink.
+STS_BROKEN = ("stsfetch.unsigned.test", "stsinvalid.unsigned.test", "stswebpki.unsigned.test")
+REPORTED = ("ee.test", "wrongdigest.test", "plain.unsigned.test", "bad.bogus.test",
+            "servfail.test", *STS_MX, STS_TESTING, *STS_BROKEN)
 
 # RFC 8460 §4.4, as a JSON schema (the RFC describes the fields in prose and an example).
 SCHEMA = {
@@ -121,10 +142,15 @@ class ReportEndpoint:
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def reports(self):
+    def reports(self, since=0):
+        """The reports posted, from the `since`-th post on."""
         with self.lock:
-            return [json.loads(gzip.decompress(body)) for path, kind, body in self.posts
+            return [json.loads(gzip.decompress(body)) for path, kind, body in self.posts[since:]
                     if path == "/tlsrpt" and kind == "application/tlsrpt+gzip"]
+
+    def count(self):
+        with self.lock:
+            return len(self.posts)
 
     def stop(self):
         self.httpd.shutdown()
@@ -156,21 +182,48 @@ def rpt_world(tmp_path_factory):
     endpoint = ReportEndpoint(ca.issue("reports.test"))
     rua = (f"v=TLSRPTv1; rua=mailto:tlsrpt@reports.test,"
            f"https://reports.test:{endpoint.port}/tlsrpt")
+    from test_mta_sts import POLICY_IP, TlsSink
+    sts_id = '"v=STSv1; id=20260101T000000;"'
+    unsigned = [f'_smtp._tls.plain.unsigned.test. IN TXT "{rua}"']
+    policies = {}
+    for domain, (ip, _) in STS_MX.items():
+        unsigned += [f"{domain}. IN MX 10 mx.{domain}.", f"mx.{domain}. IN A {ip}"]
+        policies[domain] = f"version: STSv1\r\nmode: enforce\r\nmx: mx.{domain}\r\nmax_age: 86400\r\n"
+    unsigned += [f"{STS_TESTING}. IN MX 10 mx.{STS_TESTING}.",
+                 f"mx.{STS_TESTING}. IN A {STS_MX['stsname.unsigned.test'][0]}"]
+    policies[STS_TESTING] = (f"version: STSv1\r\nmode: testing\r\nmx: mx.{STS_TESTING}\r\n"
+                             "max_age: 86400\r\n")
+    for domain in STS_BROKEN:
+        unsigned.append(f"{domain}. IN MX 10 mx.plain.unsigned.test.")
+    policies["stsfetch.unsigned.test"] = None
+    policies["stsinvalid.unsigned.test"] = "version: STSv1\r\nmode: sometimes\r\n"
+    policies["stswebpki.unsigned.test"] = policies["stsname.unsigned.test"]
+    for domain in (*STS_MX, STS_TESTING, *STS_BROKEN):
+        unsigned += [f'_smtp._tls.{domain}. IN TXT "{rua}"', f"_mta-sts.{domain}. IN TXT {sts_id}",
+                     f"mta-sts.{domain}. IN A {POLICY_IP}"]
     extra = {
         "test.": [f'_smtp._tls.ee.test. IN TXT "{rua}"',
                   f'_smtp._tls.wrongdigest.test. IN TXT "{rua}"',
+                  f'_smtp._tls.servfail.test. IN TXT "{rua}"',
                   f'_smtp._tls.reports.test. IN TXT "{rua}"',
                   "reports.test. IN MX 10 mx.reports.test.",
                   f"mx.reports.test. IN A {REPORTS_MX_IP}",
                   f"reports.test. IN A {REPORTS_HTTPS_IP}"],
-        "unsigned.test.": [f'_smtp._tls.plain.unsigned.test. IN TXT "{rua}"'],
+        "bogus.test.": [f'_smtp._tls.bad.bogus.test. IN TXT "{rua}"'],
+        "unsigned.test.": unsigned,
     }
-    world = World(directory, extra_records=extra)
+    world = World(directory, extra_records=extra, sts_policies=policies,
+                  sts_uncertified=["stswebpki.unsigned.test"])
     world.start_sinks()
+    certs = {"name": world.sts_ca.issue("mx.someone-else.test"),
+             "expired": world.sts_ca.issue("mx.stsexpired.unsigned.test", expired=True)}
+    sts_sinks = [TlsSink(ip, world.port, certs[wrong]) for ip, wrong in STS_MX.values()]
     mailbox = Sink(REPORTS_MX_IP, world.port)
     # The MTA trusts one CA file: both CAs in it.
     world.sts_ca.pem_path.write_bytes(world.sts_ca.pem_path.read_bytes() + ca.pem_path.read_bytes())
     yield world, endpoint, mailbox
+    for sink in sts_sinks:
+        sink.stop()
     mailbox.stop()
     endpoint.stop()
     world.stop()
@@ -195,6 +248,21 @@ EXPECTED = {
     "ee.test": {"tlsa": (1, 0, set())},
     "wrongdigest.test": {"tlsa": (0, 1, {"validation-failure"})},
     "plain.unsigned.test": {"no-policy-found": (1, 0, set())},
+    # No valid DNSSEC answer, before any connection (RFC 8460 §4.3.2.1).
+    "bad.bogus.test": {"tlsa": (0, 1, {"dnssec-invalid"})},
+    "servfail.test": {"tlsa": (0, 1, {"dnssec-invalid"})},
+    # MTA-STS enforce, the MX certificate's own fault (§4.3.1).
+    "stsname.unsigned.test": {"sts": (0, 1, {"certificate-host-mismatch"})},
+    "stsexpired.unsigned.test": {"sts": (0, 1, {"certificate-expired"})},
+    # MTA-STS testing: the same failure is reported, though the mail went (opportunistic).
+    STS_TESTING: {"sts": (0, 1, {"certificate-host-mismatch"})},
+    # No policy to be had (§4.3.2.2); the mail then goes as without one.
+    "stsfetch.unsigned.test": {"sts": (0, 1, {"sts-policy-fetch-error"}),
+                               "no-policy-found": (1, 0, set())},
+    "stsinvalid.unsigned.test": {"sts": (0, 1, {"sts-policy-invalid"}),
+                                 "no-policy-found": (1, 0, set())},
+    "stswebpki.unsigned.test": {"sts": (0, 1, {"sts-webpki-invalid"}),
+                                "no-policy-found": (1, 0, set())},
 }
 
 
@@ -205,9 +273,8 @@ def test_reports_by_mail_and_https_count_every_attempt(rpt_world, workdir):
                                       "    organization: Petrel Test\n")
     mta = Mta(workdir, config).start()
     try:
-        send(mta, "me@example.test", ["a@ee.test"], subject="rpt-ok")
-        send(mta, "me@example.test", ["a@wrongdigest.test"], subject="rpt-bad")
-        send(mta, "me@example.test", ["a@plain.unsigned.test"], subject="rpt-plain")
+        for domain in REPORTED:
+            send(mta, "me@example.test", [f"a@{domain}"], subject=f"rpt {domain}")
 
         def complete(reports):
             return all(totals(reports, d) == EXPECTED[d] for d in REPORTED)
@@ -226,6 +293,10 @@ def test_reports_by_mail_and_https_count_every_attempt(rpt_world, workdir):
         assert tlsa["policy"]["policy-string"] == ["3 1 1 " + "00" * 32]
         assert tlsa["policy"]["mx-host"] == ["mx.wrongdigest.test"]
         assert tlsa["failure-details"][0]["receiving-mx-hostname"] == "mx.wrongdigest.test"
+        mismatch = next(e for r in by_https for e in r["policies"]
+                        if e["policy"]["policy-domain"] == "stsname.unsigned.test")
+        assert mismatch["policy"]["policy-string"][1] == "mode: enforce"
+        assert mismatch["failure-details"][0]["receiving-ip"] == STS_MX["stsname.unsigned.test"][0]
         # The mailed reports went to reports.test, which asks for reports too. Two more
         # periods later, still no report is about reports.test: reports are not counted.
         periods = mta.log().count("TLS-RPT period closed")
@@ -235,3 +306,102 @@ def test_reports_by_mail_and_https_count_every_attempt(rpt_world, workdir):
         assert len(mailed_reports(mailbox)) == len(by_mail)
     finally:
         mta.kill()
+
+
+def wait_for_a_fresh_period(interval):
+    """Waits (polling the clock) until the current period of `interval` seconds has at
+    least two thirds left, so what follows ends well before the period does."""
+    wait_for(lambda: time.time() % interval < interval / 3, timeout=interval + 5,
+             what="the start of a report period")
+
+
+def test_counts_survive_kill_9(rpt_world, workdir):
+    """Counted, saved in the spool directory within seconds, SIGKILLed before the period
+    ends, started again: the report has the counts of before the kill."""
+    world, endpoint, _ = rpt_world
+    interval = 40
+    config = world.config(workdir, retry_interval="1h",
+                          smtp_client=f"  tls_rpt:\n    report_interval: {interval}s\n")
+    before = endpoint.count()
+    saved = workdir / "spool" / "tls-rpt.json"
+    mta = Mta(workdir, config).start()
+    try:
+        wait_for_a_fresh_period(interval)
+        send(mta, "me@example.test", ["b@ee.test"], subject="before the kill")
+        send(mta, "me@example.test", ["b@wrongdigest.test"], subject="before the kill")
+        wait_for(lambda: saved.exists() and '"ee.test"' in saved.read_text()
+                 and '"wrongdigest.test"' in saved.read_text(), what="counts saved")
+    finally:
+        mta.kill()
+    assert "TLS-RPT report sent" not in mta.log(), "the period ended before the kill"
+    assert endpoint.count() == before
+    mta = Mta(workdir, config).start()
+    try:
+        wait_for(lambda: "TLS-RPT: saved counts loaded" in mta.log(), what="counts loaded")
+        expected = {"ee.test": {"tlsa": (1, 0, set())},
+                    "wrongdigest.test": {"tlsa": (0, 1, {"validation-failure"})}}
+        wait_for(lambda: all(totals(endpoint.reports(before), d) == e
+                             for d, e in expected.items()),
+                 timeout=interval + 30, what="the report with the counts made before the kill")
+    finally:
+        mta.kill()
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed")
+def test_fleet_reports_once_through_redis_and_per_pod_without(rpt_world, tmp_path):
+    """Three MTAs share the rate limits' Redis: each domain and period gets one report,
+    with the three MTAs' counts. With Redis gone, each MTA reports its own counts under
+    its own report id, and says so."""
+    world, endpoint, _ = rpt_world
+    redis = Redis(tmp_path).start()
+    pods = []
+    try:
+        for n in range(3):
+            workdir = tmp_path / f"pod-{n}"
+            workdir.mkdir()
+            config = world.config(workdir, retry_interval="1h",
+                                  smtp_client="  tls_rpt:\n    report_interval: 3s\n") + f"""\
+smtpd:
+  rate_limits:
+    redis:
+      url: redis://127.0.0.1:{redis.port}/0
+      timeout: 500ms
+      fleet_size: 3
+"""
+            pods.append(Mta(workdir, config, env={"POD_NAME": f"pod-{n}"}).start())
+        for pod in pods:
+            wait_for(lambda: "Redis reachable" in pod.log(), what="the pod on Redis")
+
+        before = endpoint.count()
+        for n, pod in enumerate(pods):
+            send(pod, "me@example.test", [f"c{n}@ee.test"], subject="fleet")
+            send(pod, "me@example.test", [f"c{n}@wrongdigest.test"], subject="fleet")
+        expected = {"ee.test": {"tlsa": (3, 0, set())},
+                    "wrongdigest.test": {"tlsa": (0, 3, {"validation-failure"})}}
+        wait_for(lambda: all(totals(endpoint.reports(before), d) == e
+                             for d, e in expected.items()),
+                 timeout=90, what="the fleet's reports with every pod's counts")
+        reports = endpoint.reports(before)
+        periods = [(r["policies"][0]["policy"]["policy-domain"], r["date-range"]["start-datetime"])
+                   for r in reports]
+        assert len(periods) == len(set(periods)), f"one report per domain and period: {periods}"
+        assert all(r["report-id"].endswith("@mx.petrel.test") for r in reports), reports
+        for report in reports:
+            jsonschema.validate(report, SCHEMA)
+
+        redis.kill()
+        before = endpoint.count()
+        for n, pod in enumerate(pods):
+            send(pod, "me@example.test", [f"d{n}@ee.test"], subject="alone")
+        wait_for(lambda: totals(endpoint.reports(before), "ee.test") == {"tlsa": (3, 0, set())},
+                 timeout=90, what="each pod's own report")
+        ids = [r["report-id"] for r in endpoint.reports(before)]
+        assert len(ids) == 3 and len(set(ids)) == 3, ids
+        assert sorted(i.split("@")[1] for i in ids) == [
+            f"pod-{n}.mx.petrel.test" for n in range(3)], ids
+        for pod in pods:
+            assert "this pod reports its own counts" in pod.log()
+    finally:
+        for pod in pods:
+            pod.kill()
+        redis.kill()

@@ -298,6 +298,22 @@ impl FleetLimiter {
         }
     }
 
+    /// Whether the fleet shares a Redis (`smtpd.rate_limits.redis` was set at start).
+    pub fn has_redis(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Runs `pipe` on the fleet's Redis connection, bounded by its timeout, for other
+    /// fleet-wide state (TLS-RPT counts). `None` without Redis, while it is down, or when
+    /// the call fails (Redis is then marked down, as for a failed rate check).
+    pub async fn query<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Option<T> {
+        let shared = self.shared.as_ref()?;
+        let (generation, mut conn) = shared.lock().conn.clone()?;
+        shared
+            .bounded(generation, pipe.query_async::<T>(&mut conn))
+            .await
+    }
+
     /// Takes a reloaded `smtpd.rate_limits.redis`: a new `fleet_size` applies at once (the
     /// share follows the fleet's size without a restart). Returns whether something else
     /// changed (Redis added or removed, its URL or timeout), which needs a restart.

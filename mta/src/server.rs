@@ -155,6 +155,7 @@ impl Server {
         // ones among them.
         tokio::spawn(drain.clone().run(trigger.subscribe()));
         tokio::spawn(scheduler::run(ctx.clone(), commands, trigger.subscribe()));
+        crate::delivery::smtp::tls_rpt::start(ctx.clone(), trigger.subscribe());
         let admin = TcpListener::bind(ctx.config().admin.address)
             .await
             .map_err(|source| StartError::Bind {

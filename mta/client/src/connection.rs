@@ -21,7 +21,7 @@ use tokio_rustls::TlsConnector;
 use crate::capabilities::Capabilities;
 use crate::config::{ClientConfig, Credentials, Target, Timeouts, TlsMode};
 use crate::envelope::{DataEncoder, address_is_unsafe, mail_command, needs_smtputf8, rcpt_command};
-use crate::error::{ClientError, Phase};
+use crate::error::{ClientError, Phase, TlsFailure};
 use crate::message::OutboundMessage;
 use crate::reply::{Reply, ReplyReader};
 use crate::stream::{Plain, Stream};
@@ -524,11 +524,15 @@ impl Connection {
                 tls::unverified_config()
             }
         }
-        .map_err(|detail| ClientError::Tls { detail })?;
+        .map_err(|detail| ClientError::Tls {
+            cause: TlsFailure::Setup,
+            detail,
+        })?;
         let name = match (ServerName::try_from(server_name.to_owned()), config.tls) {
             (Ok(name), _) => name,
             (Err(e), TlsMode::Verified) => {
                 return Err(ClientError::Tls {
+                    cause: TlsFailure::Setup,
                     detail: format!("server name {server_name:?} is not usable for TLS: {e}"),
                 });
             }
@@ -537,6 +541,7 @@ impl Connection {
                 Target::Tcp(addr) => ServerName::IpAddress(addr.ip().into()),
                 Target::Unix(_) => {
                     ServerName::try_from("localhost").map_err(|e| ClientError::Tls {
+                        cause: TlsFailure::Setup,
                         detail: e.to_string(),
                     })?
                 }
@@ -561,6 +566,7 @@ impl Connection {
             }
             Ok(Err(e)) => {
                 return Err(ClientError::Tls {
+                    cause: TlsFailure::of_handshake(&e),
                     detail: e.to_string(),
                 });
             }

@@ -48,6 +48,70 @@ impl fmt::Display for Phase {
     }
 }
 
+/// Why TLS with a peer failed, as far as the certificate check can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsFailure {
+    /// The certificate does not name the server (rustls `NotValidForName`).
+    HostMismatch,
+    /// The certificate (or one of its chain) is expired or not yet valid.
+    Expired,
+    /// The chain leads to no trusted root, or a signature in it is bad, or the
+    /// certificate is revoked or not for server authentication.
+    NotTrusted,
+    /// A verifier the caller supplied ([`crate::ClientConfig::rustls`], such as
+    /// DANE's) refused the certificate for its own reasons.
+    PolicyMismatch,
+    /// The handshake failed otherwise: no common version or cipher, an alert from
+    /// the peer, a malformed message or certificate.
+    Handshake,
+    /// Nothing was sent: the TLS configuration or the server name is not usable.
+    Setup,
+}
+
+impl TlsFailure {
+    /// The cause of a failed handshake, from the error tokio-rustls returns (an
+    /// `io::Error` wrapping a `rustls::Error`).
+    pub fn of_handshake(error: &io::Error) -> TlsFailure {
+        match error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::InvalidCertificate(cert)) => TlsFailure::of_certificate(cert),
+            Some(_) | None => TlsFailure::Handshake,
+        }
+    }
+
+    /// The cause for a certificate error of rustls (or of a verifier made with it).
+    // The unit variants rustls deprecated are still what older verifiers return.
+    #[allow(deprecated)]
+    pub fn of_certificate(error: &rustls::CertificateError) -> TlsFailure {
+        use rustls::CertificateError as E;
+        match error {
+            E::NotValidForName | E::NotValidForNameContext { .. } => TlsFailure::HostMismatch,
+            E::Expired
+            | E::ExpiredContext { .. }
+            | E::NotValidYet
+            | E::NotValidYetContext { .. } => TlsFailure::Expired,
+            E::UnknownIssuer
+            | E::BadSignature
+            | E::UnsupportedSignatureAlgorithm
+            | E::UnsupportedSignatureAlgorithmContext { .. }
+            | E::UnsupportedSignatureAlgorithmForPublicKeyContext { .. }
+            | E::Revoked
+            | E::UnknownRevocationStatus
+            | E::ExpiredRevocationList
+            | E::ExpiredRevocationListContext { .. }
+            | E::InvalidPurpose
+            | E::InvalidPurposeContext { .. }
+            | E::InvalidOcspResponse => TlsFailure::NotTrusted,
+            E::ApplicationVerificationFailure | E::Other(_) => TlsFailure::PolicyMismatch,
+            // rustls's enum is non-exhaustive: a new variant is a malformed or odd
+            // certificate until it is named here.
+            E::BadEncoding | E::UnhandledCriticalExtension | _ => TlsFailure::Handshake,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The TCP or unix-socket connect failed.
@@ -68,9 +132,10 @@ pub enum ClientError {
         source: io::Error,
     },
     /// The TLS handshake or certificate verification failed, or the server name
-    /// is not usable for TLS.
+    /// is not usable for TLS. `cause` says why, for reports (TLS-RPT, RFC 8460
+    /// §4.3); `detail` is the text for people.
     #[error("TLS failure: {detail}")]
-    Tls { detail: String },
+    Tls { cause: TlsFailure, detail: String },
     /// [`crate::TlsMode::Required`] or [`crate::TlsMode::Verified`] (or
     /// credentials that must not travel in the clear) but the peer does not
     /// offer STARTTLS.

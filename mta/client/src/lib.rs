@@ -53,7 +53,7 @@ mod tls;
 pub use capabilities::Capabilities;
 pub use config::{ClientConfig, Credentials, Target, Timeouts, TlsMode};
 pub use connection::Connection;
-pub use error::{ClientError, Phase};
+pub use error::{ClientError, Phase, TlsFailure};
 pub use message::{OutboundMessage, OutboundRecipient};
 pub use reply::Reply;
 pub use stream::MaybeTls;

@@ -339,8 +339,10 @@ impl Default for SmtpClientConfig {
 /// the policy that applied (DANE's TLSA records, the MTA-STS policy, or none), with the
 /// RFC 8460 result type. Every `report_interval`, each such domain gets one aggregate
 /// JSON report, gzipped, by mail (`mailto:`, with `TLS-Required: No`) or HTTPS POST
-/// (`https:`) as its record asks. Reports are never counted in reports. Counts are this
-/// pod's own (each report id names the host and the pod) and are lost at a restart.
+/// (`https:`) as its record asks. Reports are never counted in reports. Counts are saved
+/// in the spool directory and survive a restart. With `smtpd.rate_limits.redis` the
+/// fleet's counts are added up in Redis and one pod sends each report; without it (or
+/// while Redis is unreachable) each pod reports its own under its own report id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct TlsRptConfig {

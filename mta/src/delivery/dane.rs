@@ -40,6 +40,10 @@
 //!   accepts a certificate for either name. A chain that ends in an unsigned zone makes the
 //!   addresses insecure: no DANE for that host.
 //!
+//! Lookups that failed on the way (bogus or SERVFAIL, of the MX set or of one host) are
+//! also handed back to the caller as [`DnsProblem`]s, for TLS-RPT (`dnssec-invalid`,
+//! RFC 8460 §4.3.2.1).
+//!
 //! Not here: DANE-TA(2) `2 0 0` anchors the server does not send, and TLS-RPT reports
 //! (RFC 8460).
 
@@ -239,6 +243,13 @@ impl HostPolicy {
     }
 }
 
+/// A DANE lookup that gave no valid answer (bogus, SERVFAIL, timeout): of the MX set
+/// (`host` is `None`) or of one MX host's addresses or TLSA records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsProblem {
+    pub host: Option<String>,
+}
+
 /// The hosts to try for a domain, best first, with what DANE asks of each.
 #[derive(Debug)]
 pub struct Plan {
@@ -313,8 +324,14 @@ async fn lookup(resolver: &TokioResolver, name: &str, kind: RecordType) -> Answe
 /// The hosts for mail to `domain` on `port`, with DANE's decision for each (see the
 /// module doc). Errors are the statuses of all recipients: NXDOMAIN and null MX fail as
 /// without DANE; a bogus MX set, or no usable host when DANE lookups failed, defers
-/// with `4.7.5`.
-pub async fn plan(resolver: &TokioResolver, domain: &str, port: u16) -> Result<Plan, Status> {
+/// with `4.7.5`. Every lookup that failed that way is added to `problems`, whether or
+/// not a plan results.
+pub async fn plan(
+    resolver: &TokioResolver,
+    domain: &str,
+    port: u16,
+    problems: &mut Vec<DnsProblem>,
+) -> Result<Plan, Status> {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let (mut hosts, mx_secure) = match lookup(resolver, &fqdn, RecordType::MX).await {
         Answer::Records { records, secure } => {
@@ -337,12 +354,14 @@ pub async fn plan(resolver: &TokioResolver, domain: &str, port: u16) -> Result<P
             .into());
         }
         Answer::Bogus => {
+            problems.push(DnsProblem { host: None });
             return Err(DeliveryError::Dane {
                 detail: format!("DNSSEC validation of the MX records of {domain} failed (bogus)"),
             }
             .into());
         }
         Answer::Failed(e) => {
+            problems.push(DnsProblem { host: None });
             return Err(DeliveryError::Dns {
                 detail: format!("MX lookup for {domain} failed: {e}"),
             }
@@ -366,6 +385,9 @@ pub async fn plan(resolver: &TokioResolver, domain: &str, port: u16) -> Result<P
             Ok(found) => found,
             Err(HostProblem::Missing) => continue,
             Err(HostProblem::Unusable(why)) => {
+                problems.push(DnsProblem {
+                    host: Some(name.clone()),
+                });
                 unusable.push(format!("{name}: {why}"));
                 continue;
             }
@@ -374,6 +396,9 @@ pub async fn plan(resolver: &TokioResolver, domain: &str, port: u16) -> Result<P
             match tlsa_policy(resolver, &name, alias_of.as_deref()).await {
                 Ok(policy) => policy,
                 Err(why) => {
+                    problems.push(DnsProblem {
+                        host: Some(name.clone()),
+                    });
                     unusable.push(format!("{name}: {why}"));
                     continue;
                 }

@@ -16,7 +16,10 @@
 //!   cached policy none does. A failed fetch is not retried for [`FETCH_RETRY_AFTER`], so
 //!   a broken policy server does not slow every connection.
 //!
-//! Not here: TLS-RPT reports (RFC 8460) and proactive refresh before expiry.
+//! A failed fetch is kept with its kind ([`StsFailure`]) while it is not retried, so that
+//! TLS-RPT (RFC 8460 §4.3.2.2, [`super::smtp::tls_rpt`]) can report each delivery that
+//! went without the domain's policy. Not here: the reports themselves, and proactive
+//! refresh before expiry.
 
 use super::outcome::DeliveryError;
 use super::route::Target;
@@ -46,6 +49,50 @@ const MAX_AGE_LIMIT: Duration = Duration::from_secs(31_557_600);
 /// Domains remembered at most; beyond that, new domains are not cached.
 const MAX_CACHED_DOMAINS: usize = 50_000;
 const WELL_KNOWN_PATH: &str = "/.well-known/mta-sts.txt";
+
+/// Why a domain's policy could not be had (RFC 8460 §4.3.2.2 names them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StsFailure {
+    /// No policy from the policy host: unreachable, no address, a timeout, an HTTP
+    /// answer other than `200 text/plain`.
+    FetchError,
+    /// A policy was fetched but is not valid (RFC 8461 §3.2).
+    Invalid,
+    /// The policy host's certificate failed PKIX validation for `mta-sts.<domain>`.
+    WebPkiInvalid,
+}
+
+/// A failed fetch: its kind and what happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchFailure {
+    pub kind: StsFailure,
+    pub detail: String,
+}
+
+impl From<String> for FetchFailure {
+    fn from(detail: String) -> Self {
+        FetchFailure {
+            kind: StsFailure::FetchError,
+            detail,
+        }
+    }
+}
+
+impl fmt::Display for FetchFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// What discovery gave for a domain: the policy that applies, and why there is none
+/// when its live policy could not be fetched.
+#[derive(Debug, Clone, Default)]
+pub struct Discovery {
+    pub policy: Option<Arc<Policy>>,
+    /// Set when the domain publishes a policy (a live TXT id) but the last fetch of it
+    /// failed, whether or not a cached older policy still applies.
+    pub failure: Option<StsFailure>,
+}
 
 /// A policy's `mode` (RFC 8461 §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,8 +263,8 @@ pub struct PolicyCache {
 struct Entry {
     /// The last policy fetched.
     policy: Option<Cached>,
-    /// The TXT id whose fetch failed last, and until when it is not tried again.
-    failed: Option<(String, Instant)>,
+    /// The TXT id whose fetch failed last, until when it is not tried again, and why.
+    failed: Option<(String, Instant, StsFailure)>,
 }
 
 #[derive(Clone)]
@@ -236,7 +283,7 @@ impl PolicyCache {
         resolver: &TokioResolver,
         client: &SmtpClientConfig,
         domain: &str,
-    ) -> Option<Arc<Policy>> {
+    ) -> Discovery {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let id = match lookup_id(resolver, &domain).await {
             Ok(id) => id,
@@ -245,8 +292,21 @@ impl PolicyCache {
                 None
             }
         };
-        self.resolve(&domain, id, || fetch(resolver, client, &domain))
-            .await
+        let policy = self
+            .resolve(&domain, id.clone(), || fetch(resolver, client, &domain))
+            .await;
+        Discovery {
+            policy,
+            failure: id.and_then(|id| self.failure(&domain, &id)),
+        }
+    }
+
+    /// Why the fetch of `domain`'s policy `id` failed, while that failure stands.
+    fn failure(&self, domain: &str, id: &str) -> Option<StsFailure> {
+        let now = Instant::now();
+        let domains = self.lock();
+        let (failed_id, until, kind) = domains.get(domain)?.failed.as_ref()?;
+        (failed_id == id && *until > now).then_some(*kind)
     }
 
     /// The cache rules, apart from DNS and HTTPS: `id` is what discovery found (`None`: no
@@ -259,7 +319,7 @@ impl PolicyCache {
     ) -> Option<Arc<Policy>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Policy, String>>,
+        Fut: Future<Output = Result<Policy, FetchFailure>>,
     {
         let now = Instant::now();
         let (cached, failed_recently) = {
@@ -268,9 +328,12 @@ impl PolicyCache {
             let cached = entry
                 .and_then(|e| e.policy.clone())
                 .filter(|c| c.expires > now);
-            let failed = entry
-                .and_then(|e| e.failed.as_ref())
-                .is_some_and(|(failed_id, until)| Some(failed_id) == id.as_ref() && *until > now);
+            let failed =
+                entry
+                    .and_then(|e| e.failed.as_ref())
+                    .is_some_and(|(failed_id, until, _)| {
+                        Some(failed_id) == id.as_ref() && *until > now
+                    });
             (cached, failed)
         };
         let Some(id) = id else {
@@ -306,7 +369,7 @@ impl PolicyCache {
                     "MTA-STS policy fetch failed; using the cached policy if any"
                 );
                 let until = Instant::now() + FETCH_RETRY_AFTER;
-                self.store(domain, |entry| entry.failed = Some((id, until)));
+                self.store(domain, |entry| entry.failed = Some((id, until, error.kind)));
                 cached.map(|c| c.policy)
             }
         }
@@ -318,7 +381,7 @@ impl PolicyCache {
             let now = Instant::now();
             domains.retain(|_, e| {
                 e.policy.as_ref().is_some_and(|c| c.expires > now)
-                    || e.failed.as_ref().is_some_and(|(_, until)| *until > now)
+                    || e.failed.as_ref().is_some_and(|(_, until, _)| *until > now)
             });
             if domains.len() >= MAX_CACHED_DOMAINS {
                 return;
@@ -367,18 +430,21 @@ async fn fetch(
     resolver: &TokioResolver,
     client: &SmtpClientConfig,
     domain: &str,
-) -> Result<Policy, String> {
-    tokio::time::timeout(FETCH_TIMEOUT, fetch_body(resolver, client, domain))
+) -> Result<Policy, FetchFailure> {
+    let body = tokio::time::timeout(FETCH_TIMEOUT, fetch_body(resolver, client, domain))
         .await
-        .map_err(|_| format!("no policy within {FETCH_TIMEOUT:?}"))?
-        .and_then(|body| Policy::parse(&body).map_err(|e| format!("invalid policy: {e}")))
+        .map_err(|_| format!("no policy within {FETCH_TIMEOUT:?}"))??;
+    Policy::parse(&body).map_err(|e| FetchFailure {
+        kind: StsFailure::Invalid,
+        detail: format!("invalid policy: {e}"),
+    })
 }
 
 async fn fetch_body(
     resolver: &TokioResolver,
     client: &SmtpClientConfig,
     domain: &str,
-) -> Result<String, String> {
+) -> Result<String, FetchFailure> {
     let host = format!("mta-sts.{domain}");
     let roots = match &client.ca_file {
         Some(path) => Some(
@@ -405,7 +471,7 @@ async fn get_policy(
     host: &str,
     addresses: &[SocketAddr],
     extra_roots_pem: Option<&[u8]>,
-) -> Result<String, String> {
+) -> Result<String, FetchFailure> {
     let mut tls = (*mta_client::verified_tls_config(extra_roots_pem)?).clone();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let server_name = rustls_pki_types::ServerName::try_from(host.to_owned())
@@ -425,7 +491,19 @@ async fn get_policy(
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(server_name, tcp)
         .await
-        .map_err(|e| format!("TLS with {host}: {e}"))?;
+        .map_err(|e| FetchFailure {
+            // RFC 8460 §4.3.2.2: the policy host's certificate is its own result type.
+            kind: match mta_client::TlsFailure::of_handshake(&e) {
+                mta_client::TlsFailure::HostMismatch
+                | mta_client::TlsFailure::Expired
+                | mta_client::TlsFailure::NotTrusted
+                | mta_client::TlsFailure::PolicyMismatch => StsFailure::WebPkiInvalid,
+                mta_client::TlsFailure::Handshake | mta_client::TlsFailure::Setup => {
+                    StsFailure::FetchError
+                }
+            },
+            detail: format!("TLS with {host}: {e}"),
+        })?;
 
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -446,10 +524,10 @@ async fn get_policy(
         .map_err(|e| format!("HTTP with {host}: {e}"))?;
     // §3.3: only a 200 counts; redirects are not followed.
     if response.status() != http::StatusCode::OK {
-        return Err(format!(
+        return Err(FetchFailure::from(format!(
             "https://{host}{WELL_KNOWN_PATH} answered {}",
             response.status()
-        ));
+        )));
     }
     let content_type = response
         .headers()
@@ -457,14 +535,19 @@ async fn get_policy(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !is_text_plain(content_type) {
-        return Err(format!("Content-Type is {content_type:?}, not text/plain"));
+        return Err(FetchFailure::from(format!(
+            "Content-Type is {content_type:?}, not text/plain"
+        )));
     }
     let body = Limited::new(response.into_body(), MAX_POLICY_SIZE)
         .collect()
         .await
         .map_err(|e| format!("policy body: {e}"))?
         .to_bytes();
-    String::from_utf8(body.to_vec()).map_err(|_| "policy is not UTF-8".into())
+    String::from_utf8(body.to_vec()).map_err(|_| FetchFailure {
+        kind: StsFailure::Invalid,
+        detail: "policy is not UTF-8".into(),
+    })
 }
 
 /// `text/plain`, with any parameters (RFC 8461 §3.3).
@@ -683,10 +766,10 @@ mod tests {
     fn fetcher(
         calls: &AtomicUsize,
         result: Result<Policy, String>,
-    ) -> impl FnOnce() -> std::future::Ready<Result<Policy, String>> + '_ {
+    ) -> impl FnOnce() -> std::future::Ready<Result<Policy, FetchFailure>> + '_ {
         move || {
             calls.fetch_add(1, Ordering::SeqCst);
-            std::future::ready(result)
+            std::future::ready(result.map_err(FetchFailure::from))
         }
     }
 
@@ -901,7 +984,13 @@ mod tests {
             let error = get_policy("mta-sts.example.test", &[address], roots)
                 .await
                 .expect_err("refused");
-            assert!(error.contains(expected), "{expected}: {error}");
+            assert!(error.detail.contains(expected), "{expected}: {error}");
+            let kind = if expected == "TLS" {
+                StsFailure::WebPkiInvalid
+            } else {
+                StsFailure::FetchError
+            };
+            assert_eq!(error.kind, kind, "{expected}");
         }
     }
 

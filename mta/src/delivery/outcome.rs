@@ -266,6 +266,7 @@ mod tests {
     #[test]
     fn mta_sts_defers_tls_failures_with_4_7_5_and_leaves_the_rest_alone() {
         let tls = ClientError::Tls {
+            cause: mta_client::TlsFailure::NotTrusted,
             detail: "invalid peer certificate: UnknownIssuer".into(),
         };
         let refused = ClientError::Connect {

@@ -241,7 +241,14 @@ async fn connect(
                         None
                     };
                     let targets = if let Some(validating) = validating {
-                        let plan = dane::plan(&validating, domain, config.smtp_client.port).await?;
+                        let mut problems = Vec::new();
+                        let plan =
+                            dane::plan(&validating, domain, config.smtp_client.port, &mut problems)
+                                .await;
+                        if let Some(rpt) = &rpt {
+                            rpt.record_dns_problems(&problems);
+                        }
+                        let plan = plan?;
                         if plan.applies() {
                             // RFC 8461 §2: where DANE applies, MTA-STS does not.
                             tracing::info!(domain = %mta_telemetry::Escaped(domain.as_str()), "DANE: TLSA records apply");
@@ -260,13 +267,17 @@ async fn connect(
                     } else {
                         route::mx_targets(&resolver, domain, config.smtp_client.port).await?
                     };
-                    let policy = if config.smtp_client.mta_sts {
+                    let discovery = if config.smtp_client.mta_sts {
                         ctx.mta_sts
                             .policy(&resolver, &config.smtp_client, domain)
                             .await
                     } else {
-                        None
+                        Default::default()
                     };
+                    if let (Some(rpt), Some(failure)) = (&rpt, discovery.failure) {
+                        rpt.record_sts_failure(failure);
+                    }
+                    let policy = discovery.policy;
                     let rpt = rpt.map(|rpt| Rpt {
                         sts: match &policy {
                             Some(policy) if policy.mode != Mode::None => sts_key(policy),
@@ -374,6 +385,47 @@ struct Rpt<'a> {
 }
 
 impl Rpt<'_> {
+    fn count(&self, policy: PolicyKey, outcome: tls_rpt::Outcome) {
+        self.ctx
+            .tls_rpt
+            .record(self.ctx, self.domain, &self.rua, policy, outcome);
+    }
+
+    /// Counts DANE's DNSSEC lookups that gave no valid answer (RFC 8460 §4.3.2.1
+    /// `dnssec-invalid`), one failed session each, before any connection.
+    fn record_dns_problems(&self, problems: &[dane::DnsProblem]) {
+        for problem in problems {
+            let policy = PolicyKey {
+                kind: tls_rpt::PolicyType::Tlsa,
+                strings: Vec::new(),
+                mx_hosts: problem.host.iter().cloned().collect(),
+            };
+            let failure = tls_rpt::Failure {
+                result: tls_rpt::ResultType::DnssecInvalid,
+                mx_host: problem.host.clone(),
+                receiving_ip: None,
+            };
+            self.count(policy, tls_rpt::Outcome::Failure(failure));
+        }
+    }
+
+    /// Counts a delivery that went without the domain's MTA-STS policy because it could
+    /// not be fetched or was invalid (RFC 8460 §4.3.2.2), before any connection; the
+    /// connections then count under the policy that did apply.
+    fn record_sts_failure(&self, failure: mta_sts::StsFailure) {
+        let policy = PolicyKey {
+            kind: tls_rpt::PolicyType::Sts,
+            strings: Vec::new(),
+            mx_hosts: Vec::new(),
+        };
+        let failure = tls_rpt::Failure {
+            result: tls_rpt::ResultType::of_sts_failure(failure),
+            mx_host: None,
+            receiving_ip: None,
+        };
+        self.count(policy, tls_rpt::Outcome::Failure(failure));
+    }
+
     /// Counts one attempt: a TLS session is a success, anything that kept TLS from being
     /// negotiated (as the policy wants it) a failure; other failures (no connection, a
     /// timeout) are not about TLS and are not counted.
@@ -384,10 +436,10 @@ impl Rpt<'_> {
         address: std::net::SocketAddr,
         attempt: &Result<(Connection, bool), ClientError>,
     ) {
-        use tls_rpt::{Outcome, ResultType};
+        use tls_rpt::{Outcome, ResultType, UnderDane};
         let policy = match dane {
             HostPolicy::Dane(set) => PolicyKey {
-                kind: "tlsa",
+                kind: tls_rpt::PolicyType::Tlsa,
                 strings: set
                     .records
                     .iter()
@@ -399,21 +451,34 @@ impl Rpt<'_> {
                 mx_hosts: vec![host.to_owned()],
             },
             HostPolicy::TlsRequired => PolicyKey {
-                kind: "tlsa",
+                kind: tls_rpt::PolicyType::Tlsa,
                 strings: Vec::new(),
                 mx_hosts: vec![host.to_owned()],
             },
             HostPolicy::None => self.sts.clone(),
         };
-        let failure = |result| Outcome::Failure {
-            result,
-            mx_host: host.to_owned(),
-            receiving_ip: address.ip(),
+        let failure = |result| {
+            Outcome::Failure(tls_rpt::Failure {
+                result,
+                mx_host: Some(host.to_owned()),
+                receiving_ip: Some(address.ip()),
+            })
+        };
+        let under_dane = match dane {
+            HostPolicy::Dane(_) => UnderDane::Yes,
+            HostPolicy::TlsRequired | HostPolicy::None => UnderDane::No,
         };
         let outcome = match attempt {
+            // RFC 8460 §4.3.2.1: TLSA records that are all unusable could not be
+            // checked; the session is not a DANE success.
+            Ok((connection, _)) if connection.tls_active() && *dane == HostPolicy::TlsRequired => {
+                failure(ResultType::TlsaInvalid)
+            }
             Ok((connection, _)) if connection.tls_active() => Outcome::Success,
             Ok(_) | Err(ClientError::TlsUnavailable) => failure(ResultType::StartTlsNotSupported),
-            Err(ClientError::Tls { .. }) => failure(ResultType::ValidationFailure),
+            Err(ClientError::Tls { cause, .. }) => {
+                failure(ResultType::of_tls_failure(*cause, under_dane))
+            }
             Err(
                 ClientError::Connect { .. }
                 | ClientError::Timeout { .. }
@@ -427,9 +492,7 @@ impl Rpt<'_> {
                 | ClientError::Smtputf8Unsupported,
             ) => return,
         };
-        self.ctx
-            .tls_rpt
-            .record(self.ctx, self.domain, &self.rua, policy, outcome);
+        self.count(policy, outcome);
     }
 }
 
@@ -442,7 +505,7 @@ fn sts_key(policy: &Policy) -> PolicyKey {
     strings.extend(policy.mx.iter().map(|mx| format!("mx: {mx}")));
     strings.push(format!("max_age: {}", policy.max_age.as_secs()));
     PolicyKey {
-        kind: "sts",
+        kind: tls_rpt::PolicyType::Sts,
         strings,
         mx_hosts: policy.mx.clone(),
     }
@@ -466,6 +529,7 @@ async fn try_targets(
     let mut last = None;
     for (Target { name, address }, dane) in targets {
         let target = mta_client::Target::Tcp(address);
+        let mut testing_failure = None;
         let attempt = match (&dane, &sts) {
             (HostPolicy::Dane(tlsa), _) => connect_dane(tlsa, &target, &name, client).await,
             (HostPolicy::TlsRequired, _) => {
@@ -479,7 +543,8 @@ async fn try_targets(
                     .map(|c| (c, verified))
             }
             (HostPolicy::None, Sts::Testing { policy, domain }) => {
-                connect_testing(policy, domain, &target, &name, client).await
+                let failure = &mut testing_failure;
+                connect_testing(policy, domain, &target, &name, client, failure).await
             }
             (HostPolicy::None, Sts::Off | Sts::Enforce) => {
                 Connection::connect(&target, &name, client)
@@ -488,7 +553,12 @@ async fn try_targets(
             }
         };
         if let Some(rpt) = &rpt {
-            rpt.record(&dane, &name, address, &attempt);
+            match testing_failure.take() {
+                // RFC 8460 §4.3: under a `testing` policy, what `enforce` would refuse is
+                // reported as the failure it is, although the mail then goes without it.
+                Some(error) if attempt.is_ok() => rpt.record(&dane, &name, address, &Err(error)),
+                Some(_) | None => rpt.record(&dane, &name, address, &attempt),
+            }
         }
         match attempt {
             Ok((connection, verified)) => {
@@ -539,7 +609,12 @@ async fn connect_dane(
     let mut dane = client.clone();
     dane.tls = mta_client::TlsMode::Verified;
     dane.rustls =
-        Some(dane::tls_config(tlsa.clone(), name).map_err(|detail| ClientError::Tls { detail })?);
+        Some(
+            dane::tls_config(tlsa.clone(), name).map_err(|detail| ClientError::Tls {
+                cause: mta_client::TlsFailure::Setup,
+                detail,
+            })?,
+        );
     let connection = Connection::connect(target, name, &dane).await?;
     tracing::info!(host = %mta_telemetry::Escaped(name), "DANE: certificate matches the TLSA records");
     Ok((connection, true))
@@ -548,13 +623,15 @@ async fn connect_dane(
 /// One attempt under an MTA-STS `testing` policy (RFC 8461 §5): to a host the policy
 /// allows, verified TLS is tried first; when that fails on TLS, or when the host is not
 /// allowed, a warning says what `enforce` would have done and the configured TLS mode is
-/// used. Returns the connection and whether its TLS was verified.
+/// used. Returns the connection and whether its TLS was verified; the verified attempt's
+/// TLS error, if any, goes to `would_fail` (for TLS-RPT).
 async fn connect_testing(
     policy: &Policy,
     domain: &str,
     target: &mta_client::Target,
     name: &str,
     client: &ClientConfig,
+    would_fail: &mut Option<ClientError>,
 ) -> Result<(Connection, bool), ClientError> {
     let configured_verified = client.tls == mta_client::TlsMode::Verified;
     if !policy.allows(name) {
@@ -575,6 +652,7 @@ async fn connect_testing(
                     %error,
                     "MTA-STS testing: no verified TLS to the MX host; enforce would defer"
                 );
+                *would_fail = Some(error);
             }
             Err(error) => return Err(error),
         }

@@ -361,6 +361,18 @@ pub struct Pki {
 }
 
 pub fn pki(names: &[&str]) -> Pki {
+    pki_with(names, |_| {})
+}
+
+/// A PKI whose server certificate expired in 2020.
+pub fn expired_pki(names: &[&str]) -> Pki {
+    pki_with(names, |leaf| {
+        leaf.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        leaf.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    })
+}
+
+fn pki_with(names: &[&str], adjust_leaf: impl FnOnce(&mut rcgen::CertificateParams)) -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -378,6 +390,7 @@ pub fn pki(names: &[&str]) -> Pki {
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let mut leaf_params = CertificateParams::new(names).unwrap();
     leaf_params.use_authority_key_identifier_extension = true;
+    adjust_leaf(&mut leaf_params);
     let leaf_key = KeyPair::generate().unwrap();
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
 

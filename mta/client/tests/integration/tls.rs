@@ -2,10 +2,10 @@
 //! throwaway CA (rcgen), plus AUTH over TLS and a STARTTLS injection attempt.
 
 use mta_client::{
-    ClientError, Connection, Credentials, OutboundMessage, OutboundRecipient, TlsMode,
+    ClientError, Connection, Credentials, OutboundMessage, OutboundRecipient, TlsFailure, TlsMode,
 };
 
-use crate::server::{self, Script, pki};
+use crate::server::{self, Script, expired_pki, pki};
 use crate::{config, tcp};
 
 const MX: &str = "mx.example.test";
@@ -107,9 +107,23 @@ async fn verified_fails_on_a_name_mismatch() {
     config.tls = TlsMode::Verified;
     config.extra_roots_pem = Some(pki.ca_pem.clone().into_bytes());
     match Connection::connect(&tcp(addr), "mx2.example.test", &config).await {
-        Err(ClientError::Tls { detail }) => {
-            assert!(detail.contains("not valid for name"), "{detail}")
+        Err(ClientError::Tls { cause, detail }) => {
+            assert!(detail.contains("not valid for name"), "{detail}");
+            assert_eq!(cause, TlsFailure::HostMismatch);
         }
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn verified_fails_on_an_expired_certificate() {
+    let pki = expired_pki(&[MX]);
+    let (addr, _) = server::start(tls_script(&pki)).await;
+    let mut config = config();
+    config.tls = TlsMode::Verified;
+    config.extra_roots_pem = Some(pki.ca_pem.clone().into_bytes());
+    match Connection::connect(&tcp(addr), MX, &config).await {
+        Err(ClientError::Tls { cause, .. }) => assert_eq!(cause, TlsFailure::Expired),
         other => panic!("expected a TLS error, got {other:?}"),
     }
 }
@@ -121,8 +135,9 @@ async fn verified_fails_on_an_unknown_ca() {
     let mut config = config();
     config.tls = TlsMode::Verified;
     match Connection::connect(&tcp(addr), MX, &config).await {
-        Err(ClientError::Tls { detail }) => {
-            assert!(detail.contains("UnknownIssuer"), "{detail}")
+        Err(ClientError::Tls { cause, detail }) => {
+            assert!(detail.contains("UnknownIssuer"), "{detail}");
+            assert_eq!(cause, TlsFailure::NotTrusted);
         }
         other => panic!("expected a TLS error, got {other:?}"),
     }
@@ -137,7 +152,10 @@ async fn bad_extra_roots_are_a_tls_error() {
     config.extra_roots_pem = Some(b"not a certificate".to_vec());
     assert!(matches!(
         Connection::connect(&tcp(addr), MX, &config).await,
-        Err(ClientError::Tls { .. })
+        Err(ClientError::Tls {
+            cause: TlsFailure::Setup,
+            ..
+        })
     ));
 }
 
