@@ -1,15 +1,16 @@
 """TLS-RPT (RFC 8460) on outbound delivery by MX, on the signed zones of test_dane.py.
 
 ee.test (DANE 3 1 1 matching), wrongdigest.test (DANE, wrong digest),
-plain.unsigned.test (no DNSSEC, no policy), bad.bogus.test (bogus MX set) and servfail.test
-(TLSA lookup SERVFAIL) publish `_smtp._tls` records, and so do five domains of the unsigned
-zone under MTA-STS: `enforce` with an MX certificate for another name (stsname) or expired
-(stsexpired), `testing` with the wrong name (ststesting: delivered, reported as a
-failure), and a policy that cannot be had: 404 (stsfetch), not a valid policy
-(stsinvalid), a policy host whose certificate does not name it (stswebpki). Each asks for reports
-by mail (`mailto:tlsrpt@reports.test`, an aiosmtpd sink as reports.test's MX) and by HTTPS
-POST (`https://reports.test:<port>/tlsrpt`, Python's http.server with a certificate from
-the CA the MTA trusts). reports.test asks for reports too, so a report counted in a report
+plain.unsigned.test (no DNSSEC, no policy), bad.bogus.test (bogus MX set), servfail.test
+(TLSA lookup SERVFAIL) and unusable.test (only unusable TLSA records) publish `_smtp._tls`
+records, and so do seven domains of the unsigned zone under MTA-STS: `enforce` with an MX
+certificate for another name (stsname), expired (stsexpired) or no STARTTLS (stsplain);
+`testing` with the wrong name (ststesting: delivered, reported as a failure); and a policy
+that cannot be had: 404 (stsfetch), not a valid policy (stsinvalid), a policy host whose
+certificate does not name it (stswebpki). Each asks for reports by mail
+(`mailto:tlsrpt@reports.test`, an aiosmtpd sink as reports.test's MX) and by HTTPS POST
+(`https://reports.test:<port>/tlsrpt`, Python's http.server with a certificate from the
+CA the MTA trusts). reports.test asks for reports too, so a report counted in a report
 would show up as one for reports.test. The reports' JSON is checked against a JSON schema
 written from RFC 8460 §4.4 (jsonschema validates it) and its counts against the attempts
 made (one each: retries are an hour away).
@@ -35,7 +36,7 @@ import pytest
 from conftest import Mta, wait_for
 from dnssec import have_tools
 from outbound import Sink
-from test_dane import World
+from test_dane import World, self_signed
 from test_fleet_limits import Redis
 from test_outbound import send
 
@@ -47,12 +48,17 @@ REPORTS_MX_IP, REPORTS_HTTPS_IP = "127.0.0.74", "127.0.0.75"
 # MTA-STS enforce domains whose MX certificates fail: domain: (MX address, what is wrong)
 STS_MX = {"stsname.unsigned.test": ("127.0.0.76", "name"),
           "stsexpired.unsigned.test": ("127.0.0.77", "expired")}
+# MTA-STS enforce, its MX a sink without STARTTLS.
+STS_PLAIN, STS_PLAIN_IP = "stsplain.unsigned.test", "127.0.0.78"
+# Signed, with TLSA records that are all unusable (PKIX-TA, RFC 7672 §3.1): TLS required,
+# the certificate not checked.
+UNUSABLE, UNUSABLE_IP = "unusable.test", "127.0.0.79"
 # MTA-STS testing, its MX the sink of stsname (a certificate for another name).
 STS_TESTING = "ststesting.unsigned.test"
 # Domains whose MTA-STS policy cannot be had; their MX is plain.unsigned.test's sink.
 STS_BROKEN = ("stsfetch.unsigned.test", "stsinvalid.unsigned.test", "stswebpki.unsigned.test")
 REPORTED = ("ee.test", "wrongdigest.test", "plain.unsigned.test", "bad.bogus.test",
-            "servfail.test", *STS_MX, STS_TESTING, *STS_BROKEN)
+            "servfail.test", *STS_MX, STS_PLAIN, STS_TESTING, *STS_BROKEN, UNUSABLE)
 
 # RFC 8460 §4.4, as a JSON schema (the RFC describes the fields in prose and an example).
 SCHEMA = {
@@ -189,6 +195,8 @@ def rpt_world(tmp_path_factory):
     for domain, (ip, _) in STS_MX.items():
         unsigned += [f"{domain}. IN MX 10 mx.{domain}.", f"mx.{domain}. IN A {ip}"]
         policies[domain] = f"version: STSv1\r\nmode: enforce\r\nmx: mx.{domain}\r\nmax_age: 86400\r\n"
+    unsigned += [f"{STS_PLAIN}. IN MX 10 mx.{STS_PLAIN}.", f"mx.{STS_PLAIN}. IN A {STS_PLAIN_IP}"]
+    policies[STS_PLAIN] = f"version: STSv1\r\nmode: enforce\r\nmx: mx.{STS_PLAIN}\r\nmax_age: 86400\r\n"
     unsigned += [f"{STS_TESTING}. IN MX 10 mx.{STS_TESTING}.",
                  f"mx.{STS_TESTING}. IN A {STS_MX['stsname.unsigned.test'][0]}"]
     policies[STS_TESTING] = (f"version: STSv1\r\nmode: testing\r\nmx: mx.{STS_TESTING}\r\n"
@@ -198,13 +206,17 @@ def rpt_world(tmp_path_factory):
     policies["stsfetch.unsigned.test"] = None
     policies["stsinvalid.unsigned.test"] = "version: STSv1\r\nmode: sometimes\r\n"
     policies["stswebpki.unsigned.test"] = policies["stsname.unsigned.test"]
-    for domain in (*STS_MX, STS_TESTING, *STS_BROKEN):
+    for domain in (*STS_MX, STS_PLAIN, STS_TESTING, *STS_BROKEN):
         unsigned += [f'_smtp._tls.{domain}. IN TXT "{rua}"', f"_mta-sts.{domain}. IN TXT {sts_id}",
                      f"mta-sts.{domain}. IN A {POLICY_IP}"]
     extra = {
         "test.": [f'_smtp._tls.ee.test. IN TXT "{rua}"',
                   f'_smtp._tls.wrongdigest.test. IN TXT "{rua}"',
                   f'_smtp._tls.servfail.test. IN TXT "{rua}"',
+                  f'_smtp._tls.{UNUSABLE}. IN TXT "{rua}"',
+                  f"{UNUSABLE}. IN MX 10 mx.{UNUSABLE}.",
+                  f"mx.{UNUSABLE}. IN A {UNUSABLE_IP}",
+                  f"_25._tcp.mx.{UNUSABLE}. IN TLSA 0 0 1 {'00' * 32}",
                   f'_smtp._tls.reports.test. IN TXT "{rua}"',
                   "reports.test. IN MX 10 mx.reports.test.",
                   f"mx.reports.test. IN A {REPORTS_MX_IP}",
@@ -218,6 +230,8 @@ def rpt_world(tmp_path_factory):
     certs = {"name": world.sts_ca.issue("mx.someone-else.test"),
              "expired": world.sts_ca.issue("mx.stsexpired.unsigned.test", expired=True)}
     sts_sinks = [TlsSink(ip, world.port, certs[wrong]) for ip, wrong in STS_MX.values()]
+    sts_sinks += [Sink(STS_PLAIN_IP, world.port),
+                  TlsSink(UNUSABLE_IP, world.port, self_signed(directory, f"mx.{UNUSABLE}"))]
     mailbox = Sink(REPORTS_MX_IP, world.port)
     # The MTA trusts one CA file: both CAs in it.
     world.sts_ca.pem_path.write_bytes(world.sts_ca.pem_path.read_bytes() + ca.pem_path.read_bytes())
@@ -254,6 +268,9 @@ EXPECTED = {
     # MTA-STS enforce, the MX certificate's own fault (§4.3.1).
     "stsname.unsigned.test": {"sts": (0, 1, {"certificate-host-mismatch"})},
     "stsexpired.unsigned.test": {"sts": (0, 1, {"certificate-expired"})},
+    STS_PLAIN: {"sts": (0, 1, {"starttls-not-supported"})},
+    # TLS made, but no TLSA record could check it (§4.3.2.1); the mail went.
+    UNUSABLE: {"tlsa": (0, 1, {"tlsa-invalid"})},
     # MTA-STS testing: the same failure is reported, though the mail went (opportunistic).
     STS_TESTING: {"sts": (0, 1, {"certificate-host-mismatch"})},
     # No policy to be had (§4.3.2.2); the mail then goes as without one.
