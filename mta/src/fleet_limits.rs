@@ -1,6 +1,8 @@
 //! Limits shared by the fleet (issue 16): owns the choice, for every rate check and every
 //! outbound connection, between the fleet's counters in Redis and this pod's own, and the
-//! one connection to that Redis both use.
+//! one connection to that Redis both use. Other fleet-wide state (TLS-RPT's counts and
+//! report locks, issue 18) borrows that connection through [`FleetLimiter::query`], with
+//! the same timeout and the same up/down tracking.
 //!
 //! Without `smtpd.rate_limits.redis` every rate check is the local [`RateLimiter`]'s and
 //! every connection slot is granted at once (delivery's own per-pod cap,
