@@ -26,7 +26,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
 from conftest import Mta, mta_header, wait_for
-from outbound import Dns, free_port
+from outbound import Dns, Sink, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed")
 
@@ -34,6 +34,8 @@ LIMIT = 2          # connections open at once
 RATE = 5           # messages accepted per second
 DOMAINS = [f"d{i:02}.shaping.test" for i in range(50)]
 MX_HOSTS = [("mx1.shaping.test", "127.0.0.2"), ("mx2.shaping.test", "127.0.0.3")]
+# A site that is down at first: nothing listens there until the test starts a sink.
+DOWN = ("down.shaping.test", "mx3.shaping.test", "127.0.0.4")
 MESSAGES = 150
 IDEAL = MESSAGES / RATE
 # After its first burst the MTA must have learnt the limits: no refused connection
@@ -124,7 +126,8 @@ class LimitedController(Controller):
 @pytest.fixture
 def world(workdir):
     mx = [(domain, host, 10) for domain in DOMAINS for host, _ in MX_HOSTS]
-    dns = Dns(mx=mx, hosts=MX_HOSTS)
+    mx.append((DOWN[0], DOWN[1], 10))
+    dns = Dns(mx=mx, hosts=MX_HOSTS + [DOWN[1:]])
     # dnsmasq logs every query to a pipe: read it, or it blocks once the pipe is full
     # (this test asks hundreds of questions).
     threading.Thread(target=dns.proc.stderr.read, daemon=True).start()
@@ -141,9 +144,9 @@ def world(workdir):
     dns.stop()
 
 
-def shaping_config(workdir, dns_port, smtp_port):
+def shaping_config(workdir, dns_port, smtp_port, site_limits=""):
     # Deferred mail comes back within a second or two; everything else is the default
-    # (queue.site_limits included).
+    # (queue.site_limits included unless given).
     return f"""\
 {mta_header(workdir)}relay:
   client_networks: ["127.0.0.0/8"]
@@ -155,7 +158,7 @@ smtp_client:
 queue:
   retry_interval: 1s
   max_retry_interval: 2s
-"""
+{site_limits}"""
 
 
 def test_fifty_domains_on_two_mx_hosts_share_one_adaptive_limit(workdir, world):
@@ -202,3 +205,36 @@ def test_fifty_domains_on_two_mx_hosts_share_one_adaptive_limit(workdir, world):
         assert "mx1.shaping.test,mx2.shaping.test (opportunistic)" in log
     finally:
         mta.stop()
+
+
+def test_a_site_that_keeps_failing_is_suspended_and_its_mail_waits(workdir, world):
+    """Connections to the only MX host of a domain are refused: after a few attempts its
+    site is suspended (deferrals name it, with 451 4.4.5) instead of being tried again
+    and again; nothing bounces, and once the host is up and the suspension over the
+    message is delivered."""
+    dns, port, _ = world
+    limits = "  site_limits: {suspend_after: 3, suspend_time: 4s, max_suspend_time: 8s}\n"
+    mta = Mta(workdir, shaping_config(workdir, dns.port, port, limits)).start()
+    sink = None
+    try:
+        with smtplib.SMTP(mta.host, mta.port, timeout=30) as s:
+            s.ehlo("client.test")
+            s.sendmail("me@example.test", [f"user@{DOWN[0]}"],
+                       b"Subject: suspended-1\r\n\r\nWaits.\r\n")
+        site = f"{DOWN[1]} (opportunistic)"
+        wait_for(lambda: "site suspended" in mta.log(), timeout=60, what="a suspension")
+        line = wait_for(lambda: next((l for l in mta.log().splitlines()
+                                      if "attempt deferred" in l and "4.4.5" in l), None),
+                        timeout=60, what="a deferral for the suspended site")
+        assert f"site {site} suspended for" in line, line
+        assert "rate_limit" in line, line
+        refused = len(re.findall(r"connection attempt failed", mta.log()))
+        assert refused <= 6, f"{refused} connection attempts to a dead site"
+        sink = Sink(DOWN[2], port)
+        wait_for(lambda: sink.messages, timeout=60, what="delivery once the site is back")
+        assert [m.recipients for m in sink.messages] == [[f"user@{DOWN[0]}"]]
+        assert re.search(r"mta::delivery: failed ", mta.log()) is None, "nothing bounces"
+    finally:
+        mta.stop()
+        if sink:
+            sink.stop()

@@ -358,8 +358,14 @@ impl Destination {
     }
 
     /// The next item, waiting up to [`IDLE_CONNECTION_TIME`] for one unless
-    /// [`Linger::No`]; `None` after the worker has been counted out.
-    async fn next(&self, shutdown: &mut Shutdown, linger: Linger) -> Option<WorkItem> {
+    /// [`Linger::No`] or until another worker wants the connection's `site`; `None` after
+    /// the worker has been counted out.
+    async fn next(
+        &self,
+        shutdown: &mut Shutdown,
+        linger: Linger,
+        site: Option<&site::Site>,
+    ) -> Option<WorkItem> {
         let mut waited = linger == Linger::No;
         loop {
             {
@@ -378,9 +384,16 @@ impl Destination {
                 }
                 state.idle += 1;
             }
+            let wanted = async {
+                match site {
+                    Some(site) => site.wanted().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::timeout(IDLE_CONNECTION_TIME, self.arrived.notified()) => {}
                 () = shutdown.recv() => {}
+                () = wanted => {}
             }
             self.lock().idle -= 1;
             waited = true;
@@ -402,7 +415,11 @@ async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: 
         } else {
             Linger::Yes
         };
-        let Some(item) = destination.next(&mut shutdown, linger).await else {
+        let site = connection.site().cloned();
+        let Some(item) = destination
+            .next(&mut shutdown, linger, site.as_deref())
+            .await
+        else {
             break;
         };
         let span = mta_telemetry::spans::delivery_attempt(

@@ -46,7 +46,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Throttles that arrive within this time of the one that lowered the limits are the
@@ -266,6 +266,8 @@ pub struct Site {
     permits: Arc<Semaphore>,
     /// Workers waiting for a permit.
     waiters: AtomicUsize,
+    /// Wakes the workers idling on a connection of this site when another wants one.
+    wanted: Notify,
     state: Mutex<State>,
     metrics: Option<MtaMetrics>,
 }
@@ -324,6 +326,7 @@ impl Site {
             key,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             waiters: AtomicUsize::new(0),
+            wanted: Notify::new(),
             metrics: None,
             state: Mutex::new(State {
                 connections: limits.max_connections,
@@ -398,6 +401,7 @@ impl Site {
     ) -> Result<SitePermit, Status> {
         self.check_suspended()?;
         self.waiters.fetch_add(1, Ordering::SeqCst);
+        self.wanted.notify_waiters();
         let permit = match shutdown {
             Some(shutdown) => tokio::select! {
                 permit = self.permits.clone().acquire_owned() => permit.ok(),
@@ -444,6 +448,12 @@ impl Site {
     /// Others wait for a permit: a worker should not keep an idle connection open.
     pub fn contended(&self) -> bool {
         self.waiters.load(Ordering::SeqCst) > 0
+    }
+
+    /// Completes when a worker starts waiting for a permit (one idling on a connection
+    /// of this site should then close it).
+    pub async fn wanted(&self) {
+        self.wanted.notified().await;
     }
 
     /// Waits for the site's next rate token (at once without a rate limit).
@@ -872,6 +882,24 @@ mod tests {
         permits.pop();
         assert!(waiting.await.expect("task").is_ok());
         assert!(!site.contended());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_holder_hears_when_the_site_is_wanted() {
+        let site = site(limits(1, "off"));
+        let held = site.acquire(None).await.expect("permit");
+        let idle = site.clone();
+        let idling = tokio::spawn(async move { idle.wanted().await });
+        tokio::task::yield_now().await;
+        assert!(!idling.is_finished());
+        let other = site.clone();
+        let waiting = tokio::spawn(async move { other.acquire(None).await.map(|_| ()) });
+        tokio::time::timeout(Duration::from_secs(1), idling)
+            .await
+            .expect("woken at once")
+            .expect("task");
+        drop(held);
+        assert!(waiting.await.expect("task").is_ok());
     }
 
     #[tokio::test(start_paused = true)]

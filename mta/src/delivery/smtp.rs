@@ -155,6 +155,11 @@ impl Session {
         self.site.as_ref().is_some_and(|p| p.site().contended())
     }
 
+    /// The site of the open connection, if it has one.
+    pub fn site(&self) -> Option<&Arc<super::site::Site>> {
+        self.site.as_ref().map(|p| p.site())
+    }
+
     /// See [`Session::remote_host`]'s field.
     pub fn remote_host(&self) -> Option<&str> {
         self.remote_host.as_deref()
