@@ -64,6 +64,82 @@ pub struct RelayPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024))]
     pub max_message_size: Option<u64>,
+    /// Outbound shaping: connection and message-rate limits per *site* (the domains
+    /// whose MX hosts are the same share one), lowered at once when a site throttles and
+    /// recovered gradually. Taken from the same policy as the route. Default: the MTA's
+    /// (20 connections per site, no rate limit until a site throttles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_shaping: Option<OutboundShaping>,
+}
+
+/// Outbound shaping: the limits of every site, and named sites with their own.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundShaping {
+    /// The limits of every site that no entry of `sites` names.
+    #[serde(default)]
+    pub defaults: SiteLimits,
+    /// Named sites: recipient domains, or MX host patterns (`*.mail.example`), that
+    /// share one provider's limits whatever their MX sets. The first that matches wins.
+    /// At most 64.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub sites: Vec<Site>,
+}
+
+/// How hard one site is pushed; absent members keep the MTA's defaults.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteLimits {
+    /// Simultaneous connections to the site from each pod. Default: 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_connections: Option<u32>,
+    /// Messages per interval to the site from each pod. Default: none until the site
+    /// throttles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_rate: Option<Rate>,
+    /// How often a throttled site gets a step of its limits back while mail to it is
+    /// delivered, like `2s`. Default: `2s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(crate::DURATION_RULE).message("recoveryInterval is a duration like 2s or 1m"))]
+    pub recovery_interval: Option<String>,
+    /// Throttles or connection failures in a row before the site is suspended (its mail
+    /// waits in the queue). Default: 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub suspend_after: Option<u32>,
+    /// The first suspension's length, doubling for each one in a row, like `1m`.
+    /// Default: `1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(crate::DURATION_RULE).message("suspendTime is a duration like 30s or 1m"))]
+    pub suspend_time: Option<String>,
+}
+
+/// A named site.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.domains) > 0 || size(self.mx) > 0").message("a site needs domains or mx"))]
+pub struct Site {
+    /// The site's name, in logs and metrics labels: letters, digits, `-`, `_`, `.`; at
+    /// most 63 characters.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9._-]+$')").message("name is letters, digits, '.', '_' or '-'"))]
+    pub name: String,
+    /// Recipient domains of the site. At most 256 of at most 253 characters.
+    #[serde(default)]
+    #[schemars(length(max = 256), inner(length(max = 253)))]
+    pub domains: Vec<String>,
+    /// MX host names or `*.domain` patterns: a domain with an MX host that matches
+    /// belongs to the site. At most 64 of at most 253 characters.
+    #[serde(default)]
+    #[schemars(length(max = 64), inner(length(max = 253)))]
+    pub mx: Vec<String>,
+    /// The site's limits; absent members are the `defaults`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<SiteLimits>,
 }
 
 /// SMTP AUTH settings.

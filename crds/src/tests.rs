@@ -402,3 +402,33 @@ fn merge_keeps_transition_time_when_status_is_unchanged() {
         "2026-02-02T00:00:00Z"
     );
 }
+
+#[test]
+fn relay_policy_cel_checks_outbound_shaping_sites() {
+    let with_sites = |sites: serde_json::Value| {
+        relay(serde_json::json!({
+            "clientNetworks": ["10.0.0.0/8"],
+            "outboundShaping": {"defaults": {"recoveryInterval": "2s"}, "sites": sites}
+        }))
+    };
+    assert_eq!(
+        errors_of(&with_sites(
+            serde_json::json!([{"name": "bigmail", "mx": ["*.mail.example"]}])
+        )),
+        ""
+    );
+    assert!(
+        errors_of(&with_sites(serde_json::json!([{"name": "bigmail"}]))).contains("domains or mx")
+    );
+    assert!(
+        errors_of(&with_sites(
+            serde_json::json!([{"name": "big mail", "domains": ["a.example"]}])
+        ))
+        .contains("name is letters")
+    );
+    let bad_interval = relay(serde_json::json!({
+        "clientNetworks": ["10.0.0.0/8"],
+        "outboundShaping": {"defaults": {"recoveryInterval": "soon"}}
+    }));
+    assert!(errors_of(&bad_interval).contains("recoveryInterval"));
+}

@@ -380,6 +380,9 @@ fn apply_relay_policies(config: &mut MtaConfig, world: &World, notes: &mut Vec<N
             continue;
         }
         route_set = true;
+        if let Some(shaping) = &spec.outbound_shaping {
+            apply_outbound_shaping(config, shaping, &mut note);
+        }
         // MTA-STS and DANE are switches for the whole MTA: the route's policy sets them.
         config.smtp_client.mta_sts = spec.outbound_tls.mta_sts;
         config.smtp_client.dane = spec.outbound_tls.dane;
@@ -409,4 +412,71 @@ fn apply_relay_policies(config: &mut MtaConfig, world: &World, notes: &mut Vec<N
             });
         }
     }
+}
+
+/// A RelayPolicy's `outboundShaping` as `queue.site_limits` and `queue.sites`: members
+/// left out keep the MTA's defaults (a site's, the policy's `defaults`).
+fn apply_outbound_shaping(
+    config: &mut MtaConfig,
+    shaping: &crds::relay_policy::OutboundShaping,
+    note: &mut impl FnMut(String),
+) {
+    let defaults = site_limits(
+        mta_config::SiteLimits::default(),
+        &shaping.defaults,
+        "outboundShaping.defaults",
+        note,
+    );
+    config.queue.site_limits = defaults.clone();
+    config.queue.sites = shaping
+        .sites
+        .iter()
+        .enumerate()
+        .map(|(i, site)| mta_config::SiteRule {
+            name: site.name.clone(),
+            domains: site.domains.clone(),
+            mx: site.mx.clone(),
+            limits: site.limits.as_ref().map(|limits| {
+                let key = format!("outboundShaping.sites[{i}].limits");
+                site_limits(defaults.clone(), limits, &key, note)
+            }),
+        })
+        .collect();
+}
+
+/// `base` with the members `limits` sets.
+fn site_limits(
+    mut base: mta_config::SiteLimits,
+    limits: &crds::relay_policy::SiteLimits,
+    key: &str,
+    note: &mut impl FnMut(String),
+) -> mta_config::SiteLimits {
+    let mut duration = |field: &str, text: &Option<String>| {
+        let text = text.as_ref()?;
+        match crds::parse_duration_secs(text) {
+            Some(secs) => Some(std::time::Duration::from_secs(secs)),
+            None => {
+                note(format!("{key}.{field}: {text:?} is not a duration"));
+                None
+            }
+        }
+    };
+    if let Some(interval) = duration("recoveryInterval", &limits.recovery_interval) {
+        base.recovery_interval = interval;
+        base.throttle_memory = base.throttle_memory.max(interval);
+    }
+    if let Some(time) = duration("suspendTime", &limits.suspend_time) {
+        base.suspend_time = time;
+        base.max_suspend_time = base.max_suspend_time.max(time);
+    }
+    if let Some(n) = limits.max_connections {
+        base.max_connections = n as usize;
+    }
+    if let Some(rate) = &limits.max_message_rate {
+        base.max_message_rate = format!("{}/{}", rate.messages, rate.interval);
+    }
+    if let Some(n) = limits.suspend_after {
+        base.suspend_after = n;
+    }
+    base
 }

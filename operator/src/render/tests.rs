@@ -644,3 +644,44 @@ fn relay_policy_outbound_tls_dane_reaches_the_mta_config() {
         desired.notes
     );
 }
+
+/// Issue 17: a RelayPolicy's outboundShaping becomes queue.site_limits and queue.sites;
+/// a site's limits start from the policy's defaults.
+#[test]
+fn relay_policy_outbound_shaping_reaches_the_mta_config() {
+    let mut world =
+        crate::input::load(&[repo().join("manifests/examples")], "default").expect("load");
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    assert_eq!(
+        desired.configs["mx"].queue.site_limits,
+        ::mta_config::SiteLimits::default()
+    );
+    assert!(desired.configs["mx"].queue.sites.is_empty());
+    let shaping: crds::relay_policy::OutboundShaping = serde_json::from_value(serde_json::json!({
+        "defaults": {"maxConnections": 10, "recoveryInterval": "5s"},
+        "sites": [{
+            "name": "bigmail",
+            "mx": ["*.mail.example"],
+            "limits": {"maxMessageRate": {"messages": 100, "interval": "1m"}, "suspendTime": "2m"}
+        }]
+    }))
+    .expect("shaping");
+    for policy in &mut world.relay_policies {
+        policy.spec.outbound_shaping = Some(shaping.clone());
+    }
+    let desired = render(&world, &mut FixedKeys).expect("render");
+    let queue = &desired.configs["mx"].queue;
+    assert_eq!(queue.site_limits.max_connections, 10);
+    assert_eq!(queue.site_limits.recovery_interval.as_secs(), 5);
+    assert_eq!(queue.site_limits.max_message_rate, "off");
+    let site = &queue.sites[0];
+    assert_eq!(
+        (site.name.as_str(), site.mx.as_slice()),
+        ("bigmail", &["*.mail.example".to_owned()][..])
+    );
+    let limits = site.limits.as_ref().expect("limits");
+    assert_eq!(limits.max_connections, 10, "from the defaults");
+    assert_eq!(limits.max_message_rate, "100/1m");
+    assert_eq!(limits.suspend_time.as_secs(), 120);
+    desired.configs["mx"].validate().expect("the MTA takes it");
+}
