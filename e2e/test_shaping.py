@@ -19,6 +19,7 @@ import shutil
 import smtplib
 import threading
 import time
+import urllib.request
 from collections import deque
 
 import pytest
@@ -155,10 +156,22 @@ dns:
 smtp_client:
   port: {smtp_port}
   connect_timeout: 5s
+http:
+  address: 127.0.0.1:0
 queue:
   retry_interval: 1s
   max_retry_interval: 2s
 {site_limits}"""
+
+
+def metric(mta, series):
+    """The value of one series of the MTA's /metrics (None when absent)."""
+    m = re.search(r"/readyz on http://([\d.]+:\d+)", "\n".join(mta.stdout_lines))
+    assert m, mta.stdout_lines
+    with urllib.request.urlopen(f"http://{m.group(1)}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
 
 
 def test_fifty_domains_on_two_mx_hosts_share_one_adaptive_limit(workdir, world):
@@ -203,6 +216,8 @@ def test_fifty_domains_on_two_mx_hosts_share_one_adaptive_limit(workdir, world):
         log = mta.log()
         assert "site throttled" in log, log[-3000:]
         assert "mx1.shaping.test,mx2.shaping.test (opportunistic)" in log
+        # Sites found by MX rollup are counted under one label.
+        assert metric(mta, 'petrel_mta_site_throttles_total{site="other"}') >= 1
     finally:
         mta.stop()
 
@@ -213,7 +228,8 @@ def test_a_site_that_keeps_failing_is_suspended_and_its_mail_waits(workdir, worl
     and again; nothing bounces, and once the host is up and the suspension over the
     message is delivered."""
     dns, port, _ = world
-    limits = "  site_limits: {suspend_after: 3, suspend_time: 4s, max_suspend_time: 8s}\n"
+    limits = ("  site_limits: {suspend_after: 3, suspend_time: 4s, max_suspend_time: 8s}\n"
+              f"  sites: [{{name: downmail, domains: [{DOWN[0]}]}}]\n")
     mta = Mta(workdir, shaping_config(workdir, dns.port, port, limits)).start()
     sink = None
     try:
@@ -221,7 +237,7 @@ def test_a_site_that_keeps_failing_is_suspended_and_its_mail_waits(workdir, worl
             s.ehlo("client.test")
             s.sendmail("me@example.test", [f"user@{DOWN[0]}"],
                        b"Subject: suspended-1\r\n\r\nWaits.\r\n")
-        site = f"{DOWN[1]} (opportunistic)"
+        site = "downmail (opportunistic)"
         wait_for(lambda: "site suspended" in mta.log(), timeout=60, what="a suspension")
         line = wait_for(lambda: next((l for l in mta.log().splitlines()
                                       if "attempt deferred" in l and "4.4.5" in l), None),
@@ -230,6 +246,9 @@ def test_a_site_that_keeps_failing_is_suspended_and_its_mail_waits(workdir, worl
         assert "rate_limit" in line, line
         refused = len(re.findall(r"connection attempt failed", mta.log()))
         assert refused <= 6, f"{refused} connection attempts to a dead site"
+        # A named site has its own series.
+        assert metric(mta, 'petrel_mta_site_suspensions_total{site="downmail"}') == 1
+        assert metric(mta, 'petrel_mta_site_connections_limit{site="downmail"}') == 20
         sink = Sink(DOWN[2], port)
         wait_for(lambda: sink.messages, timeout=60, what="delivery once the site is back")
         assert [m.recipients for m in sink.messages] == [[f"user@{DOWN[0]}"]]

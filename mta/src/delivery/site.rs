@@ -19,7 +19,9 @@
 //!   message replies, since the replies of the attempts already under way say the same
 //!   thing again. A refused connection also teaches a connection ceiling (the connections
 //!   this pod had open and working then), and a rate-limited message a rate ceiling
-//!   ([`CEILING_MARGIN`] of the rate that was being sent);
+//!   ([`CEILING_MARGIN`] of the rate that was being sent: the limit in force, else the
+//!   messages sent in the window before the refused one that the site took or that were
+//!   still on their way; with none, one message a second, doubling back);
 //! - every `recovery_interval` in which mail is delivered and nothing is throttled, one
 //!   connection and a quarter of the rate ceiling come back, up to the ceilings; ceilings
 //!   are forgotten `throttle_memory` after the last throttle;
@@ -286,11 +288,17 @@ struct State {
     /// Messages per second now; `None`: no limit.
     rate: Option<f64>,
     rate_ceiling: Option<f64>,
+    /// The rate ceiling being learnt from the last rate-limited message, which later
+    /// replies may still raise.
+    estimate: Option<Estimate>,
     /// When the next rate token may be used (a bucket of one: tokens are spaced by
     /// `1 / rate` at least).
     next_token: Instant,
-    /// Deliveries of the last [`REACTION_WINDOW`]: the rate the site took.
+    /// When the messages delivered in about the last [`REACTION_WINDOW`] were sent
+    /// (took their token), in order: the rate the site took.
     recent: VecDeque<Instant>,
+    /// When the messages still waiting for their replies were sent.
+    in_flight: Vec<Instant>,
     connection_reaction: Option<Instant>,
     message_reaction: Option<Instant>,
     last_throttle: Option<Instant>,
@@ -301,13 +309,25 @@ struct State {
     suspended_until: Option<Instant>,
 }
 
+/// A rate ceiling learnt from what the site took when it refused the message sent at
+/// `refused`: messages sent just after that one on other connections, whose replies came
+/// back after the refusal, were taken too, and raise it when they do.
+#[derive(Debug, Clone, Copy)]
+struct Estimate {
+    refused: Instant,
+    /// When the refusal came back: later messages are not the site's answer to it.
+    until: Instant,
+    taken: usize,
+}
+
 /// Where a throttle came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// Refused at connection (a 421 greeting, or the attempt failed as a whole).
     Connect,
-    /// A reply to a message (MAIL, RCPT, DATA).
-    Message,
+    /// A reply to a message (MAIL, RCPT, DATA), with the messages the site took in the
+    /// window before it.
+    Message(usize),
 }
 
 /// What the site made of one report, for the caller's logs and metrics.
@@ -337,8 +357,10 @@ impl Site {
                 held: 0,
                 established: 0,
                 rate_ceiling: None,
+                estimate: None,
                 next_token: now,
                 recent: VecDeque::new(),
+                in_flight: Vec::new(),
                 connection_reaction: None,
                 message_reaction: None,
                 last_throttle: None,
@@ -427,7 +449,8 @@ impl Site {
         Ok(permit)
     }
 
-    fn check_suspended(&self) -> Result<(), Status> {
+    /// `Err` with the deferral to report while the site is suspended.
+    pub fn check_suspended(&self) -> Result<(), Status> {
         match self.suspended_for(Instant::now()) {
             Some(left) => Err(DeliveryError::SiteSuspended {
                 site: self.key.to_string(),
@@ -456,15 +479,16 @@ impl Site {
         self.wanted.notified().await;
     }
 
-    /// Waits for the site's next rate token (at once without a rate limit).
-    pub async fn rate_token(&self, shutdown: Option<&mut Shutdown>) {
+    /// Waits for the site's next rate token (at once without a rate limit), and returns
+    /// when the message was sent by it: to give [`Site::observe`] with its replies.
+    pub async fn rate_token(&self, shutdown: Option<&mut Shutdown>) -> Instant {
         let at = {
             let mut state = self.lock();
-            let Some(rate) = state.rate else {
-                return;
-            };
             let at = state.next_token.max(Instant::now());
-            state.next_token = at + Duration::from_secs_f64(1.0 / rate.max(MIN_RATE));
+            if let Some(rate) = state.rate {
+                state.next_token = at + Duration::from_secs_f64(1.0 / rate.max(MIN_RATE));
+            }
+            state.in_flight.push(at);
             at
         };
         match shutdown {
@@ -474,6 +498,7 @@ impl Site {
             },
             None => tokio::time::sleep_until(at).await,
         }
+        at
     }
 
     /// A connection attempt that held a permit failed with `status`: a throttle when the
@@ -492,10 +517,14 @@ impl Site {
         reaction
     }
 
-    /// The statuses of one message sent over a connection of this site.
-    pub fn observe(&self, results: &[(usize, Status)]) -> Reaction {
+    /// The statuses of one message sent over a connection of this site, `sent` when its
+    /// token ([`Site::rate_token`]) said.
+    pub fn observe(&self, results: &[(usize, Status)], sent: Instant) -> Reaction {
         let now = Instant::now();
         let mut state = self.lock();
+        if let Some(i) = state.in_flight.iter().position(|t| *t == sent) {
+            state.in_flight.swap_remove(i);
+        }
         let throttled = results
             .iter()
             .any(|(_, s)| classify::verdict(s).is_some_and(|v| v.is_throttle()));
@@ -503,12 +532,33 @@ impl Site {
             .iter()
             .any(|(_, s)| matches!(s, Status::Delivered(_)))
         {
-            self.delivered(&mut state, now);
+            self.delivered(&mut state, sent, now);
         }
         if !throttled {
             return Reaction::default();
         }
-        let reaction = self.throttled(&mut state, Stage::Message, now);
+        // What the site took when it said "too fast": the messages sent since a window
+        // before this one that it accepted (those sent just after it too: concurrent
+        // connections race), and those sent before it still on their way (they got in
+        // before it was refused). Counting deliveries alone would miss those, and learn
+        // too low a rate.
+        let since = sent.checked_sub(REACTION_WINDOW).unwrap_or(sent);
+        let accepted = state.recent.iter().filter(|t| **t > since).count();
+        let on_their_way = state
+            .in_flight
+            .iter()
+            .filter(|t| **t > since && **t <= sent)
+            .count();
+        let taken = accepted + on_their_way;
+        let learning = state.rate.is_none() && taken > 0;
+        let reaction = self.throttled(&mut state, Stage::Message(taken), now);
+        if reaction.lowered && learning {
+            state.estimate = Some(Estimate {
+                refused: sent,
+                until: now,
+                taken,
+            });
+        }
         if let Some((_, status)) = results.first() {
             self.log(&state, reaction, status);
         }
@@ -544,12 +594,32 @@ impl Site {
         }
     }
 
-    fn delivered(&self, state: &mut State, now: Instant) {
-        state.recent.push_back(now);
+    fn delivered(&self, state: &mut State, sent: Instant, now: Instant) {
+        // Replies come back nearly in the order the messages were sent.
+        let at = state
+            .recent
+            .iter()
+            .rposition(|t| *t <= sent)
+            .map_or(0, |i| i + 1);
+        state.recent.insert(at, sent);
+        if let Some(estimate) = &mut state.estimate
+            && sent > estimate.refused
+            && sent <= estimate.until
+            && let Some(old) = state.rate_ceiling
+        {
+            estimate.taken += 1;
+            let ceiling = estimate.taken as f64 * CEILING_MARGIN;
+            if ceiling > old {
+                state.rate = state.rate.map(|r| r * ceiling / old);
+                state.rate_ceiling = Some(ceiling);
+            }
+        }
+        // Kept a little longer than the window: a throttle counts back from its own
+        // message's sending, which may be a while ago.
         while state
             .recent
             .front()
-            .is_some_and(|t| now.duration_since(*t) > REACTION_WINDOW)
+            .is_some_and(|t| now.duration_since(*t) > 2 * REACTION_WINDOW)
             || state.recent.len() > 10_000
         {
             state.recent.pop_front();
@@ -562,6 +632,7 @@ impl Site {
             state.last_throttle = None;
             state.connection_ceiling = None;
             state.rate_ceiling = None;
+            state.estimate = None;
             state.rate = state.limits.max_rate;
         }
         if now.duration_since(state.last_step) >= state.limits.recovery_interval {
@@ -583,8 +654,8 @@ impl Site {
         }
         state.rate = match (state.rate, state.rate_ceiling.or(state.limits.max_rate)) {
             (Some(rate), Some(cap)) => Some((rate + cap / 4.0).min(cap)),
-            // No ceiling learnt and none configured: no limit.
-            (Some(_), None) => None,
+            // No ceiling learnt and none configured: twice as fast, each step.
+            (Some(rate), None) => Some(rate * 2.0),
             (None, cap) => cap,
         };
         if (state.connections, state.rate) != before {
@@ -601,7 +672,7 @@ impl Site {
         state.last_throttle = Some(now);
         let window = match stage {
             Stage::Connect => &mut state.connection_reaction,
-            Stage::Message => &mut state.message_reaction,
+            Stage::Message(_) => &mut state.message_reaction,
         };
         let fresh = window.is_none_or(|t| now.duration_since(t) >= REACTION_WINDOW);
         if stage == Stage::Connect {
@@ -625,22 +696,27 @@ impl Site {
         }
         *match stage {
             Stage::Connect => &mut state.connection_reaction,
-            Stage::Message => &mut state.message_reaction,
+            Stage::Message(_) => &mut state.message_reaction,
         } = Some(now);
         reaction.lowered = true;
         state.last_step = now;
         let halved = (state.connections / 2).max(1);
         let lowered = halved.min(state.connection_ceiling.unwrap_or(usize::MAX).max(1));
         self.set_connections(state, lowered);
-        let taken = state.recent.len() as f64;
         state.rate = match (stage, state.rate) {
-            (Stage::Message, rate) => {
+            (Stage::Message(taken), rate) => {
                 // What was being sent when the site said "too fast": the limit in force,
                 // or what it took in the last window when there was none.
-                let sent = rate.unwrap_or(taken).max(MIN_RATE);
-                let ceiling = (sent * CEILING_MARGIN).max(MIN_RATE);
-                state.rate_ceiling = Some(ceiling);
-                Some((ceiling / 2.0).max(MIN_RATE))
+                match rate.or((taken > 0).then_some(taken as f64)) {
+                    Some(sent) => {
+                        let ceiling = (sent.max(MIN_RATE) * CEILING_MARGIN).max(MIN_RATE);
+                        state.rate_ceiling = Some(ceiling);
+                        Some((ceiling / 2.0).max(MIN_RATE))
+                    }
+                    // Nothing to learn from (the first message in a while was refused):
+                    // one a second, doubling back while mail gets through.
+                    None => Some(1.0),
+                }
             }
             (Stage::Connect, Some(rate)) => Some((rate / 2.0).max(MIN_RATE)),
             // A refused connection says nothing of the rate the site takes, and there is
@@ -917,12 +993,12 @@ mod tests {
         assert_eq!(site.limits_now().0, 2);
         for _ in 0..10 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            site.observe(&delivered());
+            site.observe(&delivered(), Instant::now());
         }
         assert_eq!(site.limits_now().0, 2, "recovery stops at the ceiling");
         // After throttle_memory the ceiling is forgotten and recovery goes on.
         tokio::time::advance(Duration::from_secs(15 * 60)).await;
-        site.observe(&delivered());
+        site.observe(&delivered(), Instant::now());
         assert_eq!(site.limits_now().0, 3);
     }
 
@@ -932,10 +1008,10 @@ mod tests {
         let _permit = site.acquire(None).await.expect("permit");
         for _ in 0..5 {
             site.rate_token(None).await;
-            site.observe(&delivered());
+            site.observe(&delivered(), Instant::now());
         }
         assert_eq!(site.limits_now().1, None);
-        assert!(site.observe(&rate_limited()).lowered);
+        assert!(site.observe(&rate_limited(), Instant::now()).lowered);
         // Five went through in the last second: the ceiling is 4.75/s, half of it now.
         let (connections, rate) = site.limits_now();
         assert_eq!(connections, 2);
@@ -951,14 +1027,67 @@ mod tests {
         );
         // A quarter of the ceiling back per recovery interval with deliveries.
         tokio::time::advance(Duration::from_secs(1)).await;
-        site.observe(&delivered());
+        site.observe(&delivered(), Instant::now());
         assert!((site.limits_now().1.expect("rate") - 3.5625).abs() < 1e-9);
         assert_eq!(site.limits_now().0, 3);
         for _ in 0..5 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            site.observe(&delivered());
+            site.observe(&delivered(), Instant::now());
         }
         assert_eq!(site.limits_now(), (4, Some(4.75)));
+    }
+
+    /// Messages still on their way when another is refused got in before it: they count
+    /// in the rate the site took, or the ceiling would be learnt too low.
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_learnt_counts_messages_still_on_their_way() {
+        let site = site(limits(2, "off"));
+        let mut sent = Vec::new();
+        for _ in 0..5 {
+            sent.push(site.rate_token(None).await);
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        for t in &sent[..4] {
+            site.observe(&delivered(), *t);
+        }
+        let refused = site.rate_token(None).await;
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert!(site.observe(&rate_limited(), refused).lowered);
+        assert_eq!(site.limits_now().1, Some(4.75 / 2.0));
+        site.observe(&delivered(), sent[4]);
+        assert_eq!(site.limits_now().1, Some(4.75 / 2.0), "counted already");
+        // On another connection, a message sent just after the refused one was taken
+        // too; its reply comes back after the refusal, and raises the ceiling.
+        let site = super::tests::site(limits(2, "off"));
+        for _ in 0..4 {
+            let t = site.rate_token(None).await;
+            site.observe(&delivered(), t);
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        let refused = site.rate_token(None).await;
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let racing = site.rate_token(None).await;
+        site.observe(&rate_limited(), refused);
+        assert_eq!(site.limits_now().1, Some(4.0 * CEILING_MARGIN / 2.0));
+        site.observe(&delivered(), racing);
+        assert_eq!(site.limits_now().1, Some(5.0 * CEILING_MARGIN / 2.0));
+        // Messages sent more than a window before the refused one do not count.
+        let site = super::tests::site(limits(2, "off"));
+        let old = site.rate_token(None).await;
+        site.observe(&delivered(), old);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let refused = site.rate_token(None).await;
+        site.observe(&rate_limited(), refused);
+        assert_eq!(
+            site.limits_now().1,
+            Some(1.0),
+            "nothing learnt: one a second"
+        );
+        for expected in [2.0, 4.0] {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            site.observe(&delivered(), Instant::now());
+            assert_eq!(site.limits_now().1, Some(expected));
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -1009,7 +1138,7 @@ mod tests {
         assert_eq!(last, Some(Duration::from_secs(120)));
         // A delivery forgives.
         tokio::time::advance(Duration::from_secs(120)).await;
-        site.observe(&delivered());
+        site.observe(&delivered(), Instant::now());
         for _ in 0..5 {
             tokio::time::advance(REACTION_WINDOW).await;
             last = site.connect_failed(&refused()).suspended;
@@ -1022,8 +1151,11 @@ mod tests {
         let site = site(limits(4, "off"));
         for _ in 0..20 {
             tokio::time::advance(REACTION_WINDOW).await;
-            assert_eq!(site.observe(&rate_limited()).suspended, None);
-            site.observe(&delivered());
+            assert_eq!(
+                site.observe(&rate_limited(), Instant::now()).suspended,
+                None
+            );
+            site.observe(&delivered(), Instant::now());
         }
         assert!(site.acquire(None).await.is_ok());
     }

@@ -95,9 +95,15 @@ impl Session {
                 }
             }
         }
-        if let Some(permit) = &self.site {
-            permit.site().rate_token(self.shutdown.as_mut()).await;
+        // A site suspended since this connection was opened gets nothing more over it.
+        if let Some(Err(status)) = self.site.as_ref().map(|p| p.site().check_suspended()) {
+            self.close().await;
+            return all(status);
         }
+        let sent = match &self.site {
+            Some(permit) => Some(permit.site().rate_token(self.shutdown.as_mut()).await),
+            None => None,
+        };
         let Some(connection) = self.connection.as_mut() else {
             return Vec::new();
         };
@@ -141,8 +147,8 @@ impl Session {
                 all(outcome::from_error(&error))
             }
         };
-        if let Some(permit) = &self.site {
-            permit.site().observe(&results);
+        if let (Some(permit), Some(sent)) = (&self.site, sent) {
+            permit.site().observe(&results, sent);
         }
         if self.connection.is_none() {
             self.site = None;
