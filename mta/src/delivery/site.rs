@@ -20,8 +20,8 @@
 //!   thing again. A refused connection also teaches a connection ceiling (the connections
 //!   this pod had open and working then), and a rate-limited message a rate ceiling
 //!   ([`CEILING_MARGIN`] of the rate that was being sent: the limit in force, else the
-//!   messages sent in the window before the refused one that the site took or that were
-//!   still on their way; with none, one message a second, doubling back);
+//!   messages sent in the window before the refusal that the site took, counting those
+//!   whose replies come back later; with none, one message a second, doubling back);
 //! - every `recovery_interval` in which mail is delivered and nothing is throttled, one
 //!   connection and a quarter of the rate ceiling come back, up to the ceilings; ceilings
 //!   are forgotten `throttle_memory` after the last throttle;
@@ -309,12 +309,13 @@ struct State {
     suspended_until: Option<Instant>,
 }
 
-/// A rate ceiling learnt from what the site took when it refused the message sent at
-/// `refused`: messages sent just after that one on other connections, whose replies came
-/// back after the refusal, were taken too, and raise it when they do.
+/// A rate ceiling being learnt from what the site took when it refused a message:
+/// messages sent in the window before the refusal came back whose replies come back
+/// after it (from other connections) were taken too, and raise it when they do.
 #[derive(Debug, Clone, Copy)]
 struct Estimate {
-    refused: Instant,
+    /// A window before the refused message was sent.
+    since: Instant,
     /// When the refusal came back: later messages are not the site's answer to it.
     until: Instant,
     taken: usize,
@@ -379,8 +380,13 @@ impl Site {
 
     /// Throttle state worth keeping although nobody uses the site now.
     fn remembers(&self) -> bool {
+        let now = Instant::now();
         let state = self.lock();
-        state.last_throttle.is_some() || state.suspended_until.is_some() || state.strikes > 0
+        state
+            .last_throttle
+            .is_some_and(|t| now.duration_since(t) < state.limits.throttle_memory)
+            || state.suspended_until.is_some_and(|until| until > now)
+            || state.strikes > 0
     }
 
     fn set_limits(&self, limits: Limits) {
@@ -398,8 +404,9 @@ impl Site {
             self.set_connections(&mut state, top);
         }
         state.rate = match (state.rate, limits.max_rate) {
-            (Some(rate), Some(max)) => Some(rate.min(max)),
+            // Not throttled: the configured rate, whatever it was before.
             (_, max) if state.last_throttle.is_none() => max,
+            (Some(rate), Some(max)) => Some(rate.min(max)),
             (rate, max) => rate.or(max),
         };
         state.limits = limits;
@@ -537,24 +544,17 @@ impl Site {
         if !throttled {
             return Reaction::default();
         }
-        // What the site took when it said "too fast": the messages sent since a window
-        // before this one that it accepted (those sent just after it too: concurrent
-        // connections race), and those sent before it still on their way (they got in
-        // before it was refused). Counting deliveries alone would miss those, and learn
-        // too low a rate.
+        // What the site took when it said "too fast": the messages sent in the window
+        // before this one that it accepted. Those still on their way count once their
+        // replies say they were taken ([`Estimate`]): concurrent connections race, so
+        // being sent earlier does not mean being taken earlier.
         let since = sent.checked_sub(REACTION_WINDOW).unwrap_or(sent);
-        let accepted = state.recent.iter().filter(|t| **t > since).count();
-        let on_their_way = state
-            .in_flight
-            .iter()
-            .filter(|t| **t > since && **t <= sent)
-            .count();
-        let taken = accepted + on_their_way;
+        let taken = state.recent.iter().filter(|t| **t > since).count();
         let learning = state.rate.is_none() && taken > 0;
         let reaction = self.throttled(&mut state, Stage::Message(taken), now);
         if reaction.lowered && learning {
             state.estimate = Some(Estimate {
-                refused: sent,
+                since,
                 until: now,
                 taken,
             });
@@ -603,7 +603,7 @@ impl Site {
             .map_or(0, |i| i + 1);
         state.recent.insert(at, sent);
         if let Some(estimate) = &mut state.estimate
-            && sent > estimate.refused
+            && sent > estimate.since
             && sent <= estimate.until
             && let Some(old) = state.rate_ceiling
         {
@@ -1053,9 +1053,13 @@ mod tests {
         let refused = site.rate_token(None).await;
         tokio::time::advance(Duration::from_millis(50)).await;
         assert!(site.observe(&rate_limited(), refused).lowered);
-        assert_eq!(site.limits_now().1, Some(4.75 / 2.0));
+        assert_eq!(site.limits_now().1, Some(4.0 * CEILING_MARGIN / 2.0));
         site.observe(&delivered(), sent[4]);
-        assert_eq!(site.limits_now().1, Some(4.75 / 2.0), "counted already");
+        assert_eq!(site.limits_now().1, Some(4.75 / 2.0), "taken after all");
+        // One sent before the refused one but refused too does not count.
+        let late = site.rate_token(None).await;
+        site.observe(&rate_limited(), late);
+        assert_eq!(site.limits_now().1, Some(4.75 / 2.0));
         // On another connection, a message sent just after the refused one was taken
         // too; its reply comes back after the refusal, and raises the ceiling.
         let site = super::tests::site(limits(2, "off"));
@@ -1173,6 +1177,13 @@ mod tests {
         );
         let a = sites.get(&c, key("mx.example"));
         assert_eq!(a.limits_now(), (3, Some(10.0)));
+        let c = config(
+            "version: 1\nqueue:\n  site_limits: {max_connections: 4, max_message_rate: 20/1s}\n",
+        );
+        assert_eq!(
+            sites.get(&c, key("mx.example")).limits_now(),
+            (4, Some(20.0))
+        );
         assert!(sites.suspended().is_empty());
     }
 }
