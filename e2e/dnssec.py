@@ -19,7 +19,6 @@ Nothing here sleeps to synchronise: nsd is polled until it serves the root SOA.
 
 import os
 import shutil
-import signal
 import socket
 import socketserver
 import subprocess
@@ -28,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from nsd import _free_port
+from nsd import _free_port, stop_nsd
 
 TTL = 300
 ZONES = (".", "test.", "unsigned.test.", "bogus.test.")
@@ -178,15 +177,7 @@ class SignedDns:
         return out
 
     def stop(self, keep_dir=False):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if not keep_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        stop_nsd(self.proc, self.dir, keep_dir)
 
 
 class Front:

@@ -34,6 +34,20 @@ def _free_port(host):
     raise AssertionError("no port free for both UDP and TCP")
 
 
+def stop_nsd(proc, workdir, keep_dir=False):
+    """Stops an nsd started in its own process group (TERM, then KILL after 10 s) and
+    removes its working directory unless asked to keep it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if not keep_dir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _quote(text):
     """A TXT value as zone-file character-strings of at most 250 bytes."""
     chunks = [text[i:i + 250] for i in range(0, len(text), 250)] or [""]
@@ -131,12 +145,4 @@ class Nsd:
         return None
 
     def stop(self, keep_dir=False):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if not keep_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        stop_nsd(self.proc, self.dir, keep_dir)

@@ -608,6 +608,18 @@ async fn respond(stream: &mut TcpStream, status_line: &str, body: &str) {
     stream.write_all(response.as_bytes()).await.expect("answer");
 }
 
+/// Asks `server` to drain to `peers` at once (no delivering first).
+async fn post_drain(server: &Server, peers: Vec<String>) {
+    let address = server.http_address.expect("http");
+    let plan = serde_json::json!({"peers": peers, "deliver_for_secs": 0}).to_string();
+    assert_eq!(
+        http(address, "POST", "/admin/drain", Some(TOKEN), &plan)
+            .await
+            .0,
+        202
+    );
+}
+
 /// A peer that reads each hand-over and, while `hang_up` is set (at first), hangs up
 /// without answering (as if it crashed after storing, or before); then answers every
 /// offer with `status_line` and `answer`. Its drain report (`GET /admin/drain`) gives
@@ -738,20 +750,8 @@ async fn a_message_whose_answer_was_lost_goes_back_to_the_same_peer_only() {
     })
     .await;
 
-    let post = |server: &Server, peers: Vec<String>| {
-        let address = server.http_address.expect("http");
-        async move {
-            let plan = serde_json::json!({"peers": peers, "deliver_for_secs": 0}).to_string();
-            assert_eq!(
-                http(address, "POST", "/admin/drain", Some(TOKEN), &plan)
-                    .await
-                    .0,
-                202
-            );
-        }
-    };
     // Nobody to take it: kept, with the error reported.
-    post(&sender, vec![closed_port().to_string()]).await;
+    post_drain(&sender, vec![closed_port().to_string()]).await;
     let report = until("a hand-over error", || async {
         let report = drain_status(&sender).await;
         report.get("error").is_some().then_some(report)
@@ -800,7 +800,7 @@ async fn a_message_whose_answer_was_lost_goes_back_to_the_same_peer_only() {
     .await;
 
     // The forgetful peer reads it and hangs up: kept, pinned to that peer.
-    post(&sender, vec![forgetful.address.to_string()]).await;
+    post_drain(&sender, vec![forgetful.address.to_string()]).await;
     until("the first offer", || async {
         (!forgetful.offers().is_empty()).then_some(())
     })
@@ -837,7 +837,7 @@ async fn a_message_whose_answer_was_lost_goes_back_to_the_same_peer_only() {
     assert_not_attempted(&sender, 2).await;
     forgetful.answer_from_now_on();
     let healthy_http = healthy.http_address.expect("http").to_string();
-    post(&sender, vec![healthy_http, forgetful.address.to_string()]).await;
+    post_drain(&sender, vec![healthy_http, forgetful.address.to_string()]).await;
     until("drained", || async {
         (drain_status(&sender).await["state"] == "drained").then_some(())
     })
@@ -1033,20 +1033,8 @@ async fn a_pinned_peer_back_at_another_address_is_found_by_its_spool() {
         (listed.len() == MESSAGES && listed.iter().all(|m| m.attempts == 1)).then_some(())
     })
     .await;
-    let post = |peers: Vec<String>| {
-        let address = sender.http_address.expect("http");
-        async move {
-            let plan = serde_json::json!({"peers": peers, "deliver_for_secs": 0}).to_string();
-            assert_eq!(
-                http(address, "POST", "/admin/drain", Some(TOKEN), &plan)
-                    .await
-                    .0,
-                202
-            );
-        }
-    };
     // Offered to the peer at its first address, which hangs up: the answer is lost.
-    post(vec![before.address.to_string()]).await;
+    post_drain(&sender, vec![before.address.to_string()]).await;
     until("every answer lost", || async {
         (before.offers().len() >= MESSAGES
             && drain_status(&sender).await["error"]
@@ -1063,7 +1051,7 @@ async fn a_pinned_peer_back_at_another_address_is_found_by_its_spool() {
     // The operator now lists a healthy peer and the same pod at its new address (the old
     // one is gone): the message goes to the pod it was offered to, which has it.
     let healthy_http = healthy.http_address.expect("http").to_string();
-    post(vec![healthy_http, after.address.to_string()]).await;
+    post_drain(&sender, vec![healthy_http, after.address.to_string()]).await;
     until("drained", || async {
         (drain_status(&sender).await["state"] == "drained").then_some(())
     })

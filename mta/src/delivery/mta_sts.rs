@@ -26,7 +26,6 @@ use super::route::Target;
 use crate::queue::Status;
 use bytes::Bytes;
 use hickory_resolver::TokioResolver;
-use hickory_resolver::proto::rr::RData;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use mta_config::SmtpClientConfig;
@@ -403,19 +402,7 @@ async fn lookup_id(resolver: &TokioResolver, domain: &str) -> Result<Option<Stri
         Err(e) if e.is_nx_domain() || e.is_no_records_found() => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
-    let records: Vec<String> = lookup
-        .answers()
-        .iter()
-        .filter_map(|record| match &record.data {
-            RData::TXT(txt) => Some(
-                txt.txt_data
-                    .iter()
-                    .map(|s| String::from_utf8_lossy(s))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect();
+    let records = super::route::txt_strings(lookup.answers());
     match parse_txt(&records) {
         Ok(id) => Ok(Some(id)),
         Err(problem) => {

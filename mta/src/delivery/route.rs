@@ -19,6 +19,23 @@ use mta_config::DnsConfig;
 use rand::seq::SliceRandom;
 use std::net::{IpAddr, SocketAddr};
 
+/// The text of each TXT record among `answers` (its character-strings joined), for the
+/// `_mta-sts` and `_smtp._tls` records.
+pub fn txt_strings(answers: &[hickory_resolver::proto::rr::Record]) -> Vec<String> {
+    answers
+        .iter()
+        .filter_map(|record| match &record.data {
+            RData::TXT(txt) => Some(
+                txt.txt_data
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// One host to try, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {

@@ -36,7 +36,6 @@ use crate::shutdown::Shutdown;
 use base64::Engine;
 use bytes::Bytes;
 use hickory_resolver::TokioResolver;
-use hickory_resolver::proto::rr::RData;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -312,19 +311,7 @@ impl Reporter {
     pub async fn rua(&self, resolver: &TokioResolver, domain: &str) -> Option<Vec<String>> {
         let name = format!("_smtp._tls.{}.", domain.trim_end_matches('.'));
         let lookup = resolver.txt_lookup(name.as_str()).await.ok()?;
-        let records: Vec<String> = lookup
-            .answers()
-            .iter()
-            .filter_map(|record| match &record.data {
-                RData::TXT(txt) => Some(
-                    txt.txt_data
-                        .iter()
-                        .map(|s| String::from_utf8_lossy(s))
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .collect();
+        let records = crate::delivery::route::txt_strings(lookup.answers());
         parse_txt(&records)
     }
 
