@@ -3,6 +3,8 @@
 
     python3 e2e/bench/run.py [--messages N] [--sessions S] [--size BYTES] [--runs R]
                              [--json out.json] [--smoke]
+    python3 e2e/bench/run.py --only queue --queue-sizes 10000,100000,1000000 \
+                             [--baseline-binary /tmp/petrel-before/petrel-mta]
 
 Lines measured, all on 127.0.0.1 with the same message count, sessions and size:
 
@@ -33,9 +35,22 @@ How each number is obtained:
   is reported for both, since Postfix's processes share most of their pages.
 
 Also measured: memory per idle post-EHLO connection against petrel-mta, and queue scaling
-(enqueue 10k and 100k held messages: time per message, RSS per queued message, restart
-recovery). Only the standard library is used. Servers and child processes are always
-stopped, and temporary directories removed, even on failure or Ctrl-C.
+(--queue-sizes, 10k and 100k by default; --only queue runs it alone). Per size, N held
+messages of --queue-message-size bytes (2,000) are enqueued with smtp-source, then:
+
+* RSS bytes per queued message: (VmRSS after enqueue - VmRSS of the idle process) / N;
+  peak RSS is petrel-mta's VmHWM after enqueue, after the restart's recovery, and during
+  the flush (VmHWM reset with clear_refs just before it).
+* restart: from spawning petrel-mta on the same spool until a connection gets its 220
+  greeting (polled), and until a line saying "recovered" appears (stdout, else its log),
+  for a binary that recovers in the background.
+* flush: N / time from `queue release --all` until smtp-sink counted all N.
+
+--baseline-binary (env PETREL_BASELINE_BIN) measures a second petrel-mta, "before", at
+every size of the same run, alternating with --binary ("after"); --baseline-only measures
+it alone. Each size's directory is removed before the next (a million 2 KB messages take
+about 2.5 GB per binary). Only the standard library is used. Servers and child processes
+are always stopped, and temporary directories removed, even on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -347,13 +362,15 @@ class Sink:
         stop_proc(self.proc)
 
 
-def run_source(port: int, args, messages: int, rcpt: str, timeout: float) -> float:
-    """smtp-source with S sessions, one connection per message; returns its wall time."""
+def run_source(port: int, args, messages: int, rcpt: str, timeout: float,
+               size: int | None = None) -> float:
+    """smtp-source with S sessions, one connection per message, `size` payload bytes
+    (default --size); returns its wall time."""
     argv = [
         SMTP_SOURCE,
         "-s", str(args.sessions),
         "-m", str(messages),
-        "-l", str(args.size),
+        "-l", str(args.size if size is None else size),
         "-M", "client.bench.test",
         "-f", "sender@client.bench.test",
         "-t", rcpt,
@@ -691,10 +708,16 @@ class Petrel:
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.stdout: list[str] = []
+        self.stdout_at: list[float] = []  # monotonic time each stdout line was read
+        self.spawned_at = 0.0
+        self._ready = threading.Event()
 
-    def start(self, timeout: float = 60.0) -> "Petrel":
-        self.stdout = []
+    def spawn(self) -> "Petrel":
+        """Starts the process without waiting for it; spawned_at is taken just before."""
+        self.stdout, self.stdout_at = [], []
         self.port = None
+        self._ready = threading.Event()
+        self.spawned_at = time.monotonic()
         self.proc = CHILDREN.popen(
             [str(self.binary), "serve", "--config", str(self.config)],
             cwd=self.dir,
@@ -702,11 +725,12 @@ class Petrel:
             stderr=open(self.logfile, "ab"),
             text=True,
         )
-        ready = threading.Event()
+        proc, ready, stdout, stdout_at = self.proc, self._ready, self.stdout, self.stdout_at
 
         def pump():
-            for line in self.proc.stdout:
-                self.stdout.append(line.rstrip("\n"))
+            for line in proc.stdout:
+                stdout_at.append(time.monotonic())
+                stdout.append(line.rstrip("\n"))
                 m = re.search(r"listening for SMTP on (\S+):(\d+)$", line.strip())
                 if m and not ready.is_set():
                     self.port = int(m.group(2))
@@ -714,10 +738,21 @@ class Petrel:
             ready.set()
 
         threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(timeout) or self.port is None:
+        return self
+
+    def start(self, timeout: float = 60.0) -> "Petrel":
+        self.spawn()
+        if not self._ready.wait(timeout) or self.port is None:
             self.stop()
             raise RuntimeError(f"petrel-mta did not start: {self.log_tail()}")
         return self
+
+    def stdout_line(self, needle: str) -> tuple[float, str] | None:
+        """(seconds from spawn, line) of the first stdout line containing needle."""
+        for at, line in zip(self.stdout_at, self.stdout):
+            if needle in line:
+                return at - self.spawned_at, line
+        return None
 
     def log_tail(self, n: int = 2000) -> str:
         try:
@@ -736,12 +771,12 @@ class Petrel:
         )
         return line.rsplit(" on ", 1)[1]
 
-    def queue(self, *args: str) -> None:
+    def queue(self, *args: str, timeout: float = 120.0) -> None:
         """Runs `petrel-mta queue ARGS` against this instance (the config names the admin
         token file the CLI authenticates with)."""
         subprocess.run([str(self.binary), "queue", "--config", str(self.config),
                         "--admin", self.admin_address(), *args],
-                       check=True, capture_output=True, timeout=120)
+                       check=True, capture_output=True, timeout=timeout)
 
     def status_kib(self, key: str) -> int:
         return proc_status_kib(self.proc.pid, key) or 0
@@ -768,11 +803,12 @@ def petrel_config(
     relay_port: int | None = None,
     max_conn: int = 1000,
     max_conn_ip: int = 1000,
+    port: int = 0,
 ) -> str:
     text = f"""\
 hostname: mx.bench.test
 listeners:
-  - address: 127.0.0.1:0
+  - address: 127.0.0.1:{port}
 smtpd:
   max_connections: {max_conn}
   max_connections_per_ip: {max_conn_ip}
@@ -1208,72 +1244,328 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def queue_scaling(args, workdir: Path, modes: PetrelModes) -> dict:
-    """Per size: enqueue N held messages for a relayed domain, restart (recovery from the
-    spool alone), then `queue release --all` and time until smtp-sink counted all N."""
-    flush = modes.hold_all and modes.relay and modes.queue_cli
-    results = []
-    for size in args.queue_sizes:
-        d = workdir / f"petrel-queue-{size}"
-        d.mkdir()
-        sink = Sink(d) if flush else None
-        cfg = (petrel_config(d / "spool", str(d / "maildir"), True, relay_port=sink.port)
-               if sink else modes.accept_config(d))
-        rcpt = PetrelRelay.rcpt if sink else "user@example.test"
-        mta = Petrel(args.binary, d, cfg).start()
+def binary_label(role: str, binary: Path) -> str:
+    """'after', or 'before (<commit>)' when a COMMIT file sits next to the baseline binary
+    (how a saved copy is kept), else 'before (<path>)'."""
+    if role == "after":
+        return "after"
+    try:
+        ident = (binary.parent / "COMMIT").read_text().split()[0]
+    except (OSError, IndexError):
+        ident = str(binary)
+    return f"before ({ident})"
+
+
+def queue_binaries(args) -> list[tuple[str, Path]]:
+    """(role, binary) pairs the queue stage measures, the baseline first."""
+    out = []
+    if args.baseline_binary:
+        out.append(("before", args.baseline_binary))
+    if not args.baseline_only:
+        out.append(("after", args.binary))
+    return out
+
+
+def first_greeting(port: int, proc: subprocess.Popen, timeout: float) -> float:
+    """Monotonic time at which a connection to port got its 220 greeting. Connects until
+    one is accepted (a listener that is bound but not yet accepting is waited on through
+    the connection already made); a refused connect or a 4xx greeting is tried again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"petrel-mta exited ({proc.returncode}) before greeting")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"no 220 greeting on port {port} in {timeout:.0f}s")
         try:
-            time.sleep(0.3)
-            rss0 = mta.status_kib("VmRSS")
-            cpu0 = mta.group().cpu()
-            os.sync()
-            elapsed = run_source(mta.port, args, size, rcpt, source_timeout(size))
-            time.sleep(1.0)
-            rss1 = mta.status_kib("VmRSS")
-            cpu = mta.group().cpu() - cpu0
-            spool = dir_bytes(d / "spool")
-            entry = {
-                "queued": size,
-                "enqueue_s": round(elapsed, 2),
-                "enqueue_us_per_msg": round(elapsed / size * 1e6, 1),
-                "msgs_per_s": round(size / elapsed, 1),
-                "cpu_s_per_1k": round(cpu / size * 1000, 4),
-                "rss_before_mib": round(rss0 / 1024, 1),
-                "rss_after_mib": round(rss1 / 1024, 1),
-                "rss_bytes_per_queued_msg": round((rss1 - rss0) * 1024 / size),
-                "spool_bytes_per_msg": round(spool / size),
-            }
-            # Restart: the index is rebuilt from the spool alone.
-            mta.stop()
-            t0 = time.monotonic()
-            mta.start(timeout=600)
-            entry["restart_s"] = round(time.monotonic() - t0, 2)
+            sock = socket.create_connection((HOST, port), timeout=min(left, 1.0))
+        except OSError:
+            time.sleep(0.01)
+            continue
+        with sock:
+            sock.settimeout(max(left, 0.1))
             try:
-                entry["restart_reported"] = wait_until(
-                    lambda: next((line for line in mta.stdout if "recovered" in line), None),
-                    10, "the recovered-messages line", interval=0.05,
-                )
-            except RuntimeError:
-                entry["restart_reported"] = ""
-            time.sleep(1.0)
-            entry["rss_after_restart_mib"] = round(mta.status_kib("VmRSS") / 1024, 1)
+                with sock.makefile("rb") as f:
+                    greeting = f.readline()
+            except OSError:
+                greeting = b""
+            at = time.monotonic()
+            if greeting.startswith(b"220"):
+                try:
+                    sock.sendall(b"QUIT\r\n")
+                except OSError:
+                    pass
+                return at
+        time.sleep(0.01)
+
+
+class LogWatch:
+    """Reads a growing log file from an offset, for the first line containing a needle."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.pending = b""
+
+    def find(self, needle: bytes) -> str | None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read(1 << 24)
+        except OSError:
+            return None
+        self.offset += len(chunk)
+        lines = (self.pending + chunk).split(b"\n")
+        self.pending = lines.pop()
+        if len(self.pending) > 1 << 16:
+            self.pending = b""
+        return next((l.decode(errors="replace") for l in lines if needle in l), None)
+
+
+def wait_recovered(mta: Petrel, log: LogWatch, timeout: float) -> tuple[float | None, str]:
+    """Seconds from spawn until a stdout line, else a log line, contains "recovered"
+    (the log's line is timed when it is read, every 50 ms), and that line. Gives up
+    (None, "") when the process has used under 2% CPU for 3 s in a row: recovery is then
+    over and the binary prints no such line."""
+    deadline = time.monotonic() + timeout
+    quiet_since, cpu_prev, cpu_at = None, mta.group().cpu(), time.monotonic()
+    while time.monotonic() < deadline:
+        found = mta.stdout_line("recovered")
+        if found:
+            return round(found[0], 3), found[1]
+        line = log.find(b"recovered")
+        if line:
+            return round(time.monotonic() - mta.spawned_at, 3), line.strip()
+        now = time.monotonic()
+        if now - cpu_at >= 1.0:
+            cpu = mta.group().cpu()
+            busy = (cpu - cpu_prev) / (now - cpu_at) >= 0.02
+            cpu_prev, cpu_at = cpu, now
+            quiet_since = None if busy else (quiet_since or now)
+            if quiet_since and now - quiet_since >= 3.0:
+                return None, ""
+        time.sleep(0.05)
+    return None, ""
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Resets the process's VmHWM to its current RSS (clear_refs 5); False if refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def scaled_timeout(n: int) -> float:
+    """For a step whose work grows with the queue: 2 minutes plus 2 ms per message."""
+    return 120.0 + n / 500.0
+
+
+def queue_disk_bytes(n: int, message_size: int) -> int:
+    """What a queue of n messages needs on disk: the spool keeps each message with its
+    envelope and records (about 2.5 KB for a 2,000-byte message), plus the logs."""
+    return n * (message_size + 1024)
+
+
+def queue_one(args, workdir: Path, role: str, binary: Path, modes: PetrelModes, n: int) -> dict:
+    """One binary, one size: enqueue n held messages, restart, release them all."""
+    msg_size = args.queue_message_size
+    entry: dict = {"queued": n, "binary": role, "label": binary_label(role, binary)}
+    d = workdir / f"petrel-queue-{role}-{n}"
+    d.mkdir()
+    flush = modes.hold_all and modes.relay and modes.queue_cli
+    sink = Sink(d) if flush else None
+    mta = None
+    try:
+        def config(port: int) -> str:
             if sink:
+                return petrel_config(d / "spool", str(d / "maildir"), True,
+                                     relay_port=sink.port, port=port)
+            return modes.accept_config(d, port=port)
+
+        rcpt = PetrelRelay.rcpt if sink else "user@example.test"
+        mta = Petrel(binary, d, config(0)).start()
+        time.sleep(0.3)
+        rss0 = mta.status_kib("VmRSS")
+        cpu0 = mta.group().cpu()
+        os.sync()
+        elapsed = run_source(mta.port, args, n, rcpt, source_timeout(n), size=msg_size)
+        time.sleep(1.0)
+        rss1 = mta.status_kib("VmRSS")
+        cpu = mta.group().cpu() - cpu0
+        spool = dir_bytes(d / "spool")
+        entry.update({
+            "message_bytes": msg_size,
+            "enqueue_s": round(elapsed, 2),
+            "enqueue_us_per_msg": round(elapsed / n * 1e6, 1),
+            "msgs_per_s": round(n / elapsed, 1),
+            "cpu_s_per_1k": round(cpu / n * 1000, 4),
+            "rss_before_mib": round(rss0 / 1024, 1),
+            "rss_after_enqueue_mib": round(rss1 / 1024, 1),
+            "peak_rss_enqueue_mib": round(mta.status_kib("VmHWM") / 1024, 1),
+            "rss_bytes_per_queued_msg": round((rss1 - rss0) * 1024 / n),
+            "spool_bytes_per_msg": round(spool / n),
+        })
+        log(f"  {entry['label']}: enqueued {n:,} in {elapsed:.1f}s, RSS {rss0 / 1024:.1f} -> "
+            f"{rss1 / 1024:.1f} MiB")
+
+        # Restart: the index is rebuilt from the spool alone. Timed from the spawn to the
+        # first 220 greeting on a fresh port (the old one may linger in TIME_WAIT).
+        mta.stop()
+        os.sync()
+        port = free_port()
+        mta.config.write_text(config(port))
+        log_watch = LogWatch(mta.logfile)
+        mta.spawn()
+        greeted = first_greeting(port, mta.proc, scaled_timeout(n))
+        entry["restart_to_greeting_s"] = round(greeted - mta.spawned_at, 3)
+        listening = mta.stdout_line("listening for SMTP on")
+        entry["restart_to_listening_line_s"] = round(listening[0], 3) if listening else None
+        entry["restart_to_recovered_line_s"], entry["recovered_line"] = wait_recovered(
+            mta, log_watch, scaled_timeout(n))
+        time.sleep(0.5)
+        rss2 = mta.status_kib("VmRSS")
+        entry["rss_after_restart_mib"] = round(rss2 / 1024, 1)
+        entry["rss_bytes_per_recovered_msg"] = round((rss2 - rss0) * 1024 / n)
+        entry["peak_rss_restart_mib"] = round(mta.status_kib("VmHWM") / 1024, 1)
+        log(f"  {entry['label']}: greeting after {entry['restart_to_greeting_s']}s, "
+            f"recovered line after {entry['restart_to_recovered_line_s']}s, "
+            f"RSS {entry['rss_after_restart_mib']} MiB")
+
+        if sink:
+            reset = reset_peak_rss(mta.proc.pid)
+            with Sampler(mta.group()) as sampler:
                 t0 = time.monotonic()
-                mta.queue("release", "--all")
-                done = sink.wait_count(size, source_timeout(size))
-                entry["flush_s"] = round(done - t0, 2)
-                entry["flush_msgs_per_s"] = round(size / (done - t0), 1)
-            results.append(entry)
-            log(f"queue scaling {size}: {entry}")
-        finally:
+                mta.queue("release", "--all", timeout=scaled_timeout(n))
+                done = sink.wait_count(n, source_timeout(n))
+            entry["flush_s"] = round(done - t0, 2)
+            entry["flush_msgs_per_s"] = round(n / (done - t0), 1)
+            peak = mta.status_kib("VmHWM") if reset else sampler.peak_rss
+            entry["peak_rss_flush_mib"] = round(peak / 1024, 1)
+            entry["peak_rss_flush_from"] = "VmHWM, reset before the release" if reset else \
+                "VmRSS sampled every 0.25 s"
+            log(f"  {entry['label']}: flushed in {entry['flush_s']}s, peak RSS "
+                f"{entry['peak_rss_flush_mib']} MiB")
+        peaks = [entry.get(k) for k in ("peak_rss_enqueue_mib", "peak_rss_restart_mib",
+                                        "peak_rss_flush_mib")]
+        entry["peak_rss_mib"] = max(p for p in peaks if p is not None)
+        return entry
+    finally:
+        if mta:
             mta.stop()
-            if sink:
-                sink.stop()
+        if sink:
+            sink.stop()
+        if args.keep:
+            log(f"kept {d}")
+        else:
+            # A million messages are gigabytes: free them before the next size.
+            shutil.rmtree(d, ignore_errors=True)
+            os.sync()
+
+
+def queue_scaling(args, workdir: Path) -> dict:
+    """Per size, and per binary (the baseline first, when given): enqueue N held messages
+    for a relayed domain, restart (recovery from the spool alone), then `queue release
+    --all` and time until smtp-sink counted all N. Binaries alternate within a size, so
+    background drift hits both alike."""
+    binaries = []
+    for role, binary in queue_binaries(args):
+        modes = PetrelModes(binary, workdir)
+        flush = modes.hold_all and modes.relay and modes.queue_cli
+        binaries.append({
+            "binary": role,
+            "label": binary_label(role, binary),
+            "path": str(binary),
+            "held_by": modes.hold_note,
+            "flush": "released with `petrel-mta queue release --all`" if flush
+            else "skipped: this build cannot hold and relay",
+            "_modes": modes,
+        })
+    results, errors = [], []
+    for n in args.queue_sizes:
+        for b in binaries:
+            need = queue_disk_bytes(n, args.queue_message_size) + (1 << 30)
+            free = shutil.disk_usage(workdir).free
+            entry = {"queued": n, "binary": b["binary"], "label": b["label"]}
+            if free < need:
+                entry["error"] = (f"skipped: needs about {need / 2**30:.1f} GiB of disk, "
+                                  f"{free / 2**30:.1f} GiB free under {workdir}")
+            else:
+                log(f"queue scaling {n:,}: {b['label']} ({b['path']}); load "
+                    f"{os.getloadavg()[0]:.2f}, {free / 2**30:.0f} GiB free")
+                try:
+                    entry = queue_one(args, workdir, b["binary"], Path(b["path"]), b["_modes"], n)
+                except Exception as e:
+                    entry["error"] = f"{type(e).__name__}: {e}"
+            if "error" in entry:
+                errors.append(f"{n:,} queued, {b['label']}: {entry['error']}")
+                log(f"queue scaling {n:,} {b['label']}: {entry['error']}")
+            results.append(entry)
+    for b in binaries:
+        del b["_modes"]
     return {
+        "message_bytes": args.queue_message_size,
+        "sessions": args.sessions,
+        "binaries": binaries,
         "sizes": results,
-        "held_by": modes.hold_note,
-        "flush": "released with `petrel-mta queue release --all`, timed until smtp-sink "
-        "counted every message" if flush else "skipped: this build cannot hold and relay",
+        "errors": errors,
     }
+
+
+QUEUE_TARGETS = ("targets (issue 17; reported, never asserted): peak RSS with 1,000,000 queued "
+                 "<= 128 MiB; restart to the first 220 greeting <= 3 s")
+
+
+def queue_report(q: dict) -> list[str]:
+    out = [f"queue scaling ({q['message_bytes']:,}-byte payload, {q['sessions']} sessions, "
+           "one connection per message):"]
+    out.append(
+        "| queued | binary | enqueue msg/s | RSS MiB idle -> queued | RSS B / queued msg "
+        "| peak RSS MiB enqueue | restart to 220 s | 'recovered' line s | RSS MiB recovered "
+        "| RSS B / recovered msg | peak RSS MiB restart | flush msg/s | peak RSS MiB flush |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for e in q["sizes"]:
+        if "error" in e:
+            out.append(f"| {e['queued']:,} | {e['label']} | {e['error']} |" + " |" * 10)
+            continue
+        out.append(
+            f"| {e['queued']:,} | {e['label']} | {fmt(e['msgs_per_s'], 0)} "
+            f"| {fmt(e['rss_before_mib'])} -> {fmt(e['rss_after_enqueue_mib'])} "
+            f"| {fmt(e['rss_bytes_per_queued_msg'])} | {fmt(e['peak_rss_enqueue_mib'])} "
+            f"| {fmt(e['restart_to_greeting_s'], 2)} | {fmt(e['restart_to_recovered_line_s'], 2)} "
+            f"| {fmt(e['rss_after_restart_mib'])} | {fmt(e['rss_bytes_per_recovered_msg'])} "
+            f"| {fmt(e['peak_rss_restart_mib'])} | {fmt(e.get('flush_msgs_per_s'), 0)} "
+            f"| {fmt(e.get('peak_rss_flush_mib'))} |"
+        )
+    by = {(e["queued"], e["binary"]): e for e in q["sizes"] if "error" not in e}
+    for n in dict.fromkeys(e["queued"] for e in q["sizes"]):
+        b, a = by.get((n, "before")), by.get((n, "after"))
+        if b and a:
+            out.append(
+                f"{n:,} queued, before -> after: peak RSS {fmt(b['peak_rss_mib'])} -> "
+                f"{fmt(a['peak_rss_mib'])} MiB; restart to 220 "
+                f"{fmt(b['restart_to_greeting_s'], 2)} -> {fmt(a['restart_to_greeting_s'], 2)} s; "
+                f"flush {fmt(b.get('flush_msgs_per_s'), 0)} -> "
+                f"{fmt(a.get('flush_msgs_per_s'), 0)} msg/s"
+            )
+    out.append(
+        "RSS B / queued msg = (VmRSS after enqueue - VmRSS of the idle process before it) / N; "
+        "RSS B / recovered msg = (VmRSS after the restart's recovery - that same idle VmRSS) / N. "
+        "peak RSS = VmHWM of petrel-mta: enqueue (since its start), restart (since the "
+        "restart, recovery included), flush (reset just before the release)."
+    )
+    out.append(
+        "restart to 220 = from spawning petrel-mta until a connection got its 220 greeting "
+        "(polled); 'recovered' line = from the spawn until stdout (else the log) said "
+        "'recovered' (– when the binary prints none); flush = N / time from "
+        "`queue release --all` until smtp-sink counted all N."
+    )
+    for b in q["binaries"]:
+        out.append(f"{b['label']}: {b['path']}; {b['held_by']}; flush: {b['flush']}")
+    out.append(QUEUE_TARGETS)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -1349,7 +1641,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3, help="runs per line; min/median/max (3)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny run: a few hundred messages, 1 run")
-    p.add_argument("--bin", dest="binary", type=Path, default=None,
+    p.add_argument("--bin", "--binary", dest="binary", type=Path, default=None,
                    help="petrel-mta binary (env PETREL_MTA_BIN; default target/release, else debug)")
     p.add_argument("--latency-messages", type=int, default=None,
                    help="messages in each latency pass (default min(messages, 5000))")
@@ -1357,6 +1649,13 @@ def parse_args(argv=None):
                    help="idle connections to hold against petrel-mta (10000)")
     p.add_argument("--queue-sizes", default=None,
                    help="comma-separated queue sizes for the scaling test (10000,100000)")
+    p.add_argument("--queue-message-size", type=int, default=2000,
+                   help="payload bytes of each queued message in the scaling test (2000)")
+    p.add_argument("--baseline-binary", type=Path, default=None,
+                   help="queue scaling: also measure this petrel-mta, as 'before', at every "
+                   "size in the same run (env PETREL_BASELINE_BIN)")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="queue scaling: measure the baseline binary alone")
     p.add_argument("--only", default=None,
                    help="comma-separated subset: ceiling,postfix_accept,postfix_relay,"
                    "petrel_accept,petrel_relay,idle,queue,dkim")
@@ -1375,11 +1674,19 @@ def parse_args(argv=None):
     args.idle_connections = args.idle_connections or 10000
     args.queue_sizes = [int(x) for x in (args.queue_sizes or "10000,100000").split(",") if x]
     args.binary = (args.binary or default_binary()).resolve()
+    baseline = args.baseline_binary or os.environ.get("PETREL_BASELINE_BIN")
+    args.baseline_binary = Path(baseline).resolve() if baseline else None
+    if args.baseline_only and not args.baseline_binary:
+        p.error("--baseline-only needs --baseline-binary (or PETREL_BASELINE_BIN)")
+    if args.baseline_binary and not args.baseline_binary.exists():
+        p.error(f"baseline binary {args.baseline_binary} not found")
     for name in ("messages", "sessions", "runs", "latency_messages"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.size < 0:
-        p.error("--size must not be negative")
+    if args.size < 0 or args.queue_message_size < 0:
+        p.error("--size and --queue-message-size must not be negative")
+    if any(n < 1 for n in args.queue_sizes):
+        p.error("--queue-sizes must all be at least 1")
     stages = {"ceiling", "postfix_accept", "postfix_relay", "petrel_accept", "petrel_relay",
               "idle", "queue", "dkim"}
     if args.only and not set(args.only.split(",")) <= stages:
@@ -1416,16 +1723,22 @@ def main(argv=None) -> int:
             "latency_messages": args.latency_messages,
             "smoke": args.smoke,
             "binary": str(args.binary),
+            "baseline_binary": str(args.baseline_binary) if args.baseline_binary else None,
+            "queue_message_size": args.queue_message_size,
             "one_connection_per_message": True,
         },
     }
     try:
-        log(f"workdir {workdir}; petrel-mta {args.binary}")
-        if not args.binary.exists():
-            raise SystemExit(f"petrel-mta binary {args.binary} not found: cargo build --release -p mta")
-        modes = PetrelModes(args.binary, workdir)
-        if not modes.hold_all:
-            print(f"note: {modes.hold_note}. check-config said: {modes.hold_refusal}")
+        log(f"workdir {workdir}; petrel-mta {args.binary}"
+            + (f"; baseline {args.baseline_binary}" if args.baseline_binary else ""))
+        # Only --baseline-only with nothing but the queue stage leaves --binary unused.
+        if not (args.baseline_only and only == {"queue"}):
+            if not args.binary.exists():
+                raise SystemExit(
+                    f"petrel-mta binary {args.binary} not found: cargo build --release -p mta")
+            modes = PetrelModes(args.binary, workdir)
+            if not modes.hold_all:
+                print(f"note: {modes.hold_note}. check-config said: {modes.hold_refusal}")
         lines: dict[str, Line] = {}
         if wanted("ceiling"):
             lines["ceiling"] = Ceiling(args, workdir)
@@ -1482,10 +1795,11 @@ def main(argv=None) -> int:
             except Exception as e:
                 report["idle_connections"] = {"error": f"{type(e).__name__}: {e}"}
                 failures.append(f"idle connections: {e}")
-        if wanted("queue") and args.binary.exists():
+        if wanted("queue"):
             log(f"queue scaling: {args.queue_sizes}")
             try:
-                report["queue_scaling"] = queue_scaling(args, workdir, modes)
+                report["queue_scaling"] = queue_scaling(args, workdir)
+                failures.extend(f"queue scaling: {e}" for e in report["queue_scaling"]["errors"])
             except Exception as e:
                 report["queue_scaling"] = {"error": f"{type(e).__name__}: {e}"}
                 failures.append(f"queue scaling: {e}")
@@ -1496,27 +1810,31 @@ def main(argv=None) -> int:
         report["machine"]["loadavg_end"] = os.getloadavg()
 
         print()
-        print(
-            f"## Petrel benchmark: {args.messages:,} messages x {args.runs} runs, "
-            f"{args.sessions} sessions, {args.size:,}-byte payload, one connection per message"
-        )
-        print()
-        print(table(list(summaries.values())))
-        print()
-        for l in ratio_lines(summaries):
-            print(l)
-        print()
-        for s in summaries.values():
-            for n in s["notes"]:
-                print(f"note ({s['name']}): {n}")
-            if s["status"] == "skipped":
-                print(f"{s['short']}: skipped ({s['reason']})")
-        if args.smoke and "postfix_relay" not in lines:
-            print("Postfix relay: skipped (not part of --smoke)")
-        print(
-            "latency: separate pass with the harness's asyncio client (same sessions and size, "
-            "one connection per message), time from the final '.' to the 250 reply"
-        )
+        if lines:
+            print(
+                f"## Petrel benchmark: {args.messages:,} messages x {args.runs} runs, "
+                f"{args.sessions} sessions, {args.size:,}-byte payload, one connection per message"
+            )
+            print()
+            print(table(list(summaries.values())))
+            print()
+            for l in ratio_lines(summaries):
+                print(l)
+            print()
+            for s in summaries.values():
+                for n in s["notes"]:
+                    print(f"note ({s['name']}): {n}")
+                if s["status"] == "skipped":
+                    print(f"{s['short']}: skipped ({s['reason']})")
+            if args.smoke and "postfix_relay" not in lines:
+                print("Postfix relay: skipped (not part of --smoke)")
+            print(
+                "latency: separate pass with the harness's asyncio client (same sessions and "
+                "size, one connection per message), time from the final '.' to the 250 reply"
+            )
+        else:
+            print("## Petrel benchmark: " + ", ".join(sorted(only or ())))
+            print()
         idle = report.get("idle_connections")
         if idle:
             if "kib_per_connection" in idle:
@@ -1530,19 +1848,7 @@ def main(argv=None) -> int:
         q = report.get("queue_scaling")
         if q:
             if "sizes" in q:
-                print("queue scaling (" + q["held_by"] + "):")
-                print("| queued | enqueue µs/msg | msg/s | CPU s / 1k | RSS bytes / queued msg "
-                      "| spool bytes / msg | restart s | RSS after restart MiB | flush s "
-                      "| flush msg/s |")
-                print("|---|---|---|---|---|---|---|---|---|---|")
-                for e in q["sizes"]:
-                    print(
-                        f"| {e['queued']:,} | {e['enqueue_us_per_msg']} | {e['msgs_per_s']:,.0f} "
-                        f"| {e['cpu_s_per_1k']} | {e['rss_bytes_per_queued_msg']:,} | "
-                        f"{e['spool_bytes_per_msg']:,} | {e['restart_s']} | {e['rss_after_restart_mib']} "
-                        f"| {fmt(e.get('flush_s'), 2)} | {fmt(e.get('flush_msgs_per_s'), 0)} |"
-                    )
-                print(f"queue flush: {q['flush']}")
+                print("\n".join(queue_report(q)))
             else:
                 print(f"queue scaling: {q}")
         print(f"DKIM signing cost: {report['dkim']}")
