@@ -88,13 +88,12 @@ impl Server {
             let metrics = metrics.clone();
             Arc::new(move |latency, batch| metrics.spool_sync(latency, batch))
         };
-        let (spool, recovered) =
-            open_spool(&config, observer)
-                .await
-                .map_err(|source| StartError::Spool {
-                    path: config.spool.path.clone(),
-                    source,
-                })?;
+        let spool = open_spool(&config, observer)
+            .await
+            .map_err(|source| StartError::Spool {
+                path: config.spool.path.clone(),
+                source,
+            })?;
         let mut sockets = Vec::new();
         for listener in &config.listeners {
             let socket = TcpListener::bind(listener.address)
@@ -138,21 +137,21 @@ impl Server {
         context.metrics.set_dkim_keys(&dkim_keys);
         context.set_signer(signer);
         let ctx = Arc::new(context);
-        let count = recovered.len();
+        // Everything in the spool now was recovered; the scheduler learns of it in the
+        // background (crate::recovery) while mail is taken.
+        let count = ctx.spool.len();
+        let through = ctx.spool.last_id();
         if count > 0 {
-            tracing::info!(messages = count, "recovered queued messages from the spool");
+            tracing::info!(
+                messages = count,
+                "recovered queued messages from the spool; scheduling them in the background"
+            );
         }
-        // Before the recovered messages are queued: their hand-over origins go on record
-        // before they can be delivered and leave the spool.
-        let drain = Drain::open(ctx.clone(), &recovered).map_err(|source| StartError::Drain {
+        let drain = Drain::open(ctx.clone()).map_err(|source| StartError::Drain {
             path: ctx.config().spool.path.clone(),
             source,
         })?;
-        for message in recovered {
-            ctx.scheduler.enqueue(message.id, message.envelope);
-        }
-        // After the recovered messages: its first look at the queue must find the pinned
-        // ones among them.
+        tokio::spawn(crate::recovery::run(ctx.clone(), drain.clone(), through));
         tokio::spawn(drain.clone().run(trigger.subscribe()));
         tokio::spawn(scheduler::run(ctx.clone(), commands, trigger.subscribe()));
         crate::delivery::smtp::tls_rpt::start(ctx.clone(), trigger.subscribe());
@@ -260,7 +259,7 @@ const SPOOL_LOCK_WAIT: Duration = Duration::from_secs(30);
 async fn open_spool(
     config: &MtaConfig,
     observer: crate::spool::SyncObserver,
-) -> Result<(Spool, Vec<crate::spool::Recovered>), crate::spool::Error> {
+) -> Result<Spool, crate::spool::Error> {
     let deadline = tokio::time::Instant::now() + SPOOL_LOCK_WAIT;
     let mut said = false;
     loop {

@@ -51,7 +51,6 @@ use crate::cleanup;
 use crate::context::Context;
 use crate::queue::{Envelope, HandoffOrigin, QueueId};
 use crate::shutdown::Shutdown;
-use crate::spool::Recovered;
 use mta_telemetry::{DrainState, HandoffDirection};
 use offer::{Mode, Offer, PeerHealth};
 use origins::{Claim, Origins};
@@ -215,6 +214,10 @@ pub struct Drain {
     changed: Notify,
     /// Held while the marker is written or removed with the state that goes with it.
     marker_lock: tokio::sync::Mutex<()>,
+    /// True once start-up recovery has scheduled every queued message and put their
+    /// origins on record: hand-overs wait for it, so a resend of a message this spool
+    /// holds is always recognised.
+    recovered: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Drain {
@@ -235,29 +238,26 @@ enum Step {
 }
 
 impl Drain {
-    /// Sets up the drain of the MTA whose spool `ctx` holds, before the `recovered`
-    /// messages are queued: reads (or creates) the spool's identity, opens the origins
-    /// record (adding the origins of recovered messages), and looks for the marker.
-    pub fn open(ctx: Arc<Context>, recovered: &[Recovered]) -> std::io::Result<Arc<Drain>> {
+    /// Sets up the drain of the MTA whose spool `ctx` holds: reads (or creates) the
+    /// spool's identity, opens the origins record, and looks for the marker. Start-up
+    /// recovery then adds the origins of the messages it finds
+    /// ([`Drain::recovered_origins`]) and says when it is done
+    /// ([`Drain::recovery_complete`]); hand-overs wait for that.
+    pub fn open(ctx: Arc<Context>) -> std::io::Result<Arc<Drain>> {
         let config = ctx.config();
         let dir = ctx.spool.dir().to_owned();
         let spool_id = spool_identity(&dir)?;
-        let in_spool = recovered.iter().filter_map(|r| {
-            r.envelope
-                .handoff_origin
-                .as_ref()
-                .map(|o| (o, r.envelope.received_at))
-        });
-        let origins = Origins::open(&dir, config.queue.max_age, in_spool)?;
+        let origins = Origins::open(&dir, config.queue.max_age, std::iter::empty())?;
+        let queued = ctx.spool.len();
         let marker = dir.join(MARKER);
         let mut state = State::Serving;
         if marker.exists() {
-            if recovered.is_empty() {
+            if queued == 0 {
                 tracing::info!(marker = %marker.display(), "drained marker found: not taking mail (petrel-mta queue drain --cancel takes it again)");
                 ctx.intake.stop();
                 state = State::Drained;
             } else {
-                tracing::warn!(marker = %marker.display(), messages = recovered.len(), "drained marker found beside queued messages: removed");
+                tracing::warn!(marker = %marker.display(), messages = queued, "drained marker found beside queued messages: removed");
                 crate::files::remove_durably(&marker)?;
             }
         }
@@ -282,7 +282,24 @@ impl Drain {
             health: Arc::default(),
             changed: Notify::new(),
             marker_lock: tokio::sync::Mutex::new(()),
+            recovered: tokio::sync::watch::Sender::new(false),
         }))
+    }
+
+    /// Start-up recovery found these messages with hand-over origins in the spool: the
+    /// origins go on record (durably) before the messages are scheduled.
+    pub async fn recovered_origins(
+        &self,
+        in_spool: &[(HandoffOrigin, u64)],
+    ) -> std::io::Result<()> {
+        self.origins.add_in_spool(in_spool).await
+    }
+
+    /// Start-up recovery is over: hand-overs are taken from now on.
+    pub fn recovery_complete(&self) {
+        self.recovered.send_replace(true);
+        // Its first look at the queue after recovery finds the pinned messages.
+        self.changed.notify_one();
     }
 
     /// The fleet token (for the HTTP endpoints).
@@ -418,6 +435,9 @@ impl Drain {
         envelope: Envelope,
         content: Vec<u8>,
     ) -> Received {
+        // Until recovery has put every origin in the spool on record, a resend could look
+        // new.
+        let _ = self.recovered.subscribe().wait_for(|done| *done).await;
         let claimed = match self.origins.claim(&origin, envelope.received_at).await {
             Claim::Known => {
                 tracing::info!(origin_pod = %origin.pod, origin_id = %origin.id, "hand-over already stored here: duplicate");

@@ -174,6 +174,30 @@ impl Origins {
         }
     }
 
+    /// Adds the origins of messages the spool holds (found by start-up recovery, with
+    /// their arrival times) that are not on record, durably before this returns: a message
+    /// stored just before a crash lost its origin line is still known by its envelope.
+    pub async fn add_in_spool(&self, in_spool: &[(HandoffOrigin, u64)]) -> io::Result<()> {
+        let mut waits = Vec::new();
+        for (origin, received_at) in in_spool {
+            if !self.lock().known.insert(key(origin)) {
+                continue;
+            }
+            let (done, result) = oneshot::channel();
+            let line = encode(&line_for(origin, *received_at));
+            if self.appends.send(Append { line, done }).is_err() {
+                return Err(io::Error::other("the origins writer has stopped"));
+            }
+            waits.push(result);
+        }
+        for result in waits {
+            result
+                .await
+                .unwrap_or_else(|_| Err(io::Error::other("the origins writer has stopped")))?;
+        }
+        Ok(())
+    }
+
     /// Number of origins on record.
     pub fn len(&self) -> usize {
         self.lock().known.len()

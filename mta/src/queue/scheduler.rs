@@ -34,10 +34,11 @@ use super::{Envelope, QueueId, Status};
 use crate::context::Context;
 use crate::delivery::outcome::{self, GaveUp};
 use crate::delivery::{self, Destinations, WorkItem};
+use crate::dense_map::{DenseMap, DenseSet};
 use crate::dsn;
 use crate::shutdown::Shutdown;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
@@ -46,8 +47,14 @@ use tokio::time::Instant;
 /// Messages to the scheduler task.
 #[derive(Debug)]
 pub enum Command {
-    /// A message is newly in the spool (accepted, recovered, or a bounce we made).
+    /// A message is newly in the spool (accepted, or a bounce we made).
     Enqueue { id: QueueId, envelope: Envelope },
+    /// Messages recovered from the spool at start-up, a batch at a time; `done` is
+    /// answered once they are scheduled (so recovery never piles up in this channel).
+    EnqueueRecovered {
+        messages: Vec<(QueueId, Envelope)>,
+        done: oneshot::Sender<()>,
+    },
     /// A destination finished its part of an attempt round.
     Attempted {
         id: QueueId,
@@ -185,6 +192,19 @@ impl SchedulerHandle {
         let _ = self.commands.send(Command::Enqueue { id, envelope });
     }
 
+    /// Schedules a batch of messages recovered from the spool; returns once they are (or
+    /// at shutdown). Ids the queue has already are left as they are.
+    pub async fn enqueue_recovered(&self, messages: Vec<(QueueId, Envelope)>) {
+        let (done, scheduled) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::EnqueueRecovered { messages, done })
+            .is_ok()
+        {
+            let _ = scheduled.await;
+        }
+    }
+
     pub fn attempted(
         &self,
         id: QueueId,
@@ -295,10 +315,16 @@ enum Phase {
     Pinned,
 }
 
+/// What the scheduler keeps of a queued message: 16 bytes (issue 17: a million queued
+/// messages must not cost more than a few dozen bytes each). The envelope stays in the
+/// spool and is read when the message is worked on.
 struct Entry {
-    envelope: Envelope,
-    phase: Phase,
-    expires_ms: u64,
+    /// The due time (ms) while waiting, the destination groups still to report while
+    /// active; 0 otherwise.
+    at: u64,
+    /// When `queue.max_age` (or the envelope's own expiry) retires it, in seconds.
+    expires_s: u32,
+    phase: PhaseKind,
     /// Expiry, deletion or bounce requested during a round (or while checked out);
     /// applied when the round ends (or the message is checked in).
     retire_after_round: Option<Retirement>,
@@ -306,13 +332,68 @@ struct Entry {
     hold_after_round: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PhaseKind {
+    Waiting,
+    Held,
+    Active,
+    Out,
+    Pinned,
+}
+
+impl Entry {
+    fn new(phase: Phase, expires_s: u32) -> Self {
+        let mut entry = Entry {
+            at: 0,
+            expires_s,
+            phase: PhaseKind::Held,
+            retire_after_round: None,
+            hold_after_round: false,
+        };
+        entry.set(phase);
+        entry
+    }
+
+    fn phase(&self) -> Phase {
+        match self.phase {
+            PhaseKind::Waiting => Phase::Waiting(self.at),
+            PhaseKind::Held => Phase::Held,
+            PhaseKind::Active => Phase::Active(self.at as usize),
+            PhaseKind::Out => Phase::Out,
+            PhaseKind::Pinned => Phase::Pinned,
+        }
+    }
+
+    fn set(&mut self, phase: Phase) {
+        (self.phase, self.at) = match phase {
+            Phase::Waiting(at) => (PhaseKind::Waiting, at),
+            Phase::Held => (PhaseKind::Held, 0),
+            Phase::Active(left) => (PhaseKind::Active, left as u64),
+            Phase::Out => (PhaseKind::Out, 0),
+            Phase::Pinned => (PhaseKind::Pinned, 0),
+        };
+    }
+
+    /// The key of this message in the expiry index.
+    fn expiry_key(&self, id: QueueId) -> (u64, QueueId) {
+        (u64::from(self.expires_s) * 1000, id)
+    }
+}
+
+/// Most messages with an attempt round out at once (Postfix's
+/// `qmgr_message_active_limit`): their envelopes are in memory, everyone else's on disk.
+/// A flush of a million messages starts rounds as earlier ones end.
+const MAX_ACTIVE: usize = 10_000;
+
 struct Scheduler {
     ctx: Arc<Context>,
     clock: Clock,
     /// By id: pages of the admin list and drain check-outs walk it in order.
-    messages: BTreeMap<QueueId, Entry>,
-    due: BTreeSet<(u64, QueueId)>,
-    expiry: BTreeSet<(u64, QueueId)>,
+    messages: DenseMap<QueueId, Entry>,
+    due: DenseSet<(u64, QueueId)>,
+    expiry: DenseSet<(u64, QueueId)>,
+    /// The envelopes of messages with a round out (at most [`MAX_ACTIVE`]).
+    loaded: HashMap<QueueId, Envelope>,
     destinations: Destinations,
     /// Messages with an attempt round out.
     active: usize,
@@ -335,9 +416,10 @@ pub async fn run(
         destinations: Destinations::new(ctx.clone(), shutdown.clone()),
         ctx,
         clock: Clock::start(),
-        messages: BTreeMap::new(),
-        due: BTreeSet::new(),
-        expiry: BTreeSet::new(),
+        messages: DenseMap::new(),
+        due: DenseSet::new(),
+        expiry: DenseSet::new(),
+        loaded: HashMap::new(),
         active: 0,
         out: 0,
         rounds_paused: false,
@@ -386,7 +468,7 @@ impl Scheduler {
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        let due = match self.rounds_paused {
+        let due = match self.rounds_paused || self.active >= MAX_ACTIVE {
             true => None,
             false => self.due.first().map(|(ms, _)| *ms),
         };
@@ -400,7 +482,15 @@ impl Scheduler {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Enqueue { id, envelope } => self.enqueue(id, envelope),
+            Command::Enqueue { id, envelope } => self.enqueue(id, &envelope),
+            Command::EnqueueRecovered { messages, done } => {
+                for (id, envelope) in messages {
+                    if !self.messages.contains_key(&id) {
+                        self.enqueue(id, &envelope);
+                    }
+                }
+                let _ = done.send(());
+            }
             Command::Attempted {
                 id,
                 results,
@@ -433,8 +523,8 @@ impl Scheduler {
                     out: self.out,
                     pinned: self
                         .messages
-                        .values()
-                        .filter(|e| e.phase == Phase::Pinned)
+                        .iter()
+                        .filter(|(_, e)| e.phase == PhaseKind::Pinned)
                         .count(),
                     finished: self.finished,
                 });
@@ -442,24 +532,33 @@ impl Scheduler {
         }
     }
 
-    fn enqueue(&mut self, id: QueueId, envelope: Envelope) {
+    /// Schedules a message; its envelope is not kept (the spool has it).
+    fn enqueue(&mut self, id: QueueId, envelope: &Envelope) {
         let config = self.ctx.config();
         let expires_ms = match envelope.expires_at {
             Some(at) => at.saturating_mul(1000),
             None => schedule::expires_at_ms(&config.queue, envelope.received_at),
         };
-        self.expiry.insert((expires_ms, id));
-        let phase = self.resting_phase(id, &envelope);
-        self.messages.insert(
-            id,
-            Entry {
-                envelope,
-                phase,
-                expires_ms,
-                retire_after_round: None,
-                hold_after_round: false,
-            },
-        );
+        let expires_s = u32::try_from(expires_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+        let phase = self.resting_phase(id, envelope);
+        let entry = Entry::new(phase, expires_s);
+        self.expiry.insert(entry.expiry_key(id));
+        self.messages.insert(id, entry);
+    }
+
+    /// The current envelope of a queued message: in memory while a round is out, else read
+    /// from the spool. `None` (logged) when the spool cannot give it.
+    fn envelope(&self, id: QueueId) -> Option<Envelope> {
+        if let Some(envelope) = self.loaded.get(&id) {
+            return Some(envelope.clone());
+        }
+        match self.ctx.spool.envelope(id) {
+            Ok(envelope) => Some(envelope),
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "queued message's envelope unreadable");
+                None
+            }
+        }
     }
 
     fn fire_timers(&mut self) {
@@ -475,7 +574,7 @@ impl Scheduler {
             return;
         }
         while let Some(&(ms, id)) = self.due.first() {
-            if ms > now {
+            if ms > now || self.active >= MAX_ACTIVE {
                 break;
             }
             self.due.pop_first();
@@ -485,20 +584,31 @@ impl Scheduler {
 
     /// Sends every pending recipient of `id` to its destination.
     fn start_round(&mut self, id: QueueId) {
-        let Some(entry) = self.messages.get_mut(&id) else {
+        if !self.messages.contains_key(&id) {
+            return;
+        }
+        let Some(loaded) = self.envelope(id) else {
+            // Held, so that it is not tried again and again; `queue show` has it.
+            if let Some(entry) = self.messages.get_mut(&id) {
+                entry.set(Phase::Held);
+            }
             return;
         };
         let config = self.ctx.config();
-        let envelope = Arc::new(entry.envelope.clone());
+        let envelope = Arc::new(loaded.clone());
+        self.loaded.insert(id, loaded);
         let groups = delivery::group_by_destination(&config, &envelope);
+        let Some(entry) = self.messages.get_mut(&id) else {
+            return;
+        };
         if groups.is_empty() {
             // Nothing pending (e.g. recovered after the last recipient was recorded).
-            entry.phase = Phase::Active(0);
+            entry.set(Phase::Active(0));
             self.active += 1;
             self.end_round(id);
             return;
         }
-        entry.phase = Phase::Active(groups.len());
+        entry.set(Phase::Active(groups.len()));
         self.active += 1;
         for (destination, recipients) in groups {
             self.destinations.push(
@@ -521,15 +631,18 @@ impl Scheduler {
         let Some(entry) = self.messages.get_mut(&id) else {
             return;
         };
-        for (index, status) in results {
-            if let Some(recipient) = entry.envelope.recipients.get_mut(index) {
-                recipient.status = status;
-                recipient.remote_mta.clone_from(&remote_mta);
+        if let Some(envelope) = self.loaded.get_mut(&id) {
+            for (index, status) in results {
+                if let Some(recipient) = envelope.recipients.get_mut(index) {
+                    recipient.status = status;
+                    recipient.remote_mta.clone_from(&remote_mta);
+                }
             }
         }
-        if let Phase::Active(left) = &mut entry.phase {
-            *left = left.saturating_sub(1);
-            if *left == 0 {
+        if let Phase::Active(left) = entry.phase() {
+            let left = left.saturating_sub(1);
+            entry.set(Phase::Active(left));
+            if left == 0 {
                 self.end_round(id);
             }
         }
@@ -541,14 +654,18 @@ impl Scheduler {
         let now = self.clock.now_ms();
         let config = self.ctx.config();
         let Some(entry) = self.messages.get_mut(&id) else {
+            self.loaded.remove(&id);
             return;
         };
-        let envelope = &mut entry.envelope;
         if let Some(how) = entry.retire_after_round {
             self.retire(id, how);
             return;
         }
+        let Some(mut envelope) = self.loaded.remove(&id) else {
+            return;
+        };
         if envelope.recipients.iter().all(|r| r.status.is_final()) {
+            self.loaded.insert(id, envelope);
             self.retire(id, Retirement::Finished);
             return;
         }
@@ -556,7 +673,7 @@ impl Scheduler {
         let delay = schedule::retry_delay(&config.queue, envelope.attempts);
         let at = now + delay.as_millis() as u64;
         envelope.next_attempt_at = at.div_ceil(1000);
-        if schedule::delay_notice_due(&config.queue, envelope, now) {
+        if schedule::delay_notice_due(&config.queue, &envelope, now) {
             envelope.delay_notified = true;
             dsn::send_notice(&self.ctx, id, envelope.clone(), dsn::Kind::Delay);
         }
@@ -569,12 +686,12 @@ impl Scheduler {
         if entry.hold_after_round {
             entry.hold_after_round = false;
             envelope.held = true;
-            entry.phase = Phase::Held;
+            entry.set(Phase::Held);
         } else {
-            entry.phase = Phase::Waiting(at);
+            entry.set(Phase::Waiting(at));
             self.due.insert((at, id));
         }
-        self.ctx.spool.update_detached(id, &entry.envelope);
+        self.ctx.spool.update_detached(id, &envelope);
     }
 
     /// Relocates the messages that keep old spool segments on disk (see the `spool`
@@ -589,9 +706,9 @@ impl Scheduler {
             // One the scheduler does not know (yet) is left for a later tick, and so is
             // one checked out: the drain owns its envelope (it may be recording a peer).
             if let Some(entry) = self.messages.get(&id)
-                && entry.phase != Phase::Out
+                && entry.phase != PhaseKind::Out
             {
-                self.ctx.spool.relocate_detached(id, &entry.envelope);
+                self.ctx.spool.relocate_detached(id);
                 moved += 1;
             }
         }
@@ -611,18 +728,24 @@ impl Scheduler {
             return;
         };
         entry.hold_after_round = false;
-        if entry.phase == Phase::Pinned {
-            tracing::warn!(queue_id = %id, peer = entry.envelope.handoff_peer.as_deref().unwrap_or("-"), "released while pinned to a peer: delivered from here (the peer may deliver it too)");
-            entry.envelope.handoff_peer = None;
-            entry.envelope.handoff_peer_spool = None;
-            entry.phase = Phase::Held;
+        if !matches!(entry.phase, PhaseKind::Pinned | PhaseKind::Held) {
+            return;
         }
-        if entry.phase == Phase::Held {
-            entry.envelope.held = false;
-            entry.phase = Phase::Waiting(now);
-            self.due.insert((now, id));
-            self.ctx.spool.update_detached(id, &entry.envelope);
+        let Some(mut envelope) = self.envelope(id) else {
+            return;
+        };
+        let Some(entry) = self.messages.get_mut(&id) else {
+            return;
+        };
+        if entry.phase == PhaseKind::Pinned {
+            tracing::warn!(queue_id = %id, peer = envelope.handoff_peer.as_deref().unwrap_or("-"), "released while pinned to a peer: delivered from here (the peer may deliver it too)");
+            envelope.handoff_peer = None;
+            envelope.handoff_peer_spool = None;
         }
+        envelope.held = false;
+        entry.set(Phase::Waiting(now));
+        self.due.insert((now, id));
+        self.ctx.spool.update_detached(id, &envelope);
     }
 
     /// The phase of a message that is in no round: pinned, held, or waiting (then in
@@ -653,54 +776,59 @@ impl Scheduler {
             .messages
             .iter()
             .filter(|(_, e)| match e.phase {
-                Phase::Pinned => true,
-                Phase::Waiting(_) | Phase::Held => !only_pinned,
-                Phase::Active(_) | Phase::Out => false,
+                PhaseKind::Pinned => true,
+                PhaseKind::Waiting | PhaseKind::Held => !only_pinned,
+                PhaseKind::Active | PhaseKind::Out => false,
             })
             .map(|(id, _)| *id)
             .take(max)
             .collect();
         let mut taken = Vec::with_capacity(ids.len());
         for id in ids {
+            let Some(envelope) = self.envelope(id) else {
+                continue;
+            };
             let Some(entry) = self.messages.get_mut(&id) else {
                 continue;
             };
-            if let Phase::Waiting(at) = entry.phase {
+            if let Phase::Waiting(at) = entry.phase() {
                 self.due.remove(&(at, id));
             }
-            entry.phase = Phase::Out;
+            entry.set(Phase::Out);
             self.out += 1;
-            taken.push((id, entry.envelope.clone()));
+            taken.push((id, envelope));
         }
         taken
     }
 
     /// A checked-out message back from a drain: pinned, held or waiting for its next
     /// attempt, or retired now if that was asked for while it was out.
-    fn check_in(&mut self, id: QueueId, envelope: Envelope) {
+    fn check_in(&mut self, id: QueueId, mut envelope: Envelope) {
         let Some(entry) = self.messages.get_mut(&id) else {
             return;
         };
-        if entry.phase != Phase::Out {
+        if entry.phase != PhaseKind::Out {
             return;
         }
         self.out = self.out.saturating_sub(1);
-        entry.envelope = envelope;
         // Not in `due` while out: retire() must not look for it there.
-        entry.phase = Phase::Held;
+        entry.set(Phase::Held);
         if let Some(how) = entry.retire_after_round.take() {
+            self.loaded.insert(id, envelope);
             self.retire(id, how);
             return;
         }
         if entry.hold_after_round {
             entry.hold_after_round = false;
-            entry.envelope.held = true;
-            self.ctx.spool.update_detached(id, &entry.envelope);
+            envelope.held = true;
         }
-        let envelope = entry.envelope.clone();
+        // The drain may have changed it (a pin it took back): the spool has what counts.
+        if self.ctx.spool.envelope(id).ok().as_ref() != Some(&envelope) {
+            self.ctx.spool.update_detached(id, &envelope);
+        }
         let phase = self.resting_phase(id, &envelope);
         if let Some(entry) = self.messages.get_mut(&id) {
-            entry.phase = phase;
+            entry.set(phase);
         }
     }
 
@@ -712,18 +840,18 @@ impl Scheduler {
         let Some(entry) = self.messages.get(&id) else {
             return;
         };
-        if entry.phase != Phase::Out {
+        if entry.phase != PhaseKind::Out {
             return;
         }
         let Some(entry) = self.messages.remove(&id) else {
             return;
         };
         self.out = self.out.saturating_sub(1);
-        self.expiry.remove(&(entry.expires_ms, id));
+        self.expiry.remove(&entry.expiry_key(id));
         if let Some(how) = entry.retire_after_round {
             tracing::warn!(queue_id = %id, ?how, "handed off before a requested retirement: the peer delivers it");
         }
-        tracing::info!(queue_id = %id, peer = entry.envelope.handoff_peer.as_deref().unwrap_or("-"), "handed off");
+        tracing::info!(queue_id = %id, "handed off");
         self.ctx.spool.remove_detached(id);
     }
 
@@ -731,7 +859,7 @@ impl Scheduler {
         let Some(entry) = self.messages.get_mut(&id) else {
             return;
         };
-        match entry.phase {
+        match entry.phase() {
             Phase::Active(_) | Phase::Out => entry.retire_after_round = Some(Retirement::Expired),
             Phase::Waiting(at) => {
                 self.due.remove(&(at, id));
@@ -744,13 +872,15 @@ impl Scheduler {
     /// Removes a message from the queue for good, notifying the sender as its recipients'
     /// statuses and NOTIFY settings require.
     fn retire(&mut self, id: QueueId, how: Retirement) {
-        let Some(mut entry) = self.messages.remove(&id) else {
+        let Some(entry) = self.messages.remove(&id) else {
+            self.loaded.remove(&id);
             return;
         };
-        self.expiry.remove(&(entry.expires_ms, id));
-        if let Phase::Waiting(at) = entry.phase {
+        self.expiry.remove(&entry.expiry_key(id));
+        if let Phase::Waiting(at) = entry.phase() {
             self.due.remove(&(at, id));
         }
+        let loaded = self.loaded.remove(&id);
         if matches!(how, Retirement::Finished) {
             self.finished += 1;
         }
@@ -759,8 +889,20 @@ impl Scheduler {
             Retirement::Expired => Some(GaveUp::Expired),
             Retirement::Bounced => Some(GaveUp::Bounced),
         };
+        if matches!(how, Retirement::Deleted) {
+            tracing::warn!(queue_id = %id, "deleted by operator");
+            self.ctx.spool.remove_detached(id);
+            return;
+        }
+        let Some(mut envelope) = loaded.or_else(|| self.envelope(id)) else {
+            // Accepted mail never goes without its notice: it stays, held, for an operator
+            // (`queue show` says why); no timer brings it back here.
+            self.messages
+                .insert(id, Entry::new(Phase::Held, entry.expires_s));
+            return;
+        };
         if let Some(why) = gave_up {
-            for recipient in &mut entry.envelope.recipients {
+            for recipient in &mut envelope.recipients {
                 if !recipient.status.is_final() {
                     recipient.status = outcome::gave_up(why, &recipient.status);
                 }
@@ -774,12 +916,7 @@ impl Scheduler {
                 self.ctx.metrics.message_expired();
             }
         }
-        if matches!(how, Retirement::Deleted) {
-            tracing::warn!(queue_id = %id, "deleted by operator");
-            self.ctx.spool.remove_detached(id);
-            return;
-        }
-        dsn::retire(&self.ctx, id, entry.envelope);
+        dsn::retire(&self.ctx, id, envelope);
     }
 
     fn admin(&mut self, request: AdminRequest) -> AdminResponse {
@@ -788,29 +925,30 @@ impl Scheduler {
                 messages: self
                     .messages
                     .iter()
-                    .map(|(id, entry)| self.describe(*id, entry))
+                    .filter_map(|(id, entry)| self.describe(*id, entry))
                     .collect(),
             },
             AdminRequest::ListPage { after, limit } => {
                 use std::ops::Bound;
                 let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-                let mut page = self.messages.range((from, Bound::Unbounded));
+                let mut page = self.messages.range_from(from);
+                // Envelopes are read from the spool, a page at a time.
                 let messages: Vec<QueueEntry> = page
                     .by_ref()
                     .take(limit.max(1))
-                    .map(|(id, entry)| self.describe(*id, entry))
+                    .filter_map(|(id, entry)| self.describe(*id, entry))
                     .collect();
                 AdminResponse::ListPage {
                     messages,
                     more: page.next().is_some(),
                 }
             }
-            AdminRequest::Show { id } => match self.messages.get(&id) {
-                Some(entry) => AdminResponse::Show {
-                    message: self.describe(id, entry),
-                },
-                None => AdminResponse::NotFound { id },
-            },
+            AdminRequest::Show { id } => {
+                match self.messages.get(&id).and_then(|e| self.describe(id, e)) {
+                    Some(message) => AdminResponse::Show { message },
+                    None => AdminResponse::NotFound { id },
+                }
+            }
             AdminRequest::Flush { id, domain } => {
                 if let Some(want) = id
                     && !self.messages.contains_key(&want)
@@ -818,30 +956,36 @@ impl Scheduler {
                     return AdminResponse::NotFound { id: want };
                 }
                 let now = self.clock.now_ms();
-                let chosen: Vec<(u64, QueueId)> = self
+                let waiting: Vec<(u64, QueueId)> = self
                     .messages
                     .iter()
-                    .filter_map(|(mid, entry)| match entry.phase {
-                        Phase::Waiting(at) => Some((at, *mid, entry)),
+                    .filter_map(|(mid, entry)| match entry.phase() {
+                        Phase::Waiting(at) if id.is_none_or(|want| want == *mid) => {
+                            Some((at, *mid))
+                        }
                         _ => None,
                     })
-                    .filter(|(_, mid, entry)| {
-                        id.is_none_or(|want| want == *mid)
-                            && domain.as_ref().is_none_or(|d| {
-                                entry.envelope.recipients.iter().any(|r| {
+                    .collect();
+                // By domain: each waiting message's envelope is read from the spool.
+                let chosen: Vec<(u64, QueueId)> = waiting
+                    .into_iter()
+                    .filter(|(_, mid)| {
+                        domain.as_ref().is_none_or(|d| {
+                            self.envelope(*mid).is_some_and(|envelope| {
+                                envelope.recipients.iter().any(|r| {
                                     !r.status.is_final()
                                         && super::split_address(&r.address)
                                             .is_some_and(|(_, rd)| rd.eq_ignore_ascii_case(d))
                                 })
                             })
+                        })
                     })
-                    .map(|(at, mid, _)| (at, mid))
                     .collect();
                 for (at, mid) in &chosen {
                     self.due.remove(&(*at, *mid));
                     self.due.insert((now, *mid));
                     if let Some(entry) = self.messages.get_mut(mid) {
-                        entry.phase = Phase::Waiting(now);
+                        entry.set(Phase::Waiting(now));
                     }
                 }
                 AdminResponse::Done {
@@ -852,20 +996,23 @@ impl Scheduler {
                 let Some(entry) = self.messages.get_mut(&id) else {
                     return AdminResponse::NotFound { id };
                 };
-                match entry.phase {
-                    Phase::Waiting(at) => {
-                        self.due.remove(&(at, id));
-                        entry.phase = Phase::Held;
-                        entry.envelope.held = true;
-                        self.ctx.spool.update_detached(id, &entry.envelope);
-                    }
+                match entry.phase() {
                     Phase::Active(_) | Phase::Out => entry.hold_after_round = true,
-                    // Held once its peer has said it does not have it.
-                    Phase::Pinned => {
-                        entry.envelope.held = true;
-                        self.ctx.spool.update_detached(id, &entry.envelope);
-                    }
                     Phase::Held => {}
+                    // Pinned: held once its peer has said it does not have it.
+                    phase @ (Phase::Waiting(_) | Phase::Pinned) => {
+                        let Some(mut envelope) = self.envelope(id) else {
+                            return AdminResponse::NotFound { id };
+                        };
+                        if let Phase::Waiting(at) = phase {
+                            self.due.remove(&(at, id));
+                            if let Some(entry) = self.messages.get_mut(&id) {
+                                entry.set(Phase::Held);
+                            }
+                        }
+                        envelope.held = true;
+                        self.ctx.spool.update_detached(id, &envelope);
+                    }
                 }
                 AdminResponse::Done { affected: 1 }
             }
@@ -880,7 +1027,7 @@ impl Scheduler {
                 let held: Vec<QueueId> = self
                     .messages
                     .iter()
-                    .filter(|(_, e)| e.phase == Phase::Held || e.hold_after_round)
+                    .filter(|(_, e)| e.phase == PhaseKind::Held || e.hold_after_round)
                     .map(|(id, _)| *id)
                     .collect();
                 for &id in &held {
@@ -899,7 +1046,7 @@ impl Scheduler {
                 } else {
                     Retirement::Deleted
                 };
-                if let Phase::Active(_) | Phase::Out = entry.phase {
+                if let PhaseKind::Active | PhaseKind::Out = entry.phase {
                     // Results of the round in progress still count; retire when it ends
                     // (or, for a message being handed over, when it comes back; one a
                     // peer took is the peer's to deliver).
@@ -912,24 +1059,27 @@ impl Scheduler {
         }
     }
 
-    fn describe(&self, id: QueueId, entry: &Entry) -> QueueEntry {
-        let (state, next) = match entry.phase {
+    /// A message as `queue list`/`show` print it, with its envelope read from the spool
+    /// (or memory, while a round is out). `None` when the envelope cannot be read.
+    fn describe(&self, id: QueueId, entry: &Entry) -> Option<QueueEntry> {
+        let (state, next) = match entry.phase() {
             Phase::Waiting(at) => ("waiting", Some(at / 1000)),
             Phase::Held => ("held", None),
             Phase::Active(_) => ("active", None),
             Phase::Out => ("handing_off", None),
             Phase::Pinned => ("pinned", None),
         };
-        QueueEntry {
+        let envelope = self.envelope(id)?;
+        Some(QueueEntry {
             id,
             state: state.into(),
-            sender: entry.envelope.sender.clone(),
-            recipients: entry.envelope.recipients.clone(),
-            attempts: entry.envelope.attempts,
+            sender: envelope.sender,
+            recipients: envelope.recipients,
+            attempts: envelope.attempts,
             next_attempt_at: next,
-            received_at: entry.envelope.received_at,
+            received_at: envelope.received_at,
             size: None,
-        }
+        })
     }
 }
 

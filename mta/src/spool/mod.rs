@@ -38,6 +38,7 @@
 mod record;
 mod writer;
 
+use crate::dense_map::DenseMap;
 use crate::queue::{Envelope, QueueId, QueueIdGenerator};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -161,21 +162,39 @@ impl Error {
     }
 }
 
-/// Where a message's bytes are.
+/// Where bytes of a segment are: 12 bytes, so that the index of a million queued messages
+/// stays small. Offsets fit in 32 bits because the writer never lets a segment grow past
+/// [`MAX_SEGMENT_BYTES`].
 #[derive(Debug, Clone, Copy)]
 struct Location {
     segment: u32,
-    /// Offset of the message bytes (not the record) in the segment file.
-    offset: u64,
+    offset: u32,
     len: u32,
 }
+
+/// Where a queued message is: its content, and its current envelope (in the `Message`
+/// record, or in the latest `Update` record; always in the same segment or a newer one,
+/// so it lives as long as the content does).
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    message: Location,
+    envelope: Location,
+}
+
+/// The largest a segment file gets: offsets in [`Location`] are 32-bit.
+pub const MAX_SEGMENT_BYTES: u64 = u32::MAX as u64;
 
 /// State shared by the writer thread (which owns segment lifecycle) and readers.
 #[derive(Debug, Default)]
 struct Index {
-    messages: HashMap<QueueId, Location>,
+    messages: DenseMap<QueueId, Stored>,
     /// Live messages per segment; a segment leaves this map when its file is deleted.
     live: BTreeMap<u32, Live>,
+    /// Envelopes submitted in `Update` (or relocation) records that the writer has not
+    /// written yet: what [`Spool::envelope`] answers until it has, so a reader never sees
+    /// an older envelope than the last one submitted. An entry goes when its record is
+    /// written (the `Arc` identifies which submission), or with the message.
+    pending: HashMap<QueueId, Arc<Vec<u8>>>,
 }
 
 /// What of a segment is still needed.
@@ -201,18 +220,39 @@ impl Index {
         finished
     }
 
-    fn add(&mut self, id: QueueId, location: Location) {
-        if let Some(old) = self.messages.insert(id, location) {
-            self.release(old);
+    fn add(&mut self, id: QueueId, stored: Stored) {
+        if let Some(old) = self.messages.insert(id, stored) {
+            self.release(old.message);
         }
-        let live = self.live.entry(location.segment).or_default();
+        let live = self.live.entry(stored.message.segment).or_default();
         live.messages += 1;
-        live.bytes += u64::from(location.len);
+        live.bytes += u64::from(stored.message.len);
     }
 
     fn remove(&mut self, id: QueueId) {
         if let Some(old) = self.messages.remove(&id) {
-            self.release(old);
+            self.release(old.message);
+        }
+        self.pending.remove(&id);
+    }
+
+    /// The envelope of `id` is now at `at` (an `Update` record was written); `submitted`
+    /// is that record's pending entry, dropped unless a later one replaced it.
+    fn moved_envelope(&mut self, id: QueueId, at: Location, submitted: Option<&Arc<Vec<u8>>>) {
+        if let Some(stored) = self.messages.get_mut(&id) {
+            stored.envelope = at;
+        }
+        self.written(id, submitted);
+    }
+
+    fn written(&mut self, id: QueueId, submitted: Option<&Arc<Vec<u8>>>) {
+        if let Some(submitted) = submitted
+            && self
+                .pending
+                .get(&id)
+                .is_some_and(|p| Arc::ptr_eq(p, submitted))
+        {
+            self.pending.remove(&id);
         }
     }
 
@@ -276,25 +316,36 @@ impl Spool {
     /// Opens (creating if needed) the spool in `dir`, recovers every queued message,
     /// deletes finished segments, and starts the writer thread on a fresh segment.
     /// `segment_size` is reduced to suit a small volume ([`segment_size_for`]).
+    ///
+    /// Reads every queued envelope into memory: for tests and tools. The MTA opens with
+    /// [`Spool::open_observed`] and reads envelopes as it schedules them.
     pub fn open(dir: &Path, segment_size: u64) -> Result<(Spool, Vec<Recovered>), Error> {
-        Self::open_observed(dir, segment_size, None)
+        let spool = Self::open_observed(dir, segment_size, None)?;
+        let mut recovered = Vec::new();
+        for id in spool.ids_after(None, usize::MAX) {
+            let envelope = spool.envelope(id)?;
+            recovered.push(Recovered { id, envelope });
+        }
+        Ok((spool, recovered))
     }
 
-    /// [`Spool::open`], reporting every group commit to `observer` (metrics).
+    /// Opens the spool like [`Spool::open`], reporting every group commit to `observer`
+    /// (metrics). Recovery here rebuilds only the index of where each message and its
+    /// envelope are ([`Spool::ids_after`], [`Spool::envelope`]); no envelope is read.
     pub fn open_observed(
         dir: &Path,
         segment_size: u64,
         observer: Option<SyncObserver>,
-    ) -> Result<(Spool, Vec<Recovered>), Error> {
+    ) -> Result<Spool, Error> {
         crate::files::create_private_dir_all(dir).map_err(Error::from_io)?;
         let lock = lock(dir)?;
-        let (mut index, recovered, last_segment, max_id) = recover(dir)?;
+        let (mut index, last_segment, max_id) = recover(dir)?;
         // Before anything is written: on a full volume the first write would fail, and
         // deleting waited for a successful one.
         delete_segments(dir, &index.take_finished(None));
         let volume = Volume::of(dir).map_err(Error::from_io)?;
         let configured = segment_size;
-        let segment_size = segment_size_for(configured, volume.size);
+        let segment_size = segment_size_for(configured, volume.size).min(MAX_SEGMENT_BYTES / 2);
         if segment_size < configured {
             tracing::info!(
                 configured,
@@ -334,7 +385,60 @@ impl Spool {
                 _lock: lock,
             }),
         };
-        Ok((spool, recovered))
+        Ok(spool)
+    }
+
+    /// The largest queued id.
+    pub fn last_id(&self) -> Option<QueueId> {
+        let index = self.inner.index.lock().unwrap_or_else(|e| e.into_inner());
+        index.messages.last().map(|(id, _)| *id)
+    }
+
+    /// Up to `limit` queued ids after `after` (from the first with `None`), in order.
+    pub fn ids_after(&self, after: Option<QueueId>, limit: usize) -> Vec<QueueId> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let index = self.inner.index.lock().unwrap_or_else(|e| e.into_inner());
+        index
+            .messages
+            .range_from(from)
+            .map(|(id, _)| *id)
+            .take(limit)
+            .collect()
+    }
+
+    /// The current envelope of a queued message: the last one submitted through
+    /// [`Spool::update`] (or [`Spool::update_detached`]), even before the writer has
+    /// written it, else the one on disk. Reads the segment file (page cache, mostly), so
+    /// call it for messages being worked on, not for the whole queue at once.
+    pub fn envelope(&self, id: QueueId) -> Result<Envelope, Error> {
+        let (pending, location) = {
+            let index = self.inner.index.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                index.pending.get(&id).cloned(),
+                index.messages.get(&id).map(|s| s.envelope),
+            )
+        };
+        let json = match (pending, location) {
+            (Some(json), _) => json,
+            (None, Some(location)) => Arc::new(self.read_at(location)?),
+            (None, None) => return Err(Error::NotFound(id)),
+        };
+        serde_json::from_slice(&json).map_err(|e| Error::Corrupt {
+            path: location.map_or_else(
+                || self.inner.dir.clone(),
+                |l| segment_path(&self.inner.dir, l.segment),
+            ),
+            reason: format!("envelope of {id}: {e}"),
+        })
+    }
+
+    fn read_at(&self, location: Location) -> Result<Vec<u8>, Error> {
+        let file = self.reader(location.segment)?;
+        let mut buf = vec![0; location.len as usize];
+        file.read_exact_at(&mut buf, u64::from(location.offset))
+            .map_err(Error::from_io)?;
+        Ok(buf)
     }
 
     /// A fresh queue id for a message about to be stored.
@@ -358,9 +462,21 @@ impl Spool {
 
     /// Records the recipients' new statuses durably (so a restart does not redo them).
     pub async fn update(&self, id: QueueId, envelope: &Envelope) -> Result<(), Error> {
-        let bytes = record::encode_update(id, &envelope_json(envelope));
-        self.append(Append::other(id, bytes), Durability::Sync)
-            .await
+        let append = self.update_record(id, envelope);
+        self.append(append, Durability::Sync).await
+    }
+
+    /// An `Update` record for the writer, its envelope pending until written.
+    fn update_record(&self, id: QueueId, envelope: &Envelope) -> Append {
+        let json = Arc::new(envelope_json(envelope));
+        let bytes = record::encode_update(id, &json);
+        self.inner
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending
+            .insert(id, json.clone());
+        Append::update(id, bytes, json)
     }
 
     /// Marks a message finished. Not synced on its own: it rides along with the next group
@@ -389,13 +505,13 @@ impl Spool {
     pub async fn read_message(&self, id: QueueId) -> Result<Vec<u8>, Error> {
         let location = {
             let index = self.inner.index.lock().unwrap_or_else(|e| e.into_inner());
-            index.messages.get(&id).copied()
+            index.messages.get(&id).map(|s| s.message)
         }
         .ok_or(Error::NotFound(id))?;
         let file = self.reader(location.segment)?;
         tokio::task::spawn_blocking(move || {
             let mut buf = vec![0; location.len as usize];
-            file.read_exact_at(&mut buf, location.offset)
+            file.read_exact_at(&mut buf, u64::from(location.offset))
                 .map(|()| buf)
                 .map_err(Error::from_io)
         })
@@ -490,8 +606,8 @@ impl Spool {
     /// Like [`Spool::update`], but returns once the record is queued: callers that must not
     /// wait (the scheduler loop) still get ordering with their later records.
     pub fn update_detached(&self, id: QueueId, envelope: &Envelope) {
-        let bytes = record::encode_update(id, &envelope_json(envelope));
-        log_failure(id, self.submit(Append::other(id, bytes), Durability::Sync));
+        let append = self.update_record(id, envelope);
+        log_failure(id, self.submit(append, Durability::Sync));
     }
 
     /// Messages to relocate (at most `max`), when the segments on disk hold more than twice
@@ -512,23 +628,17 @@ impl Spool {
         index
             .messages
             .iter()
-            .filter(|(_, location)| location.segment == oldest)
+            .filter(|(_, stored)| stored.message.segment == oldest)
             .map(|(id, _)| *id)
             .take(max)
             .collect()
     }
 
-    /// Copies a queued message, with `envelope` as its state, into the active segment (see
-    /// the module doc). Returns once the request is queued; a message already removed by
-    /// then is left alone.
-    pub fn relocate_detached(&self, id: QueueId, envelope: &Envelope) {
-        log_failure(
-            id,
-            self.submit(
-                Append::relocate(id, envelope_json(envelope)),
-                Durability::Sync,
-            ),
-        );
+    /// Copies a queued message, with its current envelope ([`Spool::envelope`]), into the
+    /// active segment (see the module doc). Returns once the request is queued; a message
+    /// already removed by then is left alone.
+    pub fn relocate_detached(&self, id: QueueId) {
+        log_failure(id, self.submit(Append::relocate(id), Durability::Sync));
     }
 
     /// Like [`Spool::remove`], but returns once the record is queued.
@@ -572,9 +682,11 @@ fn segment_number(path: &Path) -> Option<u32> {
     name.strip_suffix(".seg")?.parse().ok()
 }
 
-/// Scans every segment in order and rebuilds the index. Returns the index, the live
-/// messages, the highest segment number seen (0 when none) and the highest queue id.
-fn recover(dir: &Path) -> Result<(Index, Vec<Recovered>, u32, u64), Error> {
+/// Scans every segment in order and rebuilds the index (locations only: no envelope is
+/// parsed here, so a million queued messages cost a read of the segments and a few dozen
+/// bytes each). Returns the index, the highest segment number seen (0 when none) and the
+/// highest queue id.
+fn recover(dir: &Path) -> Result<(Index, u32, u64), Error> {
     let mut segments: Vec<u32> = std::fs::read_dir(dir)
         .map_err(Error::from_io)?
         .filter_map(|e| e.ok())
@@ -583,15 +695,21 @@ fn recover(dir: &Path) -> Result<(Index, Vec<Recovered>, u32, u64), Error> {
     segments.sort_unstable();
 
     let mut index = Index::default();
-    let mut envelopes: HashMap<QueueId, Envelope> = HashMap::new();
     let mut max_id = 0;
+    let mut record = Vec::new();
     for &segment in &segments {
         let path = segment_path(dir, segment);
-        let data = std::fs::read(&path).map_err(Error::from_io)?;
+        let file = File::open(&path).map_err(Error::from_io)?;
+        let size = file.metadata().map_err(Error::from_io)?.len();
+        let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
         index.live.insert(segment, Live::default());
-        let mut offset = 0;
+        let mut offset: u64 = 0;
         loop {
-            let decoded = match record::decode(&data[offset..]) {
+            let decoded = match read_record(&mut reader, size - offset, &mut record) {
+                Ok(()) => record::decode(&record),
+                Err(stop) => Err(stop),
+            };
+            let decoded = match decoded {
                 Ok(decoded) => decoded,
                 Err(record::Stop::End) => break,
                 Err(record::Stop::Torn) => {
@@ -600,52 +718,67 @@ fn recover(dir: &Path) -> Result<(Index, Vec<Recovered>, u32, u64), Error> {
                     tracing::warn!(
                         segment = %path.display(),
                         offset,
-                        dropped_bytes = data.len() - offset,
+                        dropped_bytes = size - offset,
                         "spool: dropping torn record at end of segment"
                     );
-                    truncate(&path, offset as u64).map_err(Error::from_io)?;
+                    truncate(&path, offset).map_err(Error::from_io)?;
                     break;
                 }
             };
             max_id = max_id.max(decoded.id.0);
-            let corrupt = |reason: String| Error::Corrupt {
-                path: path.clone(),
-                reason,
+            let at = |start: usize, len: usize| Location {
+                segment,
+                offset: (offset + start as u64) as u32,
+                len: len as u32,
             };
             match decoded.kind {
                 record::Kind::Message => {
-                    let envelope: Envelope = serde_json::from_slice(decoded.envelope)
-                        .map_err(|e| corrupt(format!("envelope of {}: {e}", decoded.id)))?;
-                    let location = Location {
-                        segment,
-                        offset: (offset + decoded.message_offset) as u64,
-                        len: decoded.message.len() as u32,
-                    };
+                    let envelope_start = decoded.message_offset - decoded.envelope.len();
                     // A later copy (relocated by compaction) supersedes the earlier one.
-                    index.add(decoded.id, location);
-                    envelopes.insert(decoded.id, envelope);
+                    index.add(
+                        decoded.id,
+                        Stored {
+                            message: at(decoded.message_offset, decoded.message.len()),
+                            envelope: at(envelope_start, decoded.envelope.len()),
+                        },
+                    );
                 }
                 record::Kind::Update => {
-                    if let Some(envelope) = envelopes.get_mut(&decoded.id) {
-                        *envelope = serde_json::from_slice(decoded.envelope)
-                            .map_err(|e| corrupt(format!("update of {}: {e}", decoded.id)))?;
-                    }
+                    let start = decoded.len - decoded.envelope.len();
+                    index.moved_envelope(decoded.id, at(start, decoded.envelope.len()), None);
                 }
-                record::Kind::Done => {
-                    index.remove(decoded.id);
-                    envelopes.remove(&decoded.id);
-                }
+                record::Kind::Done => index.remove(decoded.id),
             }
-            offset += decoded.len;
+            offset += decoded.len as u64;
         }
     }
-    let mut recovered: Vec<Recovered> = envelopes
-        .into_iter()
-        .map(|(id, envelope)| Recovered { id, envelope })
-        .collect();
-    recovered.sort_by_key(|r| r.id);
     let last = segments.last().copied().unwrap_or(0);
-    Ok((index, recovered, last, max_id))
+    Ok((index, last, max_id))
+}
+
+/// Reads the next whole record into `buf` (header and payload), or says why not: `End` at
+/// the end of the data, `Torn` for a partial record (`left` is what the file has left, so
+/// a corrupt length is never allocated).
+fn read_record(
+    reader: &mut impl std::io::Read,
+    left: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), record::Stop> {
+    if left == 0 {
+        return Err(record::Stop::End);
+    }
+    buf.resize(record::HEADER_LEN, 0);
+    if left < record::HEADER_LEN as u64 || reader.read_exact(buf).is_err() {
+        return Err(record::Stop::Torn);
+    }
+    let len = u64::from(u32::from_le_bytes([buf[5], buf[6], buf[7], buf[8]]));
+    if len > left - record::HEADER_LEN as u64 {
+        return Err(record::Stop::Torn);
+    }
+    buf.resize(record::HEADER_LEN + len as usize, 0);
+    reader
+        .read_exact(&mut buf[record::HEADER_LEN..])
+        .map_err(|_| record::Stop::Torn)
 }
 
 fn truncate(path: &Path, len: u64) -> std::io::Result<()> {

@@ -72,6 +72,9 @@ pub fn encode_done(id: QueueId) -> Vec<u8> {
     encode(Kind::Done, &[&id.0.to_le_bytes()])
 }
 
+/// Offset of the envelope JSON inside an encoded `Update` record.
+pub const UPDATE_ENVELOPE_OFFSET: usize = HEADER_LEN + 8;
+
 /// Offset of the message bytes inside an encoded `Message` record.
 pub fn message_offset(envelope_len: usize) -> usize {
     HEADER_LEN + 8 + 4 + envelope_len

@@ -204,10 +204,11 @@ async fn compaction_relocates_stragglers_and_frees_old_segments() {
 
     let mut latest = envelope("u0@x.test");
     latest.attempts = 7;
-    spool.relocate_detached(straggler, &latest);
+    spool.update_detached(straggler, &latest);
+    spool.relocate_detached(straggler);
     // Its Done is queued before its relocation is processed: the relocation is dropped.
     spool.remove(removed_late).await.expect("remove");
-    spool.relocate_detached(removed_late, &envelope("u1@x.test"));
+    spool.relocate_detached(removed_late);
     // A synced record behind both: when it returns, they have been handled.
     let marker = spool.next_id();
     spool
@@ -259,7 +260,8 @@ async fn recovery_after_a_relocation_whose_old_segments_survived() {
         .collect();
     let mut latest = envelope("u0@x.test");
     latest.attempts = 3;
-    spool.relocate_detached(ids[0], &latest);
+    spool.update_detached(ids[0], &latest);
+    spool.relocate_detached(ids[0]);
     let marker = spool.next_id();
     spool
         .store(marker, &envelope("m@x.test"), &[b"marker"])
@@ -576,5 +578,47 @@ async fn a_spool_from_before_typed_statuses_loads() {
     assert_eq!(
         spool.read_message(message.id).await.expect("read"),
         b"Subject: old\r\n\r\nold spool\r\n"
+    );
+}
+
+/// Issue 17: the spool, not the scheduler's memory, has a queued message's envelope. It
+/// answers the last one submitted, before the writer has written it and after; after a
+/// restart (the index rebuilt without reading any envelope) the latest one on disk; and
+/// `ids_after` pages through the queue in id order.
+#[tokio::test]
+async fn envelope_is_the_latest_submitted_before_and_after_writing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+    let ids = store_many(&spool, 5, b"body").await;
+    assert_eq!(
+        spool.envelope(ids[2]).expect("stored"),
+        envelope("u2@x.test")
+    );
+    let mut changed = envelope("u2@x.test");
+    for attempt in 1..=20 {
+        changed.attempts = attempt;
+        // Detached: not yet written when read back, most of the time.
+        spool.update_detached(ids[2], &changed);
+        assert_eq!(spool.envelope(ids[2]).expect("pending"), changed);
+    }
+    spool.sync().await.expect("sync");
+    assert_eq!(spool.envelope(ids[2]).expect("written"), changed);
+    assert!(
+        spool.inner.index.lock().expect("index").pending.is_empty(),
+        "written envelopes leave the pending map"
+    );
+    spool.remove(ids[4]).await.expect("remove");
+    assert!(matches!(spool.envelope(ids[4]), Err(Error::NotFound(_))));
+    assert_eq!(spool.ids_after(None, 2), vec![ids[0], ids[1]]);
+    assert_eq!(spool.ids_after(Some(ids[1]), 10), vec![ids[2], ids[3]]);
+    assert_eq!(spool.last_id(), Some(ids[3]));
+    drop(spool);
+
+    let spool = Spool::open_observed(dir.path(), 1 << 20, None).expect("reopen");
+    assert_eq!(spool.len(), 4);
+    assert_eq!(spool.envelope(ids[2]).expect("after restart"), changed);
+    assert_eq!(
+        spool.envelope(ids[0]).expect("never updated"),
+        envelope("u0@x.test")
     );
 }

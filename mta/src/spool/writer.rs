@@ -20,7 +20,7 @@
 //! would leave less than `reserve` free get `Full` (`452`) without being written, while
 //! the batch's status records still are (see the `spool` module doc).
 
-use super::{Error, Index, Location, Readers, Volume, segment_path};
+use super::{Error, Index, Location, Readers, Stored, Volume, segment_path};
 use crate::queue::QueueId;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -30,6 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most requests handled in one group commit.
 const MAX_BATCH: usize = 512;
+/// Most bytes taken into one group commit (beyond the first request): a batch always
+/// fits in a segment's 32-bit offsets.
+const MAX_BATCH_BYTES: usize = 256 * 1024 * 1024;
 
 /// Whether the caller waits for the record to reach stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +49,12 @@ enum Effect {
     Insert { envelope_len: usize },
     /// The message is finished: unindex it.
     Remove,
-    /// Nothing to index (status update).
+    /// A status update: the message's envelope is now in this record.
+    Update,
+    /// Nothing to index.
     None,
-    /// Compaction: `bytes` holds the envelope JSON; the writer reads the message from where
-    /// the index has it and turns this into an `Insert` in the active segment.
+    /// Compaction: the writer reads the message and its current envelope from where the
+    /// index has them and turns this into an `Insert` in the active segment.
     Relocate,
 }
 
@@ -59,6 +64,8 @@ pub struct Append {
     id: QueueId,
     bytes: Vec<u8>,
     effect: Effect,
+    /// The envelope this record carries, as pending in the index until written.
+    submitted: Option<Arc<Vec<u8>>>,
     pub durability: Durability,
     pub done: Option<oneshot::Sender<Result<(), Error>>>,
 }
@@ -73,14 +80,21 @@ impl Append {
     pub fn other(id: QueueId, bytes: Vec<u8>) -> Self {
         Self::new(id, bytes, Effect::None)
     }
-    pub fn relocate(id: QueueId, envelope_json: Vec<u8>) -> Self {
-        Self::new(id, envelope_json, Effect::Relocate)
+    pub fn update(id: QueueId, bytes: Vec<u8>, envelope: Arc<Vec<u8>>) -> Self {
+        Self {
+            submitted: Some(envelope),
+            ..Self::new(id, bytes, Effect::Update)
+        }
+    }
+    pub fn relocate(id: QueueId) -> Self {
+        Self::new(id, Vec::new(), Effect::Relocate)
     }
     fn new(id: QueueId, bytes: Vec<u8>, effect: Effect) -> Self {
         Self {
             id,
             bytes,
             effect,
+            submitted: None,
             durability: Durability::Sync,
             done: None,
         }
@@ -144,10 +158,14 @@ impl Writer {
     fn run(mut self, mut requests: mpsc::UnboundedReceiver<Append>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = requests.blocking_recv() {
+            let mut bytes = first.bytes.len();
             batch.push(first);
-            while batch.len() < MAX_BATCH {
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match requests.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok(next) => {
+                        bytes += next.bytes.len();
+                        batch.push(next);
+                    }
                     Err(_) => break,
                 }
             }
@@ -164,6 +182,12 @@ impl Writer {
         self.refuse_messages_without_space(batch);
         if batch.is_empty() {
             return;
+        }
+        // Offsets in the index are 32-bit: a batch that would reach past that starts a
+        // new segment.
+        let bytes: u64 = batch.iter().map(|a| a.bytes.len() as u64).sum();
+        if self.offset > 0 && self.offset + bytes > super::MAX_SEGMENT_BYTES {
+            self.open_next_segment();
         }
         let start = self.offset;
         let began = std::time::Instant::now();
@@ -284,28 +308,40 @@ impl Writer {
         self.segment != before
     }
 
-    /// Turns each `Relocate` into a message record for the active segment, or into nothing
-    /// when the message is gone (its `Done` came first) or already in the active segment.
+    /// Turns each `Relocate` into a message record for the active segment, with the
+    /// message's current envelope (pending or written), or into nothing when the message
+    /// is gone (its `Done` came first) or already in the active segment.
     fn prepare_relocations(&mut self, batch: &mut [Append]) {
         for append in batch
             .iter_mut()
             .filter(|a| matches!(a.effect, Effect::Relocate))
         {
-            let location = lock(&self.index).messages.get(&append.id).copied();
-            let content = location
-                .filter(|l| l.segment != self.segment)
-                .map(|l| read_at(&self.dir, l))
-                .transpose();
-            let envelope = std::mem::take(&mut append.bytes);
             append.effect = Effect::None;
-            match content {
-                Ok(Some(content)) => {
+            let (stored, pending) = {
+                let index = lock(&self.index);
+                (
+                    index.messages.get(&append.id).copied(),
+                    index.pending.get(&append.id).cloned(),
+                )
+            };
+            let Some(stored) = stored.filter(|s| s.message.segment != self.segment) else {
+                continue;
+            };
+            let read = read_at(&self.dir, stored.message).and_then(|content| {
+                let envelope = match &pending {
+                    Some(json) => json.to_vec(),
+                    None => read_at(&self.dir, stored.envelope)?,
+                };
+                Ok((content, envelope))
+            });
+            match read {
+                Ok((content, envelope)) => {
                     append.bytes = super::record::encode_message(append.id, &envelope, &[&content]);
                     append.effect = Effect::Insert {
                         envelope_len: envelope.len(),
                     };
+                    append.submitted = pending;
                 }
-                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(queue_id = %append.id, error = %e, "spool: cannot relocate message");
                 }
@@ -325,17 +361,25 @@ impl Writer {
         let mut index = lock(&self.index);
         let mut offset = start;
         for append in batch {
+            let at = |start: usize, len: usize| Location {
+                segment: self.segment,
+                offset: (offset + start as u64) as u32,
+                len: len as u32,
+            };
             match append.effect {
                 Effect::Insert { envelope_len } => {
                     let message_offset = super::record::message_offset(envelope_len);
-                    index.add(
-                        append.id,
-                        Location {
-                            segment: self.segment,
-                            offset: offset + message_offset as u64,
-                            len: (append.bytes.len() - message_offset) as u32,
-                        },
-                    );
+                    let stored = Stored {
+                        message: at(message_offset, append.bytes.len() - message_offset),
+                        envelope: at(message_offset - envelope_len, envelope_len),
+                    };
+                    index.add(append.id, stored);
+                    index.written(append.id, append.submitted.as_ref());
+                }
+                Effect::Update => {
+                    let start = super::record::UPDATE_ENVELOPE_OFFSET;
+                    let envelope = at(start, append.bytes.len() - start);
+                    index.moved_envelope(append.id, envelope, append.submitted.as_ref());
                 }
                 Effect::Remove => index.remove(append.id),
                 Effect::None | Effect::Relocate => {}
@@ -419,7 +463,7 @@ fn read_at(dir: &std::path::Path, location: Location) -> std::io::Result<Vec<u8>
     use std::os::unix::fs::FileExt;
     let file = File::open(segment_path(dir, location.segment))?;
     let mut buf = vec![0; location.len as usize];
-    file.read_exact_at(&mut buf, location.offset)?;
+    file.read_exact_at(&mut buf, u64::from(location.offset))?;
     Ok(buf)
 }
 
