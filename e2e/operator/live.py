@@ -62,6 +62,25 @@ class Kube:
     def logs(self, pod, ns, **kw):
         return self.run("logs", pod, "-n", ns, check=False, **kw).stdout
 
+    def restarts(self, pod, ns):
+        """(restart count, why): the containers' restarts, each with how its last run
+        ended and the tail of its log, so a failed assertion says what happened."""
+        obj = self.json("get", "pod", pod, "-n", ns)
+        count, why = 0, []
+        for c in obj["status"].get("containerStatuses", []):
+            count += c["restartCount"]
+            if c["restartCount"]:
+                previous = self.run("logs", pod, "-n", ns, "-c", c["name"], "--previous",
+                                    "--tail=30", check=False)
+                why.append(f"{c['name']}: {c['restartCount']} restart(s); last ended "
+                           f"{json.dumps(c.get('lastState', {}))}\nprevious log:\n"
+                           f"{previous.stdout}{previous.stderr}")
+        if count:
+            events = self.run("get", "events", "-n", ns, "--field-selector",
+                              f"involvedObject.name={pod}", check=False).stdout
+            why.append(f"events:\n{events}")
+        return count, "\n".join(why)
+
 
 def kubectl_path():
     found = shutil.which("kubectl")

@@ -217,6 +217,8 @@ def test_3_the_issued_secret_is_mounted_and_served(kube, operator, state):
     pod = kube.json("get", "pod", "mx-0", "-n", NS)
     ip = pod["status"]["podIP"]
     assert served_serial(ip) == pair.serial
+    restarts, why = kube.restarts("mx-0", NS)
+    assert restarts == 0, why
     assert obj["status"]["certificateNotAfter"] == rfc3339(pair.not_after)
     assert obj["status"]["renewalTime"] == rfc3339(pair.not_after - datetime.timedelta(days=30))
     log(f"serving serial {pair.serial:x}; notAfter {obj['status']['certificateNotAfter']}, "
@@ -255,7 +257,8 @@ def test_4_a_renewal_is_served_without_restart_or_failed_handshake(kube, operato
     assert {s for _, s in served} == {old.serial, renewed.serial}
     pod = kube.json("get", "pod", "mx-0", "-n", NS)
     assert pod["metadata"]["uid"] == state["pod_uid"], "the same pod"
-    assert sum(c["restartCount"] for c in pod["status"]["containerStatuses"]) == 0
+    restarts, why = kube.restarts("mx-0", NS)
+    assert restarts == 0, why
     log(f"renewal: {len(served)} STARTTLS handshakes, 0 failed; new serial served "
         f"{seen - written:.1f} s after the Secret was written (the kubelet's volume sync)")
 

@@ -112,6 +112,12 @@ fn mount(name: &str, path: &str) -> VolumeMount {
     }
 }
 
+const PROBE_TIMEOUT_SECONDS: i32 = 5;
+
+/// An HTTP probe of the MTA's observability port. Its answers are immediate, but a
+/// node that is busy (a kubelet on two cores running the pod, its clients and the
+/// control plane) may hold one back past the default one second: each probe waits
+/// `PROBE_TIMEOUT_SECONDS`, so only an MTA that really stopped answering fails it.
 fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -120,6 +126,7 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
+        timeout_seconds: Some(PROBE_TIMEOUT_SECONDS),
         failure_threshold: Some(failures),
         ..Probe::default()
     }
@@ -240,7 +247,7 @@ pub fn stateful_set(
             format!("{CONFIG_DIR}/{CONFIG_FILE}"),
         ]),
         ports: Some(ports),
-        liveness_probe: Some(probe("/healthz", 10, 3)),
+        liveness_probe: Some(probe("/healthz", 10, 6)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
