@@ -207,7 +207,13 @@ async fn handle(
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST)).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let response = match Line::parse(&line, &token) {
+        let parsed = Line::parse(&line, &token);
+        if matches!(parsed, Line::Request(Request::Queue(_))) {
+            // Queue operations see the whole queue: they wait until start-up recovery has
+            // scheduled every message the spool holds (seconds, for a million).
+            drain.recovered().await;
+        }
+        let response = match parsed {
             Line::Foreign => {
                 tracing::warn!(%peer, "admin: not the admin protocol; connection closed");
                 return;

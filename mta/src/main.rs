@@ -411,7 +411,7 @@ async fn serve(config: MtaConfig, path: Option<PathBuf>) -> ExitCode {
     print!("{summary}");
     if server.recovered > 0 {
         println!(
-            "petrel-mta: {} queued messages recovered from the spool",
+            "petrel-mta: {} queued messages in the spool, being scheduled in the background",
             server.recovered
         );
     }

@@ -64,7 +64,7 @@ pub async fn run(ctx: Arc<Context>, drain: Arc<Drain>, through: Option<QueueId>)
             messages = scheduled,
             unreadable,
             seconds = began.elapsed().as_secs_f64(),
-            "recovery complete: every queued message is scheduled"
+            "recovered: every queued message is scheduled"
         );
     }
 }

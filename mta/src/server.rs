@@ -144,7 +144,7 @@ impl Server {
         if count > 0 {
             tracing::info!(
                 messages = count,
-                "recovered queued messages from the spool; scheduling them in the background"
+                "queued messages in the spool: scheduling them in the background"
             );
         }
         let drain = Drain::open(ctx.clone()).map_err(|source| StartError::Drain {

@@ -295,6 +295,11 @@ impl Drain {
         self.origins.add_in_spool(in_spool).await
     }
 
+    /// Returns once start-up recovery has scheduled every message the spool held.
+    pub async fn recovered(&self) {
+        let _ = self.recovered.subscribe().wait_for(|done| *done).await;
+    }
+
     /// Start-up recovery is over: hand-overs are taken from now on.
     pub fn recovery_complete(&self) {
         self.recovered.send_replace(true);
@@ -437,7 +442,7 @@ impl Drain {
     ) -> Received {
         // Until recovery has put every origin in the spool on record, a resend could look
         // new.
-        let _ = self.recovered.subscribe().wait_for(|done| *done).await;
+        self.recovered().await;
         let claimed = match self.origins.claim(&origin, envelope.received_at).await {
             Claim::Known => {
                 tracing::info!(origin_pod = %origin.pod, origin_id = %origin.id, "hand-over already stored here: duplicate");

@@ -587,13 +587,18 @@ impl Scheduler {
         if !self.messages.contains_key(&id) {
             return;
         }
-        let Some(loaded) = self.envelope(id) else {
+        let Some(mut loaded) = self.envelope(id) else {
             // Held, so that it is not tried again and again; `queue show` has it.
             if let Some(entry) = self.messages.get_mut(&id) {
                 entry.set(Phase::Held);
             }
             return;
         };
+        if loaded.held {
+            // Released since it was held (see `release`): now it says so on disk too.
+            loaded.held = false;
+            self.ctx.spool.update_detached(id, &loaded);
+        }
         let config = self.ctx.config();
         let envelope = Arc::new(loaded.clone());
         self.loaded.insert(id, loaded);
@@ -728,24 +733,30 @@ impl Scheduler {
             return;
         };
         entry.hold_after_round = false;
-        if !matches!(entry.phase, PhaseKind::Pinned | PhaseKind::Held) {
-            return;
+        match entry.phase {
+            PhaseKind::Held => {
+                // The envelope on disk still says held until the round starts (see
+                // `start_round`): `release --all` of a million messages writes nothing
+                // at once, and a crash before a message's round brings it back held.
+                entry.set(Phase::Waiting(now));
+                self.due.insert((now, id));
+            }
+            PhaseKind::Pinned => {
+                let Some(mut envelope) = self.envelope(id) else {
+                    return;
+                };
+                tracing::warn!(queue_id = %id, peer = envelope.handoff_peer.as_deref().unwrap_or("-"), "released while pinned to a peer: delivered from here (the peer may deliver it too)");
+                envelope.handoff_peer = None;
+                envelope.handoff_peer_spool = None;
+                envelope.held = false;
+                if let Some(entry) = self.messages.get_mut(&id) {
+                    entry.set(Phase::Waiting(now));
+                }
+                self.due.insert((now, id));
+                self.ctx.spool.update_detached(id, &envelope);
+            }
+            _ => {}
         }
-        let Some(mut envelope) = self.envelope(id) else {
-            return;
-        };
-        let Some(entry) = self.messages.get_mut(&id) else {
-            return;
-        };
-        if entry.phase == PhaseKind::Pinned {
-            tracing::warn!(queue_id = %id, peer = envelope.handoff_peer.as_deref().unwrap_or("-"), "released while pinned to a peer: delivered from here (the peer may deliver it too)");
-            envelope.handoff_peer = None;
-            envelope.handoff_peer_spool = None;
-        }
-        envelope.held = false;
-        entry.set(Phase::Waiting(now));
-        self.due.insert((now, id));
-        self.ctx.spool.update_detached(id, &envelope);
     }
 
     /// The phase of a message that is in no round: pinned, held, or waiting (then in
@@ -785,9 +796,17 @@ impl Scheduler {
             .collect();
         let mut taken = Vec::with_capacity(ids.len());
         for id in ids {
-            let Some(envelope) = self.envelope(id) else {
+            let Some(mut envelope) = self.envelope(id) else {
                 continue;
             };
+            if self
+                .messages
+                .get(&id)
+                .is_some_and(|e| e.phase == PhaseKind::Waiting)
+            {
+                // Released, with its round not started yet (see `release`).
+                envelope.held = false;
+            }
             let Some(entry) = self.messages.get_mut(&id) else {
                 continue;
             };
