@@ -5,10 +5,11 @@ mta/src imports one that imports it back").
 An edge A -> B is a `crate::b…` path in A's source (a `use` or a qualified path), with
 modules named by their first path segment below `crate` (`crate::queue::scheduler` is
 `queue`), so the graph is the one between the crate's top-level modules; `--deep` uses
-two segments (`queue::scheduler`). Prints every strongly connected component of more
-than one module, then the edges inside it. Exit code 0 either way: it reports.
+two segments (`queue::inbox`). Prints every strongly connected component of more
+than one module, then the edges inside it. Exit code 0, or with `--check` 1 when there is
+a cycle (the test command runs it so, for mta/src, operator/src and crds/src).
 
-Usage: scripts/import_cycles.py [--deep] [SRC_DIR]   (default mta/src)
+Usage: scripts/import_cycles.py [--deep] [--check] [SRC_DIR]   (default mta/src)
 """
 import re
 import sys
@@ -92,3 +93,5 @@ for c in cycles:
     for a in c:
         inside = sorted(t for t in edges.get(a, ()) if t in c)
         print(f"  {a} -> {', '.join(inside)}")
+if "--check" in sys.argv and cycles:
+    sys.exit(1)

@@ -54,6 +54,11 @@ say "disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free
 say "cargo fmt --check"
 cargo fmt --all -- --check
 
+say "import direction: no module imports one that imports it back (scripts/import_cycles.py)"
+for src in mta/src operator/src crds/src; do
+    python3 scripts/import_cycles.py --check "$src"
+done
+
 say "cargo clippy -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 

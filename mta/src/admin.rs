@@ -25,7 +25,7 @@
 use crate::context::Context;
 use crate::drain::{AdminDrain, Drain, Report};
 use crate::files;
-use crate::queue::scheduler::{AdminRequest, AdminResponse, QueueEntry};
+use crate::qmgr::{AdminRequest, AdminResponse, QueueEntry};
 use crate::shutdown::Shutdown;
 use std::io::Write as _;
 use std::path::Path;
@@ -410,7 +410,7 @@ pub fn render_list_rows(messages: &[QueueEntry]) -> String {
         let pending = m.recipients.iter().filter(|r| !r.status.is_final()).count();
         let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
         let next = match m.next_attempt_at {
-            Some(at) => crate::cleanup::rfc5322_date(at),
+            Some(at) => crate::dates::rfc5322_date(at),
             None => "-".to_owned(),
         };
         let _ = writeln!(
@@ -437,7 +437,7 @@ pub fn render(response: &AdminResponse) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let next = |at: Option<u64>| match at {
-        Some(at) => crate::cleanup::rfc5322_date(at),
+        Some(at) => crate::dates::rfc5322_date(at),
         None => "-".to_owned(),
     };
     match response {
@@ -454,7 +454,7 @@ pub fn render(response: &AdminResponse) -> String {
             let _ = writeln!(
                 out,
                 "received:      {}",
-                crate::cleanup::rfc5322_date(m.received_at)
+                crate::dates::rfc5322_date(m.received_at)
             );
             let _ = writeln!(out, "attempts:      {}", m.attempts);
             let _ = writeln!(out, "next attempt:  {}", next(m.next_attempt_at));

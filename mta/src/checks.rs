@@ -8,7 +8,7 @@
 //! answer `451 4.7.1`, and verification writes `temperror` into the header.
 
 use crate::context::Context;
-use crate::session::Reply;
+use crate::reply::Reply;
 use mta_auth::{DmarcDisposition, InboundFacts};
 use mta_config::{DnsblAction, MtaConfig};
 use std::net::IpAddr;

@@ -2,12 +2,10 @@
 //! connection counters.
 
 use crate::fleet_limits::FleetLimiter;
-use crate::queue::Status;
-use crate::queue::scheduler::SchedulerHandle;
+use crate::queue::inbox::SchedulerHandle;
 use crate::spool::Spool;
 use crate::tls::Certificates;
 use crate::users::Users;
-use hickory_resolver::TokioResolver;
 use mta_config::MtaConfig;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,7 +31,7 @@ pub struct Context {
     /// Whether new mail is taken: not while draining (a drain, or shutdown).
     pub intake: Intake,
     /// Outcome of the last config reload.
-    pub reload: crate::reload::ReloadState,
+    pub reload: ReloadState,
     /// Recent AUTH failures per source and per source and user.
     auth_failures: crate::limits::AuthFailures,
     /// Password checks running at once (each Argon2 check holds its memory cost, 19 MiB
@@ -42,17 +40,27 @@ pub struct Context {
     connections: Mutex<Connections>,
     /// Open sessions, for closing the one waiting longest when `max_connections` is
     /// reached (issue 13, item 6).
-    pub sessions: Arc<crate::session::pressure::Sessions>,
-    /// MTA-STS policies of recipient domains (RFC 8461), cached per domain.
-    pub mta_sts: crate::delivery::mta_sts::PolicyCache,
-    /// Built on first use, rebuilt when `dns` in the config changes.
-    resolver: Mutex<Option<(mta_config::DnsConfig, Arc<TokioResolver>)>>,
-    /// The DNSSEC-validating resolver for DANE (RFC 7672); also rebuilt on changes.
-    pub dane: crate::delivery::dane::ValidatingResolver,
-    /// TLS-RPT (RFC 8460) counts of this period and the task that reports them.
-    pub tls_rpt: crate::delivery::smtp::tls_rpt::Reporter,
-    /// Outbound shaping: connection permits, rates and throttle state per site.
-    pub sites: crate::delivery::site::Sites,
+    pub sessions: Arc<crate::pressure::Sessions>,
+}
+
+/// The outcome of the last config reload, for health reporting.
+#[derive(Debug, Default)]
+pub struct ReloadState {
+    /// Why the newest config file was refused; `None` when the config in force is the
+    /// newest one.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ReloadState {
+    pub fn error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    pub fn set(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
 }
 
 /// Whether this MTA takes new mail. While draining (a drain was asked for, or shutdown has
@@ -172,18 +180,13 @@ impl Context {
             verifier: None,
             metrics: mta_telemetry::MtaMetrics::new(),
             intake: Intake::default(),
-            reload: crate::reload::ReloadState::default(),
+            reload: ReloadState::default(),
             auth_failures: Default::default(),
             password_checks: Arc::new(tokio::sync::Semaphore::new(
                 crate::users::MAX_CONCURRENT_CHECKS,
             )),
             connections: Mutex::new(Connections::default()),
             sessions: Default::default(),
-            mta_sts: Default::default(),
-            resolver: Mutex::new(None),
-            dane: Default::default(),
-            tls_rpt: Default::default(),
-            sites: Default::default(),
         }
     }
 
@@ -261,24 +264,6 @@ impl Context {
     /// Records a failed AUTH.
     pub fn auth_failed(&self, ip: IpAddr, user: &str) {
         self.auth_failures.failed(ip, user);
-    }
-
-    /// The DNS resolver for the current `dns` config.
-    pub fn resolver(&self) -> Result<Arc<TokioResolver>, Status> {
-        let dns = self.config().dns.clone();
-        let mut cached = self.resolver.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((config, resolver)) = cached.as_ref()
-            && *config == dns
-        {
-            return Ok(resolver.clone());
-        }
-        let resolver = Arc::new(crate::delivery::route::resolver(&dns).map_err(|e| {
-            crate::delivery::outcome::DeliveryError::Dns {
-                detail: e.to_string(),
-            }
-        })?);
-        *cached = Some((dns, resolver.clone()));
-        Ok(resolver)
     }
 
     /// SMTP connections open now (sessions, and connections waiting for their PROXY

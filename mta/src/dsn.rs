@@ -156,7 +156,7 @@ pub fn build(
             "Your message was delivered to the recipients below.",
         ),
     };
-    let date = crate::cleanup::rfc5322_date(now);
+    let date = crate::dates::rfc5322_date(now);
     let mut out = String::new();
     let _ = write!(
         out,
@@ -201,7 +201,7 @@ pub fn build(
     let _ = write!(
         out,
         "Arrival-Date: {}\r\n",
-        crate::cleanup::rfc5322_date(envelope.received_at)
+        crate::dates::rfc5322_date(envelope.received_at)
     );
     for r in recipients {
         let _ = write!(out, "\r\nFinal-Recipient: rfc822; {}\r\n", r.address);
@@ -234,7 +234,7 @@ pub fn build(
             let _ = write!(
                 out,
                 "Will-Retry-Until: {}\r\n",
-                crate::cleanup::rfc5322_date(until)
+                crate::dates::rfc5322_date(until)
             );
         }
     }

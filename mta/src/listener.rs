@@ -19,11 +19,11 @@
 //!
 //! At `smtpd.max_connections`, a new connection is admitted in place of the session that
 //! has waited longest for a command, when one has waited `smtpd.pressure_idle_timeout`
-//! (see `session::pressure`); otherwise it is refused.
+//! (see `crate::pressure`); otherwise it is refused.
 
 use crate::context::{ConnectionRefused, ConnectionSlot, Context};
+use crate::pressure::Evicted;
 use crate::proxy;
-use crate::session::pressure::Evicted;
 use crate::session::{Reply, Session};
 use crate::shutdown::Shutdown;
 use crate::stream::Stream;

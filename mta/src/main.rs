@@ -2,8 +2,8 @@
 //! `--config`); `check-config` validates a config file without starting anything.
 
 use clap::{Parser, Subcommand};
+use mta::qmgr::{AdminRequest, AdminResponse};
 use mta::queue::QueueId;
-use mta::queue::scheduler::{AdminRequest, AdminResponse};
 use mta::server::Server;
 use mta_config::{LocalDelivery, MtaConfig};
 use std::path::PathBuf;

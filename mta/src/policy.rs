@@ -11,7 +11,7 @@
 
 use crate::local;
 use crate::queue::split_address;
-use crate::session::Reply;
+use crate::reply::Reply;
 use mta_config::MtaConfig;
 use std::net::IpAddr;
 

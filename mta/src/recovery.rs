@@ -52,7 +52,9 @@ pub async fn run(ctx: Arc<Context>, drain: Arc<Drain>, through: Option<QueueId>)
             tracing::error!(error = %e, "recovery: hand-over origins not recorded (their envelopes still carry them)");
         }
         scheduled += batch.len();
-        ctx.scheduler.enqueue_recovered(batch).await;
+        if !ctx.scheduler.enqueue_recovered(batch).await {
+            return; // shutdown: the rest stays in the spool for the next start
+        }
         if next >= last {
             break;
         }

@@ -9,7 +9,7 @@
 //!   address, the rate limits' Redis URL and timeout) are logged as such; the *contents* of the TLS and users files are reloaded
 //!   on their own.
 //! * invalid: refused with a log line; the old config stays, and the error is kept in
-//!   [`ReloadState`] for the health endpoint.
+//!   [`crate::context::ReloadState`] for the health endpoint.
 
 use crate::context::Context;
 use crate::files::stamp;
@@ -18,32 +18,12 @@ use mta_config::{ListenerConfig, ListenerKind, MtaConfig};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
-
-/// The outcome of the last reload, for health reporting.
-#[derive(Debug, Default)]
-pub struct ReloadState {
-    /// Why the newest config file was refused; `None` when the config in force is the
-    /// newest one.
-    pub last_error: Mutex<Option<String>>,
-}
-
-impl ReloadState {
-    pub fn error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-    fn set(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
-    }
-}
 
 /// A running listener and how to stop it.
 pub struct RunningListener {

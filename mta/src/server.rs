@@ -4,7 +4,7 @@
 
 use crate::context::Context;
 use crate::drain::Drain;
-use crate::queue::scheduler::{self, SchedulerHandle};
+use crate::qmgr::{self, SchedulerHandle};
 use crate::reload::{self, Listeners};
 use crate::shutdown::Trigger;
 use crate::spool::{self, Spool};
@@ -128,7 +128,6 @@ impl Server {
         let mut context = Context::new(config, spool, handle, certificates, users);
         context.verifier = verifier;
         context.metrics = metrics;
-        context.sites = crate::delivery::site::Sites::new(context.metrics.clone());
         context.limiter = crate::fleet_limits::FleetLimiter::start(
             context.config().smtpd.rate_limits.redis.as_ref(),
             context.metrics.clone(),
@@ -153,8 +152,14 @@ impl Server {
         })?;
         tokio::spawn(crate::recovery::run(ctx.clone(), drain.clone(), through));
         tokio::spawn(drain.clone().run(trigger.subscribe()));
-        tokio::spawn(scheduler::run(ctx.clone(), commands, trigger.subscribe()));
-        crate::delivery::smtp::tls_rpt::start(ctx.clone(), trigger.subscribe());
+        let outbound = Arc::new(crate::delivery::Outbound::new(ctx.clone()));
+        tokio::spawn(qmgr::run(
+            ctx.clone(),
+            outbound.clone(),
+            commands,
+            trigger.subscribe(),
+        ));
+        crate::delivery::smtp::tls_rpt::start(outbound, trigger.subscribe());
         let admin = TcpListener::bind(ctx.config().admin.address)
             .await
             .map_err(|source| StartError::Bind {

@@ -30,12 +30,12 @@
 pub mod classify;
 pub mod dane;
 pub mod mta_sts;
+pub mod outbound;
 pub mod outcome;
 pub mod route;
 pub mod site;
 pub mod smtp;
 
-use crate::context::Context;
 use crate::fleet_limits::ConnectionLease;
 use crate::local::{self, Delivered};
 use crate::queue::{Envelope, QueueId, Status, split_address};
@@ -43,6 +43,7 @@ use crate::shutdown::Shutdown;
 use mta_config::{LocalDelivery, MtaConfig, RouteAuth, TlsMode};
 use mta_telemetry::Outcome;
 use mta_telemetry::spans::field;
+pub use outbound::Outbound;
 use outcome::DeliveryError;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -178,7 +179,7 @@ fn route_for(config: &MtaConfig, address: &str) -> Route {
 
 /// All destinations with work or workers.
 pub struct Destinations {
-    ctx: Arc<Context>,
+    ctx: Arc<Outbound>,
     shutdown: Shutdown,
     queues: HashMap<Route, Arc<Destination>>,
     /// Idle destinations are forgotten when the map grows past this size (so the work
@@ -222,7 +223,7 @@ const IDLE_CONNECTION_TIME: Duration = Duration::from_secs(2);
 pub const SLOT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Destinations {
-    pub fn new(ctx: Arc<Context>, shutdown: Shutdown) -> Self {
+    pub fn new(ctx: Arc<Outbound>, shutdown: Shutdown) -> Self {
         Self {
             ctx,
             shutdown,
@@ -282,7 +283,7 @@ impl Destination {
     /// out: another worker is already waiting, the items are gone, or shutdown.
     async fn connection_slot(
         self: &Arc<Self>,
-        ctx: &Arc<Context>,
+        ctx: &Arc<Outbound>,
         shutdown: &mut Shutdown,
     ) -> Option<ConnectionLease> {
         let Some(destination) = &self.fleet_destination else {
@@ -338,7 +339,7 @@ impl Destination {
     /// (the caller, holding a slot but no item yet, counts as one that will).
     fn start_worker_if_wanted(
         self: &Arc<Self>,
-        ctx: &Arc<Context>,
+        ctx: &Arc<Outbound>,
         shutdown: &Shutdown,
         limit: usize,
     ) {
@@ -401,7 +402,7 @@ impl Destination {
     }
 }
 
-async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: Shutdown) {
+async fn worker(ctx: Arc<Outbound>, destination: Arc<Destination>, mut shutdown: Shutdown) {
     // Held until the connection below has closed.
     let Some(slot) = destination.connection_slot(&ctx, &mut shutdown).await else {
         return;
@@ -456,7 +457,7 @@ async fn worker(ctx: Arc<Context>, destination: Arc<Destination>, mut shutdown: 
 }
 
 async fn deliver(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     route: &Route,
     item: &WorkItem,
     connection: &mut smtp::Session,
@@ -492,7 +493,7 @@ async fn deliver(
 }
 
 async fn deliver_maildir(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     root: &std::path::Path,
     item: &WorkItem,
     message: Arc<Vec<u8>>,

@@ -12,7 +12,7 @@ use super::outcome::DeliveryError;
 use super::route::{self, Target};
 use super::site::{SiteKey, SitePermit, TlsPolicy};
 use super::{NextHop, Route, WorkItem, outcome};
-use crate::context::Context;
+use crate::delivery::Outbound;
 use crate::queue::{BodyType, DsnReturn, Status};
 use crate::shutdown::Shutdown;
 use mta_client::{
@@ -50,7 +50,7 @@ impl Session {
 
     pub async fn deliver(
         &mut self,
-        ctx: &Arc<Context>,
+        ctx: &Arc<Outbound>,
         route: &Route,
         item: &WorkItem,
         message: &[u8],
@@ -196,7 +196,7 @@ enum Sts {
 /// Resolves the route and connects to the first host that answers. Also says whether the
 /// connection's TLS was verified (REQUIRETLS messages need that), and the host's name.
 async fn connect(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     config: &MtaConfig,
     route: &Route,
     require_tls: bool,
@@ -349,7 +349,7 @@ type Connected = (Connection, bool, String, Option<SitePermit>);
 /// What an SMTP delivery needs to take its site's permit ([`super::site`]) once its hosts
 /// are known; LMTP has none.
 struct Gate<'a> {
-    ctx: &'a Arc<Context>,
+    ctx: &'a Arc<Outbound>,
     config: &'a MtaConfig,
     /// The recipient domain (none for a smarthost).
     domain: Option<&'a str>,
@@ -388,7 +388,7 @@ impl Gate<'_> {
 
 /// Where TLS-RPT results of one delivery by MX go: the domain asked for reports at `rua`.
 struct Rpt<'a> {
-    ctx: &'a Arc<Context>,
+    ctx: &'a Arc<Outbound>,
     domain: &'a str,
     rua: Vec<String>,
     /// The policy of hosts DANE does not govern: MTA-STS's, or none.

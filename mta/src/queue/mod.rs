@@ -6,8 +6,8 @@
 //! alone. Changing a field here changes the on-disk format: add fields with
 //! `#[serde(default)]` only.
 
+pub mod inbox;
 pub mod schedule;
-pub mod scheduler;
 mod status;
 
 pub use status::{Class, Diagnostic, Disposition, Status};

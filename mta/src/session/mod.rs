@@ -29,9 +29,9 @@ mod data;
 mod ehlo;
 pub mod guard;
 mod mail;
-pub mod pressure;
+pub use crate::pressure;
 mod rcpt;
-pub mod reply;
+pub use crate::reply;
 mod starttls;
 
 use crate::context::Context;

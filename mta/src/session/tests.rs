@@ -2,7 +2,7 @@
 //! temporary directory, and the scheduler's inbox inspected directly.
 
 use super::*;
-use crate::queue::scheduler::{Command, SchedulerHandle};
+use crate::qmgr::{Command, SchedulerHandle};
 use crate::queue::{Envelope, QueueId};
 use crate::shutdown::Trigger;
 use crate::spool::Spool;

@@ -101,7 +101,7 @@ impl Volume {
 type Readers = Arc<Mutex<HashMap<u32, Arc<File>>>>;
 
 /// Why the spool could not do what was asked. Each variant's doc names the SMTP reply the
-/// session sends for it (see `session::reply`).
+/// session sends for it (see `crate::reply`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The volume is full (ENOSPC/EDQUOT). Reply `452 4.3.1`; nothing already accepted is

@@ -30,7 +30,7 @@
 //! Not here: `dane-required` (Petrel has no setting that requires DANE), and a report
 //! whose lock holder dies before sending it (it is lost, not sent twice).
 
-use crate::context::Context;
+use crate::delivery::Outbound;
 use crate::queue::{Envelope, Recipient};
 use crate::shutdown::Shutdown;
 use base64::Engine;
@@ -319,7 +319,7 @@ impl Reporter {
     /// in the period of now.
     pub fn record(
         &self,
-        ctx: &Arc<Context>,
+        ctx: &Arc<Outbound>,
         domain: &str,
         rua: &[String],
         policy: PolicyKey,
@@ -656,7 +656,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// Loads the saved counts from the spool directory and starts the reporter task, which
 /// saves them at `shutdown`.
-pub fn start(ctx: Arc<Context>, shutdown: Shutdown) {
+pub fn start(ctx: Arc<Outbound>, shutdown: Shutdown) {
     let path = ctx.config().spool.path.join(FILE_NAME);
     ctx.tls_rpt.load(&path);
     tokio::spawn(run(ctx, path, shutdown));
@@ -664,7 +664,7 @@ pub fn start(ctx: Arc<Context>, shutdown: Shutdown) {
 
 /// The reporter task: every [`TICK`], counts to Redis (when configured) and reports of
 /// ended periods; saves every [`SAVE_INTERVAL`] and at shutdown.
-async fn run(ctx: Arc<Context>, path: PathBuf, mut shutdown: Shutdown) {
+async fn run(ctx: Arc<Outbound>, path: PathBuf, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_save = tokio::time::Instant::now();
@@ -717,7 +717,7 @@ const RUA_FIELD: &str = "rua";
 /// Hands this pod's counts of periods not yet reported to Redis, in one transaction;
 /// on failure they stay here (and are reported by this pod if Redis is still
 /// unreachable when their period's report is due).
-async fn to_redis(ctx: &Arc<Context>, now: u64) {
+async fn to_redis(ctx: &Arc<Outbound>, now: u64) {
     let periods = ctx
         .tls_rpt
         .take_periods(|p| p.end + REDIS_GRACE.as_secs() > now);
@@ -762,7 +762,7 @@ async fn to_redis(ctx: &Arc<Context>, now: u64) {
 /// Reports this pod's own counts of ended periods: all of them without Redis; with it,
 /// those that could not reach Redis before their report was due.
 async fn report_alone(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     config: &mta_config::MtaConfig,
     path: &Path,
     now: u64,
@@ -795,7 +795,7 @@ async fn report_alone(
 /// Sends the fleet's reports of ended periods this pod has counts of in Redis: for each
 /// domain of the period, the pod that gets the lock sends it. A period stays pending
 /// while Redis cannot answer, until its keys expire.
-async fn report_from_redis(ctx: &Arc<Context>, config: &mta_config::MtaConfig, now: u64) {
+async fn report_from_redis(ctx: &Arc<Outbound>, config: &mta_config::MtaConfig, now: u64) {
     let due: Vec<(u64, u64)> = {
         let state = ctx.tls_rpt.lock();
         state
@@ -827,7 +827,7 @@ async fn report_from_redis(ctx: &Arc<Context>, config: &mta_config::MtaConfig, n
 /// The fleet's reports of one period (see [`report_from_redis`]); `None` when Redis did
 /// not answer.
 async fn fleet_reports(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     config: &mta_config::MtaConfig,
     submitter: &Submitter,
     start: u64,
@@ -882,7 +882,7 @@ fn counts_from_fields(fields: &HashMap<String, String>) -> DomainCounts {
 
 /// Sends one report to each of its `rua` URIs; failures are logged.
 async fn send(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     config: &mta_config::MtaConfig,
     submitter: &Submitter,
     report: &Report,
@@ -926,7 +926,7 @@ pub fn report_sender(config: &mta_config::MtaConfig) -> String {
 
 /// §5.3: a `multipart/report; report-type="tlsrpt"` message into our own queue.
 async fn mail(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     config: &mta_config::MtaConfig,
     organization: &str,
     sender: &str,
@@ -980,7 +980,7 @@ async fn mail(
          --{boundary}--\r\n",
         domain = report.domain,
         rid = report.id,
-        date = crate::cleanup::rfc5322_date(now),
+        date = crate::dates::rfc5322_date(now),
     );
     let mut recipient = Recipient::new(to.to_owned());
     // A report about a report, or a notice about one, is never wanted.
@@ -1002,7 +1002,7 @@ async fn mail(
 /// counts as received. The certificate is verified as for MTA-STS (Mozilla roots plus
 /// `smtp_client.ca_file`).
 async fn post(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     config: &mta_config::MtaConfig,
     uri: &str,
     gzipped: &[u8],

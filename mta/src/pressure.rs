@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::{Duration, Instant};
 
-/// The open sessions of this MTA (one per [`crate::context::Context`]).
+/// The open sessions of this MTA (one per MTA context).
 #[derive(Debug, Default)]
 pub struct Sessions {
     registry: Mutex<Registry>,

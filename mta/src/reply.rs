@@ -84,7 +84,7 @@ impl Reply {
     pub const CHUNK_NOT_READ: Reply = reply(421, [4, 5, 0], "Chunk not read, closing connection");
     pub const TIMEOUT: Reply = reply(421, [4, 4, 2], "Timeout exceeded, closing connection");
     /// `smtpd.max_connections` is reached and this session has waited longest for a
-    /// command: it makes room for a new connection (see `session::pressure`).
+    /// command: it makes room for a new connection (see `crate::pressure`).
     pub const CLOSED_FOR_NEW_CONNECTION: Reply = reply(
         421,
         [4, 4, 2],

@@ -11,7 +11,7 @@
 //! recipients are grouped by destination and queued there ([`crate::delivery`]) → each
 //! group reports back → when the round is complete, either every recipient is final (the
 //! message is retired, with a bounce for failures) or it waits again with backoff
-//! ([`super::schedule`]). Expiry (`queue.max_age`) fires whatever state the message is in:
+//! ([`crate::queue::schedule`]). Expiry (`queue.max_age`) fires whatever state the message is in:
 //! waiting, held, or in the middle of a round (then it takes effect when the round ends).
 //!
 //! Drain (issue 16): a draining MTA checks messages *out* ([`SchedulerHandle::check_out`])
@@ -29,251 +29,29 @@
 //! expiry with paused time. After a restart, all of this is rebuilt from the spool: each
 //! envelope carries its attempts, next attempt time, hold flag and recipient statuses.
 
-use super::schedule;
-use super::{Envelope, QueueId, Status};
 use crate::context::Context;
 use crate::delivery::outcome::{self, GaveUp};
 use crate::delivery::{self, Destinations, WorkItem};
 use crate::dense_map::{DenseMap, DenseSet};
 use crate::dsn;
+pub use crate::queue::inbox::{
+    AdminRequest, AdminResponse, Command, QueueEntry, SchedulerHandle, Stats,
+};
+use crate::queue::schedule;
+use crate::queue::{Envelope, QueueId, Status};
 use crate::shutdown::Shutdown;
-use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Messages to the scheduler task.
-#[derive(Debug)]
-pub enum Command {
-    /// A message is newly in the spool (accepted, or a bounce we made).
-    Enqueue { id: QueueId, envelope: Envelope },
-    /// Messages recovered from the spool at start-up, a batch at a time; `done` is
-    /// answered once they are scheduled (so recovery never piles up in this channel).
-    EnqueueRecovered {
-        messages: Vec<(QueueId, Envelope)>,
-        done: oneshot::Sender<()>,
-    },
-    /// A destination finished its part of an attempt round.
-    Attempted {
-        id: QueueId,
-        results: Vec<(usize, Status)>,
-        /// The host that answered, when one was reached.
-        remote_mta: Option<String>,
-    },
-    /// An operator's request (`petrel-mta queue …`).
-    Admin(AdminRequest, oneshot::Sender<AdminResponse>),
-    /// A drain takes up to `max` messages to hand over (see [`SchedulerHandle::check_out`]),
-    /// or only pinned ones ([`SchedulerHandle::check_out_pinned`]).
-    CheckOut {
-        max: usize,
-        only_pinned: bool,
-        reply: oneshot::Sender<Vec<(QueueId, Envelope)>>,
-    },
-    /// A checked-out message stays here after all, with its envelope as the drain left it.
-    CheckIn { id: QueueId, envelope: Envelope },
-    /// A checked-out message is a peer's now: it leaves the queue and the spool.
-    HandedOff { id: QueueId },
-    /// Attempt rounds start again (a drain was cancelled).
-    ResumeRounds,
-    /// Counts, for drain progress.
-    Stats(oneshot::Sender<Stats>),
-}
-
-/// What the queue holds, for drain progress.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Messages in the queue, in any state.
-    pub queued: usize,
-    /// Messages with an attempt round out.
-    pub active: usize,
-    /// Messages checked out by a drain.
-    pub out: usize,
-    /// Messages pinned to the peer they were last offered to (see the module doc).
-    pub pinned: usize,
-    /// Messages retired with every recipient final (delivered or failed) since start.
-    pub finished: u64,
-}
+/// Messages released at a time by `release --all`.
+const RELEASE_PAGE: usize = 4096;
 
 /// Most messages relocated per compaction tick (each is read and rewritten by the spool
 /// writer, between group commits).
 const MAX_RELOCATIONS_PER_TICK: usize = 1000;
-
-/// Queue operations, as the admin endpoint receives them.
-#[derive(Debug, Clone, serde::Deserialize, Serialize)]
-#[serde(rename_all = "snake_case", tag = "op")]
-pub enum AdminRequest {
-    /// Every message at once (in-process callers; the admin endpoint pages instead).
-    List,
-    /// One page of the list: up to `limit` messages with ids after `after`, by id. The
-    /// admin endpoint streams `list` page by page, so a reply is never the whole queue.
-    ListPage {
-        after: Option<QueueId>,
-        limit: usize,
-    },
-    Show {
-        id: QueueId,
-    },
-    /// Attempt now: one message, every message for a recipient domain, or everything.
-    Flush {
-        id: Option<QueueId>,
-        domain: Option<String>,
-    },
-    Hold {
-        id: QueueId,
-    },
-    /// Release one held message, or (`id: None`) every held message.
-    Release {
-        id: Option<QueueId>,
-    },
-    /// Remove without notifying anyone.
-    Delete {
-        id: QueueId,
-    },
-    /// Fail every pending recipient now and notify the sender.
-    Bounce {
-        id: QueueId,
-    },
-}
-
-/// One queued message as the admin endpoint shows it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct QueueEntry {
-    pub id: QueueId,
-    /// `waiting`, `held` or `active`.
-    pub state: String,
-    pub sender: String,
-    pub recipients: Vec<super::Recipient>,
-    pub attempts: u32,
-    /// Seconds since the epoch; absent while held or active.
-    pub next_attempt_at: Option<u64>,
-    pub received_at: u64,
-    pub size: Option<u64>,
-}
-
-#[derive(Debug, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case", tag = "result")]
-pub enum AdminResponse {
-    List {
-        messages: Vec<QueueEntry>,
-    },
-    /// A page of the list; `more` when messages with later ids remain.
-    ListPage {
-        messages: Vec<QueueEntry>,
-        more: bool,
-    },
-    Show {
-        message: QueueEntry,
-    },
-    Done {
-        affected: usize,
-    },
-    NotFound {
-        id: QueueId,
-    },
-}
-
-/// Talks to the scheduler task. Cheap to clone; never blocks.
-#[derive(Clone, Debug)]
-pub struct SchedulerHandle {
-    commands: mpsc::UnboundedSender<Command>,
-}
-
-impl SchedulerHandle {
-    pub fn channel() -> (SchedulerHandle, mpsc::UnboundedReceiver<Command>) {
-        let (commands, rx) = mpsc::unbounded_channel();
-        (SchedulerHandle { commands }, rx)
-    }
-
-    /// A message is in the spool and should be scheduled. After shutdown this is a no-op:
-    /// the message stays in the spool for the next start.
-    pub fn enqueue(&self, id: QueueId, envelope: Envelope) {
-        let _ = self.commands.send(Command::Enqueue { id, envelope });
-    }
-
-    /// Schedules a batch of messages recovered from the spool; returns once they are (or
-    /// at shutdown). Ids the queue has already are left as they are.
-    pub async fn enqueue_recovered(&self, messages: Vec<(QueueId, Envelope)>) {
-        let (done, scheduled) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::EnqueueRecovered { messages, done })
-            .is_ok()
-        {
-            let _ = scheduled.await;
-        }
-    }
-
-    pub fn attempted(
-        &self,
-        id: QueueId,
-        results: Vec<(usize, Status)>,
-        remote_mta: Option<String>,
-    ) {
-        let _ = self.commands.send(Command::Attempted {
-            id,
-            results,
-            remote_mta,
-        });
-    }
-
-    pub async fn admin(&self, request: AdminRequest) -> Option<AdminResponse> {
-        let (reply, response) = oneshot::channel();
-        self.commands.send(Command::Admin(request, reply)).ok()?;
-        response.await.ok()
-    }
-
-    /// Takes up to `max` messages (oldest first) that are waiting or held, for a drain to
-    /// hand over; from then on no attempt round starts until [`Self::resume_rounds`]
-    /// (rounds already out finish, and their messages can be taken afterwards). Each one
-    /// must come back through [`Self::check_in`] or [`Self::handed_off`]. Empty after
-    /// shutdown.
-    pub async fn check_out(&self, max: usize) -> Vec<(QueueId, Envelope)> {
-        self.checked_out(max, false).await
-    }
-
-    /// Takes up to `max` pinned messages (oldest first) to ask their peer again; attempt
-    /// rounds go on. Each comes back like those of [`Self::check_out`].
-    pub async fn check_out_pinned(&self, max: usize) -> Vec<(QueueId, Envelope)> {
-        self.checked_out(max, true).await
-    }
-
-    async fn checked_out(&self, max: usize, only_pinned: bool) -> Vec<(QueueId, Envelope)> {
-        let (reply, response) = oneshot::channel();
-        let command = Command::CheckOut {
-            max,
-            only_pinned,
-            reply,
-        };
-        if self.commands.send(command).is_err() {
-            return Vec::new();
-        }
-        response.await.unwrap_or_default()
-    }
-
-    /// A checked-out message that no peer took: it waits (or stays held) here again.
-    pub fn check_in(&self, id: QueueId, envelope: Envelope) {
-        let _ = self.commands.send(Command::CheckIn { id, envelope });
-    }
-
-    /// A checked-out message that a peer has stored: it leaves this queue and spool.
-    pub fn handed_off(&self, id: QueueId) {
-        let _ = self.commands.send(Command::HandedOff { id });
-    }
-
-    /// Attempt rounds start again (after [`Self::check_out`] paused them).
-    pub fn resume_rounds(&self) {
-        let _ = self.commands.send(Command::ResumeRounds);
-    }
-
-    /// The queue's counts; `None` after shutdown.
-    pub async fn stats(&self) -> Option<Stats> {
-        let (reply, response) = oneshot::channel();
-        self.commands.send(Command::Stats(reply)).ok()?;
-        response.await.ok()
-    }
-}
 
 /// Wall-clock milliseconds derived from tokio's clock (so paused time moves it).
 #[derive(Debug, Clone, Copy)]
@@ -383,7 +161,7 @@ impl Entry {
 /// Most messages with an attempt round out at once (Postfix's
 /// `qmgr_message_active_limit`): their envelopes are in memory, everyone else's on disk.
 /// A flush of a million messages starts rounds as earlier ones end.
-const MAX_ACTIVE: usize = 10_000;
+const MAX_ACTIVE: usize = 5_000;
 
 struct Scheduler {
     ctx: Arc<Context>,
@@ -409,11 +187,12 @@ struct Scheduler {
 /// results are recorded if they arrive in time, and the spool has the rest).
 pub async fn run(
     ctx: Arc<Context>,
+    outbound: Arc<delivery::Outbound>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut shutdown: Shutdown,
 ) {
     let mut scheduler = Scheduler {
-        destinations: Destinations::new(ctx.clone(), shutdown.clone()),
+        destinations: Destinations::new(outbound, shutdown.clone()),
         ctx,
         clock: Clock::start(),
         messages: DenseMap::new(),
@@ -595,9 +374,9 @@ impl Scheduler {
             return;
         };
         if loaded.held {
-            // Released since it was held (see `release`): now it says so on disk too.
+            // Released since it was held (see `release`): the round's end writes it so
+            // (a delivered message is simply done).
             loaded.held = false;
-            self.ctx.spool.update_detached(id, &loaded);
         }
         let config = self.ctx.config();
         let envelope = Arc::new(loaded.clone());
@@ -658,7 +437,7 @@ impl Scheduler {
         self.active = self.active.saturating_sub(1);
         let now = self.clock.now_ms();
         let config = self.ctx.config();
-        let Some(entry) = self.messages.get_mut(&id) else {
+        let Some(entry) = self.messages.get(&id) else {
             self.loaded.remove(&id);
             return;
         };
@@ -666,7 +445,14 @@ impl Scheduler {
             self.retire(id, how);
             return;
         }
-        let Some(mut envelope) = self.loaded.remove(&id) else {
+        let Some(mut envelope) = self.loaded.remove(&id).or_else(|| self.envelope(id)) else {
+            // Unreadable: held, for an operator (`queue show` says so).
+            if let Some(entry) = self.messages.get_mut(&id) {
+                entry.set(Phase::Held);
+            }
+            return;
+        };
+        let Some(entry) = self.messages.get_mut(&id) else {
             return;
         };
         if envelope.recipients.iter().all(|r| r.status.is_final()) {
@@ -735,9 +521,9 @@ impl Scheduler {
         entry.hold_after_round = false;
         match entry.phase {
             PhaseKind::Held => {
-                // The envelope on disk still says held until the round starts (see
+                // The envelope on disk still says held until its round ends (see
                 // `start_round`): `release --all` of a million messages writes nothing
-                // at once, and a crash before a message's round brings it back held.
+                // at once, and a crash before a message's round ends brings it back held.
                 entry.set(Phase::Waiting(now));
                 self.due.insert((now, id));
             }
@@ -993,7 +779,7 @@ impl Scheduler {
                             self.envelope(*mid).is_some_and(|envelope| {
                                 envelope.recipients.iter().any(|r| {
                                     !r.status.is_final()
-                                        && super::split_address(&r.address)
+                                        && crate::queue::split_address(&r.address)
                                             .is_some_and(|(_, rd)| rd.eq_ignore_ascii_case(d))
                                 })
                             })
@@ -1043,18 +829,27 @@ impl Scheduler {
                 AdminResponse::Done { affected: 1 }
             }
             AdminRequest::Release { id: None } => {
-                let held: Vec<QueueId> = self
-                    .messages
-                    .iter()
-                    .filter(|(_, e)| e.phase == PhaseKind::Held || e.hold_after_round)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for &id in &held {
-                    self.release(id);
+                // A page at a time: no list of a million ids.
+                use std::ops::Bound;
+                let (mut after, mut affected) = (Bound::Unbounded, 0);
+                loop {
+                    let held: Vec<QueueId> = self
+                        .messages
+                        .range_from(after)
+                        .filter(|(_, e)| e.phase == PhaseKind::Held || e.hold_after_round)
+                        .map(|(id, _)| *id)
+                        .take(RELEASE_PAGE)
+                        .collect();
+                    let Some(&last) = held.last() else {
+                        break;
+                    };
+                    for &id in &held {
+                        self.release(id);
+                    }
+                    affected += held.len();
+                    after = Bound::Excluded(last);
                 }
-                AdminResponse::Done {
-                    affected: held.len(),
-                }
+                AdminResponse::Done { affected }
             }
             AdminRequest::Delete { id } | AdminRequest::Bounce { id } => {
                 let Some(entry) = self.messages.get_mut(&id) else {
