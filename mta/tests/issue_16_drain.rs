@@ -2,7 +2,7 @@
 //! process, a sender whose destination refuses connections (every message deferred) and a
 //! peer it drains into over `/admin/handoff`.
 
-use mta::queue::scheduler::{AdminRequest, AdminResponse, QueueEntry};
+use mta::qmgr::{AdminRequest, AdminResponse, QueueEntry};
 use mta::queue::{QueueId, Status};
 use mta::server::Server;
 use mta_config::{ListenerConfig, ListenerKind, MtaConfig, RouteConfig, TlsMode};

@@ -23,7 +23,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use mta::context::Context;
-use mta::queue::scheduler::{Command, SchedulerHandle};
+use mta::qmgr::{Command, SchedulerHandle};
 use mta::session::Session;
 use mta::shutdown::Trigger;
 use mta::spool::Spool;
