@@ -4,9 +4,12 @@
 //! Returns the queue id only after the spool has synced the message; the session then says
 //! `250`. Any failure maps to a reply from the table and nothing is queued.
 //!
-//! Messages a draining peer hands over ([`store_handed_off`], issue 16) come in here too,
-//! through the same spool store, but as they are: they are mail the fleet has already
-//! accepted, checked, stamped and signed, so doing any of that again would change them.
+//! Notices this MTA writes ([`store_notice`]) come in here too, and so do messages a
+//! draining peer hands over ([`store_handed_off`], issue 16), through the same spool
+//! store but as they are: a notice is built here, and a handed-over message is mail the
+//! fleet has already accepted, checked, stamped and signed, so doing any of that again
+//! would change it. (The queue manager and the drain write status records for messages
+//! already in the spool; only this module puts a message there.)
 
 use crate::context::Context;
 use crate::queue::{Envelope, QueueId};
@@ -121,6 +124,20 @@ pub async fn store_handed_off(
         "received from a draining peer"
     );
     Ok(Stored { id, envelope })
+}
+
+/// A notice this MTA wrote (a delivery status notification, RFC 3464), stored durably as it
+/// is (built here: nothing to check or stamp) under `id`, then queued. Notices come in
+/// here like every other new message, as Postfix posts bounces through its cleanup.
+pub async fn store_notice(
+    ctx: &Context,
+    id: QueueId,
+    envelope: Envelope,
+    content: &[u8],
+) -> Result<(), spool::Error> {
+    ctx.spool.store(id, &envelope, &[content]).await?;
+    ctx.scheduler.enqueue(id, envelope);
+    Ok(())
 }
 
 /// A handed-over message on stable storage, not queued yet.

@@ -93,10 +93,9 @@ async fn notify(ctx: &Arc<Context>, id: QueueId, envelope: &Envelope, kind: Kind
         &config, envelope, &reported, kind, &original, notice_id, now,
     );
     let notice = notice_envelope(&config, envelope, to, now);
-    match ctx.spool.store(notice_id, &notice, &[&content]).await {
+    match crate::cleanup::store_notice(ctx, notice_id, notice, &content).await {
         Ok(()) => {
             tracing::info!(queue_id = %id, notice_id = %notice_id, ?kind, "delivery status notification queued");
-            ctx.scheduler.enqueue(notice_id, notice);
         }
         Err(e) => tracing::error!(queue_id = %id, error = %e, "cannot store notice"),
     }
