@@ -188,11 +188,6 @@ impl<K: Ord + Copy, V> DenseMap<K, V> {
             .map(|(k, v)| (k, v))
     }
 
-    /// Values in key order, mutably.
-    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
-        self.chunks.iter_mut().flatten().map(|(_, v)| v)
-    }
-
     /// Memory held by the chunks, for tests and figures.
     pub fn allocated_bytes(&self) -> usize {
         self.chunks.capacity() * std::mem::size_of::<Vec<(K, V)>>()
@@ -235,9 +230,6 @@ impl<K: Ord + Copy> DenseSet<K> {
     }
     pub fn pop_first(&mut self) -> Option<K> {
         self.map.pop_first().map(|(k, _)| k)
-    }
-    pub fn iter(&self) -> impl Iterator<Item = &K> {
-        self.map.iter().map(|(k, _)| k)
     }
 }
 

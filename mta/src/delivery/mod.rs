@@ -29,6 +29,7 @@
 
 pub mod classify;
 pub mod dane;
+pub mod https;
 pub mod mta_sts;
 pub mod outbound;
 pub mod outcome;

@@ -27,7 +27,6 @@ use crate::queue::Status;
 use bytes::Bytes;
 use hickory_resolver::TokioResolver;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use mta_config::SmtpClientConfig;
 use std::collections::HashMap;
 use std::fmt;
@@ -459,47 +458,24 @@ async fn get_policy(
     addresses: &[SocketAddr],
     extra_roots_pem: Option<&[u8]>,
 ) -> Result<String, FetchFailure> {
-    let mut tls = (*mta_client::verified_tls_config(extra_roots_pem)?).clone();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let server_name = rustls_pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| format!("{host:?} is not a TLS server name: {e}"))?;
-    let mut tcp = None;
-    let mut last_error = format!("{host} has no address");
-    for &address in addresses {
-        match tokio::net::TcpStream::connect(address).await {
-            Ok(stream) => {
-                tcp = Some(stream);
-                break;
-            }
-            Err(e) => last_error = format!("cannot connect to {host} ({address}): {e}"),
-        }
-    }
-    let tcp = tcp.ok_or(last_error)?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(server_name, tcp)
+    let (mut sender, _driver) = super::https::connect(host, addresses, extra_roots_pem)
         .await
-        .map_err(|e| FetchFailure {
+        .map_err(|e| match e {
             // RFC 8460 §4.3.2.2: the policy host's certificate is its own result type.
-            kind: match mta_client::TlsFailure::of_handshake(&e) {
-                mta_client::TlsFailure::HostMismatch
-                | mta_client::TlsFailure::Expired
-                | mta_client::TlsFailure::NotTrusted
-                | mta_client::TlsFailure::PolicyMismatch => StsFailure::WebPkiInvalid,
-                mta_client::TlsFailure::Handshake | mta_client::TlsFailure::Setup => {
-                    StsFailure::FetchError
-                }
+            super::https::ConnectError::Tls { failure, detail } => FetchFailure {
+                kind: match failure {
+                    mta_client::TlsFailure::HostMismatch
+                    | mta_client::TlsFailure::Expired
+                    | mta_client::TlsFailure::NotTrusted
+                    | mta_client::TlsFailure::PolicyMismatch => StsFailure::WebPkiInvalid,
+                    mta_client::TlsFailure::Handshake | mta_client::TlsFailure::Setup => {
+                        StsFailure::FetchError
+                    }
+                },
+                detail,
             },
-            detail: format!("TLS with {host}: {e}"),
+            super::https::ConnectError::Other(detail) => FetchFailure::from(detail),
         })?;
-
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP with {host}: {e}"))?;
-    // Drives the connection; aborted when this function returns.
-    let mut driver = tokio::task::JoinSet::new();
-    driver.spawn(async move {
-        let _ = connection.await;
-    });
     let request = http::Request::get(WELL_KNOWN_PATH)
         .header(http::header::HOST, host)
         .header(http::header::USER_AGENT, "petrel-mta")

@@ -37,7 +37,6 @@ use base64::Engine;
 use bytes::Bytes;
 use hickory_resolver::TokioResolver;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -1046,33 +1045,12 @@ async fn post_to(
     extra_roots_pem: Option<&[u8]>,
     body: Bytes,
 ) -> Result<(), String> {
-    let mut tls = (*mta_client::verified_tls_config(extra_roots_pem)?).clone();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let server_name = rustls_pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| format!("{host:?} is not a TLS server name: {e}"))?;
-    let mut last_error = format!("{host} has no address");
-    let mut tcp = None;
-    for &address in addresses {
-        match tokio::net::TcpStream::connect(address).await {
-            Ok(stream) => {
-                tcp = Some(stream);
-                break;
-            }
-            Err(e) => last_error = format!("cannot connect to {host} ({address}): {e}"),
-        }
-    }
-    let tcp = tcp.ok_or(last_error)?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(server_name, tcp)
+    let (mut sender, _driver) = crate::delivery::https::connect(host, addresses, extra_roots_pem)
         .await
-        .map_err(|e| format!("TLS with {host}: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP with {host}: {e}"))?;
-    let mut driver = tokio::task::JoinSet::new();
-    driver.spawn(async move {
-        let _ = connection.await;
-    });
+        .map_err(|e| match e {
+            crate::delivery::https::ConnectError::Tls { detail, .. }
+            | crate::delivery::https::ConnectError::Other(detail) => detail,
+        })?;
     let request = http::Request::post(path)
         .header(http::header::HOST, host)
         .header(http::header::USER_AGENT, "petrel-mta")
