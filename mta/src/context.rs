@@ -1,14 +1,16 @@
-//! What every stage shares: the current config, the spool, the scheduler's inbox and the
-//! connection counters.
+//! What every stage shares: the current config, the spool, the scheduler's inbox, and the
+//! handles that own their own state (connection admission, the AUTH guard, the rate
+//! limiter, the intake switch). Built once, in `server.rs`; holds no logic of its own
+//! beyond choosing between them (readiness).
 
+use crate::admission::Admission;
+use crate::auth_guard::AuthGuard;
 use crate::fleet_limits::FleetLimiter;
 use crate::queue::inbox::SchedulerHandle;
 use crate::spool::Spool;
 use crate::tls::Certificates;
 use crate::users::Users;
 use mta_config::MtaConfig;
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
 pub struct Context {
@@ -17,8 +19,8 @@ pub struct Context {
     pub scheduler: SchedulerHandle,
     /// The TLS certificate, when one is configured.
     pub certificates: Option<Certificates>,
-    /// AUTH credentials, when `smtpd.auth_users_file` is set.
-    pub users: Option<Arc<Users>>,
+    /// AUTH: credentials, failure counts and password-check permits.
+    pub auth: AuthGuard,
     /// Message and recipient rates: this pod's, or the fleet's when
     /// `smtpd.rate_limits.redis` is set (replaced at start, see [`FleetLimiter::start`]).
     pub limiter: FleetLimiter,
@@ -32,15 +34,8 @@ pub struct Context {
     pub intake: Intake,
     /// Outcome of the last config reload.
     pub reload: ReloadState,
-    /// Recent AUTH failures per source and per source and user.
-    auth_failures: crate::limits::AuthFailures,
-    /// Password checks running at once (each Argon2 check holds its memory cost, 19 MiB
-    /// by default): taken before the check starts, granted in arrival order.
-    pub password_checks: Arc<tokio::sync::Semaphore>,
-    connections: Mutex<Connections>,
-    /// Open sessions, for closing the one waiting longest when `max_connections` is
-    /// reached (issue 13, item 6).
-    pub sessions: Arc<crate::pressure::Sessions>,
+    /// Open SMTP connections and sessions, against the connection limits.
+    pub admission: Arc<Admission>,
 }
 
 /// The outcome of the last config reload, for health reporting.
@@ -102,65 +97,6 @@ impl Intake {
     }
 }
 
-#[derive(Default)]
-struct Connections {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-/// Why a connection was refused before its session started.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ConnectionRefused {
-    /// `smtpd.max_connections` reached.
-    Total,
-    /// `smtpd.max_connections_per_ip` reached for this address.
-    PerIp,
-}
-
-/// Counts one open connection until dropped: against `smtpd.max_connections` always, and
-/// against `smtpd.max_connections_per_ip` once its client address is known.
-pub struct ConnectionSlot {
-    ctx: Arc<Context>,
-    ip: Option<IpAddr>,
-}
-
-impl ConnectionSlot {
-    /// Counts this connection for client `ip` too, or says that `ip` has too many. On a
-    /// `proxy_protocol` listener this happens after the header, with the client's address
-    /// rather than the proxy's. Counts once: a second call does nothing.
-    pub fn count_ip(&mut self, ip: IpAddr) -> Result<(), ConnectionRefused> {
-        if self.ip.is_some() {
-            return Ok(());
-        }
-        let config = self.ctx.config();
-        let max = config.smtpd.max_connections_per_ip;
-        // Trusted clients are counted but not limited (issue 13, item 11).
-        let exempt = config.limits_exempt(ip);
-        let mut conns = self.ctx.connections();
-        if !exempt && conns.per_ip.get(&ip).is_some_and(|n| *n >= max) {
-            return Err(ConnectionRefused::PerIp);
-        }
-        *conns.per_ip.entry(ip).or_default() += 1;
-        self.ip = Some(ip);
-        Ok(())
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let mut conns = self.ctx.connections();
-        conns.total -= 1;
-        if let Some(ip) = self.ip
-            && let Some(n) = conns.per_ip.get_mut(&ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                conns.per_ip.remove(&ip);
-            }
-        }
-    }
-}
-
 impl Context {
     pub fn new(
         config: MtaConfig,
@@ -174,19 +110,14 @@ impl Context {
             spool,
             scheduler,
             certificates,
-            users: users.map(Arc::new),
+            auth: AuthGuard::new(users),
             limiter: FleetLimiter::default(),
             signer: RwLock::new(None),
             verifier: None,
             metrics: mta_telemetry::MtaMetrics::new(),
             intake: Intake::default(),
             reload: ReloadState::default(),
-            auth_failures: Default::default(),
-            password_checks: Arc::new(tokio::sync::Semaphore::new(
-                crate::users::MAX_CONCURRENT_CHECKS,
-            )),
-            connections: Mutex::new(Connections::default()),
-            sessions: Default::default(),
+            admission: Arc::default(),
         }
     }
 
@@ -201,28 +132,6 @@ impl Context {
     /// Replaces the config (hot reload). The caller has validated it.
     pub fn set_config(&self, config: MtaConfig) {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-    }
-
-    /// Takes a connection slot for `ip`, or says which limit refuses it.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, ConnectionRefused> {
-        let mut slot = self.admit_connection()?;
-        slot.count_ip(ip)?;
-        Ok(slot)
-    }
-
-    /// Takes a connection slot whose client address is not known yet (a `proxy_protocol`
-    /// listener before the header); [`ConnectionSlot::count_ip`] adds it later.
-    pub fn admit_connection(self: &Arc<Self>) -> Result<ConnectionSlot, ConnectionRefused> {
-        let max = self.config().smtpd.max_connections;
-        let mut conns = self.connections();
-        if conns.total >= max {
-            return Err(ConnectionRefused::Total);
-        }
-        conns.total += 1;
-        Ok(ConnectionSlot {
-            ctx: self.clone(),
-            ip: None,
-        })
     }
 
     /// Why this MTA should not get new traffic now, if it should not: draining, spool not
@@ -251,28 +160,5 @@ impl Context {
     /// Replaces the DKIM signer (start-up and config reload).
     pub fn set_signer(&self, signer: Option<mta_auth::Signer>) {
         *self.signer.write().unwrap_or_else(|e| e.into_inner()) = signer.map(Arc::new);
-    }
-
-    /// Whether AUTH attempts from `ip` (as `user`, once known) are refused for now: too
-    /// many failures from that source, or from it against that user, or (while failures
-    /// everywhere run high) any recent failure from it. Never because of failures that
-    /// other sources caused.
-    pub fn auth_blocked(&self, ip: IpAddr, user: Option<&str>) -> bool {
-        self.auth_failures.blocked(ip, user)
-    }
-
-    /// Records a failed AUTH.
-    pub fn auth_failed(&self, ip: IpAddr, user: &str) {
-        self.auth_failures.failed(ip, user);
-    }
-
-    /// SMTP connections open now (sessions, and connections waiting for their PROXY
-    /// header or TLS handshake).
-    pub fn open_connections(&self) -> usize {
-        self.connections().total
-    }
-
-    fn connections(&self) -> std::sync::MutexGuard<'_, Connections> {
-        self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -11,6 +11,8 @@
 //! stage shares; [`shutdown`] stops them in order.
 
 pub mod admin;
+pub mod admission;
+pub mod auth_guard;
 pub mod checks;
 pub mod cleanup;
 pub mod context;

@@ -21,7 +21,8 @@
 //! has waited longest for a command, when one has waited `smtpd.pressure_idle_timeout`
 //! (see `crate::pressure`); otherwise it is refused.
 
-use crate::context::{ConnectionRefused, ConnectionSlot, Context};
+use crate::admission::{ConnectionRefused, ConnectionSlot};
+use crate::context::Context;
 use crate::pressure::Evicted;
 use crate::proxy;
 use crate::session::{Reply, Session};
@@ -74,8 +75,8 @@ pub async fn run(
             }
         };
         let admitted = match proxied {
-            ProxyHeader::Expected => ctx.admit_connection(),
-            ProxyHeader::NotExpected => ctx.admit(peer.ip()),
+            ProxyHeader::Expected => ctx.admission.admit_connection(&config),
+            ProxyHeader::NotExpected => ctx.admission.admit(&config, peer.ip()),
         };
         match admitted {
             Ok(slot) => {
@@ -96,7 +97,7 @@ pub async fn run(
                 // Connection pressure: make room by closing the session that has waited
                 // longest for a command, if one has waited long enough.
                 let min_wait = config.smtpd.pressure_idle_timeout;
-                let Some(evicted) = ctx.sessions.evict_longest_waiting(min_wait) else {
+                let Some(evicted) = ctx.admission.sessions.evict_longest_waiting(min_wait) else {
                     tracing::warn!(peer = %peer, refused = ?ConnectionRefused::Total, "connection refused by limit");
                     tokio::spawn(refuse(stream, ConnectionRefused::Total));
                     continue;
@@ -134,9 +135,10 @@ impl Pending {
         // The session answers and closes at once; the bound only guards against a peer
         // that does not read its reply (the write is bounded by `command_timeout`).
         let _ = tokio::time::timeout(EVICTION_WAIT, evicted).await;
+        let config = ctx.config();
         let admitted = match self.proxied {
-            ProxyHeader::Expected => ctx.admit_connection(),
-            ProxyHeader::NotExpected => ctx.admit(self.peer.ip()),
+            ProxyHeader::Expected => ctx.admission.admit_connection(&config),
+            ProxyHeader::NotExpected => ctx.admission.admit(&config, self.peer.ip()),
         };
         match admitted {
             Ok(slot) => {
@@ -217,7 +219,7 @@ impl Connection {
                 let Some(client) = self.read_proxy_header(&ctx).await else {
                     return;
                 };
-                if let Err(refused) = self.slot.count_ip(client.ip()) {
+                if let Err(refused) = self.slot.count_ip(&ctx.config(), client.ip()) {
                     tracing::warn!(peer = %client, proxy = %self.socket_peer, ?refused, "connection refused by limit");
                     return refuse(self.stream, refused).await;
                 }
@@ -225,7 +227,7 @@ impl Connection {
             }
         };
         if let Some(stream) = open(self.stream, self.kind, &ctx, peer).await {
-            let registration = ctx.sessions.register();
+            let registration = ctx.admission.sessions.register();
             Session::new(stream, ctx, peer, self.kind)
                 .with_inbound_checks(self.inbound_checks)
                 .with_pressure(registration.handle())

@@ -7,7 +7,7 @@
 //! Passwords never reach logs.
 //!
 //! Cost: a check holds the hash's memory cost (`m`, 19 MiB for the hashes `passwd` writes)
-//! while it runs. The session runs at most [`MAX_CONCURRENT_CHECKS`] at once, and a hash
+//! while it runs. The AUTH guard runs at most [`MAX_CONCURRENT_CHECKS`] at once, and a hash
 //! above [`MAX_M_COST_KIB`], [`MAX_T_COST`] or [`MAX_P_COST`] is refused when the file is
 //! read, so memory for password checks stays below
 //! `MAX_CONCURRENT_CHECKS × MAX_M_COST_KIB` whatever the file or the clients do.
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-/// Password checks that may run at once (see `Context::password_checks`).
+/// Password checks that may run at once (the AUTH guard holds the permits).
 pub const MAX_CONCURRENT_CHECKS: usize = 2;
 /// Largest Argon2 memory cost accepted, in KiB: OWASP's strongest recommended setting
 /// (m=46 MiB, t=1). `passwd` writes m=19 MiB, t=2.

@@ -520,7 +520,7 @@ impl Drain {
     /// Nothing queued, nothing in the spool, no SMTP connection that could still bring a
     /// message.
     async fn nothing_left(&self) -> bool {
-        if !self.ctx.spool.is_empty() || self.ctx.open_connections() > 0 {
+        if !self.ctx.spool.is_empty() || self.ctx.admission.open() > 0 {
             return false;
         }
         self.ctx

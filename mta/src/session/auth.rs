@@ -9,6 +9,7 @@
 //! Passwords are never logged; user names are.
 
 use super::{Flow, Input, Reply, Session};
+use crate::auth_guard::AuthRefused;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use mta_telemetry::Escaped;
@@ -20,8 +21,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 const MAX_SASL_LINE: usize = 12 * 1024;
 /// Failures in one session before it is closed.
 const MAX_SESSION_FAILURES: u32 = 3;
-/// Longest wait for a password check slot before `454 4.7.0` (try again later).
-const MAX_CHECK_QUEUE_WAIT: Duration = Duration::from_secs(60);
 
 /// What the next SASL response line is.
 #[derive(Debug, Clone, Copy)]
@@ -37,11 +36,12 @@ pub enum Step {
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Whether AUTH is offered on this connection now.
     pub(super) fn auth_offered(&self) -> bool {
-        self.ctx.users.is_some() && (self.stream.is_tls() || self.config.smtpd.auth_allow_plaintext)
+        self.ctx.auth.available()
+            && (self.stream.is_tls() || self.config.smtpd.auth_allow_plaintext)
     }
 
     pub(super) async fn auth(&mut self, mechanism: u64, initial: String) -> Flow {
-        if self.ctx.users.is_none() {
+        if !self.ctx.auth.available() {
             return self.error(Reply::NOT_IMPLEMENTED);
         }
         if !self.auth_offered() {
@@ -56,7 +56,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.tx.is_some() {
             return self.error(Reply::AUTH_DURING_TRANSACTION);
         }
-        if self.ctx.auth_blocked(self.peer.ip(), None) {
+        if self.ctx.auth.blocked(self.peer.ip(), None) {
             return self.error(Reply::AUTH_TOO_MANY_FAILURES);
         }
         match mechanism {
@@ -148,45 +148,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn check(&mut self, name: String, password: String) -> Flow {
-        if self.ctx.auth_blocked(self.peer.ip(), Some(&name)) {
-            return self.error(Reply::AUTH_TOO_MANY_FAILURES);
-        }
-        let Some(users) = self.ctx.users.clone() else {
-            return self.error(Reply::NOT_IMPLEMENTED);
-        };
-        // Bounded memory (issue 13, item 1): a permit is taken before the Argon2 work
-        // starts, in arrival order (tokio's semaphore is fair), and held until it ends.
-        let checks = self.ctx.password_checks.clone();
-        let Ok(Ok(permit)) =
-            tokio::time::timeout(MAX_CHECK_QUEUE_WAIT, checks.acquire_owned()).await
-        else {
-            return self.error(Reply::AUTH_BUSY);
-        };
-        let lookup = name.clone();
-        let verified = tokio::task::spawn_blocking(move || {
-            let user = users.verify(&lookup, &password);
-            drop(permit);
-            user
-        })
-        .await
-        .ok()
-        .flatten();
-        match verified {
-            Some(user) => {
+        match self.ctx.auth.verify(self.peer.ip(), &name, password).await {
+            Ok(user) => {
                 tracing::info!(peer = %self.peer, user = %Escaped(&user.name), "authenticated");
                 self.span
                     .record(mta_telemetry::spans::field::USER_ID, user.name.as_str());
                 self.user = Some(user);
                 self.reply(Reply::AUTH_OK)
             }
-            None => self.auth_failed(name).await,
+            Err(AuthRefused::Blocked) => self.error(Reply::AUTH_TOO_MANY_FAILURES),
+            Err(AuthRefused::Unavailable) => self.error(Reply::NOT_IMPLEMENTED),
+            Err(AuthRefused::Busy) => self.error(Reply::AUTH_BUSY),
+            Err(AuthRefused::Wrong) => self.tarpit(name).await,
         }
     }
 
+    /// A failed AUTH that never reached a password check: counted like a wrong password.
     async fn auth_failed(&mut self, name: String) -> Flow {
+        self.ctx.auth.failed(self.peer.ip(), &name);
+        self.tarpit(name).await
+    }
+
+    /// After a counted failure: the metric, the log line, then a growing delay and, at the
+    /// session's limit, the end of the session.
+    async fn tarpit(&mut self, name: String) -> Flow {
         self.auth_failures += 1;
         self.ctx.metrics.auth_failure();
-        self.ctx.auth_failed(self.peer.ip(), &name);
         tracing::warn!(peer = %self.peer, user = %Escaped(&name), failures = self.auth_failures, "authentication failed");
         // A tarpit, not synchronisation: each failure makes the next guess slower.
         tokio::time::sleep(Duration::from_millis(500 * u64::from(self.auth_failures))).await;
