@@ -70,6 +70,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -303,9 +304,11 @@ class Sampler:
 class Sink:
     """smtp-sink on an OS-chosen port, counting the messages it received (-c)."""
 
-    def __init__(self, workdir: Path, count: bool = True):
-        """count=False leaves out -c (its per-message counter writes cost the sink CPU)."""
-        self.port = free_port()
+    def __init__(self, workdir: Path, count: bool = True, port: int | None = None):
+        """count=False leaves out -c (its per-message counter writes cost the sink CPU).
+        port: listen there (one chosen earlier and left closed until now) instead of a
+        new OS-chosen port."""
+        self.port = port or free_port()
         self.count = 0
         self._cond = threading.Condition()
         argv = [SMTP_SINK] + (["-c"] if count else [])
@@ -1368,29 +1371,64 @@ def queue_disk_bytes(n: int, message_size: int) -> int:
     return n * (message_size + 1024)
 
 
+def queue_gauges(mta: "Petrel") -> tuple[int, int] | None:
+    """(waiting, active) from petrel-mta's /metrics, or None while it does not answer."""
+    line = next((l for l in mta.stdout if "/metrics, /healthz" in l), None)
+    if not line:
+        return None
+    url = line.rsplit(" on ", 1)[1] + "/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    def gauge(state: str) -> int:
+        m = re.search(rf'^petrel_mta_queue_messages\{{state="{state}"\}} (\S+)$', text, re.M)
+        return int(float(m.group(1))) if m else 0
+    return gauge("waiting"), gauge("active")
+
+
 def queue_one(args, workdir: Path, role: str, binary: Path, modes: PetrelModes, n: int) -> dict:
-    """One binary, one size: enqueue n held messages, restart, release them all."""
+    """One binary, one size: enqueue n messages, restart, deliver them all.
+
+    held (--queue-state held): queue.hold_all keeps them; `queue release --all` sends them.
+    deferred: the relay destination is a port nobody listens on, so every message is
+    attempted, refused and deferred (a destination down for a day); after the restart
+    smtp-sink starts on that port and `queue flush` sends them."""
     msg_size = args.queue_message_size
-    entry: dict = {"queued": n, "binary": role, "label": binary_label(role, binary)}
+    deferred = args.queue_state == "deferred"
+    entry: dict = {"queued": n, "binary": role, "label": binary_label(role, binary),
+                   "state": args.queue_state}
     d = workdir / f"petrel-queue-{role}-{n}"
     d.mkdir()
     flush = modes.hold_all and modes.relay and modes.queue_cli
-    sink = Sink(d) if flush else None
+    # Deferred: the sink's port is chosen now and stays closed until the flush.
+    relay_port = free_port() if deferred else None
+    sink = Sink(d) if flush and not deferred else None
     mta = None
     try:
         def config(port: int) -> str:
+            if deferred:
+                return petrel_config(d / "spool", str(d / "maildir"), False,
+                                     relay_port=relay_port, port=port) + \
+                    "http:\n  address: 127.0.0.1:0\n"
             if sink:
                 return petrel_config(d / "spool", str(d / "maildir"), True,
                                      relay_port=sink.port, port=port)
             return modes.accept_config(d, port=port)
 
-        rcpt = PetrelRelay.rcpt if sink else "user@example.test"
+        rcpt = PetrelRelay.rcpt if sink or deferred else "user@example.test"
         mta = Petrel(binary, d, config(0)).start()
         time.sleep(0.3)
         rss0 = mta.status_kib("VmRSS")
         cpu0 = mta.group().cpu()
         os.sync()
         elapsed = run_source(mta.port, args, n, rcpt, source_timeout(n), size=msg_size)
+        if deferred:
+            t0 = time.monotonic()
+            wait_until(lambda: queue_gauges(mta) == (n, 0), source_timeout(n),
+                       f"all {n:,} messages attempted and deferred", interval=0.5)
+            entry["all_deferred_s"] = round(time.monotonic() - t0, 2)
         time.sleep(1.0)
         rss1 = mta.status_kib("VmRSS")
         cpu = mta.group().cpu() - cpu0
@@ -1433,17 +1471,20 @@ def queue_one(args, workdir: Path, role: str, binary: Path, modes: PetrelModes, 
             f"recovered line after {entry['restart_to_recovered_line_s']}s, "
             f"RSS {entry['rss_after_restart_mib']} MiB")
 
+        if deferred:
+            sink = Sink(d, port=relay_port)
         if sink:
             reset = reset_peak_rss(mta.proc.pid)
             with Sampler(mta.group()) as sampler:
                 t0 = time.monotonic()
-                mta.queue("release", "--all", timeout=scaled_timeout(n))
+                mta.queue(*(("flush",) if deferred else ("release", "--all")),
+                          timeout=scaled_timeout(n))
                 done = sink.wait_count(n, source_timeout(n))
             entry["flush_s"] = round(done - t0, 2)
             entry["flush_msgs_per_s"] = round(n / (done - t0), 1)
             peak = mta.status_kib("VmHWM") if reset else sampler.peak_rss
             entry["peak_rss_flush_mib"] = round(peak / 1024, 1)
-            entry["peak_rss_flush_from"] = "VmHWM, reset before the release" if reset else \
+            entry["peak_rss_flush_from"] = "VmHWM, reset before the flush" if reset else \
                 "VmRSS sampled every 0.25 s"
             log(f"  {entry['label']}: flushed in {entry['flush_s']}s, peak RSS "
                 f"{entry['peak_rss_flush_mib']} MiB")
@@ -1477,8 +1518,11 @@ def queue_scaling(args, workdir: Path) -> dict:
             "binary": role,
             "label": binary_label(role, binary),
             "path": str(binary),
-            "held_by": modes.hold_note,
-            "flush": "released with `petrel-mta queue release --all`" if flush
+            "held_by": modes.hold_note if args.queue_state == "held" else
+            "deferred: the relay destination refused connections until the flush",
+            "flush": ("flushed with `petrel-mta queue flush` once smtp-sink listened"
+                      if args.queue_state == "deferred" else
+                      "released with `petrel-mta queue release --all`") if flush
             else "skipped: this build cannot hold and relay",
             "_modes": modes,
         })
@@ -1506,6 +1550,7 @@ def queue_scaling(args, workdir: Path) -> dict:
         del b["_modes"]
     return {
         "message_bytes": args.queue_message_size,
+        "state": args.queue_state,
         "sessions": args.sessions,
         "binaries": binaries,
         "sizes": results,
@@ -1519,7 +1564,7 @@ QUEUE_TARGETS = ("targets (issue 17; reported, never asserted): peak RSS with 1,
 
 def queue_report(q: dict) -> list[str]:
     out = [f"queue scaling ({q['message_bytes']:,}-byte payload, {q['sessions']} sessions, "
-           "one connection per message):"]
+           f"one connection per message, messages {q.get('state', 'held')}):"]
     out.append(
         "| queued | binary | enqueue msg/s | RSS MiB idle -> queued | RSS B / queued msg "
         "| peak RSS MiB enqueue | restart to 220 s | 'recovered' line s | RSS MiB recovered "
@@ -1560,7 +1605,8 @@ def queue_report(q: dict) -> list[str]:
         "restart to 220 = from spawning petrel-mta until a connection got its 220 greeting "
         "(polled); 'recovered' line = from the spawn until stdout (else the log) said "
         "'recovered' (– when the binary prints none); flush = N / time from "
-        "`queue release --all` until smtp-sink counted all N."
+        "`queue release --all` (held) or `queue flush` (deferred) until smtp-sink counted "
+        "all N."
     )
     for b in q["binaries"]:
         out.append(f"{b['label']}: {b['path']}; {b['held_by']}; flush: {b['flush']}")
@@ -1649,6 +1695,10 @@ def parse_args(argv=None):
                    help="idle connections to hold against petrel-mta (10000)")
     p.add_argument("--queue-sizes", default=None,
                    help="comma-separated queue sizes for the scaling test (10000,100000)")
+    p.add_argument("--queue-state", choices=("held", "deferred"), default="held",
+                   help="queue scaling: messages held (queue.hold_all; released with "
+                   "`queue release --all`) or deferred (their destination refuses "
+                   "connections; flushed with `queue flush` once a sink listens) (held)")
     p.add_argument("--queue-message-size", type=int, default=2000,
                    help="payload bytes of each queued message in the scaling test (2000)")
     p.add_argument("--baseline-binary", type=Path, default=None,
