@@ -16,9 +16,11 @@ benchmark, `python3 e2e/bench/run.py --only queue --queue-sizes 10000,100000,100
 """
 
 import json
+import re
 import smtplib
 import subprocess
 import threading
+import urllib.request
 from pathlib import Path
 
 from conftest import BIN, Mta, config, maildir_files, wait_for
@@ -62,6 +64,16 @@ def send_many(mta, tokens):
     assert errors == [], errors
 
 
+def queue_gauges(mta):
+    """petrel_mta_queue_messages by state, from the MTA's /metrics."""
+    line = next(l for l in mta.stdout_lines if "/metrics, /healthz" in l)
+    url = line.rsplit(" on ", 1)[1] + "/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return {m.group(1): int(float(m.group(2))) for m in re.finditer(
+        r'^petrel_mta_queue_messages\{state="(\w+)"\} (\S+)$', text, re.M)}
+
+
 def delivered_tokens(workdir):
     tokens = []
     for path in maildir_files(workdir / "maildir", "user"):
@@ -81,7 +93,8 @@ def test_a_deep_queue_is_recovered_in_the_background_and_delivered_once(workdir)
     finally:
         mta.kill()  # SIGKILL: recovery works from the segments alone
 
-    mta = Mta(workdir, config(workdir)).start()
+    with_metrics = config(workdir) + "http:\n  address: 127.0.0.1:0\n"
+    mta = Mta(workdir, with_metrics).start()
     try:
         # Taken and delivered at once, whatever recovery is doing.
         send_many(mta, ["fresh"])
@@ -93,6 +106,10 @@ def test_a_deep_queue_is_recovered_in_the_background_and_delivered_once(workdir)
         assert all(m["state"] == "held" for m in listing)
         assert all(m["recipients"][0]["address"] == "user@example.test" for m in listing)
         assert len({m["id"] for m in listing}) == MESSAGES
+        # The listing waited for recovery: every message is counted as held, none as
+        # still to be recovered (the operator's queueDepth sums these states).
+        gauges = queue_gauges(mta)
+        assert gauges.get("held") == MESSAGES and gauges.get("recovering") == 0, gauges
 
         out = queue_cli(mta, "release", "--all")
         assert out.returncode == 0, out.stderr

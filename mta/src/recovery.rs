@@ -20,10 +20,16 @@ use std::sync::Arc;
 /// Envelopes read and scheduled at a time.
 const BATCH: usize = 1000;
 
-/// Schedules every message the spool held when it was opened (ids up to `through`).
-pub async fn run(ctx: Arc<Context>, drain: Arc<Drain>, through: Option<QueueId>) {
+/// Schedules every message the spool held when it was opened: `backlog` is the last id
+/// then, and how many messages there were. Until the last batch, the queue-depth gauge's
+/// `recovering` state counts those not scheduled yet.
+pub async fn run(ctx: Arc<Context>, drain: Arc<Drain>, backlog: (Option<QueueId>, usize)) {
+    use mta_telemetry::QueueState::Recovering;
+    let (through, queued) = backlog;
     let began = std::time::Instant::now();
     let (mut scheduled, mut unreadable) = (0usize, 0usize);
+    let remaining = |done: usize| queued.saturating_sub(done) as u64;
+    ctx.metrics.set_queue_depth(Recovering, remaining(0));
     let mut after = None;
     while let Some(last) = through {
         let spool = ctx.spool.clone();
@@ -55,11 +61,14 @@ pub async fn run(ctx: Arc<Context>, drain: Arc<Drain>, through: Option<QueueId>)
         if !ctx.scheduler.enqueue_recovered(batch).await {
             return; // shutdown: the rest stays in the spool for the next start
         }
+        ctx.metrics
+            .set_queue_depth(Recovering, remaining(scheduled + unreadable));
         if next >= last {
             break;
         }
         after = Some(next);
     }
+    ctx.metrics.set_queue_depth(Recovering, 0);
     drain.recovery_complete();
     if through.is_some() {
         tracing::info!(

@@ -139,7 +139,9 @@ impl Server {
         // Everything in the spool now was recovered; the scheduler learns of it in the
         // background (crate::recovery) while mail is taken.
         let count = ctx.spool.len();
-        let through = ctx.spool.last_id();
+        // What start-up recovery schedules: every message in the spool now, before any
+        // listener takes new mail.
+        let backlog = (ctx.spool.last_id(), ctx.spool.len());
         if count > 0 {
             tracing::info!(
                 messages = count,
@@ -150,7 +152,7 @@ impl Server {
             path: ctx.config().spool.path.clone(),
             source,
         })?;
-        tokio::spawn(crate::recovery::run(ctx.clone(), drain.clone(), through));
+        tokio::spawn(crate::recovery::run(ctx.clone(), drain.clone(), backlog));
         tokio::spawn(drain.clone().run(trigger.subscribe()));
         let outbound = Arc::new(crate::delivery::Outbound::new(ctx.clone()));
         tokio::spawn(qmgr::run(

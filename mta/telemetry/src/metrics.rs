@@ -95,15 +95,20 @@ pub enum QueueState {
     Held,
     /// Being delivered right now.
     Active,
+    /// In the spool since before a restart and not scheduled yet: start-up recovery
+    /// schedules the queue in the background, so until it ends the other states count
+    /// only part of it.
+    Recovering,
 }
 
 impl QueueState {
-    /// The label value: `waiting`, `held`, `active`.
+    /// The label value: `waiting`, `held`, `active`, `recovering`.
     pub fn as_str(self) -> &'static str {
         match self {
             QueueState::Waiting => "waiting",
             QueueState::Held => "held",
             QueueState::Active => "active",
+            QueueState::Recovering => "recovering",
         }
     }
 }
