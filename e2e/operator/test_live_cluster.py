@@ -25,6 +25,7 @@ Pods reach the host's test servers (nsd, aiosmtpd) at live.HOST_ADDRESS.
 import calendar
 import email
 import json
+import math
 import os
 import re
 import smtplib
@@ -44,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from live import HOST_ADDRESS, ROOT, log, poll  # noqa: E402
 from nsd import Nsd  # noqa: E402
-from outbound import Sink, free_port  # noqa: E402
+from aiosmtpd.controller import Controller  # noqa: E402
+from outbound import Sink, SinkHandler, free_port  # noqa: E402
 
 NS = "petrel-e2e"
 OPERATOR_NS = "petrel-system"
@@ -68,9 +70,28 @@ def dns_server():
     server.stop()
 
 
+class TimedSinkHandler(SinkHandler):
+    """A sink that also notes when each message arrived (`received_at`, Unix seconds)."""
+
+    async def handle_DATA(self, server, session, envelope):
+        arrived = time.time()
+        reply = await super().handle_DATA(server, session, envelope)
+        with self.lock:
+            self.messages[-1].received_at = arrived
+        return reply
+
+
+class TimedSink(Sink):
+    def __init__(self, host, port):  # noqa: super().__init__ would start a plain handler
+        self.handler = TimedSinkHandler()
+        self.controller = Controller(self.handler, hostname=host, port=port,
+                                     decode_data=False, enable_SMTPUTF8=True)
+        self.controller.start()
+
+
 @pytest.fixture(scope="module")
 def sink():
-    s = Sink(HOST_ADDRESS, free_port(host=HOST_ADDRESS))
+    s = TimedSink(HOST_ADDRESS, free_port(host=HOST_ADDRESS))
     yield s
     s.stop()
 
@@ -369,84 +390,155 @@ def test_6_a_reconcile_with_nothing_changed_writes_nothing(kube, operator):
             assert not changed, f"{kind}/{after['metadata']['name']}: {changed}"
 
 
-def selector_of(content):
-    sig = email.message_from_bytes(content).get("DKIM-Signature", "")
-    m = re.search(r"\bs=([^;\s]+)", sig)
-    return m.group(1) if m else None
+def dkim_tags(text):
+    """The tags of a DKIM-Signature or of a DKIM key record: {"s": ..., "t": ..., "p": ...}."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    tags = {}
+    for part in re.sub(r"\s+", "", text).split(";"):
+        if "=" in part:
+            name, value = part.split("=", 1)
+            tags[name] = value
+    return tags
+
+
+def check_signatures(content, server):
+    """Every DKIM-Signature of `content` checked by dkimpy against the zone's server:
+    [(selector, p= of the record it was checked against, t= or None, verified)]. During a
+    switch a message may carry two signatures (the new key's and the old one's)."""
+    fields = email.message_from_bytes(content).get_all("DKIM-Signature") or []
+    checker = dkim.DKIM(content)
+    out = []
+    for idx, field in enumerate(fields):
+        tags = dkim_tags(field)
+        answers = []
+
+        def dnsfunc(name, timeout=5):
+            value = server.lookup_txt(name.decode() if isinstance(name, bytes) else name)
+            answers.append(value)
+            return value
+        try:
+            ok = bool(checker.verify(idx=idx, dnsfunc=dnsfunc))
+        except dkim.DKIMException:
+            ok = False
+        key = dkim_tags(answers[-1]).get("p") if answers and answers[-1] else None
+        signed_at = int(tags["t"]) if tags.get("t", "").isdigit() else None
+        out.append((tags.get("s"), key, signed_at, ok))
+    return out
+
+
+def key_label(selector, p):
+    return f"{selector}:{(p or '-')[:8]}"
 
 
 def test_7_dkim_keys_rotate_with_mail_flowing(kube, operator, sink, dns_server):
-    """Two rotations under a steady stream of relayed mail: every message is signed, with
-    a published key, and verifies on arrival; the messages of each retired key verify
-    again just before its overlap ends."""
+    """Two rotations under a steady stream of relayed mail, sent to both mx pods in turn:
+    every message is signed, every signature verifies on arrival (dkimpy) and was made
+    with a key whose record nsd was already serving; at least three distinct keys sign;
+    the messages of each retired key verify again just before its overlap ends."""
     key_name = "example-com-ed25519"
-    ip = pod_ip(kube, "mx-0")
     stop = threading.Event()
     errors = []
+    # (selector, p=) -> when nsd first served that record, as the publisher saw it: after
+    # set_txt returned (nsd serves the new serial), so never earlier than the truth.
+    published_at = {}
+
+    def publish_once():
+        status = kube.get("dkimkey", key_name, NS).get("status", {})
+        records = {s["recordName"]: s["recordValue"] for s in status.get("selectors", [])}
+        dns_server.set_txt(records)
+        served = time.time()
+        for s in status.get("selectors", []):
+            published_at.setdefault((s["selector"], dkim_tags(s["recordValue"]).get("p")),
+                                    served)
 
     def publisher():
         # The DNS admin: serves every record status asks for (next, active, retiring,
         # revoked), as external-dns or a person would.
         while not stop.is_set():
             try:
-                status = kube.get("dkimkey", key_name, NS).get("status", {})
-                dns_server.set_txt({s["recordName"]: s["recordValue"]
-                                    for s in status.get("selectors", [])})
+                publish_once()
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(f"publisher: {e}")
             stop.wait(0.5)
 
-    sent = []
+    # Both pods of mx take mail in turn (each signs with the keys it has loaded).
+    targets = []
+    for name in ("mx-0", "mx-1"):
+        ip = pod_ip(kube, name)
+        try:
+            with smtplib.SMTP(ip, SMTP_PORT, timeout=10) as s:
+                s.noop()
+            targets.append((name, ip))
+        except OSError as e:
+            log(f"{name} ({ip}) not reachable, not sending to it: {e}")
+    assert targets, "no mx pod reachable"
+    sent = {}  # token -> pod
 
     def sender():
         n = 0
         while not stop.is_set():
             n += 1
             token = f"rot-{n}"
+            pod, ip = targets[n % len(targets)]
             try:
                 send(ip, USER, ["friend@elsewhere.test"], token)
-                sent.append(token)
+                sent[token] = pod
             except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(f"send {token}: {e}")
+                errors.append(f"send {token} to {pod}: {e}")
             stop.wait(0.3)
 
+    # Records already served (the first key, published in step 3) count from now: every
+    # message of this step is signed after this.
+    publish_once()
     threads = [threading.Thread(target=f, daemon=True) for f in (publisher, sender)]
     for t in threads:
         t.start()
-    verified = {}  # token -> selector, verified on arrival
-    failures = []
-    rechecked = set()
+    arrived = {}  # token -> {"content", "received_at", "signatures"}
+    failures, unsigned = [], []
+    reverified = {}  # key label -> messages re-verified just before its overlap ended
 
     def check_arrivals():
-        for m in list(sink.messages):
+        for m in sink.messages:
             found = re.search(rb"Message-ID: <(rot-\d+)@e2e.test>", m.content)
-            if not found or found.group(1).decode() in verified:
+            received_at = getattr(m, "received_at", None)
+            if not found or received_at is None or found.group(1).decode() in arrived:
                 continue
             token = found.group(1).decode()
-            selector = selector_of(m.content)
-            ok = selector is not None and dkim.verify(m.content, dnsfunc=dnsfunc_of(dns_server))
-            verified[token] = (selector, m.content)
-            if not ok:
-                failures.append((token, selector))
+            signatures = check_signatures(m.content, dns_server)
+            arrived[token] = {"content": m.content, "received_at": received_at,
+                              "signatures": signatures}
+            if not signatures:
+                unsigned.append(token)
+            failures.extend((token, key_label(sel, p)) for sel, p, _, ok in signatures
+                            if not ok)
 
     def recheck_retiring():
         # Just before a Retiring key's overlap ends (overlap counts from when the pods
         # stopped signing, which is after `since`), its messages must still verify.
         status = kube.get("dkimkey", key_name, NS).get("status", {})
         for s in status.get("selectors", []):
-            if s["phase"] != "Retiring" or s["selector"] + s["since"] in rechecked:
+            key = (s["selector"], dkim_tags(s["recordValue"]).get("p"))
+            if s["phase"] != "Retiring" or key_label(*key) in reverified:
                 continue
             since = calendar.timegm(time.strptime(s["since"], "%Y-%m-%dT%H:%M:%SZ"))
             if time.time() < since + OVERLAP - 5:
                 continue
             check_arrivals()
-            old = [(t, c) for t, (sel, c) in verified.items() if sel == s["selector"]]
-            assert old, f"messages signed with {s['selector']}"
-            bad = [t for t, c in old if not dkim.verify(c, dnsfunc=dnsfunc_of(dns_server))]
-            assert not bad, f"{s['selector']}: {len(bad)} of {len(old)} fail before its overlap ends"
-            log(f"re-verified {len(old)} messages signed with {s['selector']} "
+            old = [(token, idx, a["content"]) for token, a in arrived.items()
+                   for idx, (sel, p, _, ok) in enumerate(a["signatures"])
+                   if ok and (sel, p) == key]
+            assert old, f"messages signed with {key_label(*key)}"
+            bad = []
+            for token, idx, content in old:
+                sel, p, _, ok = check_signatures(content, dns_server)[idx]
+                if not ok or (sel, p) != key:
+                    bad.append(token)
+            assert not bad, (f"{key_label(*key)}: {len(bad)} of {len(old)} fail before its "
+                             f"overlap ends: {bad[:10]}")
+            log(f"re-verified {len(old)} messages signed with {key_label(*key)} "
                 f"{time.time() - since:.0f} s after it started retiring")
-            rechecked.add(s["selector"] + s["since"])
+            reverified[key_label(*key)] = len(old)
 
     OVERLAP = 25
     actives = [kube.get("dkimkey", key_name, NS)["status"]["activeSelector"]]
@@ -462,7 +554,7 @@ def test_7_dkim_keys_rotate_with_mail_flowing(kube, operator, sink, dns_server):
             if active and active != actives[-1]:
                 actives.append(active)
                 log(f"active selector {active} after {time.monotonic() - started:.0f} s")
-            return len(actives) >= 3 and len(rechecked) >= 2
+            return len(actives) >= 3 and len(reverified) >= 2
 
         poll(two_rotations_and_rechecks, timeout=420, interval=1,
              what="two rotations, and the retired keys' messages re-verified")
@@ -472,18 +564,46 @@ def test_7_dkim_keys_rotate_with_mail_flowing(kube, operator, sink, dns_server):
             t.join(timeout=30)
         kube.run("patch", "dkimkey", key_name, "-n", NS, "--type=merge", "-p", json.dumps(
             {"spec": {"rotation": "Manual"}}), check=False)
-    poll(lambda: (check_arrivals(), len(verified) >= len(sent))[1], timeout=120,
+    duration = time.monotonic() - started
+    poll(lambda: (check_arrivals(), all(t in arrived for t in sent))[1], timeout=120,
          what="every message sent arrived at the sink")
-    by_selector = {}
-    for sel, _ in verified.values():
-        by_selector[sel] = by_selector.get(sel, 0) + 1
-    log(f"rotation: {len(sent)} sent, {len(verified)} verified on arrival, by selector "
-        f"{by_selector}, active selectors {actives}, {time.monotonic() - started:.0f} s; "
-        f"failures {failures}, errors {errors}")
+
+    # Per key (selector and p= value, so a slot's second key counts apart from its first):
+    # verified signatures, and how long after its record was first served it first signed.
+    # A signature's time is its t= (whole seconds), else the message's arrival.
+    by_key, first_signed, unpublished = {}, {}, []
+    for token, a in sorted(arrived.items()):
+        for sel, p, t, ok in a["signatures"]:
+            if not ok:
+                continue
+            label = key_label(sel, p)
+            by_key[label] = by_key.get(label, 0) + 1
+            signed_at = t if t is not None else a["received_at"]
+            first_signed[label] = min(first_signed.get(label, signed_at), signed_at)
+            served = published_at.get((sel, p))
+            if served is None or signed_at < math.floor(served):
+                unpublished.append((token, label, signed_at, served))
+    times = sorted(a["received_at"] for a in arrived.values())
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    per_pod = {pod: sum(1 for p in sent.values() if p == pod) for pod, _ in targets}
+    two = sum(1 for a in arrived.values() if len(a["signatures"]) > 1)
+    margins = {label: round(first_signed[label] - published_at[(sel, p)], 1)
+               for (sel, p) in published_at if (label := key_label(sel, p)) in first_signed}
+    log(f"rotation figures: {len(sent)} sent {per_pod}, {len(arrived)} arrived, "
+        f"{sum(by_key.values())} signatures verified on arrival ({two} messages with two), "
+        f"by key {by_key}; failures {len(failures)} {failures[:10]}; unsigned "
+        f"{len(unsigned)}; signed before published {len(unpublished)} {unpublished[:10]}; "
+        f"re-verified before overlap end {reverified}; first signature after its record "
+        f"was served (s, t= has 1 s resolution) {margins}; largest gap between arrivals "
+        f"{max(gaps, default=0):.2f} s; active selectors {actives}; {duration:.0f} s; "
+        f"errors {errors}")
     assert actives[:3] == ["petrel-a", "petrel-b", "petrel-a"], actives
-    assert not failures, failures
     assert not errors, errors
-    assert by_selector.get("petrel-b", 0) > 0 and by_selector.get("petrel-a", 0) > 0
+    assert not unsigned, f"{len(unsigned)} messages unsigned: {unsigned[:10]}"
+    assert not failures, failures
+    assert not unpublished, f"signed with a key before nsd served its record: {unpublished}"
+    signing_keys = [label for label, n in by_key.items() if n > 0]
+    assert len(signing_keys) >= 3, f"two rotations: three keys sign ({by_key})"
 
 
 def test_8_a_missing_secret_breaks_nothing_that_runs(kube, operator):
