@@ -19,13 +19,16 @@ import json
 import pytest
 
 from conftest import Mta, mta_header, wait_for
-from dnssec import Front, SignedDns, have_tools
+from dnssec import Front, SignedDns, have_tools, missing
 from outbound import Sink, free_port
 from test_outbound import queue_cli, send
 
-pytestmark = pytest.mark.skipif(not have_tools(),
-                                reason="ldnsutils, bind9-dnsutils (delv) or nsd missing")
-pytest.importorskip("cryptography")
+if not have_tools():
+    missing("ldnsutils, bind9-dnsutils (delv) or nsd")
+try:
+    import cryptography  # noqa: F401
+except ImportError:
+    missing("Python module cryptography")
 
 DNS_IP = "127.0.0.60"
 # domain: (MX host, its address)

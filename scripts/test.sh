@@ -42,6 +42,10 @@ python3 -c 'import dns' 2>/dev/null || py_missing+=(dnspython)
 python3 -c 'import nacl' 2>/dev/null || py_missing+=(pynacl)
 python3 -c 'import yaml' 2>/dev/null || py_missing+=(pyyaml)
 python3 -c 'import cryptography' 2>/dev/null || py_missing+=(cryptography)
+# The RFC 8460 report schema of e2e/test_tls_rpt.py; jsonschema checks `date-time` only
+# with rfc3339-validator installed.
+python3 -c 'import jsonschema' 2>/dev/null || py_missing+=(jsonschema)
+python3 -c 'import rfc3339_validator' 2>/dev/null || py_missing+=(rfc3339-validator)
 if [ ${#py_missing[@]} -gt 0 ]; then
     say "installing Python packages needed by the tests: ${py_missing[*]}"
     python3 -m pip install -q --disable-pip-version-check "${py_missing[@]}"
