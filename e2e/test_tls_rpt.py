@@ -20,6 +20,7 @@ three MTAs send one report per domain and period with the fleet's counts, or eac
 (distinct report ids) while Redis is down.
 """
 
+import datetime
 import email
 import email.policy
 import gzip
@@ -34,15 +35,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import Mta, wait_for
-from dnssec import have_tools
+from dnssec import have_tools, missing
 from outbound import Sink
-from test_dane import World, self_signed
-from test_fleet_limits import Redis
-from test_outbound import send
 
-pytestmark = pytest.mark.skipif(not have_tools(),
-                                reason="ldnsutils, bind9-dnsutils (delv) or nsd missing")
-jsonschema = pytest.importorskip("jsonschema")
+if not have_tools():
+    missing("ldnsutils, bind9-dnsutils (delv) or nsd")
+try:
+    import jsonschema
+except ImportError:
+    missing("Python module jsonschema")
+
+from test_dane import World, self_signed  # noqa: E402
+from test_fleet_limits import Redis  # noqa: E402
+from test_outbound import send  # noqa: E402
 
 REPORTS_MX_IP, REPORTS_HTTPS_IP = "127.0.0.74", "127.0.0.75"
 # MTA-STS enforce domains whose MX certificates fail: domain: (MX address, what is wrong)
@@ -57,12 +62,23 @@ UNUSABLE, UNUSABLE_IP = "unusable.test", "127.0.0.79"
 STS_TESTING = "ststesting.unsigned.test"
 # Domains whose MTA-STS policy cannot be had; their MX is plain.unsigned.test's sink.
 STS_BROKEN = ("stsfetch.unsigned.test", "stsinvalid.unsigned.test", "stswebpki.unsigned.test")
+# MTA-STS enforce, its MX certificate from a CA the MTA does not trust.
+STS_UNTRUSTED, STS_UNTRUSTED_IP = "stsuntrusted.unsigned.test", "127.0.0.80"
+# The DANE cases of test_dane.py that have a TLS-RPT record here too.
+DANE_REPORTED = ("ta.test", "tawrongname.test", "both.test", "bothbad.test", "cname.test",
+                 "cnamesec.test")
 REPORTED = ("ee.test", "wrongdigest.test", "plain.unsigned.test", "bad.bogus.test",
-            "servfail.test", *STS_MX, STS_PLAIN, STS_TESTING, *STS_BROKEN, UNUSABLE)
+            "servfail.test", *STS_MX, STS_PLAIN, STS_TESTING, *STS_BROKEN, UNUSABLE,
+            STS_UNTRUSTED, *DANE_REPORTED)
+# danerpt.test (MX: ee.test's) asks for reports by mail only, at reportsdane.test, whose
+# MX has a TLSA record with a wrong digest: ordinary mail there is deferred, reports go.
+DANE_RPT, REPORTS_DANE, REPORTS_DANE_IP = "danerpt.test", "reportsdane.test", "127.0.0.81"
 
 # RFC 8460 §4.4, as a JSON schema (the RFC describes the fields in prose and an example).
+# Every object it defines in full admits no other member.
 SCHEMA = {
     "type": "object",
+    "additionalProperties": False,
     "required": ["organization-name", "date-range", "contact-info", "report-id", "policies"],
     "properties": {
         "organization-name": {"type": "string"},
@@ -70,16 +86,19 @@ SCHEMA = {
         "report-id": {"type": "string"},
         "date-range": {
             "type": "object",
+            "additionalProperties": False,
             "required": ["start-datetime", "end-datetime"],
             "properties": {"start-datetime": {"type": "string", "format": "date-time"},
                            "end-datetime": {"type": "string", "format": "date-time"}},
         },
         "policies": {"type": "array", "items": {
             "type": "object",
+            "additionalProperties": False,
             "required": ["policy", "summary"],
             "properties": {
                 "policy": {
                     "type": "object",
+                    "additionalProperties": False,
                     "required": ["policy-type", "policy-domain"],
                     "properties": {
                         "policy-type": {"enum": ["tlsa", "sts", "no-policy-found"]},
@@ -90,6 +109,7 @@ SCHEMA = {
                 },
                 "summary": {
                     "type": "object",
+                    "additionalProperties": False,
                     "required": ["total-successful-session-count",
                                  "total-failure-session-count"],
                     "properties": {
@@ -99,6 +119,7 @@ SCHEMA = {
                 },
                 "failure-details": {"type": "array", "items": {
                     "type": "object",
+                    "additionalProperties": False,
                     "required": ["result-type", "failed-session-count"],
                     "properties": {
                         "result-type": {"enum": [
@@ -120,6 +141,19 @@ SCHEMA = {
         }},
     },
 }
+FORMATS = jsonschema.FormatChecker()
+if "date-time" not in FORMATS.checkers:
+    missing("Python module rfc3339-validator (jsonschema's date-time check)")
+
+
+def check_report(report):
+    """`report` fits the schema, formats included, and its date range is two RFC 3339
+    times (as Python reads them), the start before the end."""
+    jsonschema.validate(report, SCHEMA, format_checker=FORMATS)
+    start, end = (datetime.datetime.fromisoformat(report["date-range"][k])
+                  for k in ("start-datetime", "end-datetime"))
+    assert start.tzinfo is not None and end.tzinfo is not None, report["date-range"]
+    assert start < end, report["date-range"]
 
 
 class ReportEndpoint:
@@ -206,7 +240,11 @@ def rpt_world(tmp_path_factory):
     policies["stsfetch.unsigned.test"] = None
     policies["stsinvalid.unsigned.test"] = "version: STSv1\r\nmode: sometimes\r\n"
     policies["stswebpki.unsigned.test"] = policies["stsname.unsigned.test"]
-    for domain in (*STS_MX, STS_PLAIN, STS_TESTING, *STS_BROKEN):
+    unsigned += [f"{STS_UNTRUSTED}. IN MX 10 mx.{STS_UNTRUSTED}.",
+                 f"mx.{STS_UNTRUSTED}. IN A {STS_UNTRUSTED_IP}"]
+    policies[STS_UNTRUSTED] = (f"version: STSv1\r\nmode: enforce\r\nmx: mx.{STS_UNTRUSTED}\r\n"
+                               "max_age: 86400\r\n")
+    for domain in (*STS_MX, STS_PLAIN, STS_TESTING, *STS_BROKEN, STS_UNTRUSTED):
         unsigned += [f'_smtp._tls.{domain}. IN TXT "{rua}"', f"_mta-sts.{domain}. IN TXT {sts_id}",
                      f"mta-sts.{domain}. IN A {POLICY_IP}"]
     extra = {
@@ -220,7 +258,13 @@ def rpt_world(tmp_path_factory):
                   f'_smtp._tls.reports.test. IN TXT "{rua}"',
                   "reports.test. IN MX 10 mx.reports.test.",
                   f"mx.reports.test. IN A {REPORTS_MX_IP}",
-                  f"reports.test. IN A {REPORTS_HTTPS_IP}"],
+                  f"reports.test. IN A {REPORTS_HTTPS_IP}",
+                  f"{DANE_RPT}. IN MX 10 mx.ee.test.",
+                  f'_smtp._tls.{DANE_RPT}. IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@{REPORTS_DANE}"',
+                  f"{REPORTS_DANE}. IN MX 10 mx.{REPORTS_DANE}.",
+                  f"mx.{REPORTS_DANE}. IN A {REPORTS_DANE_IP}",
+                  f"_25._tcp.mx.{REPORTS_DANE}. IN TLSA 3 1 1 {'00' * 32}"]
+                 + [f'_smtp._tls.{domain}. IN TXT "{rua}"' for domain in DANE_REPORTED],
         "bogus.test.": [f'_smtp._tls.bad.bogus.test. IN TXT "{rua}"'],
         "unsigned.test.": unsigned,
     }
@@ -230,9 +274,13 @@ def rpt_world(tmp_path_factory):
     certs = {"name": world.sts_ca.issue("mx.someone-else.test"),
              "expired": world.sts_ca.issue("mx.stsexpired.unsigned.test", expired=True)}
     sts_sinks = [TlsSink(ip, world.port, certs[wrong]) for ip, wrong in STS_MX.values()]
+    untrusted = Ca(directory, "untrusted-ca").issue(f"mx.{STS_UNTRUSTED}")
     sts_sinks += [Sink(STS_PLAIN_IP, world.port),
-                  TlsSink(UNUSABLE_IP, world.port, self_signed(directory, f"mx.{UNUSABLE}"))]
+                  TlsSink(UNUSABLE_IP, world.port, self_signed(directory, f"mx.{UNUSABLE}")),
+                  TlsSink(STS_UNTRUSTED_IP, world.port, untrusted)]
     mailbox = Sink(REPORTS_MX_IP, world.port)
+    world.sinks[REPORTS_DANE] = TlsSink(REPORTS_DANE_IP, world.port,
+                                        self_signed(directory, f"mx.{REPORTS_DANE}"))
     # The MTA trusts one CA file: both CAs in it.
     world.sts_ca.pem_path.write_bytes(world.sts_ca.pem_path.read_bytes() + ca.pem_path.read_bytes())
     yield world, endpoint, mailbox
@@ -280,6 +328,19 @@ EXPECTED = {
                                  "no-policy-found": (1, 0, set())},
     "stswebpki.unsigned.test": {"sts": (0, 1, {"sts-webpki-invalid"}),
                                 "no-policy-found": (1, 0, set())},
+    # MTA-STS enforce, the MX certificate from a CA the MTA does not trust (§4.3.1).
+    STS_UNTRUSTED: {"sts": (0, 1, {"certificate-not-trusted"})},
+    # DANE-TA (2 1 1) to a private CA; the same CA, the certificate for another name
+    # (TLS-RPT's type for any DANE refusal: validation-failure).
+    "ta.test": {"tlsa": (1, 0, set())},
+    "tawrongname.test": {"tlsa": (0, 1, {"validation-failure"})},
+    # DANE and MTA-STS both published: DANE decides, so only it is reported.
+    "both.test": {"tlsa": (1, 0, set())},
+    "bothbad.test": {"tlsa": (0, 1, {"validation-failure"})},
+    # The MX host an alias into the unsigned zone: no DANE, no other policy.
+    "cname.test": {"no-policy-found": (1, 0, set())},
+    # A secure alias: the target's TLSA records (2 1 1) apply.
+    "cnamesec.test": {"tlsa": (1, 0, set())},
 }
 
 
@@ -301,7 +362,7 @@ def test_reports_by_mail_and_https_count_every_attempt(rpt_world, workdir):
         by_mail = wait_for(lambda: complete(mailed_reports(mailbox)) and mailed_reports(mailbox),
                            what="mailed reports with every attempt counted")
         for report in by_https + by_mail:
-            jsonschema.validate(report, SCHEMA)
+            check_report(report)
             assert report["organization-name"] == "Petrel Test"
         ids = [r["report-id"] for r in by_https]
         assert len(set(ids)) == len(ids), "one report id per domain and period"
@@ -321,6 +382,43 @@ def test_reports_by_mail_and_https_count_every_attempt(rpt_world, workdir):
                  what="two more report periods")
         assert totals(endpoint.reports() + mailed_reports(mailbox), "reports.test") == {}
         assert len(mailed_reports(mailbox)) == len(by_mail)
+    finally:
+        mta.kill()
+
+
+def test_a_mailed_report_goes_despite_the_mailbox_domain_failing_dane(rpt_world, workdir):
+    """RFC 8460 §5.3: reports are delivered despite TLS policy failures. danerpt.test's
+    reports go by mail to reportsdane.test, whose MX fails DANE (wrong digest): the report
+    goes all the same, over opportunistic TLS (it carries `TLS-Required: No`), while an
+    ordinary message sent after it to the same MX is deferred and never sent."""
+    from test_dane import deferred, never_sent
+    world, _, _ = rpt_world
+    config = world.config(workdir, smtp_client="  tls_rpt:\n    report_interval: 2s\n")
+    mta = Mta(workdir, config).start()
+    sink = world.sinks[REPORTS_DANE]
+    try:
+        send(mta, "me@example.test", [f"a@{DANE_RPT}"], subject="report by mail")
+
+        def report_arrived():
+            with sink.handler.lock:
+                return [(m, tls) for m, tls in zip(sink.handler.messages, sink.handler.over_tls)
+                        if m.recipients == [f"tlsrpt@{REPORTS_DANE}"]]
+        (message, over_tls), *_ = wait_for(report_arrived, what="the report at the DANE-failing MX")
+        assert over_tls, "STARTTLS was offered: the report went over TLS"
+        parsed = email.message_from_bytes(message.content, policy=email.policy.default)
+        assert parsed["TLS-Required"] == "No"
+        part = next(p for p in parsed.iter_attachments()
+                    if p.get_content_type() == "application/tlsrpt+gzip")
+        report = json.loads(gzip.decompress(part.get_content()))
+        check_report(report)
+        assert totals([report], DANE_RPT) == {"tlsa": (1, 0, set())}
+        assert ("TLS-RPT report: TLS-Required: No, the domain's DANE and MTA-STS policies "
+                f"do not apply domain={REPORTS_DANE}") in mta.log()
+        assert f"DANE: TLSA records apply domain={REPORTS_DANE}" not in mta.log()
+
+        send(mta, "me@example.test", [f"user@{REPORTS_DANE}"], subject="not a report")
+        deferred(mta, f"user@{REPORTS_DANE}", "451 4.7.5 DANE", "matches none of its TLSA records")
+        never_sent(world, REPORTS_DANE, f"user@{REPORTS_DANE}")
     finally:
         mta.kill()
 
@@ -364,11 +462,12 @@ def test_counts_survive_kill_9(rpt_world, workdir):
         mta.kill()
 
 
-@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed")
 def test_fleet_reports_once_through_redis_and_per_pod_without(rpt_world, tmp_path):
     """Three MTAs share the rate limits' Redis: each domain and period gets one report,
     with the three MTAs' counts. With Redis gone, each MTA reports its own counts under
     its own report id, and says so."""
+    if not shutil.which("redis-server"):
+        missing("redis-server")
     world, endpoint, _ = rpt_world
     redis = Redis(tmp_path).start()
     pods = []
@@ -404,7 +503,7 @@ smtpd:
         assert len(periods) == len(set(periods)), f"one report per domain and period: {periods}"
         assert all(r["report-id"].endswith("@mx.petrel.test") for r in reports), reports
         for report in reports:
-            jsonschema.validate(report, SCHEMA)
+            check_report(report)
 
         redis.kill()
         before = endpoint.count()

@@ -38,6 +38,20 @@ pub struct Session {
     site: Option<SitePermit>,
     /// Ends waits for a site's permit or rate token.
     shutdown: Option<Shutdown>,
+    /// Whether `connection` was made without the recipient domain's DANE or MTA-STS
+    /// policy (for a TLS-RPT report): no other message may use it.
+    domain_policy: DomainPolicy,
+}
+
+/// Whether a delivery by MX applies the recipient domain's TLS policy (DANE, MTA-STS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum DomainPolicy {
+    #[default]
+    Apply,
+    /// RFC 8460 §5.3: a TLS-RPT report goes despite TLS policy failures. It says
+    /// `TLS-Required: No` (RFC 8689 §5), so it goes as without a policy: opportunistic TLS
+    /// (TLS whenever STARTTLS is offered), or the route's configured TLS mode.
+    Ignore,
 }
 
 impl Session {
@@ -64,7 +78,18 @@ impl Session {
         };
         // RFC 8689: a REQUIRETLS message goes only over TLS verified for the next hop.
         let require_tls = item.envelope.require_tls;
-        if self.sent >= config.queue.max_messages_per_connection || (require_tls && !self.verified)
+        // TLS-RPT: a report is never counted in one, and goes despite TLS policy failures
+        // (RFC 8460 §5.3). Only our own reports are let off the domain's policy, and only
+        // when they ask for it with `TLS-Required: No`, as every report does.
+        let is_report = item.envelope.sender == tls_rpt::report_sender(&config);
+        let domain_policy = if is_report && tls_required_no(message) {
+            DomainPolicy::Ignore
+        } else {
+            DomainPolicy::Apply
+        };
+        if self.sent >= config.queue.max_messages_per_connection
+            || (require_tls && !self.verified)
+            || self.domain_policy != domain_policy
         {
             self.close().await;
         }
@@ -77,17 +102,21 @@ impl Session {
         if self.connection.is_none() {
             // A worker holds one site permit at most: give it back before asking again.
             self.site = None;
-            // TLS-RPT: the delivery of a report is never counted in one (RFC 8460 §5.3).
-            let report = config.smtp_client.tls_rpt.enabled
-                && item.envelope.sender != tls_rpt::report_sender(&config);
+            let report = config.smtp_client.tls_rpt.enabled && !is_report;
             let shutdown = self.shutdown.as_mut();
-            match connect(ctx, &config, route, require_tls, report, shutdown).await {
+            let wanted = Wanted {
+                require_tls,
+                report,
+                domain_policy,
+            };
+            match connect(ctx, &config, route, wanted, shutdown).await {
                 Ok((connection, verified, host, site)) => {
                     self.connection = Some(connection);
                     self.site = site;
                     self.sent = 0;
                     self.verified = verified;
                     self.remote_host = Some(host);
+                    self.domain_policy = domain_policy;
                 }
                 Err(status) => {
                     self.remote_host = None;
@@ -178,7 +207,33 @@ impl Session {
         self.site = None;
         self.sent = 0;
         self.verified = false;
+        self.domain_policy = DomainPolicy::Apply;
     }
+}
+
+/// Whether the message's header section has `TLS-Required: No` (RFC 8689 §5).
+fn tls_required_no(message: &[u8]) -> bool {
+    message
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .take_while(|line| !line.is_empty())
+        .any(|line| match line.iter().position(|&b| b == b':') {
+            Some(colon) => {
+                line[..colon].eq_ignore_ascii_case(b"TLS-Required")
+                    && line[colon + 1..].trim_ascii().eq_ignore_ascii_case(b"No")
+            }
+            None => false,
+        })
+}
+
+/// What one delivery asks of its connection.
+#[derive(Clone, Copy)]
+struct Wanted {
+    /// REQUIRETLS (RFC 8689): verified TLS only.
+    require_tls: bool,
+    /// The connection attempts are counted for TLS-RPT (not for a report's own delivery).
+    report: bool,
+    domain_policy: DomainPolicy,
 }
 
 /// How MTA-STS (RFC 8461, [`mta_sts`]) shapes the connection attempts of one delivery.
@@ -199,10 +254,14 @@ async fn connect(
     ctx: &Arc<Outbound>,
     config: &MtaConfig,
     route: &Route,
-    require_tls: bool,
-    report: bool,
+    wanted: Wanted,
     shutdown: Option<&mut Shutdown>,
 ) -> Result<Connected, Status> {
+    let Wanted {
+        require_tls,
+        report,
+        domain_policy,
+    } = wanted;
     let (targets, client, sts): (Vec<Target>, _, _) = match route {
         Route::Lmtp { address } => {
             let client = client_config(config, true, TlsMode::None, None)?;
@@ -226,6 +285,15 @@ async fn connect(
             let resolver = ctx.resolver()?;
             let mut mode = if require_tls { TlsMode::Verified } else { *tls };
             let (targets, sts, rpt) = match next_hop {
+                NextHop::Mx { domain } if domain_policy == DomainPolicy::Ignore => {
+                    tracing::info!(domain = %mta_telemetry::Escaped(domain.as_str()), "TLS-RPT report: TLS-Required: No, the domain's DANE and MTA-STS policies do not apply");
+                    let port = config.smtp_client.port;
+                    (
+                        route::mx_targets(&resolver, domain, port).await?,
+                        Sts::Off,
+                        None,
+                    )
+                }
                 NextHop::Mx { domain } => {
                     let rua = if report {
                         ctx.tls_rpt.rua(&resolver, domain).await
@@ -731,4 +799,31 @@ fn client_config(
         quit: c.command_timeout,
     };
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_required_no;
+
+    #[test]
+    fn tls_required_no_is_read_from_the_header_section_only() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"From: a@b\r\nTLS-Required: No\r\n\r\nbody\r\n", true),
+            (b"tls-required:no\n\nbody\n", true),
+            (b"TLS-Required:   NO  \r\n\r\n", true),
+            (b"From: a@b\r\n\r\nTLS-Required: No\r\n", false),
+            (b"TLS-Required: Yes\r\n\r\n", false),
+            (b"X-TLS-Required: No\r\n\r\n", false),
+            (b"Subject: TLS-Required: No\r\n\r\n", false),
+            (b"", false),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(
+                tls_required_no(message),
+                *expected,
+                "{}",
+                String::from_utf8_lossy(message)
+            );
+        }
+    }
 }
