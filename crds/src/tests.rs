@@ -357,6 +357,44 @@ fn dkim_key_cel_refuses_bad_durations_and_selectors() {
 }
 
 #[test]
+fn dkim_key_cel_checks_custom_selectors() {
+    let key = |selectors: serde_json::Value| {
+        DkimKey::new(
+            "k",
+            serde_json::from_value(serde_json::json!({"domain": "example.com",
+                "algorithm": "ed25519", "selectors": selectors}))
+            .expect("spec deserialises"),
+        )
+    };
+    let good = key(serde_json::json!(["mail2026", "backup"]));
+    assert_eq!(errors_of(&good), "");
+    assert_eq!(good.spec.selectors, ["mail2026", "backup"]);
+    for bad in [
+        serde_json::json!(["same", "same"]),
+        serde_json::json!(["only-one"]),
+        serde_json::json!(["a", "b", "c"]),
+    ] {
+        let errors = errors_of(&key(bad.clone()));
+        assert!(
+            errors.contains("selectors names exactly two distinct selectors"),
+            "{bad}: {errors}"
+        );
+    }
+    // The names themselves are checked by the schema (a pattern and a length, enforced by
+    // the API server's OpenAPI validation, not by CEL).
+    let crd = serde_json::to_value(DkimKey::crd()).expect("crd");
+    let selectors = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["selectors"];
+    assert_eq!(selectors["minItems"], 2, "{selectors}");
+    assert_eq!(selectors["maxItems"], 2, "{selectors}");
+    assert_eq!(selectors["items"]["maxLength"], 63, "{selectors}");
+    assert_eq!(
+        selectors["items"]["pattern"], "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        "{selectors}"
+    );
+}
+
+#[test]
 fn durations_parse_to_seconds() {
     assert_eq!(parse_duration_secs("90d"), Some(90 * 86_400));
     assert_eq!(parse_duration_secs("12h"), Some(12 * 3600));

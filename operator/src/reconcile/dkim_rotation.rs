@@ -180,6 +180,29 @@ pub fn step(input: &Inputs<'_>) -> Step {
         }
     }
 
+    // Two Active slots: an operator stopped between the two writes of a switch (the new
+    // key's Secret is written first, so that something always signs). Finish the switch:
+    // the key that has signed longer retires; both are published, both may sign meanwhile.
+    if let [Some(a), Some(b)] = &states
+        && a.phase == DkimKeyPhase::Active
+        && b.phase == DkimKeyPhase::Active
+    {
+        let older = usize::from(b.since < a.since);
+        states[older] = states[older]
+            .as_ref()
+            .map(|p| SlotState::entered(DkimKeyPhase::Retiring, now).keep_request(p));
+        events.push(event(
+            "Retiring",
+            format!(
+                "{} no longer signs ({} took over); its record stays for the overlap once no pod signs with it",
+                slots[older].selector,
+                slots[1 - older].selector
+            ),
+            false,
+        ));
+        soon = true;
+    }
+
     // DNS: publish what every authoritative server answers; take out what one definitely
     // no longer does; pause on failed lookups.
     for (i, slot) in slots.iter().enumerate() {

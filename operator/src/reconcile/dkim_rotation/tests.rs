@@ -7,7 +7,8 @@ use super::*;
 use crate::keys::{DkimMaterial, KeyError, KeySource, TlsMaterial};
 use crate::render::dkim::{self, Use};
 use crate::render::{Object, World};
-use crds::{DkimAlgorithm, DkimKey};
+use crds::{ConditionStatus, DkimAlgorithm, DkimKey};
+use k8s_openapi::api::core::v1::Secret;
 use std::collections::BTreeMap;
 
 fn key(period: &str, overlap: &str) -> DkimKey {
@@ -327,6 +328,68 @@ fn each_transition() {
         "{:?}",
         s.waiting
     );
+
+    // Published → Generated when a server definitely no longer answers the record
+    // (RecordGone): not staged, not loaded, waits to be published again.
+    let gone = DnsCheck::NotVisible {
+        lagging: vec!["ns2.example.com.".into()],
+    };
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", published(true))],
+        [visible(), gone],
+        &pods(&["a", "b"], &["a"]),
+        150,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Active), Some(Generated)]);
+    let b = s.plans[1].state.as_ref().unwrap();
+    assert!(!b.staged && b.load_after.is_none(), "{b:?}");
+    assert!(!s.plans[1].fresh, "the same key, published again");
+    assert!(
+        s.events
+            .iter()
+            .any(|e| e.reason == "RecordGone" && e.warning && e.message.contains("Published")),
+        "{:?}",
+        s.events
+    );
+    // Published → Generated with a new key when its Secret lost the private key
+    // (KeyMissing): nothing signs with a key that is not there.
+    let mut lost = slot("b", published(true));
+    lost.has_private_key = false;
+    let s = run(
+        [slot("a", st(Active, 45)), lost],
+        [visible(), visible()],
+        &pods(&["a", "b"], &["a"]),
+        150,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Active), Some(Generated)]);
+    assert!(s.plans[1].fresh, "a new key in the slot");
+    assert!(
+        s.events
+            .iter()
+            .any(|e| e.reason == "KeyMissing" && e.warning && e.message.contains("k-b")),
+        "{:?}",
+        s.events
+    );
+    // Two Active slots (an operator stopped between the two writes of a switch): the
+    // switch is finished, the key that signed longer retires.
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", st(Active, 150))],
+        [visible(), visible()],
+        &pods(&["a", "b"], &["a", "b"]),
+        151,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Retiring), Some(Active)]);
+    let s = run(
+        [slot("a", st(Active, 150)), slot("b", st(Active, 45))],
+        [visible(), visible()],
+        &pods(&["a", "b"], &["a", "b"]),
+        151,
+        None,
+    );
+    assert_eq!(phases(&s), [Some(Active), Some(Retiring)]);
 }
 
 #[test]
@@ -368,6 +431,13 @@ fn dns_failures_pause_and_never_demote() {
     );
 }
 
+/// A pod's config: selector → (the record of the key it holds, whether it signs).
+type PodConfig = BTreeMap<String, (String, bool)>;
+
+/// Decides, from the time and how many Secrets a step changes, whether the operator
+/// "crashes" after the first Secret write of that step.
+type Crash = fn(i64, usize) -> bool;
+
 /// The outside world of the simulation.
 struct Model {
     world: World,
@@ -377,15 +447,19 @@ struct Model {
     servers: [BTreeMap<String, (String, i64)>; 2],
     /// Seconds each nameserver takes to publish what status asks for.
     server_lag: [i64; 2],
-    /// The config each pod runs: selector → signs; and since when the operator's config
-    /// said so (pods adopt it after their lag).
-    pods: [BTreeMap<String, bool>; 2],
+    /// The config each pod runs, and since when the operator's config said so (pods
+    /// adopt it after their lag).
+    pods: [PodConfig; 2],
     pod_lag: [i64; 2],
-    desired_since: (BTreeMap<String, bool>, i64),
-    /// Every signature: (time, selector).
-    signed: Vec<(i64, String)>,
+    desired_since: (PodConfig, i64),
+    /// Every signature: (time, selector, record of the key that signed).
+    signed: Vec<(i64, String, String)>,
     /// Record TTL + negative TTL the servers report.
     wait: u64,
+    /// When the operator stops after the first Secret write of a step.
+    crash: Crash,
+    /// The steps cut short: (time, Secrets the whole step would have changed).
+    crashes: Vec<(i64, usize)>,
 }
 
 impl Model {
@@ -401,6 +475,8 @@ impl Model {
             desired_since: (BTreeMap::new(), 0),
             signed: Vec::new(),
             wait: 10,
+            crash: |_, _| false,
+            crashes: Vec::new(),
         }
     }
 
@@ -433,7 +509,7 @@ impl Model {
         for (i, config) in self.pods.iter().enumerate() {
             let name = format!("p{i}");
             r.ready.insert(name.clone());
-            for (selector, signs) in config {
+            for (selector, (_, signs)) in config {
                 r.loaded
                     .entry(selector.clone())
                     .or_default()
@@ -447,6 +523,14 @@ impl Model {
             }
         }
         r
+    }
+
+    /// Whether `secret` differs from the one of that name in the world.
+    fn changes(&self, secret: &Secret) -> bool {
+        let name = secret.metadata.name.as_deref().unwrap_or_default();
+        self.world.secret("mail", name).is_none_or(|old| {
+            old.metadata.annotations != secret.metadata.annotations || old.data != secret.data
+        })
     }
 
     /// One second of the world: the operator steps (reading only the Secrets), DNS and
@@ -463,31 +547,45 @@ impl Model {
             pods: &report,
             rotate_request: request,
         });
-        let objects = dkim::slot_secrets(&self.key, &self.world, &step.plans, &mut self.keys)
-            .expect("render");
+        let secrets: Vec<Secret> =
+            dkim::slot_secrets(&self.key, &self.world, &step.plans, &mut self.keys)
+                .expect("render")
+                .into_iter()
+                .filter_map(|o| match o {
+                    Object::Secret(s) => Some(s),
+                    _ => None,
+                })
+                .collect();
+        let changed = secrets.iter().filter(|s| self.changes(s)).count();
+        // An operator that stops after the first write of a step (and is restarted)
+        // leaves the Secrets half-way; the next step reads them as they are.
+        let crashed = (self.crash)(now, changed);
+        let landing = if crashed { 1 } else { secrets.len() };
         // The Secrets land one at a time, and the listener may render the pods' config
         // from any state in between: once a key signs, every one of those states has a
         // signing key.
         let signed_before = self.signs_any();
-        for o in objects {
-            if let Object::Secret(s) = o {
-                self.world
-                    .secrets
-                    .retain(|old| old.metadata.name != s.metadata.name);
-                self.world.secrets.push(s);
-                assert!(
-                    !signed_before || self.signs_any(),
-                    "at {now} a partly written step leaves no signing key"
-                );
-            }
+        for s in secrets.into_iter().take(landing) {
+            self.world
+                .secrets
+                .retain(|old| old.metadata.name != s.metadata.name);
+            self.world.secrets.push(s);
+            assert!(
+                !signed_before || self.signs_any(),
+                "at {now} a partly written step leaves no signing key"
+            );
         }
         let slots = dkim::read_slots(&self.key, &self.world);
-        // A step writes only what the Secrets can say again: read back, it is the plan.
-        for (slot, plan) in slots.iter().zip(&step.plans) {
-            assert_eq!(
-                slot.state, plan.state,
-                "state survives the Secret round trip"
-            );
+        if crashed {
+            self.crashes.push((now, changed));
+        } else {
+            // A step writes only what the Secrets can say again: read back, it is the plan.
+            for (slot, plan) in slots.iter().zip(&step.plans) {
+                assert_eq!(
+                    slot.state, plan.state,
+                    "state survives the Secret round trip"
+                );
+            }
         }
         // Nameservers copy the records status shows, each after its lag.
         for (i, server) in self.servers.iter_mut().enumerate() {
@@ -503,9 +601,12 @@ impl Model {
             }
         }
         // Pods adopt the operator's config after their lag.
-        let desired: BTreeMap<String, bool> = dkim::pod_keys(&slots)
+        let desired: PodConfig = dkim::pod_keys(&slots)
             .into_iter()
-            .map(|(s, u)| (s.selector.clone(), u == Use::Sign))
+            .map(|(s, u)| {
+                let record = s.record.clone().expect("a loaded key has its record");
+                (s.selector.clone(), (record, u == Use::Sign))
+            })
             .collect();
         if desired != self.desired_since.0 {
             self.desired_since = (desired, now);
@@ -515,11 +616,11 @@ impl Model {
                 pod.clone_from(&self.desired_since.0);
             }
         }
-        // Each pod signs a message with whatever it signs with now.
+        // Each pod signs a message with every key it signs with now.
         for pod in &self.pods {
-            for (selector, signs) in pod {
+            for (selector, (record, signs)) in pod {
                 if *signs {
-                    self.signed.push((now, selector.clone()));
+                    self.signed.push((now, selector.clone(), record.clone()));
                 }
             }
         }
@@ -533,7 +634,7 @@ impl Model {
         dkim::pod_keys(&slots).iter().any(|(_, u)| *u == Use::Sign)
     }
 
-    /// Whether `selector`'s current record has been on every nameserver for `wait`.
+    /// Whether `selector`'s record `record` has been on every nameserver for `wait`.
     fn published_long_enough(&self, selector: &str, now: i64, record: &str) -> bool {
         self.servers.iter().all(|s| {
             s.get(selector).is_some_and(|(v, at)| {
@@ -543,40 +644,57 @@ impl Model {
     }
 }
 
-/// Two full rotations (and the start of a third) with lagging nameservers and slow pods,
-/// a DNS outage in the middle, and the invariants checked at every second.
-#[test]
-fn rotations_keep_every_signature_verifiable() {
-    let mut m = Model::new("60s", "30s");
-    let mut activations = Vec::new();
-    let mut revocations = Vec::new();
+/// What [`rotate_for`] saw: every key that became Active and every revocation, each as
+/// (time, selector).
+struct Seen {
+    activations: Vec<(i64, String)>,
+    revocations: Vec<(i64, String)>,
+}
+
+/// Runs `m` for `seconds` with a DNS outage during `outage`, checking the invariants at
+/// every second: no signature with a key whose record is not on every nameserver (for the
+/// record and negative-caching TTLs); no key revoked while a signature made with it may
+/// still be checked (`overlap` seconds); a revoked record has an empty `p=`; an outage
+/// demotes nothing; signing never stops once it has started.
+fn rotate_for(m: &mut Model, seconds: i64, outage: std::ops::Range<i64>, overlap: i64) -> Seen {
+    let mut seen = Seen {
+        activations: Vec::new(),
+        revocations: Vec::new(),
+    };
     let mut last_phase: BTreeMap<String, DkimKeyPhase> = BTreeMap::new();
-    let outage = 150..175;
-    for now in 0..400 {
+    let mut last_record: BTreeMap<String, String> = BTreeMap::new();
+    for now in 0..seconds {
         let step = m.tick(now, outage.contains(&now), None);
         let slots = dkim::read_slots(&m.key, &m.world);
         for slot in &slots {
             let phase = slot.state.as_ref().map(|s| s.phase);
             let before = last_phase.get(&slot.selector).copied();
             if phase == Some(DkimKeyPhase::Active) && before != Some(DkimKeyPhase::Active) {
-                activations.push((now, slot.selector.clone()));
+                seen.activations.push((now, slot.selector.clone()));
             }
             if phase == Some(DkimKeyPhase::Revoked) && before != Some(DkimKeyPhase::Revoked) {
-                revocations.push((now, slot.selector.clone()));
+                seen.revocations.push((now, slot.selector.clone()));
                 // No revocation while a signature made with this key may still be checked.
+                let revoked_key = &last_record[&slot.selector];
                 let last = m
                     .signed
                     .iter()
-                    .filter(|(_, s)| *s == slot.selector)
-                    .map(|(t, _)| *t)
+                    .filter(|(_, s, r)| *s == slot.selector && r == revoked_key)
+                    .map(|(t, _, _)| *t)
                     .max()
                     .expect("it signed");
                 assert!(
-                    now - last >= 30,
+                    now - last >= overlap,
                     "{} revoked at {now}, signed at {last}",
                     slot.selector
                 );
                 assert!(!slot.has_private_key, "revoked: private key deleted");
+                let record = slot.record.as_deref().expect("the revoked record stays");
+                assert_eq!(
+                    record.split("; ").find_map(|tag| tag.strip_prefix("p=")),
+                    Some(""),
+                    "revoked: empty p= in {record:?}"
+                );
             }
             if outage.contains(&now) && before == Some(DkimKeyPhase::Active) {
                 assert_eq!(
@@ -588,18 +706,16 @@ fn rotations_keep_every_signature_verifiable() {
             if let Some(p) = phase {
                 last_phase.insert(slot.selector.clone(), p);
             }
+            if let Some(r) = &slot.record {
+                last_record.insert(slot.selector.clone(), r.clone());
+            }
         }
-        // Every signature made this second is with a record every nameserver has served
-        // for the record TTL + negative TTL.
-        for (t, selector) in m.signed.iter().filter(|(t, _)| *t == now) {
-            let slot = slots
-                .iter()
-                .find(|s| s.selector == *selector)
-                .expect("slot");
-            let record = slot.record.as_deref().expect("record");
+        // Every signature made this second is with a key whose record every nameserver
+        // has served for the record TTL + negative TTL.
+        for (t, selector, record) in m.signed.iter().filter(|(t, _, _)| *t == now) {
             assert!(
                 m.published_long_enough(selector, *t, record),
-                "signed with {selector} at {t} before its record was published everywhere"
+                "signed with {selector} ({record}) at {t} before its record was published everywhere"
             );
         }
         if outage.contains(&now) {
@@ -608,19 +724,87 @@ fn rotations_keep_every_signature_verifiable() {
     }
     // Signing never stopped once it had started.
     let first = m.signed.first().expect("signed").0;
-    for now in first..400 {
+    for now in first..seconds {
         assert!(
-            m.signed.iter().any(|(t, _)| *t == now),
+            m.signed.iter().any(|(t, _, _)| *t == now),
             "no signature at {now}"
         );
     }
-    let selectors: Vec<&str> = activations.iter().map(|(_, s)| s.as_str()).collect();
+    seen
+}
+
+/// Two full rotations (and the start of a third) with lagging nameservers and slow pods,
+/// a DNS outage in the middle, and the invariants checked at every second.
+#[test]
+fn rotations_keep_every_signature_verifiable() {
+    let mut m = Model::new("60s", "30s");
+    let seen = rotate_for(&mut m, 400, 150..175, 30);
+    let selectors: Vec<&str> = seen.activations.iter().map(|(_, s)| s.as_str()).collect();
     assert!(
         selectors.len() >= 4
             && selectors.starts_with(&["petrel-a", "petrel-b", "petrel-a", "petrel-b"]),
-        "slots alternate: {activations:?}"
+        "slots alternate: {:?}",
+        seen.activations
     );
-    assert!(revocations.len() >= 2, "{revocations:?}");
+    assert!(seen.revocations.len() >= 2, "{:?}", seen.revocations);
+}
+
+/// The operator stops after the first Secret write of a step (and a new one carries on
+/// from the Secrets): at every step that changes both slots (the switch: the new key's
+/// Secret says Active before the old one's says Retiring) and at every 7th second. The
+/// invariants hold and the rotation goes on.
+#[test]
+fn a_crash_between_two_secret_writes_breaks_nothing() {
+    let mut m = Model::new("60s", "30s");
+    m.crash = |now, changed| changed > 1 || now % 7 == 0;
+    let seen = rotate_for(&mut m, 400, 150..175, 30);
+    let switches = m.crashes.iter().filter(|(_, changed)| *changed > 1).count();
+    assert!(
+        switches >= 2,
+        "switches cut short after their first write: {:?}",
+        m.crashes
+    );
+    let selectors: Vec<&str> = seen.activations.iter().map(|(_, s)| s.as_str()).collect();
+    assert!(
+        selectors.len() >= 4
+            && selectors.starts_with(&["petrel-a", "petrel-b", "petrel-a", "petrel-b"]),
+        "slots alternate: {:?}",
+        seen.activations
+    );
+    assert!(seen.revocations.len() >= 2, "{:?}", seen.revocations);
+}
+
+/// Selectors of the user's choosing (`spec.selectors`) name the slots, their Secrets and
+/// records; keys alternate between them as with the default names.
+#[test]
+fn custom_selectors_rotate_like_the_default_ones() {
+    let mut m = Model::new("60s", "30s");
+    m.key.spec.selectors = vec!["mail2026".into(), "backup".into()];
+    let seen = rotate_for(&mut m, 400, 0..0, 30);
+    let selectors: Vec<&str> = seen.activations.iter().map(|(_, s)| s.as_str()).collect();
+    assert!(
+        selectors.starts_with(&["mail2026", "backup", "mail2026", "backup"]),
+        "slots alternate: {:?}",
+        seen.activations
+    );
+    let names: Vec<String> = m
+        .world
+        .secrets
+        .iter()
+        .filter_map(|s| s.metadata.name.clone())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&"k-mail2026".to_owned()) && names.contains(&"k-backup".to_owned()));
+    assert!(
+        m.signed
+            .iter()
+            .all(|(_, s, _)| s == "mail2026" || s == "backup"),
+        "only the chosen selectors sign"
+    );
+    assert_eq!(
+        dkim::record_name(&m.key, "backup"),
+        "backup._domainkey.example.com."
+    );
 }
 
 /// Manual rotation: nothing rotates by the clock; each new annotation value rotates once.
@@ -659,4 +843,145 @@ fn manual_rotation_follows_the_annotation() {
         "the first key needs no request: {active:?}"
     );
     assert!(active[1].0 >= 100 && active[2].0 >= 200, "{active:?}");
+}
+
+/// The conditions `dkim_key::status` reports for what a step decided: DNS, the rotation's
+/// progress (waiting, paused by a DNS outage, idle) and Ready (NotSigning until a key
+/// signs).
+#[test]
+fn status_conditions_say_what_the_rotation_waits_for() {
+    use super::super::dkim_key::{ROTATION, status};
+    use DkimKeyPhase::*;
+    use crds::conditions::{DNS_READY, READY};
+    let k = key("100s", "50s");
+    let after = |s: &Step| [0, 1].map(|i| slot(["a", "b"][i], s.plans[i].state.clone()));
+    let find = |st: &crds::DkimKeyStatus, type_: &str| {
+        let c = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("{type_} in {:?}", st.conditions));
+        (c.status, c.reason.clone(), c.message.clone())
+    };
+    let now = "2026-01-01T00:00:00Z";
+
+    // The next key waits for a nameserver: DnsReady False naming it, Rotation Waiting,
+    // Ready (the active key signs), selectors newest first.
+    let dns = [
+        visible(),
+        DnsCheck::NotVisible {
+            lagging: vec!["ns2.example.com.".into()],
+        },
+    ];
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", st(Generated, 145))],
+        dns.clone(),
+        &pods(&["a"], &["a"]),
+        150,
+        None,
+    );
+    let got = status(&k, &after(&s), &dns, &s, &[], now);
+    assert_eq!(got.phase, Generated);
+    assert_eq!(got.active_selector.as_deref(), Some("a"));
+    let listed: Vec<(&str, DkimKeyPhase)> = got
+        .selectors
+        .iter()
+        .map(|s| (s.selector.as_str(), s.phase))
+        .collect();
+    assert_eq!(listed, vec![("b", Generated), ("a", Active)]);
+    assert_eq!(
+        got.selectors[0].dns.as_deref(),
+        Some("not answered by ns2.example.com.")
+    );
+    let (state, reason, message) = find(&got, DNS_READY);
+    assert_eq!(
+        (state, reason.as_str()),
+        (ConditionStatus::False, "RecordNotVisible")
+    );
+    assert!(message.contains("b._domainkey.example.com.") && message.contains("ns2"));
+    let (state, reason, message) = find(&got, ROTATION);
+    assert_eq!(
+        (state, reason.as_str()),
+        (ConditionStatus::False, "Waiting")
+    );
+    assert!(message.contains("publish TXT b._domainkey"), "{message}");
+    assert_eq!(find(&got, READY).0, ConditionStatus::True);
+
+    // A DNS outage: DnsReady Unknown, Rotation Unknown/DnsUnavailable saying the active
+    // key keeps signing; still Ready.
+    let failed = DnsCheck::LookupFailed("timeout".into());
+    let dns = [failed.clone(), failed];
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", st(Generated, 145))],
+        dns.clone(),
+        &pods(&["a"], &["a"]),
+        150,
+        None,
+    );
+    let got = status(&k, &after(&s), &dns, &s, &[], now);
+    let (state, reason, message) = find(&got, ROTATION);
+    assert_eq!(
+        (state, reason.as_str()),
+        (ConditionStatus::Unknown, "DnsUnavailable")
+    );
+    assert_eq!(
+        message,
+        "rotation paused, the active key keeps signing: TXT b._domainkey: timeout"
+    );
+    let (state, reason, message) = find(&got, DNS_READY);
+    assert_eq!(
+        (state, reason.as_str()),
+        (ConditionStatus::Unknown, "LookupFailed")
+    );
+    assert!(
+        message.contains("phases are kept until DNS answers"),
+        "{message}"
+    );
+    assert_eq!(find(&got, READY).0, ConditionStatus::True);
+    assert_eq!(got.phase, Generated, "the outage demotes nothing");
+
+    // Nothing signs yet: Ready False, NotSigning, saying what it waits for.
+    let dns = [
+        DnsCheck::NotVisible {
+            lagging: vec!["ns1.example.com.".into()],
+        },
+        DnsCheck::NotChecked,
+    ];
+    let s = run(
+        [slot("a", st(Generated, 0)), slot("b", None)],
+        dns.clone(),
+        &pods(&[], &[]),
+        5,
+        None,
+    );
+    let got = status(&k, &after(&s), &dns, &s, &[], now);
+    let (state, reason, message) = find(&got, READY);
+    assert_eq!(
+        (state, reason.as_str()),
+        (ConditionStatus::False, "NotSigning")
+    );
+    assert!(
+        message.starts_with("no key signs yet: publish TXT a._domainkey"),
+        "{message}"
+    );
+    assert_eq!(got.active_selector, None);
+
+    // Idle: the next rotation's time, in the condition and in nextRotationTime.
+    let dns = [visible(), DnsCheck::NotChecked];
+    let s = run(
+        [slot("a", st(Active, 45)), slot("b", None)],
+        dns.clone(),
+        &pods(&["a"], &["a"]),
+        50,
+        None,
+    );
+    let got = status(&k, &after(&s), &dns, &s, &[], now);
+    let (state, reason, message) = find(&got, ROTATION);
+    assert_eq!((state, reason.as_str()), (ConditionStatus::True, "Idle"));
+    assert_eq!(message, "next rotation at 1970-01-01T00:02:25Z");
+    assert_eq!(
+        got.next_rotation_time.as_deref(),
+        Some("1970-01-01T00:02:25Z")
+    );
+    assert_eq!(find(&got, DNS_READY).1, "RecordVisible");
 }
