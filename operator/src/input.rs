@@ -1,7 +1,8 @@
 //! Reading Petrel resources from YAML files for the offline commands (`render`, `dns`).
 //!
 //! Accepts files and directories (every `*.yaml`/`*.yml` inside, sorted by name), each
-//! holding one or more YAML documents. Documents are sorted into a [`World`] by `kind`;
+//! holding one or more YAML documents. A document of `kind: List` (what `kubectl get -o
+//! yaml` prints) stands for its `items`. Documents are sorted into a [`World`] by `kind`;
 //! Secrets are kept as observed facts; anything else is refused so a typo in `kind` is
 //! not silently ignored.
 
@@ -29,23 +30,23 @@ pub enum InputError {
     },
     /// A document of a kind this tool does not read.
     #[error(
-        "{path}: document {index} has unsupported kind {kind:?} (expected MailDomain, SmtpListener, RelayPolicy, DkimKey or Secret)"
+        "{path}: {at} has unsupported kind {kind:?} (expected MailDomain, SmtpListener, RelayPolicy, DkimKey, Secret or a List of them)"
     )]
     UnknownKind {
         /// The file.
         path: PathBuf,
-        /// Zero-based document index.
-        index: usize,
+        /// Which document (zero-based), and which item of a List: `document 0, item 3`.
+        at: String,
         /// The kind found.
         kind: String,
     },
     /// A document of a known kind does not match its schema.
-    #[error("{path}: document {index} ({kind}): {message}")]
+    #[error("{path}: {at} ({kind}): {message}")]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// Zero-based document index.
-        index: usize,
+        /// Which document (zero-based), and which item of a List: `document 0, item 3`.
+        at: String,
         /// The kind.
         kind: String,
         /// What is wrong.
@@ -104,43 +105,80 @@ pub fn add_documents(
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-    for (index, mut doc) in docs.into_iter().enumerate() {
+    for (index, doc) in docs.into_iter().enumerate() {
         if doc.is_null() {
             continue;
         }
-        if doc["metadata"]["namespace"].is_null() {
-            doc["metadata"]["namespace"] = default_namespace.into();
-        }
-        let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
-        let invalid = |e: serde_json::Error| InputError::Invalid {
-            path: path.to_owned(),
-            index,
-            kind: kind.clone(),
-            message: e.to_string(),
-        };
-        match kind.as_str() {
-            "MailDomain" => world
-                .domains
-                .push(serde_json::from_value(doc).map_err(invalid)?),
-            "SmtpListener" => world
-                .listeners
-                .push(serde_json::from_value(doc).map_err(invalid)?),
-            "RelayPolicy" => world
-                .relay_policies
-                .push(serde_json::from_value(doc).map_err(invalid)?),
-            "DkimKey" => world
-                .dkim_keys
-                .push(serde_json::from_value(doc).map_err(invalid)?),
-            "Secret" => world
-                .secrets
-                .push(serde_json::from_value(doc).map_err(invalid)?),
-            _ => {
-                return Err(InputError::UnknownKind {
-                    path: path.to_owned(),
-                    index,
-                    kind,
-                });
+        let at = format!("document {index}");
+        if doc["kind"] == "List" {
+            let items = match doc.get("items") {
+                Some(serde_json::Value::Array(items)) => items.clone(),
+                None | Some(serde_json::Value::Null) => Vec::new(),
+                Some(_) => {
+                    return Err(InputError::Invalid {
+                        path: path.to_owned(),
+                        at,
+                        kind: "List".to_owned(),
+                        message: "items is not a list".to_owned(),
+                    });
+                }
+            };
+            for (item, doc) in items.into_iter().enumerate() {
+                add_document(
+                    world,
+                    path,
+                    format!("{at}, item {item}"),
+                    doc,
+                    default_namespace,
+                )?;
             }
+        } else {
+            add_document(world, path, at, doc, default_namespace)?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds one resource to `world`; `at` says where it is in its file.
+fn add_document(
+    world: &mut World,
+    path: &Path,
+    at: String,
+    mut doc: serde_json::Value,
+    default_namespace: &str,
+) -> Result<(), InputError> {
+    if doc["metadata"]["namespace"].is_null() {
+        doc["metadata"]["namespace"] = default_namespace.into();
+    }
+    let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+    let invalid = |e: serde_json::Error| InputError::Invalid {
+        path: path.to_owned(),
+        at: at.clone(),
+        kind: kind.clone(),
+        message: e.to_string(),
+    };
+    match kind.as_str() {
+        "MailDomain" => world
+            .domains
+            .push(serde_json::from_value(doc).map_err(invalid)?),
+        "SmtpListener" => world
+            .listeners
+            .push(serde_json::from_value(doc).map_err(invalid)?),
+        "RelayPolicy" => world
+            .relay_policies
+            .push(serde_json::from_value(doc).map_err(invalid)?),
+        "DkimKey" => world
+            .dkim_keys
+            .push(serde_json::from_value(doc).map_err(invalid)?),
+        "Secret" => world
+            .secrets
+            .push(serde_json::from_value(doc).map_err(invalid)?),
+        _ => {
+            return Err(InputError::UnknownKind {
+                path: path.to_owned(),
+                at,
+                kind,
+            });
         }
     }
     Ok(())
