@@ -15,6 +15,7 @@ certificates, made here with `cryptography`.
 import datetime
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -48,10 +49,14 @@ MX = {
     "cname.test": ("mx.cname.test", "127.0.0.71"),
     # The MX host is an alias of a host in the signed zone: TLSA at the target's name.
     "cnamesec.test": ("mx.cnamesec.test", "127.0.0.72"),
+    # The front answers SERVFAIL for the MX records (signed, with a matching TLSA record).
+    "mxservfail.test": ("mx.mxservfail.test", "127.0.0.73"),
 }
 # MX host: the name its CNAME points to (which has the address).
 CNAMES = {"mx.cname.test": "mx.cname.unsigned.test", "mx.cnamesec.test": "mxhost.cnamesec.test"}
-SERVFAIL = [("_25._tcp.mx.servfail.test", "TLSA")]
+SERVFAIL = [("_25._tcp.mx.servfail.test", "TLSA"), ("mxservfail.test", "MX")]
+# What a validator says of an answer from each zone (dnssec.py).
+VERDICTS = {"test.": "secure", "unsigned.test.": "insecure", "bogus.test.": "bogus"}
 
 
 def zone_of(name):
@@ -59,6 +64,10 @@ def zone_of(name):
         if (name + ".").endswith("." + zone):
             return zone
     return "test."
+
+
+def weakest(*verdicts):
+    return min(verdicts, key=["bogus", "insecure", "secure"].index)
 
 
 def spki_sha256(cert_path):
@@ -122,6 +131,7 @@ class World:
             "cname.test": self_signed(directory, "mx.cname.test"),
             # For the CNAME target only: DANE-TA accepts the TLSA base domain's name.
             "cnamesec.test": self.ca.issue("mxhost.cnamesec.test"),
+            "mxservfail.test": self_signed(directory, "mx.mxservfail.test"),
         }
         records = {"test.": [], "unsigned.test.": [], "bogus.test.": []}
         wrong = "00" * 32
@@ -139,6 +149,7 @@ class World:
             # Signed but wrong, at the alias: not used, as the addresses are insecure.
             "cname.test": f"3 1 1 {wrong}",
             "cnamesec.test": f"2 1 1 {spki_sha256(self.ca.pem_path)}",
+            "mxservfail.test": f"3 1 1 {spki_sha256(self.certs['mxservfail.test'][0])}",
         }
         tlsa_owner = {"cnamesec.test": "mxhost.cnamesec.test"}
         for domain, (host, ip) in MX.items():
@@ -155,10 +166,47 @@ class World:
                                  f"mta-sts.{domain}. IN A 127.0.0.20"]
         for zone, lines in (extra_records or {}).items():
             records[zone] += lines
+        self.records = records
         self.dns = SignedDns(records, listen=DNS_IP)
         self.front = Front((DNS_IP, self.dns.port), servfail=SERVFAIL, listen=DNS_IP)
         self.sinks, self.policy_server = {}, None
         self.sts_policies, self.sts_uncertified = sts_policies or {}, set(sts_uncertified)
+
+    def expected_answers(self):
+        """[(name, type, verdict)]: every answer the MTA may ask the front for, with what
+        a validator must say of it. An RRset's verdict is its zone's; an address through
+        a CNAME is as weak as the weaker of the alias and its target; an MX host's TLSA
+        (present or proven absent) and AAAA (proven absent) are its zone's too; the
+        front's SERVFAIL names are "servfail"."""
+        found, hosts = {}, set()
+        for zone, lines in self.records.items():
+            for line in lines:
+                tokens = line.split()
+                at = tokens.index("IN")
+                owner, rtype, data = tokens[0].rstrip("."), tokens[at + 1], tokens[at + 2:]
+                if rtype == "CNAME":
+                    target = data[0].rstrip(".")
+                    found[(owner, "A")] = weakest(VERDICTS[zone], VERDICTS[zone_of(target)])
+                    continue
+                found[(owner, rtype)] = VERDICTS[zone]
+                if rtype == "MX":
+                    hosts.add(data[-1].rstrip("."))
+        for host in hosts:
+            found.setdefault((f"_25._tcp.{host}", "TLSA"), VERDICTS[zone_of(host)])
+            found.setdefault((host, "AAAA"), found.get((host, "A"), VERDICTS[zone_of(host)]))
+        for name, rtype in SERVFAIL:
+            found[(name, rtype)] = "servfail"
+        return sorted((name, rtype, verdict) for (name, rtype), verdict in found.items())
+
+    def delv_disagreements(self):
+        """Each answer of `expected_answers` on which delv, asking the front as the MTA
+        does, says otherwise."""
+        expected = self.expected_answers()
+        with ThreadPoolExecutor(4) as pool:
+            said = list(pool.map(lambda e: self.dns.delv(e[0], e[1], port=self.front.port),
+                                 expected))
+        return [f"{name} {rtype}: delv says {got!r}, expected {verdict}"
+                for (name, rtype, verdict), got in zip(expected, said) if got != verdict]
 
     def start_sinks(self):
         """One STARTTLS sink per MX, all on one port, and the MTA-STS policy server."""
@@ -214,8 +262,16 @@ def world(tmp_path_factory):
 
 
 def test_delv_agrees_on_every_answer(world):
-    """The zones are what the cases below assume, by a validator we did not write."""
+    """The zones are what the cases below assume, by a validator we did not write: every
+    MX, address, TLSA and TXT answer of every domain (World.expected_answers), then the
+    cases that need a word of their own."""
+    answers = world.expected_answers()
+    assert len(answers) > 3 * len(MX), answers
+    assert world.delv_disagreements() == []
     d, front = world.dns, world.front.port
+    # What the front answers SERVFAIL for is secure at nsd itself.
+    for name, rtype in SERVFAIL:
+        assert d.delv(name, rtype) == "secure", name
     assert d.delv("ee.test", "MX") == "secure"
     assert d.delv("mx.ee.test", "A") == "secure"
     assert d.delv("_25._tcp.mx.ee.test", "TLSA") == "secure"
@@ -359,6 +415,19 @@ def test_tlsa_servfail_defers(world, mta):
     assert "mx.servfail.test" in detail
     assert world.front.servfails >= 1
     assert world.sinks["servfail.test"].handler.sessions == set()
+
+
+def test_mx_servfail_defers(world, mta):
+    """RFC 7672 §2.1.1: an MX lookup that fails is indeterminate, so delivery waits; it
+    neither falls back to the domain's own address nor leaves DANE out. The deferral is
+    the DNS failure it is, 451 4.4.3 (as without DANE): 4.7.5 is for an answer that
+    failed validation (bogus) or a certificate DANE refuses, and a SERVFAIL says neither."""
+    send(mta, "me@example.test", ["user@mxservfail.test"], subject="mx-servfail")
+    detail = deferred(mta, "user@mxservfail.test", "451 4.4.3",
+                      "MX lookup for mxservfail.test failed")
+    assert "4.7.5" not in detail
+    assert world.front.servfails >= 1
+    assert world.sinks["mxservfail.test"].handler.sessions == set()
 
 
 def test_dane_decides_over_mta_sts(world, mta):

@@ -344,6 +344,18 @@ EXPECTED = {
 }
 
 
+def test_delv_agrees_on_every_answer_of_the_report_zones(rpt_world):
+    """The zones here are test_dane.py's with more records (the `_smtp._tls` TXT records,
+    the MTA-STS domains, the reports' own domains): delv checks every answer of them."""
+    world, _, _ = rpt_world
+    names = {(name, rtype) for name, rtype, _ in world.expected_answers()}
+    for domain in REPORTED:
+        assert (f"_smtp._tls.{domain}", "TXT") in names, domain
+        assert (domain, "MX") in names, domain
+    assert (f"_25._tcp.mx.{REPORTS_DANE}", "TLSA") in names
+    assert world.delv_disagreements() == []
+
+
 def test_reports_by_mail_and_https_count_every_attempt(rpt_world, workdir):
     world, endpoint, mailbox = rpt_world
     config = world.config(workdir, retry_interval="1h",
