@@ -15,7 +15,8 @@ use crate::pods::DrainReport;
 use std::collections::BTreeMap;
 
 /// Annotation on a queue PVC: its pod reported drained (empty queue, marker written), so
-/// the volume may be deleted once the pod is gone.
+/// the volume may be deleted once the pod is gone. It holds only while no pod takes mail
+/// on the volume again: [`stale_marks`] says which to clear.
 pub const DRAINED_ANNOTATION: &str = "mail.petrel.dev/drained";
 
 /// How long a draining pod keeps delivering before it hands the rest to its peers.
@@ -118,6 +119,22 @@ pub fn left_behind(volumes: &BTreeMap<i32, bool>, replicas: i32, pods: &[i32]) -
     out
 }
 
+/// Clears, in `volumes` (ordinal → marked drained), the marks of the volumes a pod of a
+/// listener asking for `desired` pods mounts or will mount again (ordinal < `desired`),
+/// and returns their ordinals: the annotations to remove. A volume marked by a scale-in
+/// and taken back by a scale-out before its deletion (its drain cancelled, the pod taking
+/// mail again) is no longer drained; left marked, it would be deleted with that mail the
+/// next time its pod went without draining.
+pub fn stale_marks(volumes: &mut BTreeMap<i32, bool>, desired: i32) -> Vec<i32> {
+    let mut stale = Vec::new();
+    for (&ordinal, drained) in volumes.range_mut(..desired) {
+        if std::mem::take(drained) {
+            stale.push(ordinal);
+        }
+    }
+    stale
+}
+
 /// The ordinal of `<name>-<n>` (a pod) or `queue-<name>-<n>` (its volume).
 pub fn ordinal(name: &str, prefix: &str) -> Option<i32> {
     name.strip_prefix(prefix)?.strip_prefix('-')?.parse().ok()
@@ -152,6 +169,59 @@ mod tests {
         );
         // Scaled out again over them: nothing is left behind.
         assert_eq!(left_behind(&volumes, 5, &[0, 1]), LeftBehind::default());
+    }
+
+    /// Each reconcile of a listener asking for `desired` pods with a StatefulSet of
+    /// `replicas`, of which `pods` exist: the marks it clears, then what it finds left
+    /// behind; `volumes` keeps the annotations between reconciles.
+    fn reconcile(
+        volumes: &mut BTreeMap<i32, bool>,
+        desired: i32,
+        replicas: i32,
+        pods: &[i32],
+    ) -> (Vec<i32>, LeftBehind) {
+        let cleared = stale_marks(volumes, desired);
+        (cleared, left_behind(volumes, replicas, pods))
+    }
+
+    #[test]
+    fn a_volume_taken_back_loses_its_drained_mark() {
+        // 3 -> 1: pods 2 and 1 drained, their volumes marked, the StatefulSet at 1; the
+        // pods still terminating.
+        let mut volumes = BTreeMap::from([(0, false), (1, true), (2, true)]);
+        assert_eq!(
+            reconcile(&mut volumes, 1, 1, &[0, 1, 2]),
+            (vec![], LeftBehind::default())
+        );
+        // Back to 3 before the volumes went: pods 1 and 2 take mail on them again.
+        assert_eq!(
+            reconcile(&mut volumes, 3, 3, &[0, 1, 2]),
+            (vec![1, 2], LeftBehind::default())
+        );
+        assert_eq!(
+            volumes,
+            BTreeMap::from([(0, false), (1, false), (2, false)])
+        );
+        // Pod 2 then goes without draining (the StatefulSet shrunk by hand): its volume
+        // holds mail again, and is drained by a Job, not deleted.
+        assert_eq!(
+            reconcile(&mut volumes, 2, 2, &[0, 1]),
+            (
+                vec![],
+                LeftBehind {
+                    drained: vec![],
+                    undrained: vec![2],
+                }
+            )
+        );
+        // Marks of the volumes that stay gone are kept, as are unmarked volumes below.
+        let mut volumes = BTreeMap::from([(0, false), (1, false), (2, true), (3, true)]);
+        assert_eq!(stale_marks(&mut volumes, 2), Vec::<i32>::new());
+        assert_eq!(stale_marks(&mut volumes, 3), vec![2]);
+        assert_eq!(
+            volumes,
+            BTreeMap::from([(0, false), (1, false), (2, false), (3, true)])
+        );
     }
 
     #[test]

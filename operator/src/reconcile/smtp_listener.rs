@@ -453,11 +453,13 @@ async fn drain_leaving(
     reports
 }
 
-/// The hand-over endpoints of the Ready pods that stay (ordinal < `desired`).
+/// The hand-over endpoints of the Ready pods that stay (ordinal < `desired`) and are not
+/// terminating: a pod being deleted may still show Ready, but it is shutting down; a
+/// hand-over to it would be cut off, and what it took would wait on its volume.
 fn staying_peers(pods_by_ordinal: &BTreeMap<i32, Pod>, desired: i32) -> Vec<String> {
     pods_by_ordinal
         .iter()
-        .filter(|(i, p)| **i < desired && pod_ready(p))
+        .filter(|(i, p)| **i < desired && pod_ready(p) && p.metadata.deletion_timestamp.is_none())
         .filter_map(|(_, p)| Some(format!("{}:{}", pod_ip(p)?, render::workload::HTTP_PORT)))
         .collect()
 }
@@ -505,7 +507,7 @@ async fn drain_volumes(
             (_, Some(ip), Some(token)) => {
                 match pods::drain(ip, token, &peers, scale_in::DELIVER_FOR_SECS).await {
                     Ok(r) if r.done() => {
-                        mark_drained(ctx, listener, &[ordinal]).await?;
+                        set_drained(ctx, listener, &[ordinal], true).await?;
                         tracing::info!(pvc = volume, job, "left-behind queue volume drained");
                         format!(
                             "drained ({} handed off); the Job goes, then the volume",
@@ -522,12 +524,20 @@ async fn drain_volumes(
     Ok(progress)
 }
 
-/// Marks the queue volumes of `ordinals` drained (before the StatefulSet shrinks).
-async fn mark_drained(ctx: &Context, listener: &SmtpListener, ordinals: &[i32]) -> Result<()> {
+/// Marks the queue volumes of `ordinals` drained (before the StatefulSet shrinks), or
+/// removes the mark (`drained` false: a pod takes mail on them again).
+async fn set_drained(
+    ctx: &Context,
+    listener: &SmtpListener,
+    ordinals: &[i32],
+    drained: bool,
+) -> Result<()> {
     let ns = listener.namespace().unwrap_or_default();
     let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns);
+    // A JSON merge patch removes a key set to null.
+    let value = drained.then_some("true");
     let patch =
-        serde_json::json!({"metadata": {"annotations": {scale_in::DRAINED_ANNOTATION: "true"}}});
+        serde_json::json!({"metadata": {"annotations": {scale_in::DRAINED_ANNOTATION: value}}});
     for ordinal in ordinals {
         let pvc = format!(
             "{}-{}-{ordinal}",
@@ -538,6 +548,9 @@ async fn mark_drained(ctx: &Context, listener: &SmtpListener, ordinals: &[i32]) 
             .patch(&pvc, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
+            Ok(_) if !drained => {
+                tracing::info!(pvc, "drained mark removed: a pod takes mail on it again")
+            }
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
@@ -645,10 +658,17 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
         }
         _ => BTreeMap::new(),
     };
+    // A volume a staying pod takes mail on is not drained, whatever a scale-in undone
+    // since marked on it: unmarked before that pod is put back to work.
+    let mut marks = queue_volumes(ctx, obj).await?;
+    set_drained(ctx, obj, &scale_in::stale_marks(&mut marks, desired), false).await?;
     cancel_stale_drains(&world, obj, &pods_by_ordinal, desired).await;
     let plan = scale_in::plan(&name, desired, current, &reports);
-    if !plan.drained.is_empty() {
-        mark_drained(ctx, obj, &plan.drained).await?;
+    set_drained(ctx, obj, &plan.drained, true).await?;
+    for ordinal in &plan.drained {
+        if let Some(drained) = marks.get_mut(ordinal) {
+            *drained = true;
+        }
     }
     world
         .statefulset_replicas
@@ -656,7 +676,7 @@ async fn apply_listener(obj: &SmtpListener, ctx: &Context) -> Result<Action> {
     // Volumes no pod of the StatefulSet will mount again: deleted once drained, drained
     // by a Job until then.
     let volumes = scale_in::left_behind(
-        &queue_volumes(ctx, obj).await?,
+        &marks,
         plan.statefulset_replicas,
         &pods_by_ordinal.keys().copied().collect::<Vec<_>>(),
     );
@@ -988,5 +1008,34 @@ mod tests {
             );
         }
         assert_eq!(certificate_times(b"not a certificate", day), None);
+    }
+
+    #[test]
+    fn peers_are_the_ready_staying_pods_not_terminating() {
+        let pod = |ip: &str, ready: bool, terminating: bool| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": "mx",
+                    "deletionTimestamp": terminating.then_some("2026-01-01T00:00:00Z"),
+                },
+                "status": {
+                    "podIP": ip,
+                    "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                },
+            }))
+            .expect("a pod")
+        };
+        let pods = BTreeMap::from([
+            (0, pod("10.0.0.1", true, false)),
+            (1, pod("10.0.0.2", true, true)),
+            (2, pod("10.0.0.3", false, false)),
+            (3, pod("10.0.0.4", true, false)),
+            (4, pod("10.0.0.5", true, false)),
+        ]);
+        // 1 terminating, 2 not Ready, 4 leaving.
+        assert_eq!(
+            staying_peers(&pods, 4),
+            vec!["10.0.0.1:8080".to_owned(), "10.0.0.4:8080".to_owned()]
+        );
     }
 }

@@ -48,7 +48,10 @@ pub const QUEUE_VOLUME: &str = "queue";
 pub const HTTP_PORT: i32 = 8080;
 /// UID/GID the MTA runs as (the conventional "nonroot" user of distroless images).
 pub const RUN_AS: i64 = 65_532;
-/// Seconds a pod gets to drain its sessions and hand over its queue on shutdown.
+/// Seconds a stopping pod gets to finish the SMTP sessions and deliveries in progress.
+/// Its queue stays on its volume: it is handed to other pods only by a drain, which the
+/// operator runs before a scale-in removes the pod (a pod that stops otherwise, e.g. in
+/// a rollout, comes back on the same volume).
 pub const TERMINATION_GRACE_SECONDS: i64 = 120;
 
 /// Name of the listener's config ConfigMap.
@@ -430,7 +433,9 @@ pub fn services(listener: &SmtpListener) -> Vec<Service> {
             cluster_ip: Some("None".to_owned()),
             selector: Some(selector_labels(listener)),
             ports: Some(ports),
-            // Peers must find each other while draining, before they are ready.
+            // The StatefulSet's governing Service: it gives each pod its DNS name,
+            // Ready or not. Nothing is handed over through it: a draining pod gets its
+            // peers' addresses from the operator, which lists the pods.
             publish_not_ready_addresses: Some(true),
             ..ServiceSpec::default()
         }),
