@@ -55,6 +55,8 @@ MX = {
 # MX host: the name its CNAME points to (which has the address).
 CNAMES = {"mx.cname.test": "mx.cname.unsigned.test", "mx.cnamesec.test": "mxhost.cnamesec.test"}
 SERVFAIL = [("_25._tcp.mx.servfail.test", "TLSA"), ("mxservfail.test", "MX")]
+# MX 10 mx.wrongdigest.test (DANE fails), MX 20 mx.ee.test (DANE passes).
+TWO_MX = "twomx.test"
 # What a validator says of an answer from each zone (dnssec.py).
 VERDICTS = {"test.": "secure", "unsigned.test.": "insecure", "bogus.test.": "bogus"}
 
@@ -161,6 +163,9 @@ class World:
             if domain in tlsa:
                 owner = tlsa_owner.get(domain, host)
                 records[zone_of(owner)].append(f"_25._tcp.{owner}. IN TLSA {tlsa[domain]}")
+        # Two MX hosts: the preferred one fails DANE (wrong digest), the other passes.
+        records["test."] += [f"{TWO_MX}. IN MX 10 mx.wrongdigest.test.",
+                             f"{TWO_MX}. IN MX 20 mx.ee.test."]
         for domain in ("both.test", "bothbad.test"):
             records["test."] += [f'_mta-sts.{domain}. IN TXT "v=STSv1; id=20260101T000000;"',
                                  f"mta-sts.{domain}. IN A 127.0.0.20"]
@@ -407,6 +412,17 @@ def test_dane_ta_refuses_a_certificate_for_another_name(world, mta):
     send(mta, "me@example.test", ["user@tawrongname.test"], subject="dane-ta-name")
     deferred(mta, "user@tawrongname.test", "451 4.7.5 DANE", "mx.tawrongname.test")
     never_sent(world, "tawrongname.test", "user@tawrongname.test")
+
+
+def test_one_mx_failing_dane_leaves_the_next_to_deliver(world, mta):
+    """RFC 7672 §2.2: each MX host is judged by its own TLSA records. The preferred host's
+    certificate matches none of them, so it gets no mail; the next host's does."""
+    send(mta, "me@example.test", [f"user@{TWO_MX}"], subject="two-mx")
+    delivered(world, "ee.test", f"user@{TWO_MX}")
+    never_sent(world, "wrongdigest.test", f"user@{TWO_MX}")
+    failed = [line for line in mta.log().splitlines() if "connection attempt failed" in line
+              and "host=mx.wrongdigest.test" in line]
+    assert failed, "the preferred host was tried first"
 
 
 def test_tlsa_servfail_defers(world, mta):
