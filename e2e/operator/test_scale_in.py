@@ -1,11 +1,13 @@
 """Scale-in on a real cluster loses and duplicates nothing.
 
 An SmtpListener with 3 pods relays to a sink on the host that answers 451, so every
-message stays queued: 300 per pod, each with a unique token. `spec.replicas` goes to 1.
-The operator drains pods 2 and 1 (they hand their queues to pod 0) and only then shrinks
-the StatefulSet; their queue volumes go only after they report drained. Pod 2 is deleted
-by hand in the middle of its drain. Then the sink accepts, pod 0 flushes, and every token
-arrives exactly once.
+message stays queued: 300 per pod, each with a unique token. `kubectl scale` takes it to
+1 through the scale subresource, as the HPA would. The operator drains pods 2 and 1 (they
+hand their queues to pod 0) and only then shrinks the StatefulSet: when it first reads 1,
+both leaving pods' volumes carry the `mail.petrel.dev/drained` annotation (or are already
+deleted, having carried it: a watch on the PVCs records every version); they go only
+after that. Pod 2 is deleted by hand in the middle of its drain. Then the sink accepts,
+pod 0 flushes, and every token arrives exactly once.
 
 Then a pod goes without draining (the StatefulSet shrunk by hand while the operator is
 stopped), leaving 200 messages on its volume: the operator, back, drains that volume with
@@ -15,7 +17,9 @@ a Job into pod 0 and deletes it only then; every message arrives exactly once.
 import json
 import re
 import smtplib
+import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +37,7 @@ OPERATOR_NS = "petrel-system"
 SMTP_PORT = 10025  # container port of port 25
 PER_POD = 300
 LISTENER = "relay"
+DRAINED = "mail.petrel.dev/drained"
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +96,44 @@ def scaling(kube):
     return {}
 
 
+class PvcWatch:
+    """Every version of the namespace's PVCs the API server announces, from a
+    `kubectl get pvc --watch` started before the scale-in: a volume deleted between two
+    looks still shows the annotations it carried."""
+
+    def __init__(self, kube):
+        self.proc = subprocess.Popen(
+            [kube.kubectl, "get", "pvc", "-n", NS, "--watch", "--output-watch-events",
+             "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env=kube.env)
+        self.events = []  # (type, name, annotations)
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        decoder, text = json.JSONDecoder(), ""
+        for line in self.proc.stdout:
+            text += line
+            try:
+                event, end = decoder.raw_decode(text.lstrip())
+            except ValueError:
+                continue  # the object is not complete yet
+            text = text.lstrip()[end:]
+            meta = event["object"]["metadata"]
+            with self.lock:
+                self.events.append((event["type"], meta["name"],
+                                    meta.get("annotations") or {}))
+
+    def versions(self, name):
+        with self.lock:
+            return [(kind, notes) for kind, n, notes in self.events if n == name]
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
 def test_scale_in_drains_before_shrinking(kube, operator, sink):
     kube.run("create", "namespace", NS)
     kube.apply(yaml.safe_dump_all([
@@ -122,30 +165,56 @@ def test_scale_in_drains_before_shrinking(kube, operator, sink):
                           for p in kube.json("get", "pvc", "-n", NS)["items"])
     assert pvcs() == [f"queue-{LISTENER}-{i}" for i in range(3)]
 
-    # Scale to 1: the StatefulSet keeps 3 pods until 2 and 1 have drained.
-    began = time.monotonic()
-    kube.run("patch", "smtplistener", LISTENER, "-n", NS, "--type=merge",
-             "-p", json.dumps({"spec": {"replicas": 1}}))
-    poll(lambda: scaling(kube).get("status") == "True", timeout=60, what="ScalingIn=True")
-    sts_sizes = set()
-    deleted = False
-    while True:
-        sts = kube.get("statefulset", LISTENER, NS)
-        sts_sizes.add(sts["spec"]["replicas"])
-        d = depth(kube)
-        if not deleted and d.get(f"{LISTENER}-2", {}).get("drain") in ("draining", "handing_off"):
-            # The pod being drained is deleted by hand: the StatefulSet brings it back on
-            # the same volume and the operator asks it again.
-            kube.run("delete", "pod", f"{LISTENER}-2", "-n", NS, "--wait=false")
-            deleted = True
-            log(f"deleted {LISTENER}-2 mid-drain: {d.get(f'{LISTENER}-2')}")
-        if sts["spec"]["replicas"] == 1:
-            break
-        # While it is 3, no leaving pod's volume may be gone.
-        assert pvcs()[:3] == [f"queue-{LISTENER}-{i}" for i in range(3)], pvcs()
-        assert time.monotonic() - began < 420, f"still scaling in: {scaling(kube)}"
-        time.sleep(1)
-    drain_time = time.monotonic() - began
+    # Scale to 1 through the scale subresource (what the HPA uses): the StatefulSet keeps
+    # 3 pods until 2 and 1 have drained.
+    watch = PvcWatch(kube)
+    try:
+        began = time.monotonic()
+        kube.run("scale", "smtplistener", LISTENER, "-n", NS, "--replicas=1")
+        assert kube.get("smtplistener", LISTENER, NS)["spec"]["replicas"] == 1
+        poll(lambda: scaling(kube).get("status") == "True", timeout=60, what="ScalingIn=True")
+        sts_sizes = set()
+        deleted = False
+
+        def shrunk():
+            nonlocal deleted
+            sts = kube.get("statefulset", LISTENER, NS)
+            sts_sizes.add(sts["spec"]["replicas"])
+            if sts["spec"]["replicas"] == 1:
+                return sts
+            d = depth(kube)
+            if not deleted and d.get(f"{LISTENER}-2", {}).get("drain") in ("draining",
+                                                                           "handing_off"):
+                # The pod being drained is deleted by hand: the StatefulSet brings it back
+                # on the same volume and the operator asks it again.
+                kube.run("delete", "pod", f"{LISTENER}-2", "-n", NS, "--wait=false")
+                deleted = True
+                log(f"deleted {LISTENER}-2 mid-drain: {d.get(f'{LISTENER}-2')}")
+            # While it is 3, no leaving pod's volume may be gone.
+            assert pvcs()[:3] == [f"queue-{LISTENER}-{i}" for i in range(3)], pvcs()
+            return None
+
+        poll(shrunk, timeout=420, what="the StatefulSet shrunk to 1 after the drain")
+        drain_time = time.monotonic() - began
+        # The StatefulSet first reads 1: both leaving volumes are marked drained by now.
+        # Marked before the StatefulSet shrank, so a read now shows the mark unless the
+        # volume is already gone; then the watch shows the versions it went through.
+        now = {p["metadata"]["name"]: p for p in kube.json("get", "pvc", "-n", NS)["items"]}
+        for i in (2, 1):
+            pvc = f"queue-{LISTENER}-{i}"
+            if pvc in now:
+                notes = now[pvc]["metadata"].get("annotations") or {}
+                assert notes.get(DRAINED) == "true", (pvc, notes)
+            else:
+                versions = poll(lambda: (v := watch.versions(pvc))
+                                and v[-1][0] == "DELETED" and v, timeout=60,
+                                what=f"the watch saw {pvc} deleted")
+                assert any(notes.get(DRAINED) == "true" for _, notes in versions), versions
+                assert versions[-1][1].get(DRAINED) == "true", versions
+            log(f"{pvc} marked drained when the StatefulSet shrank "
+                f"({'present' if pvc in now else 'already deleted'})")
+    finally:
+        watch.stop()
     assert sts_sizes <= {3, 1}, sts_sizes
     assert deleted, "pod 2 was deleted mid-drain"
     poll(lambda: pvcs() == [f"queue-{LISTENER}-0"], timeout=180,
