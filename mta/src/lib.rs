@@ -26,6 +26,7 @@ pub mod fleet_limits;
 pub mod limits;
 pub mod listener;
 pub mod local;
+pub mod memory;
 pub mod policy;
 pub mod pressure;
 pub mod proxy;

@@ -153,6 +153,7 @@ impl Server {
             source,
         })?;
         tokio::spawn(crate::recovery::run(ctx.clone(), drain.clone(), backlog));
+        tokio::spawn(crate::memory::trim_periodically());
         tokio::spawn(drain.clone().run(trigger.subscribe()));
         let outbound = Arc::new(crate::delivery::Outbound::new(ctx.clone()));
         tokio::spawn(qmgr::run(
