@@ -15,6 +15,11 @@ would show up as one for reports.test. The reports' JSON is checked against a JS
 written from RFC 8460 §4.4 (jsonschema validates it) and its counts against the attempts
 made (one each: retries are an hour away).
 
+Mailed reports are DKIM-signed (RFC 8460 §5.3): every MTA here has an Ed25519 key for
+the reports' sender domain (the default sender, tls-reports@mx.petrel.test), its record
+published in the signed test zone, and dkimpy verifies each mailed report against that
+record, asked of the zones' DNS as the MTA asks it.
+
 Counts survive a `kill -9` (saved in the spool directory), and with the rate limits' Redis
 three MTAs send one report per domain and period with the fleet's counts, or each its own
 (distinct report ids) while Redis is down.
@@ -44,7 +49,16 @@ try:
     import jsonschema
 except ImportError:
     missing("Python module jsonschema")
+try:
+    import dkim
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+    import nacl  # noqa: F401  (dkimpy needs PyNaCl for Ed25519)
+except ImportError:
+    missing("Python modules dkimpy, dnspython and PyNaCl")
 
+from dkim_helpers import KeyPair  # noqa: E402
 from test_dane import World, self_signed  # noqa: E402
 from test_fleet_limits import Redis  # noqa: E402
 from test_outbound import send  # noqa: E402
@@ -73,6 +87,9 @@ REPORTED = ("ee.test", "wrongdigest.test", "plain.unsigned.test", "bad.bogus.tes
 # danerpt.test (MX: ee.test's) asks for reports by mail only, at reportsdane.test, whose
 # MX has a TLSA record with a wrong digest: ordinary mail there is deferred, reports go.
 DANE_RPT, REPORTS_DANE, REPORTS_DANE_IP = "danerpt.test", "reportsdane.test", "127.0.0.81"
+# The reports' sender domain (the default sender is tls-reports@<hostname>) and the
+# selector of its DKIM key.
+SENDER_DOMAIN, SELECTOR = "mx.petrel.test", "rpt"
 
 # RFC 8460 §4.4, as a JSON schema (the RFC describes the fields in prose and an example).
 # Every object it defines in full admits no other member.
@@ -197,10 +214,53 @@ class ReportEndpoint:
         self.httpd.server_close()
 
 
-def mailed_reports(sink):
-    """The JSON reports in the messages the reports mailbox got, with their headers."""
+class ReportWorld(World):
+    """test_dane.py's World, with an Ed25519 DKIM key for the reports' sender domain: its
+    record is in the signed zone test., and every MTA config has the key."""
+
+    def __init__(self, directory, extra_records, **kwargs):
+        self.report_key = KeyPair(directory, "ed25519")
+        extra_records["test."].append(f"{SELECTOR}._domainkey.{SENDER_DOMAIN}. IN TXT "
+                                      f'"{self.report_key.record()}"')
+        super().__init__(directory, extra_records=extra_records, **kwargs)
+
+    def config(self, workdir, smtp_client="", retry_interval="1s"):
+        return super().config(workdir, smtp_client, retry_interval) + f"""\
+dkim:
+  keys:
+    - {{domain: {SENDER_DOMAIN}, selector: {SELECTOR}, key_file: {self.report_key.path}}}
+"""
+
+    def txt(self, name, timeout=5):
+        """A dkimpy `dnsfunc`: the TXT record at `name`, asked of the DNS front as the MTA
+        asks it (the zones nsd serves), or None."""
+        name = name.decode() if isinstance(name, bytes) else name
+        query = dns.message.make_query(name, dns.rdatatype.TXT)
+        answer = dns.query.tcp(query, self.front.listen, port=self.front.port, timeout=timeout)
+        for rrset in answer.answer:
+            if rrset.rdtype == dns.rdatatype.TXT:
+                return b"".join(rrset[0].strings)
+        return None
+
+
+def assert_signed(world, raw):
+    """`raw` carries one DKIM signature, by the reports' sender domain with its key, and
+    dkimpy verifies it against the record published in the zone."""
+    signatures = [v for k, v in email.message_from_bytes(raw).items()
+                  if k.lower() == "dkim-signature"]
+    assert len(signatures) == 1, raw[:2000]
+    tags = dict(t.strip().split("=", 1) for t in "".join(signatures[0].split()).split(";")
+                if "=" in t)
+    assert (tags["d"], tags["s"], tags["a"]) == (SENDER_DOMAIN, SELECTOR, "ed25519-sha256"), tags
+    assert dkim.verify(raw, dnsfunc=world.txt), f"DKIM signature does not verify: {raw[:2000]}"
+
+
+def mailed_reports(world, sink):
+    """The JSON reports in the messages the reports mailbox got, with their headers; each
+    message's DKIM signature verifies."""
     out = []
     for message in sink.messages:
+        assert_signed(world, message.content)
         parsed = email.message_from_bytes(message.content, policy=email.policy.default)
         assert parsed["TLS-Required"] == "No"
         assert parsed.get_content_type() == "multipart/report"
@@ -268,8 +328,8 @@ def rpt_world(tmp_path_factory):
         "bogus.test.": [f'_smtp._tls.bad.bogus.test. IN TXT "{rua}"'],
         "unsigned.test.": unsigned,
     }
-    world = World(directory, extra_records=extra, sts_policies=policies,
-                  sts_uncertified=["stswebpki.unsigned.test"])
+    world = ReportWorld(directory, extra_records=extra, sts_policies=policies,
+                        sts_uncertified=["stswebpki.unsigned.test"])
     world.start_sinks()
     certs = {"name": world.sts_ca.issue("mx.someone-else.test"),
              "expired": world.sts_ca.issue("mx.stsexpired.unsigned.test", expired=True)}
@@ -371,8 +431,14 @@ def test_reports_by_mail_and_https_count_every_attempt(rpt_world, workdir):
 
         by_https = wait_for(lambda: complete(endpoint.reports()) and endpoint.reports(),
                             what="HTTPS reports with every attempt counted")
-        by_mail = wait_for(lambda: complete(mailed_reports(mailbox)) and mailed_reports(mailbox),
+        by_mail = wait_for(lambda: complete(mailed_reports(world, mailbox))
+                           and mailed_reports(world, mailbox),
                            what="mailed reports with every attempt counted")
+        # Each mailed report verified (mailed_reports); a report changed in transit does not.
+        raw = mailbox.messages[0].content
+        tampered = raw.replace(b"aggregate TLS report", b"aggregate TLS-report")
+        assert tampered != raw
+        assert not dkim.verify(tampered, dnsfunc=world.txt)
         for report in by_https + by_mail:
             check_report(report)
             assert report["organization-name"] == "Petrel Test"
@@ -392,8 +458,8 @@ def test_reports_by_mail_and_https_count_every_attempt(rpt_world, workdir):
         periods = mta.log().count("TLS-RPT period closed")
         wait_for(lambda: mta.log().count("TLS-RPT period closed") >= periods + 2,
                  what="two more report periods")
-        assert totals(endpoint.reports() + mailed_reports(mailbox), "reports.test") == {}
-        assert len(mailed_reports(mailbox)) == len(by_mail)
+        assert totals(endpoint.reports() + mailed_reports(world, mailbox), "reports.test") == {}
+        assert len(mailed_reports(world, mailbox)) == len(by_mail)
     finally:
         mta.kill()
 
@@ -417,6 +483,7 @@ def test_a_mailed_report_goes_despite_the_mailbox_domain_failing_dane(rpt_world,
                         if m.recipients == [f"tlsrpt@{REPORTS_DANE}"]]
         (message, over_tls), *_ = wait_for(report_arrived, what="the report at the DANE-failing MX")
         assert over_tls, "STARTTLS was offered: the report went over TLS"
+        assert_signed(world, message.content)
         parsed = email.message_from_bytes(message.content, policy=email.policy.default)
         assert parsed["TLS-Required"] == "No"
         part = next(p for p in parsed.iter_attachments()

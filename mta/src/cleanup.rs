@@ -4,12 +4,16 @@
 //! Returns the queue id only after the spool has synced the message; the session then says
 //! `250`. Any failure maps to a reply from the table and nothing is queued.
 //!
-//! Notices this MTA writes ([`store_notice`]) come in here too, and so do messages a
-//! draining peer hands over ([`store_handed_off`], issue 16), through the same spool
-//! store but as they are: a notice is built here, and a handed-over message is mail the
-//! fleet has already accepted, checked, stamped and signed, so doing any of that again
-//! would change it. (The queue manager and the drain write status records for messages
-//! already in the spool; only this module puts a message there.)
+//! Notices this MTA writes ([`store_notice`]: delivery status notifications and mailed
+//! TLS-RPT reports) come in here too, and so do messages a draining peer hands over
+//! ([`store_handed_off`], issue 16), through the same spool store. A notice is built by
+//! this MTA, so there is nothing to check or stamp, but it is DKIM-signed as [`accept`]
+//! signs: with the keys for its From domain, when it leaves this MTA (RFC 8460 §5.3 wants
+//! mailed reports signed; a DSN to a remote sender is signed too when a key covers its
+//! From domain). A handed-over message is stored as it is: it is mail the fleet has
+//! already accepted, checked, stamped and signed, so doing any of that again would change
+//! it. (The queue manager and the drain write status records for messages already in the
+//! spool; only this module puts a message there.)
 
 use crate::context::Context;
 use crate::queue::{Envelope, QueueId};
@@ -126,16 +130,25 @@ pub async fn store_handed_off(
     Ok(Stored { id, envelope })
 }
 
-/// A notice this MTA wrote (a delivery status notification, RFC 3464), stored durably as it
-/// is (built here: nothing to check or stamp) under `id`, then queued. Notices come in
-/// here like every other new message, as Postfix posts bounces through its cleanup.
+/// A notice this MTA wrote (a delivery status notification, RFC 3464, or a TLS-RPT report,
+/// RFC 8460 §5.3), stored durably under `id`, then queued. Built here, so nothing is
+/// checked or stamped; it is DKIM-signed as [`accept`] signs (with the keys for its From
+/// domain, when it leaves this MTA), the signature prepended. Notices come in here like
+/// every other new message, as Postfix posts bounces through its cleanup.
 pub async fn store_notice(
     ctx: &Context,
+    config: &MtaConfig,
     id: QueueId,
     envelope: Envelope,
     content: &[u8],
 ) -> Result<(), spool::Error> {
-    ctx.spool.store(id, &envelope, &[content]).await?;
+    let signature = ctx
+        .signer()
+        .map(|signer| crate::signing::sign(&signer, config, &envelope, content))
+        .unwrap_or_default();
+    ctx.spool
+        .store(id, &envelope, &[signature.as_bytes(), content])
+        .await?;
     ctx.scheduler.enqueue(id, envelope);
     Ok(())
 }
@@ -253,6 +266,7 @@ fn trace_name(helo: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::Spool;
 
     /// Issue 13, item 10: the EHLO argument cannot shape the `Received:` header.
     #[test]
@@ -276,6 +290,69 @@ mod tests {
         ];
         for (helo, expected) in cases {
             assert_eq!(trace_name(helo), *expected, "{helo:?}");
+        }
+    }
+
+    /// A notice is DKIM-signed as accepted mail is: with the key for its From domain, when
+    /// it leaves this MTA; stored as it is otherwise. Stored first, then queued.
+    #[tokio::test]
+    async fn notices_are_signed_when_they_leave() {
+        use crate::queue::Recipient;
+        use crate::queue::inbox::{Command, SchedulerHandle};
+        use base64::Engine;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = MtaConfig::embedded_default();
+        config.spool.path = dir.path().join("spool");
+        let (spool, _) = Spool::open(&config.spool.path, 1 << 20).expect("spool");
+        let (handle, mut jobs) = SchedulerHandle::channel();
+        let ctx = Context::new(config.clone(), spool, handle, None, None);
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .expect("key");
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref())
+        );
+        let key = mta_auth::SigningKey::from_pem("notices.test", "n1", pem.as_bytes())
+            .expect("signing key");
+        ctx.set_signer(Some(mta_auth::Signer::new(vec![key])));
+
+        // (From domain, recipient, signed): example.test is local in the default config.
+        for (from, to, signed) in [
+            ("notices.test", "someone@remote.test", true),
+            ("notices.test", "someone@example.test", false),
+            ("unkeyed.test", "someone@remote.test", false),
+        ] {
+            let content = format!(
+                "From: <reports@{from}>\r\nTo: <{to}>\r\nSubject: a notice\r\n\r\nbody\r\n"
+            );
+            let mut envelope = Envelope::new("", [127, 0, 0, 1].into(), "mx.petrel.test");
+            envelope.recipients.push(Recipient::new(to.to_owned()));
+            let id = ctx.spool.next_id();
+            store_notice(&ctx, &config, id, envelope, content.as_bytes())
+                .await
+                .expect("stored");
+            match jobs.try_recv() {
+                Ok(Command::Enqueue { id: queued, .. }) => assert_eq!(queued, id),
+                other => panic!("expected the notice queued, got {other:?}"),
+            }
+            let stored = ctx.spool.read_message(id).await.expect("in the spool");
+            let stored = String::from_utf8(stored).expect("utf-8");
+            assert!(stored.ends_with(&content), "{from} to {to}: {stored}");
+            let head = &stored[..stored.len() - content.len()];
+            if signed {
+                assert!(
+                    head.starts_with("DKIM-Signature:"),
+                    "{from} to {to}: {stored}"
+                );
+                assert!(
+                    head.contains("d=notices.test") && head.contains("s=n1"),
+                    "{head}"
+                );
+            } else {
+                assert_eq!(head, "", "{from} to {to}");
+            }
         }
     }
 

@@ -93,7 +93,7 @@ async fn notify(ctx: &Arc<Context>, id: QueueId, envelope: &Envelope, kind: Kind
         &config, envelope, &reported, kind, &original, notice_id, now,
     );
     let notice = notice_envelope(&config, envelope, to, now);
-    match crate::cleanup::store_notice(ctx, notice_id, notice, &content).await {
+    match crate::cleanup::store_notice(ctx, &config, notice_id, notice, &content).await {
         Ok(()) => {
             tracing::info!(queue_id = %id, notice_id = %notice_id, ?kind, "delivery status notification queued");
         }

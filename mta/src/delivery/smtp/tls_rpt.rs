@@ -20,6 +20,12 @@
 //!   (one report id for the fleet). Counts that cannot reach Redis before then (Redis
 //!   unreachable) are reported by their pod alone, under its own report id, and logged.
 //!   The pods' clocks must agree to within a few seconds (NTP), as the grace assumes.
+//! * A report goes to each of the domain's `rua` URIs: POSTed over HTTPS (§5.4), or mailed
+//!   (§5.3) as a new message into this MTA's own queue, which goes in through
+//!   [`crate::cleanup::store_notice`] like every new message (cleanup is the only spool
+//!   writer) and is DKIM-signed there with the `dkim` keys for the sender's domain
+//!   (`smtp_client.tls_rpt.sender`, else `tls-reports@<hostname>`), as §5.3 asks. Without
+//!   a key for that domain the report goes unsigned.
 //!
 //! Must never: count the delivery of a report (its sender is the reports' sender, and
 //! [`super`] does not record it), put message content or recipients in a report, block
@@ -923,7 +929,9 @@ pub fn report_sender(config: &mta_config::MtaConfig) -> String {
         .unwrap_or_else(|| format!("tls-reports@{}", config.hostname))
 }
 
-/// §5.3: a `multipart/report; report-type="tlsrpt"` message into our own queue.
+/// §5.3: a `multipart/report; report-type="tlsrpt"` message into our own queue, through
+/// [`crate::cleanup::store_notice`], which DKIM-signs it (§5.3 wants it signed) with the
+/// keys for the sender's domain.
 async fn mail(
     ctx: &Arc<Outbound>,
     config: &mta_config::MtaConfig,
@@ -989,12 +997,9 @@ async fn mail(
         received_at: now,
         ..Envelope::new(sender, IpAddr::from([127, 0, 0, 1]), host)
     };
-    ctx.spool
-        .store(id, &envelope, &[content.as_bytes()])
+    crate::cleanup::store_notice(ctx, config, id, envelope, content.as_bytes())
         .await
-        .map_err(|e| format!("cannot queue the report: {e}"))?;
-    ctx.scheduler.enqueue(id, envelope);
-    Ok(())
+        .map_err(|e| format!("cannot queue the report: {e}"))
 }
 
 /// §5.4: `POST` of the gzipped report, `Content-Type: application/tlsrpt+gzip`; any 2xx
