@@ -651,6 +651,19 @@ struct Seen {
     revocations: Vec<(i64, String)>,
 }
 
+impl Seen {
+    /// The two slots took turns at least twice each, and at least two keys were revoked.
+    fn assert_two_rotations(&self, [first, second]: [&str; 2]) {
+        let selectors: Vec<&str> = self.activations.iter().map(|(_, s)| s.as_str()).collect();
+        assert!(
+            selectors.starts_with(&[first, second, first, second]),
+            "slots alternate: {:?}",
+            self.activations
+        );
+        assert!(self.revocations.len() >= 2, "{:?}", self.revocations);
+    }
+}
+
 /// Runs `m` for `seconds` with a DNS outage during `outage`, checking the invariants at
 /// every second: no signature with a key whose record is not on every nameserver (for the
 /// record and negative-caching TTLs); no key revoked while a signature made with it may
@@ -739,14 +752,7 @@ fn rotate_for(m: &mut Model, seconds: i64, outage: std::ops::Range<i64>, overlap
 fn rotations_keep_every_signature_verifiable() {
     let mut m = Model::new("60s", "30s");
     let seen = rotate_for(&mut m, 400, 150..175, 30);
-    let selectors: Vec<&str> = seen.activations.iter().map(|(_, s)| s.as_str()).collect();
-    assert!(
-        selectors.len() >= 4
-            && selectors.starts_with(&["petrel-a", "petrel-b", "petrel-a", "petrel-b"]),
-        "slots alternate: {:?}",
-        seen.activations
-    );
-    assert!(seen.revocations.len() >= 2, "{:?}", seen.revocations);
+    seen.assert_two_rotations(["petrel-a", "petrel-b"]);
 }
 
 /// The operator stops after the first Secret write of a step (and a new one carries on
@@ -764,14 +770,7 @@ fn a_crash_between_two_secret_writes_breaks_nothing() {
         "switches cut short after their first write: {:?}",
         m.crashes
     );
-    let selectors: Vec<&str> = seen.activations.iter().map(|(_, s)| s.as_str()).collect();
-    assert!(
-        selectors.len() >= 4
-            && selectors.starts_with(&["petrel-a", "petrel-b", "petrel-a", "petrel-b"]),
-        "slots alternate: {:?}",
-        seen.activations
-    );
-    assert!(seen.revocations.len() >= 2, "{:?}", seen.revocations);
+    seen.assert_two_rotations(["petrel-a", "petrel-b"]);
 }
 
 /// Selectors of the user's choosing (`spec.selectors`) name the slots, their Secrets and
@@ -781,12 +780,7 @@ fn custom_selectors_rotate_like_the_default_ones() {
     let mut m = Model::new("60s", "30s");
     m.key.spec.selectors = vec!["mail2026".into(), "backup".into()];
     let seen = rotate_for(&mut m, 400, 0..0, 30);
-    let selectors: Vec<&str> = seen.activations.iter().map(|(_, s)| s.as_str()).collect();
-    assert!(
-        selectors.starts_with(&["mail2026", "backup", "mail2026", "backup"]),
-        "slots alternate: {:?}",
-        seen.activations
-    );
+    seen.assert_two_rotations(["mail2026", "backup"]);
     let names: Vec<String> = m
         .world
         .secrets
