@@ -353,7 +353,13 @@ mod tests {
     fn nearly_ascending_inserts_are_dense() {
         // Up to half a chunk out of order (as many as a group commit stores at once): the
         // chunks stay full. Two chunks' worth or more: some are left at about half.
-        for (window, most) in [(16u64, 1.05), (64, 1.05), (256, 1.05), (1024, 1.5), (4096, 1.5)] {
+        for (window, most) in [
+            (16u64, 1.05),
+            (64, 1.05),
+            (256, 1.05),
+            (1024, 1.5),
+            (4096, 1.5),
+        ] {
             nearly_ascending(window, most);
         }
     }
@@ -364,7 +370,9 @@ mod tests {
         for block in 0..(100_000u64 / window) {
             let mut ids: Vec<u64> = (block * window..(block + 1) * window).collect();
             for i in (1..ids.len()).rev() {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ids.swap(i, (seed >> 33) as usize % (i + 1));
             }
             for id in ids {
