@@ -10,9 +10,10 @@
 //! a neighbour with room; only when both are full does the chunk split, in halves, except
 //! the last chunk, which keeps 7/8. So nearly ascending keys (ids stored a few hundred
 //! places out of order, as concurrent sessions commit them) still leave full chunks
-//! behind, where plain halving left half of each chunk empty. A chunk that empties goes, and one that falls below a quarter merges with its
-//! neighbour when both fit in one. Lookups are O(log n); inserts and removals move at most
-//! one chunk's entries.
+//! behind, where plain halving left half of each chunk empty. A chunk that empties goes,
+//! and one that falls below a quarter merges with its neighbour when both fit in one.
+//! Lookups are O(log n); inserts and removals move at most one chunk's entries (two, when
+//! one passes to a neighbour).
 //!
 //! It owns nothing but memory layout: no I/O, no knowledge of what the keys mean.
 
