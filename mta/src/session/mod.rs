@@ -225,12 +225,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let pressure = self.pressure.clone();
         let ctx = self.ctx.clone();
         loop {
+            // Taken before the replies go out: once a client has read them, this session
+            // already counts as waiting since then (connection pressure closes the one
+            // waiting longest, so two sessions must be ordered as their clients saw them).
+            let replied = tokio::time::Instant::now();
             self.flush().await?;
             let idle = matches!(self.input, Input::Command);
             if !idle && buf.len() < CONTENT_READ_BUFFER {
                 buf.resize(CONTENT_READ_BUFFER, 0);
             }
-            let deadline = self.read_deadline();
+            let deadline = self.read_deadline(replied);
             let n = tokio::select! {
                 read = tokio::time::timeout_at(deadline, self.stream.read(&mut buf)) => match read {
                     Ok(read) => read?,
@@ -290,9 +294,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// When the next read must have returned. A total per command line (a byte now and
     /// then does not extend it) and per transaction, and a gap limit between content reads.
-    /// Also tells the pressure registry whether the session waits for a command.
-    fn read_deadline(&mut self) -> tokio::time::Instant {
-        let now = tokio::time::Instant::now();
+    /// Also tells the pressure registry whether the session waits for a command. `now` is
+    /// when the session's replies were ready to go (a reply the client does not read counts
+    /// against its time).
+    fn read_deadline(&mut self, now: tokio::time::Instant) -> tokio::time::Instant {
         let smtpd = &self.config.smtpd;
         let phase = match self.input {
             Input::Command | Input::Sasl(_) => {
