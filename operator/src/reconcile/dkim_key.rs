@@ -27,6 +27,10 @@ use std::time::Duration;
 /// Condition type reporting the rotation's progress.
 pub const ROTATION: &str = "Rotation";
 
+/// Condition type saying whether `overlap` keeps a retired key's record published for as
+/// long as the pods may still hold mail it signed.
+pub const OVERLAP: &str = "OverlapCoversQueue";
+
 /// How long one authoritative query may take.
 const DNS_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -40,6 +44,43 @@ pub fn schedule(key: &DkimKey) -> Schedule {
         period: (key.spec.rotation == DkimRotation::Automatic)
             .then(|| secs(&key.spec.rotation_period, 90 * 86_400).max(1)),
         overlap: secs(&key.spec.overlap, 7 * 86_400),
+    }
+}
+
+/// Whether `overlap` covers the MTA's queue lifetime (`queue.max_age`, which the operator
+/// leaves at its default): a message signed just before its key retires may wait that
+/// long in a queue before a receiver verifies it. A shorter overlap is allowed (tests, or
+/// a sender that never queues for long) but said plainly; rotation goes on.
+fn overlap_condition(key: &DkimKey) -> (ConditionStatus, &'static str, String) {
+    let lifetime = mta_config::QueueConfig::default().max_age.as_secs();
+    let overlap = crds::parse_duration_secs(&key.spec.overlap).unwrap_or(7 * 86_400);
+    let days = |secs: u64| match secs % 86_400 {
+        0 => format!("{}d", secs / 86_400),
+        _ => format!("{secs}s"),
+    };
+    if overlap >= lifetime {
+        (
+            ConditionStatus::True,
+            "CoversQueueLifetime",
+            format!(
+                "overlap {} covers the queue lifetime ({})",
+                key.spec.overlap,
+                days(lifetime)
+            ),
+        )
+    } else {
+        (
+            ConditionStatus::False,
+            "ShorterThanQueueLifetime",
+            format!(
+                "overlap {} is shorter than the queue lifetime ({}): mail signed just before a \
+                 key retires may still be queued when its record is revoked, and then fail \
+                 DKIM; make overlap at least {} plus the time receivers take to verify",
+                key.spec.overlap,
+                days(lifetime),
+                days(lifetime)
+            ),
+        )
     }
 }
 
@@ -175,6 +216,10 @@ pub fn status(
     };
     extra.push(Condition::new(
         ROTATION, state, reason, message, generation, now,
+    ));
+    let (state, reason, message) = overlap_condition(obj);
+    extra.push(Condition::new(
+        OVERLAP, state, reason, message, generation, now,
     ));
     let pending = active.is_none().then(|| {
         (

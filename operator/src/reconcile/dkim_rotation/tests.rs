@@ -844,7 +844,7 @@ fn manual_rotation_follows_the_annotation() {
 /// signs).
 #[test]
 fn status_conditions_say_what_the_rotation_waits_for() {
-    use super::super::dkim_key::{ROTATION, status};
+    use super::super::dkim_key::{OVERLAP, ROTATION, status};
     use DkimKeyPhase::*;
     use crds::conditions::{DNS_READY, READY};
     let k = key("100s", "50s");
@@ -978,4 +978,29 @@ fn status_conditions_say_what_the_rotation_waits_for() {
         Some("1970-01-01T00:02:25Z")
     );
     assert_eq!(find(&got, DNS_READY).1, "RecordVisible");
+
+    // An overlap shorter than the queue lifetime (5d) is said, and changes nothing else;
+    // the default (7d) and exactly 5d cover it.
+    let (state, reason, message) = find(&got, OVERLAP);
+    assert_eq!(
+        (state, reason.as_str()),
+        (ConditionStatus::False, "ShorterThanQueueLifetime")
+    );
+    assert!(
+        message.starts_with("overlap 50s is shorter than the queue lifetime (5d)"),
+        "{message}"
+    );
+    assert_eq!(find(&got, READY).0, ConditionStatus::True);
+    for overlap in ["7d", "120h"] {
+        let got = status(&key("90d", overlap), &after(&s), &dns, &s, &[], now);
+        let (state, reason, message) = find(&got, OVERLAP);
+        assert_eq!(
+            (state, reason.as_str(), message),
+            (
+                ConditionStatus::True,
+                "CoversQueueLifetime",
+                format!("overlap {overlap} covers the queue lifetime (5d)")
+            )
+        );
+    }
 }
