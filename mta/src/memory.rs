@@ -6,6 +6,9 @@
 //! those pages (`MADV_DONTNEED`); running it every few seconds keeps RSS near what is in
 //! use, which is what a memory limit is measured against (issue 17).
 //!
+//! It also has large allocations mapped on their own ([`return_large_allocations`]), so
+//! that they go back to the system as soon as they are freed.
+//!
 //! Owns nothing and changes no data; on other C libraries it does nothing.
 
 use std::time::Duration;
@@ -36,3 +39,21 @@ fn trim() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() {}
+
+/// Large allocations (Argon2's 19 MiB per password check, big messages) each get their own
+/// mapping, returned to the system when freed. Without this glibc raises its mmap threshold
+/// after the first such free and serves later ones from per-thread arenas that it seldom
+/// trims, so memory taken by a burst of AUTHs stays (issue 13, item 1). musl already maps
+/// large allocations separately.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn return_large_allocations() {
+    // SAFETY: mallopt only sets an allocator tunable; `main` calls this once, first,
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn return_large_allocations() {}
