@@ -213,17 +213,13 @@ impl Session {
 
 /// Whether the message's header section has `TLS-Required: No` (RFC 8689 §5).
 fn tls_required_no(message: &[u8]) -> bool {
-    message
-        .split(|&b| b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-        .take_while(|line| !line.is_empty())
-        .any(|line| match line.iter().position(|&b| b == b':') {
-            Some(colon) => {
-                line[..colon].eq_ignore_ascii_case(b"TLS-Required")
-                    && line[colon + 1..].trim_ascii().eq_ignore_ascii_case(b"No")
-            }
-            None => false,
+    mail_parser::MessageParser::default()
+        .parse_headers(message)
+        .and_then(|m| {
+            m.header_raw("TLS-Required")
+                .map(|v| v.trim().eq_ignore_ascii_case("no"))
         })
+        .unwrap_or(false)
 }
 
 /// What one delivery asks of its connection.

@@ -54,31 +54,26 @@ pub fn schedule(key: &DkimKey) -> Schedule {
 fn overlap_condition(key: &DkimKey) -> (ConditionStatus, &'static str, String) {
     let lifetime = mta_config::QueueConfig::default().max_age.as_secs();
     let overlap = crds::parse_duration_secs(&key.spec.overlap).unwrap_or(7 * 86_400);
-    let days = |secs: u64| match secs % 86_400 {
-        0 => format!("{}d", secs / 86_400),
-        _ => format!("{secs}s"),
+    let lifetime_text = match lifetime % 86_400 {
+        0 => format!("{}d", lifetime / 86_400),
+        _ => format!("{lifetime}s"),
     };
+    let overlap_text = &key.spec.overlap;
     if overlap >= lifetime {
         (
             ConditionStatus::True,
             "CoversQueueLifetime",
-            format!(
-                "overlap {} covers the queue lifetime ({})",
-                key.spec.overlap,
-                days(lifetime)
-            ),
+            format!("overlap {overlap_text} covers the queue lifetime ({lifetime_text})"),
         )
     } else {
         (
             ConditionStatus::False,
             "ShorterThanQueueLifetime",
             format!(
-                "overlap {} is shorter than the queue lifetime ({}): mail signed just before a \
-                 key retires may still be queued when its record is revoked, and then fail \
-                 DKIM; make overlap at least {} plus the time receivers take to verify",
-                key.spec.overlap,
-                days(lifetime),
-                days(lifetime)
+                "overlap {overlap_text} is shorter than the queue lifetime ({lifetime_text}): \
+                 mail signed just before a key retires may still be queued when its record is \
+                 revoked, and then fail DKIM; make overlap at least {lifetime_text} plus the \
+                 time receivers take to verify"
             ),
         )
     }

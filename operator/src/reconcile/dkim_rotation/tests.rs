@@ -858,6 +858,13 @@ fn status_conditions_say_what_the_rotation_waits_for() {
         (c.status, c.reason.clone(), c.message.clone())
     };
     let now = "2026-01-01T00:00:00Z";
+    // One scenario: the step from these slots, DNS answers and pods at `at`, and the
+    // status it leaves.
+    let scenario = |slots: [Slot; 2], dns: &[DnsCheck; 2], pods: &PodReport, at: i64| {
+        let s = run(slots, dns.clone(), pods, at, None);
+        let got = status(&k, &after(&s), dns, &s, &[], now);
+        (s, got)
+    };
 
     // The next key waits for a nameserver: DnsReady False naming it, Rotation Waiting,
     // Ready (the active key signs), selectors newest first.
@@ -867,14 +874,12 @@ fn status_conditions_say_what_the_rotation_waits_for() {
             lagging: vec!["ns2.example.com.".into()],
         },
     ];
-    let s = run(
+    let (_, got) = scenario(
         [slot("a", st(Active, 45)), slot("b", st(Generated, 145))],
-        dns.clone(),
+        &dns,
         &pods(&["a"], &["a"]),
         150,
-        None,
     );
-    let got = status(&k, &after(&s), &dns, &s, &[], now);
     assert_eq!(got.phase, Generated);
     assert_eq!(got.active_selector.as_deref(), Some("a"));
     let listed: Vec<(&str, DkimKeyPhase)> = got
@@ -905,14 +910,12 @@ fn status_conditions_say_what_the_rotation_waits_for() {
     // key keeps signing; still Ready.
     let failed = DnsCheck::LookupFailed("timeout".into());
     let dns = [failed.clone(), failed];
-    let s = run(
+    let (_, got) = scenario(
         [slot("a", st(Active, 45)), slot("b", st(Generated, 145))],
-        dns.clone(),
+        &dns,
         &pods(&["a"], &["a"]),
         150,
-        None,
     );
-    let got = status(&k, &after(&s), &dns, &s, &[], now);
     let (state, reason, message) = find(&got, ROTATION);
     assert_eq!(
         (state, reason.as_str()),
@@ -941,14 +944,12 @@ fn status_conditions_say_what_the_rotation_waits_for() {
         },
         DnsCheck::NotChecked,
     ];
-    let s = run(
+    let (_, got) = scenario(
         [slot("a", st(Generated, 0)), slot("b", None)],
-        dns.clone(),
+        &dns,
         &pods(&[], &[]),
         5,
-        None,
     );
-    let got = status(&k, &after(&s), &dns, &s, &[], now);
     let (state, reason, message) = find(&got, READY);
     assert_eq!(
         (state, reason.as_str()),
@@ -962,14 +963,12 @@ fn status_conditions_say_what_the_rotation_waits_for() {
 
     // Idle: the next rotation's time, in the condition and in nextRotationTime.
     let dns = [visible(), DnsCheck::NotChecked];
-    let s = run(
+    let (s, got) = scenario(
         [slot("a", st(Active, 45)), slot("b", None)],
-        dns.clone(),
+        &dns,
         &pods(&["a"], &["a"]),
         50,
-        None,
     );
-    let got = status(&k, &after(&s), &dns, &s, &[], now);
     let (state, reason, message) = find(&got, ROTATION);
     assert_eq!((state, reason.as_str()), (ConditionStatus::True, "Idle"));
     assert_eq!(message, "next rotation at 1970-01-01T00:02:25Z");
