@@ -51,6 +51,9 @@ MX = {
     "cnamesec.test": ("mx.cnamesec.test", "127.0.0.72"),
     # The front answers SERVFAIL for the MX records (signed, with a matching TLSA record).
     "mxservfail.test": ("mx.mxservfail.test", "127.0.0.73"),
+    # Signed MX and addresses, no TLSA record (proven absent): DANE does not apply, unless
+    # a route requires it.
+    "notlsa.test": ("mx.notlsa.test", "127.0.0.82"),
 }
 # MX host: the name its CNAME points to (which has the address).
 CNAMES = {"mx.cname.test": "mx.cname.unsigned.test", "mx.cnamesec.test": "mxhost.cnamesec.test"}
@@ -134,6 +137,7 @@ class World:
             # For the CNAME target only: DANE-TA accepts the TLSA base domain's name.
             "cnamesec.test": self.ca.issue("mxhost.cnamesec.test"),
             "mxservfail.test": self_signed(directory, "mx.mxservfail.test"),
+            "notlsa.test": self_signed(directory, "mx.notlsa.test"),
         }
         records = {"test.": [], "unsigned.test.": [], "bogus.test.": []}
         wrong = "00" * 32
@@ -294,6 +298,9 @@ def test_delv_agrees_on_every_answer(world):
     assert d.delv("bad.bogus.test", "MX") == "bogus"
     assert d.delv("_25._tcp.mx.bad.bogus.test", "TLSA") == "bogus"
     assert d.delv("_25._tcp.mx.servfail.test", "TLSA") == "secure"
+    assert d.delv("notlsa.test", "MX") == "secure"
+    assert d.delv("mx.notlsa.test", "A") == "secure"
+    assert d.delv("_25._tcp.mx.notlsa.test", "TLSA") == "secure"  # proven absent
     assert d.delv("_25._tcp.mx.servfail.test", "TLSA", port=front) == "servfail"
     assert d.delv("mx.servfail.test", "A", port=front) == "secure"
     assert d.delv("_mta-sts.both.test", "TXT", port=front) == "secure"
@@ -472,3 +479,61 @@ def test_dane_off_for_a_route_delivers_despite_a_wrong_digest(world, workdir):
         assert got
     finally:
         mta.kill()
+
+
+# Mandatory DANE (RFC 7672 §6): a route's `dane: required`.
+REQUIRED = ("plain.unsigned.test", "ee.test", "notlsa.test")
+
+
+def required_routes(config):
+    routes = "".join(f"  - domain: {d}\n    dane: required\n" for d in REQUIRED)
+    return config.replace("local_domains:", f"routes:\n{routes}local_domains:")
+
+
+@pytest.fixture
+def required_mta(world, workdir):
+    world.start_sinks()
+    server = Mta(workdir, required_routes(world.config(workdir))).start()
+    yield server
+    server.kill()
+
+
+def test_dane_required_to_an_unsigned_zone_defers_and_never_sends(world, required_mta):
+    """Without the route this domain gets mail over opportunistic TLS
+    (test_unsigned_zone_delivers_with_opportunistic_tls); required, it waits, retried
+    (not bounced), and no connection carries it."""
+    address = "required@plain.unsigned.test"
+    send(required_mta, "me@example.test", [address], subject="required-unsigned")
+    detail = deferred(required_mta, address, "451 4.7.5 DANE: required for plain.unsigned.test",
+                      "its MX records are not DNSSEC-signed")
+    assert "MTA-STS" not in detail
+    never_sent(world, "plain.unsigned.test", address)
+    assert "DANE required: MX host refused" in required_mta.log()
+
+
+def test_dane_required_with_matching_tlsa_delivers(world, required_mta):
+    send(required_mta, "me@example.test", ["required@ee.test"], subject="required-ee")
+    delivered(world, "ee.test", "required@ee.test")
+    assert "DANE: certificate matches the TLSA records host=mx.ee.test" in required_mta.log()
+
+
+def test_dane_required_to_a_signed_zone_without_tlsa_defers(world, required_mta, workdir):
+    """notlsa.test is signed but publishes no TLSA record: an ordinary MTA delivers it
+    (opportunistic TLS); under `dane: required` the host is refused before any
+    connection."""
+    address = "required@notlsa.test"
+    send(required_mta, "me@example.test", [address], subject="required-notlsa")
+    deferred(required_mta, address, "451 4.7.5 DANE: required for notlsa.test",
+             "mx.notlsa.test: no DNSSEC-signed TLSA records at _25._tcp.mx.notlsa.test")
+    never_sent(world, "notlsa.test", address)
+    assert world.sinks["notlsa.test"].handler.sessions == set(), "no connection at all"
+
+    # The same destination without the route: delivered, so the deferral was the route's.
+    other = workdir / "without-route"
+    other.mkdir()
+    plain = Mta(other, world.config(other)).start()
+    try:
+        send(plain, "me@example.test", ["plain@notlsa.test"], subject="notlsa-opportunistic")
+        delivered(world, "notlsa.test", "plain@notlsa.test")
+    finally:
+        plain.kill()

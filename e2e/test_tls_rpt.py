@@ -502,6 +502,41 @@ def test_a_mailed_report_goes_despite_the_mailbox_domain_failing_dane(rpt_world,
         mta.kill()
 
 
+def test_dane_required_refusal_is_reported_as_dane_required(rpt_world, workdir):
+    """A route with `dane: required` to plain.unsigned.test (no DNSSEC): the MX host is
+    refused before any connection, and the report counts it as RFC 8460 §4.3.2.1's
+    `dane-required`, under `no-policy-found` (no DANE policy was found, and MTA-STS is
+    not consulted on such a route), naming the refused host."""
+    from test_dane import never_sent, recipient_status
+    world, endpoint, _ = rpt_world
+    domain, address = "plain.unsigned.test", "required@plain.unsigned.test"
+    config = world.config(workdir, retry_interval="1h",
+                          smtp_client="  tls_rpt:\n    report_interval: 2s\n").replace(
+        "local_domains:", f"routes:\n  - domain: {domain}\n    dane: required\nlocal_domains:")
+    before = endpoint.count()
+    mta = Mta(workdir, config).start()
+    try:
+        send(mta, "me@example.test", [address], subject="dane required")
+        reports = wait_for(lambda: [r for r in endpoint.reports(before)
+                                    if totals([r], domain)],
+                           what=f"a report for {domain}")
+        for report in reports:
+            check_report(report)
+        assert totals(reports, domain) == {"no-policy-found": (0, 1, {"dane-required"})}
+        detail = next(d for r in reports for e in r["policies"]
+                      if e["policy"]["policy-domain"] == domain
+                      for d in e.get("failure-details", []))
+        assert detail["receiving-mx-hostname"] == "mx.plain.unsigned.test", detail
+        assert "receiving-ip" not in detail, "no connection was made"
+        wait_for(lambda: (recipient_status(mta, address) or ("", ""))[0] == "deferred",
+                 what=f"{address} deferred")
+        state, text = recipient_status(mta, address)
+        assert state == "deferred" and "451 4.7.5 DANE: required for" in text, (state, text)
+        never_sent(world, domain, address)
+    finally:
+        mta.kill()
+
+
 def wait_for_a_fresh_period(interval):
     """Waits (polling the clock) until the current period of `interval` seconds has at
     least two thirds left, so what follows ends well before the period does."""

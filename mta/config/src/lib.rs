@@ -19,9 +19,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use outbound::{
-    AdminConfig, DkimConfig, DkimKeyConfig, DnsConfig, DnsblAction, MailAuthConfig, QueueConfig,
-    RelayConfig, RouteAuth, RouteConfig, SiteLimits, SiteRule, SmtpClientConfig, TlsMode,
-    TlsRptConfig,
+    AdminConfig, DaneMode, DkimConfig, DkimKeyConfig, DnsConfig, DnsblAction, MailAuthConfig,
+    QueueConfig, RelayConfig, RouteAuth, RouteConfig, SiteLimits, SiteRule, SmtpClientConfig,
+    TlsMode, TlsRptConfig,
 };
 pub use validate::{ConfigError, Problem, is_maildir_safe_local_part};
 

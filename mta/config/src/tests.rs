@@ -375,6 +375,63 @@ routes:
 }
 
 #[test]
+fn route_dane_is_true_false_or_required() {
+    let yaml = "\
+routes:
+  - domain: on.test
+    dane: true
+  - domain: off.test
+    dane: false
+  - domain: must.test
+    dane: required
+  - domain: quoted.test
+    dane: 'required'
+  - domain: unset.test
+";
+    let config = MtaConfig::from_yaml(yaml).expect("parses");
+    let dane: Vec<Option<DaneMode>> = config.routes.iter().map(|r| r.dane).collect();
+    assert_eq!(
+        dane,
+        [
+            Some(DaneMode::Opportunistic),
+            Some(DaneMode::Off),
+            Some(DaneMode::Required),
+            Some(DaneMode::Required),
+            None,
+        ]
+    );
+    // Rendered as written: true/false stay booleans, so older MTAs read them too.
+    let rendered = config.to_yaml();
+    assert!(rendered.contains("dane: true"), "{rendered}");
+    assert!(rendered.contains("dane: false"), "{rendered}");
+    assert!(rendered.contains("dane: required"), "{rendered}");
+    assert_eq!(MtaConfig::from_yaml(&rendered).expect("round trip"), config);
+
+    for wrong in ["dane: sometimes", "dane: 1", "dane: Required"] {
+        let yaml = format!("routes:\n  - domain: a.test\n    {wrong}\n");
+        let err = MtaConfig::from_yaml(&yaml).expect_err(wrong);
+        assert!(matches!(err, ConfigError::Syntax(_)), "{wrong}: {err}");
+        assert!(
+            err.to_string().contains("true, false or required"),
+            "{wrong}: {err}"
+        );
+    }
+
+    let yaml = "routes:\n  - domain: '*'\n    smarthost: relay.test:587\n    dane: required\n";
+    let err = MtaConfig::from_yaml(yaml).expect_err("refused");
+    let ConfigError::Invalid(problems) = err else {
+        panic!("expected a semantic problem, got {err}");
+    };
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "routes[0].dane");
+    assert!(
+        problems[0].message.contains("cannot require DANE"),
+        "{}",
+        problems[0]
+    );
+}
+
+#[test]
 fn tls_rpt_defaults_and_mistakes() {
     let config = MtaConfig::from_yaml("hostname: a.test\n").expect("parses");
     assert!(config.smtp_client.tls_rpt.enabled);
@@ -451,4 +508,48 @@ fn site_limits_defaults_rules_and_mistakes() {
             "queue.sites[2].limits.max_connections",
         ]
     );
+}
+
+#[test]
+fn route_dane_reads_every_boolean_as_the_bool_it_replaced() {
+    // `dane` was an `Option<bool>`: whatever that read, `DaneMode` reads the same way.
+    #[derive(serde::Deserialize)]
+    struct Before {
+        dane: Option<bool>,
+    }
+    for value in [
+        "true",
+        "false",
+        "True",
+        "FALSE",
+        "yes",
+        "no",
+        "on",
+        "off",
+        "'true'",
+        "\"false\"",
+        "~",
+        "null",
+        "1",
+        "0",
+        "maybe",
+        "[true]",
+    ] {
+        let before = serde_saphyr::from_str::<Before>(&format!("dane: {value}\n"))
+            .map(|b| {
+                b.dane.map(|on| {
+                    if on {
+                        DaneMode::Opportunistic
+                    } else {
+                        DaneMode::Off
+                    }
+                })
+            })
+            .ok();
+        let now =
+            serde_saphyr::from_str::<RouteConfig>(&format!("domain: a.test\ndane: {value}\n"))
+                .map(|r| r.dane)
+                .ok();
+        assert_eq!(now, before, "dane: {value}");
+    }
 }

@@ -367,10 +367,16 @@ impl MtaConfig {
                     format!("{host:?} is not host:port"),
                 );
             }
-            if route.dane.is_some() && route.smarthost.is_some() {
+            if let Some(dane) = route.dane
+                && route.smarthost.is_some()
+            {
                 problem(
                     format!("{key}.dane"),
-                    "DANE applies to delivery by MX; a smarthost route cannot set it".into(),
+                    if dane == crate::DaneMode::Required {
+                        "dane: required applies to delivery by MX; a smarthost route cannot require DANE".into()
+                    } else {
+                        "DANE applies to delivery by MX; a smarthost route cannot set it".into()
+                    },
                 );
             }
             if route.auth.is_some() && route.smarthost.is_none() {

@@ -44,6 +44,14 @@
 //! also handed back to the caller as [`DnsProblem`]s, for TLS-RPT (`dnssec-invalid`,
 //! RFC 8460 §4.3.2.1).
 //!
+//! * Mandatory DANE (RFC 7672 §6; a route's `dane: required`, [`mode`]): [`Plan::mandatory`]
+//!   keeps only the hosts with usable TLSA records and names what each other host
+//!   lacked ([`NoDane`]: an insecure MX set or address records, no signed TLSA records,
+//!   only unusable ones). When none is left the mail is deferred with `451 4.7.5`
+//!   ([`Mandatory::into_hosts`]), never sent by MTA-STS or opportunistic TLS instead, and
+//!   never bounced for it before the queue's lifetime ends. Where validation is
+//!   unavailable, nothing can be checked: deferred the same way ([`required_but`]).
+//!
 //! Not here: DANE-TA(2) `2 0 0` anchors the server does not send, and TLS-RPT reports
 //! (RFC 8460).
 
@@ -55,7 +63,7 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::dnssec::TrustAnchors;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, Record, RecordType};
-use mta_config::{DnsConfig, MtaConfig};
+use mta_config::{DaneMode, DnsConfig, MtaConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::{CryptoProvider, ring as ring_provider};
@@ -177,6 +185,19 @@ impl ValidatingResolver {
     }
 }
 
+/// Whether DANE applies to delivery by MX for `domain`, and how: its route's `dane`,
+/// else `smtp_client.dane` (`true` meaning where the domain publishes it).
+pub fn mode(config: &MtaConfig, domain: &str) -> DaneMode {
+    config
+        .route(domain)
+        .and_then(|r| r.dane)
+        .unwrap_or(if config.smtp_client.dane {
+            DaneMode::Opportunistic
+        } else {
+            DaneMode::Off
+        })
+}
+
 /// One TLSA record (RFC 6698 §2.1), as numbers and bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Tlsa {
@@ -256,6 +277,40 @@ pub struct Plan {
     /// The MX records were validated as secure.
     pub mx_secure: bool,
     pub hosts: Vec<(Target, HostPolicy)>,
+    /// Why DANE does not apply to each host of `hosts` whose policy is
+    /// [`HostPolicy::None`], by host name.
+    pub no_dane: Vec<(String, NoDane)>,
+    /// The hosts left out of `hosts` because a lookup for them failed (bogus, SERVFAIL),
+    /// each as `"<host>: <why>"`.
+    pub skipped: Vec<String>,
+}
+
+/// Why an MX host is not under DANE (or, under mandatory DANE, gets no mail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoDane {
+    /// The domain's MX records are not DNSSEC-signed (insecure); for a domain without
+    /// MX records, its own address records are not.
+    MxInsecure,
+    /// The host's addresses (or an alias on the way to them) are not DNSSEC-signed.
+    AddressesInsecure,
+    /// No DNSSEC-signed TLSA records at `_25._tcp.<host>` (none, or unsigned ones).
+    NoTlsa,
+    /// Signed TLSA records, none of them usable (RFC 7672 §3.1): TLS without
+    /// authentication, which mandatory DANE does not accept.
+    UnusableTlsa,
+}
+
+impl NoDane {
+    fn describe(self, host: &str) -> String {
+        match self {
+            NoDane::MxInsecure => format!("{host}: the MX records are not DNSSEC-signed"),
+            NoDane::AddressesInsecure => {
+                format!("{host}: its addresses are not DNSSEC-signed")
+            }
+            NoDane::NoTlsa => format!("{host}: no DNSSEC-signed TLSA records at _25._tcp.{host}"),
+            NoDane::UnusableTlsa => format!("{host}: its TLSA records are all unusable"),
+        }
+    }
 }
 
 impl Plan {
@@ -263,6 +318,86 @@ impl Plan {
     pub fn applies(&self) -> bool {
         self.hosts.iter().any(|(_, policy)| policy.applies())
     }
+
+    /// Mandatory DANE (RFC 7672 §6, a route's `dane: required`): only the hosts with
+    /// usable TLSA records ([`HostPolicy::Dane`]) keep their place, in MX preference
+    /// order; every other host is refused, once, with what it lacked. The caller must
+    /// not fall back to MTA-STS or opportunistic TLS for the refused hosts.
+    pub fn mandatory(self) -> Mandatory {
+        let mut hosts = Vec::new();
+        let mut refused: Vec<(String, NoDane)> = Vec::new();
+        for (target, policy) in self.hosts {
+            let missing = match policy {
+                HostPolicy::Dane(_) => {
+                    hosts.push((target, policy));
+                    continue;
+                }
+                HostPolicy::TlsRequired => NoDane::UnusableTlsa,
+                HostPolicy::None => self
+                    .no_dane
+                    .iter()
+                    .find(|(host, _)| *host == target.name)
+                    .map_or(NoDane::NoTlsa, |(_, why)| *why),
+            };
+            if !refused.iter().any(|(host, _)| *host == target.name) {
+                refused.push((target.name, missing));
+            }
+        }
+        Mandatory {
+            hosts,
+            refused,
+            skipped: self.skipped,
+        }
+    }
+}
+
+/// What mandatory DANE makes of a [`Plan`] ([`Plan::mandatory`]).
+#[derive(Debug)]
+pub struct Mandatory {
+    /// The hosts with usable TLSA records, best first: the only ones to try.
+    pub hosts: Vec<(Target, HostPolicy)>,
+    /// The hosts refused, best first, and what each lacked (RFC 8460 `dane-required`).
+    pub refused: Vec<(String, NoDane)>,
+    /// As [`Plan::skipped`]: hosts whose lookups failed.
+    pub skipped: Vec<String>,
+}
+
+impl Mandatory {
+    /// The hosts to try, or, when none is left, the deferral of every recipient:
+    /// `451 4.7.5`, saying that DANE is required and what each host lacked. Never a
+    /// bounce: the mail waits for the destination's DNSSEC and TLSA records, under the
+    /// queue's usual retries and lifetime.
+    pub fn into_hosts(self, domain: &str) -> Result<Vec<(Target, HostPolicy)>, Status> {
+        if !self.hosts.is_empty() {
+            return Ok(self.hosts);
+        }
+        let why = if !self.refused.is_empty()
+            && self.skipped.is_empty()
+            && self
+                .refused
+                .iter()
+                .all(|(_, why)| *why == NoDane::MxInsecure)
+        {
+            "its MX records are not DNSSEC-signed".to_owned()
+        } else {
+            let hosts: Vec<String> = self
+                .refused
+                .iter()
+                .map(|(host, why)| why.describe(host))
+                .chain(self.skipped.iter().cloned())
+                .collect();
+            format!("no MX host has usable TLSA records ({})", hosts.join("; "))
+        };
+        Err(required_but(domain, &why))
+    }
+}
+
+/// Mandatory DANE's deferral (`451 4.7.5`) for `domain`, with what was missing.
+pub fn required_but(domain: &str, why: &str) -> Status {
+    DeliveryError::Dane {
+        detail: format!("required for {domain} (route dane: required), but {why}"),
+    }
+    .status()
 }
 
 /// What a validated lookup gave.
@@ -379,6 +514,7 @@ pub async fn plan(
 
     let mut planned = Vec::new();
     let mut unusable = Vec::new();
+    let mut no_dane = Vec::new();
     for (_, host) in hosts {
         let name = host.trim_end_matches('.').to_owned();
         let (addresses, addresses_secure, alias_of) = match host_addresses(resolver, &host).await {
@@ -394,7 +530,12 @@ pub async fn plan(
         };
         let policy = if mx_secure && addresses_secure {
             match tlsa_policy(resolver, &name, alias_of.as_deref()).await {
-                Ok(policy) => policy,
+                Ok(policy) => {
+                    if !policy.applies() {
+                        no_dane.push((name.clone(), NoDane::NoTlsa));
+                    }
+                    policy
+                }
                 Err(why) => {
                     problems.push(DnsProblem {
                         host: Some(name.clone()),
@@ -404,6 +545,12 @@ pub async fn plan(
                 }
             }
         } else {
+            let why = if mx_secure {
+                NoDane::AddressesInsecure
+            } else {
+                NoDane::MxInsecure
+            };
+            no_dane.push((name.clone(), why));
             HostPolicy::None
         };
         planned.extend(addresses.into_iter().map(|ip| {
@@ -431,6 +578,8 @@ pub async fn plan(
     Ok(Plan {
         mx_secure,
         hosts: planned,
+        no_dane,
+        skipped: unusable,
     })
 }
 
@@ -859,6 +1008,136 @@ mod tests {
         verifier
             .verify_server_cert(&leaf, &[ca], &name, &[], UnixTime::now())
             .expect("a certificate for the CNAME target is accepted");
+    }
+
+    fn target(name: &str, last: u8) -> Target {
+        Target {
+            name: name.into(),
+            address: SocketAddr::from(([192, 0, 2, last], 25)),
+        }
+    }
+
+    fn dane_policy() -> HostPolicy {
+        HostPolicy::Dane(Arc::new(TlsaSet {
+            records: vec![record(3, 1, 1, vec![0; 32])],
+            names: vec!["mx1.a.test".into()],
+        }))
+    }
+
+    fn deferral_text(status: &Status) -> String {
+        match status {
+            Status::Deferred(d) => {
+                assert_eq!((d.code, d.enhanced), (Some(451), Some([4, 7, 5])), "{d}");
+                d.to_string()
+            }
+            other => panic!("expected a deferral, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mandatory_dane_keeps_only_hosts_with_usable_tlsa_records_in_order() {
+        let plan = Plan {
+            mx_secure: true,
+            hosts: vec![
+                (target("mx0.a.test", 1), HostPolicy::None),
+                (target("mx0.a.test", 2), HostPolicy::None),
+                (target("mx1.a.test", 3), dane_policy()),
+                (target("mx2.a.test", 4), HostPolicy::TlsRequired),
+                (target("mx3.a.test", 5), HostPolicy::None),
+                (target("mx4.a.test", 6), dane_policy()),
+            ],
+            no_dane: vec![
+                ("mx0.a.test".into(), NoDane::NoTlsa),
+                ("mx3.a.test".into(), NoDane::AddressesInsecure),
+            ],
+            skipped: vec!["mx5.a.test: TLSA lookup failed: timeout".into()],
+        };
+        let mandatory = plan.mandatory();
+        assert_eq!(
+            mandatory.refused,
+            [
+                ("mx0.a.test".to_owned(), NoDane::NoTlsa),
+                ("mx2.a.test".to_owned(), NoDane::UnusableTlsa),
+                ("mx3.a.test".to_owned(), NoDane::AddressesInsecure),
+            ],
+            "each refused host once, in preference order"
+        );
+        let hosts = mandatory.into_hosts("a.test").expect("two hosts left");
+        let names: Vec<&str> = hosts.iter().map(|(t, _)| t.name.as_str()).collect();
+        assert_eq!(names, ["mx1.a.test", "mx4.a.test"]);
+        assert!(hosts.iter().all(|(_, p)| matches!(p, HostPolicy::Dane(_))));
+    }
+
+    #[test]
+    fn mandatory_dane_with_no_host_left_defers_with_what_was_missing() {
+        // An unsigned zone: every host is refused for the MX set alone.
+        let plan = Plan {
+            mx_secure: false,
+            hosts: vec![
+                (target("mx.u.test", 1), HostPolicy::None),
+                (target("mx2.u.test", 2), HostPolicy::None),
+            ],
+            no_dane: vec![
+                ("mx.u.test".into(), NoDane::MxInsecure),
+                ("mx2.u.test".into(), NoDane::MxInsecure),
+            ],
+            skipped: Vec::new(),
+        };
+        let mandatory = plan.mandatory();
+        assert_eq!(mandatory.refused.len(), 2);
+        let status = mandatory.into_hosts("u.test").expect_err("deferred");
+        let text = deferral_text(&status);
+        assert!(
+            text.contains("DANE: required for u.test (route dane: required), but its MX records are not DNSSEC-signed"),
+            "{text}"
+        );
+        assert!(!status.is_final(), "never a bounce");
+
+        // A signed zone, without TLSA records, one host only unusable ones, one skipped.
+        let plan = Plan {
+            mx_secure: true,
+            hosts: vec![
+                (target("mx.s.test", 1), HostPolicy::None),
+                (target("mx2.s.test", 2), HostPolicy::TlsRequired),
+            ],
+            no_dane: vec![("mx.s.test".into(), NoDane::NoTlsa)],
+            skipped: vec!["mx3.s.test: DNSSEC validation of its addresses failed (bogus)".into()],
+        };
+        let text = deferral_text(&plan.mandatory().into_hosts("s.test").expect_err("deferred"));
+        for part in [
+            "required for s.test",
+            "no MX host has usable TLSA records",
+            "mx.s.test: no DNSSEC-signed TLSA records at _25._tcp.mx.s.test",
+            "mx2.s.test: its TLSA records are all unusable",
+            "mx3.s.test: DNSSEC validation of its addresses failed (bogus)",
+        ] {
+            assert!(text.contains(part), "{part:?} in {text}");
+        }
+    }
+
+    #[test]
+    fn a_route_decides_dane_before_smtp_client_dane() {
+        let yaml = "\
+smtp_client:
+  dane: false
+routes:
+  - domain: must.test
+    dane: required
+  - domain: on.test
+    dane: true
+";
+        let config = MtaConfig::from_yaml(yaml).expect("config");
+        assert_eq!(mode(&config, "must.test"), DaneMode::Required);
+        assert_eq!(mode(&config, "MUST.test"), DaneMode::Required);
+        assert_eq!(mode(&config, "on.test"), DaneMode::Opportunistic);
+        assert_eq!(mode(&config, "other.test"), DaneMode::Off);
+        let yaml =
+            "routes:\n  - domain: '*'\n    dane: required\n  - domain: off.test\n    dane: false\n";
+        let config = MtaConfig::from_yaml(yaml).expect("config");
+        assert_eq!(mode(&config, "any.test"), DaneMode::Required);
+        assert_eq!(mode(&config, "off.test"), DaneMode::Off);
+        let config = MtaConfig::from_yaml("hostname: a.test\n").expect("config");
+        assert_eq!(mode(&config, "any.test"), DaneMode::Opportunistic);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use mta_client::{
     ClientConfig, ClientError, Connection, Credentials, OutboundMessage, OutboundRecipient,
     Timeouts,
 };
-use mta_config::{MtaConfig, RouteAuth, TlsMode};
+use mta_config::{DaneMode, MtaConfig, RouteAuth, TlsMode};
 use std::sync::Arc;
 use tls_rpt::PolicyKey;
 
@@ -302,11 +302,8 @@ async fn connect(
                         rua,
                         sts: PolicyKey::none(),
                     });
-                    let dane_on = config
-                        .route(domain)
-                        .and_then(|r| r.dane)
-                        .unwrap_or(config.smtp_client.dane);
-                    let validating = if dane_on {
+                    let dane_mode = dane::mode(config, domain);
+                    let validating = if dane_mode != DaneMode::Off {
                         let validating = ctx.dane.get(config)?;
                         ctx.dane
                             .validation_available(config, &validating)
@@ -315,6 +312,19 @@ async fn connect(
                     } else {
                         None
                     };
+                    let required = dane_mode == DaneMode::Required;
+                    if required && validating.is_none() {
+                        // Mandatory DANE with no validation to be had: nothing could be
+                        // checked, so nothing goes. For TLS-RPT the resolver gave no
+                        // valid answer (`dnssec-invalid`), as for a bogus MX set.
+                        if let Some(rpt) = &rpt {
+                            rpt.record_dns_problems(&[dane::DnsProblem { host: None }]);
+                        }
+                        return Err(dane::required_but(
+                            domain,
+                            "DNSSEC validation is unavailable through the configured resolvers",
+                        ));
+                    }
                     let targets = if let Some(validating) = validating {
                         let mut problems = Vec::new();
                         let plan =
@@ -324,7 +334,21 @@ async fn connect(
                             rpt.record_dns_problems(&problems);
                         }
                         let plan = plan?;
-                        if plan.applies() {
+                        if required || plan.applies() {
+                            let hosts = if required {
+                                // RFC 7672 §6: only hosts with usable TLSA records; no
+                                // MTA-STS, no opportunistic TLS for the others.
+                                let mandatory = plan.mandatory();
+                                if let Some(rpt) = &rpt {
+                                    rpt.record_dane_required(&mandatory.refused);
+                                }
+                                for (host, why) in &mandatory.refused {
+                                    tracing::info!(domain = %mta_telemetry::Escaped(domain.as_str()), host = %mta_telemetry::Escaped(host), reason = ?why, "DANE required: MX host refused");
+                                }
+                                mandatory.into_hosts(domain)?
+                            } else {
+                                plan.hosts
+                            };
                             // RFC 8461 §2: where DANE applies, MTA-STS does not.
                             tracing::info!(domain = %mta_telemetry::Escaped(domain.as_str()), "DANE: TLSA records apply");
                             let client = client_config(config, false, mode, auth.as_ref())?;
@@ -334,7 +358,7 @@ async fn connect(
                                 domain: Some(domain),
                                 shutdown,
                             };
-                            let (hosts, sts) = (plan.hosts, Sts::Off);
+                            let sts = Sts::Off;
                             return try_targets(hosts, &client, require_tls, sts, rpt, Some(gate))
                                 .await;
                         }
@@ -478,6 +502,38 @@ impl Rpt<'_> {
             let failure = tls_rpt::Failure {
                 result: tls_rpt::ResultType::DnssecInvalid,
                 mx_host: problem.host.clone(),
+                receiving_ip: None,
+            };
+            self.count(policy, tls_rpt::Outcome::Failure(failure));
+        }
+    }
+
+    /// Counts the MX hosts that mandatory DANE (a route's `dane: required`) refused,
+    /// one failed session each, before any connection. RFC 8460 §4.3.2.1 `dane-required`
+    /// is for a host with no DNSSEC-validated TLSA records; as no DANE policy (and, on
+    /// such a route, no MTA-STS policy either: it is not consulted) was found for it, the
+    /// session counts under `no-policy-found` (§4.4), with the host in the failure
+    /// details. A host whose signed TLSA records are all unusable did publish a DANE
+    /// policy: it counts under `tlsa` as `tlsa-invalid`, as it does without mandatory
+    /// DANE.
+    fn record_dane_required(&self, refused: &[(String, dane::NoDane)]) {
+        for (host, why) in refused {
+            let (policy, result) = match why {
+                dane::NoDane::UnusableTlsa => (
+                    PolicyKey {
+                        kind: tls_rpt::PolicyType::Tlsa,
+                        strings: Vec::new(),
+                        mx_hosts: vec![host.clone()],
+                    },
+                    tls_rpt::ResultType::TlsaInvalid,
+                ),
+                dane::NoDane::MxInsecure
+                | dane::NoDane::AddressesInsecure
+                | dane::NoDane::NoTlsa => (PolicyKey::none(), tls_rpt::ResultType::DaneRequired),
+            };
+            let failure = tls_rpt::Failure {
+                result,
+                mx_host: Some(host.clone()),
                 receiving_ip: None,
             };
             self.count(policy, tls_rpt::Outcome::Failure(failure));

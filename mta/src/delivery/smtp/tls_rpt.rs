@@ -33,8 +33,8 @@
 //! logged and dropped), or send the same counts twice (counts leave this pod's memory
 //! when they are in Redis or in a report being sent).
 //!
-//! Not here: `dane-required` (Petrel has no setting that requires DANE), and a report
-//! whose lock holder dies before sending it (it is lost, not sent twice).
+//! Not here: a report whose lock holder dies before sending it (it is lost, not sent
+//! twice).
 
 use crate::delivery::Outbound;
 use crate::queue::{Envelope, Recipient};
@@ -97,6 +97,11 @@ pub enum ResultType {
     /// §4.3.2.1: a DNSSEC lookup for DANE (MX, addresses, TLSA) gave no valid answer.
     #[serde(rename = "dnssec-invalid")]
     DnssecInvalid,
+    /// §4.3.2.1: DANE is required for the destination (a route's `dane: required`, RFC
+    /// 7672 §6), but the MX host had no DNSSEC-validated TLSA records; no connection
+    /// was made to it.
+    #[serde(rename = "dane-required")]
+    DaneRequired,
     /// §4.3.2.2: the domain's MTA-STS policy could not be fetched.
     #[serde(rename = "sts-policy-fetch-error")]
     StsPolicyFetchError,
@@ -118,6 +123,7 @@ impl ResultType {
             ResultType::ValidationFailure => "validation-failure",
             ResultType::TlsaInvalid => "tlsa-invalid",
             ResultType::DnssecInvalid => "dnssec-invalid",
+            ResultType::DaneRequired => "dane-required",
             ResultType::StsPolicyFetchError => "sts-policy-fetch-error",
             ResultType::StsPolicyInvalid => "sts-policy-invalid",
             ResultType::StsWebpkiInvalid => "sts-webpki-invalid",
@@ -1168,6 +1174,36 @@ mod tests {
     }
 
     #[test]
+    fn dane_required_is_a_failure_under_no_policy_found_naming_the_host() {
+        // What smtp.rs counts for an MX host that mandatory DANE refused.
+        let reporter = Reporter::default();
+        let rua = ["mailto:r@u.test".to_owned()];
+        let refused = || {
+            Outcome::Failure(Failure {
+                result: ResultType::DaneRequired,
+                mx_host: Some("mx.u.test".into()),
+                receiving_ip: None,
+            })
+        };
+        reporter.record_at(10, DAY, "u.test", &rua, PolicyKey::none(), refused());
+        reporter.record_at(11, DAY, "u.test", &rua, PolicyKey::none(), refused());
+        let counts = counts_of(&reporter, 0, "u.test");
+        let json = report_json("Org", "c@org.test", "id-1", 0, 86400, "u.test", &counts);
+        let policies = json["policies"].as_array().expect("policies");
+        assert_eq!(policies.len(), 1);
+        assert_eq!(
+            policies[0]["policy"],
+            json!({"policy-type": "no-policy-found", "policy-domain": "u.test"})
+        );
+        assert_eq!(policies[0]["summary"]["total-failure-session-count"], 2);
+        assert_eq!(
+            policies[0]["failure-details"],
+            json!([{"result-type": "dane-required", "receiving-mx-hostname": "mx.u.test",
+                    "failed-session-count": 2}])
+        );
+    }
+
+    #[test]
     fn periods_are_aligned_on_the_interval() {
         assert_eq!(period_of(86400 * 3 + 5, DAY), (86400 * 3, 86400 * 4));
         assert_eq!(
@@ -1211,7 +1247,11 @@ mod tests {
             ResultType::of_sts_failure(S::WebPkiInvalid).as_str(),
             "sts-webpki-invalid"
         );
-        for result in [ResultType::DnssecInvalid, ResultType::TlsaInvalid] {
+        for result in [
+            ResultType::DnssecInvalid,
+            ResultType::TlsaInvalid,
+            ResultType::DaneRequired,
+        ] {
             let json = serde_json::to_string(&result).expect("json");
             assert_eq!(json, format!("\"{}\"", result.as_str()));
         }
