@@ -17,12 +17,19 @@
 //! works the same on a laptop and in a pod (where `kubectl exec` runs as the MTA's user)
 //! and keeps the TCP address the CLI already knows.
 //!
+//! `{"op":"sites"}` is answered here, not by the scheduler: `{"result":"sites","sites":[…]}`,
+//! a [`SiteView`] of every outbound site ([`crate::delivery::site::Sites::snapshot`]),
+//! suspended and throttled sites first. It only reads the sites: looking never changes a
+//! limit, a strike or a suspension.
+//!
 //! `list` is answered page by page ([`LIST_PAGE`] messages a line, `{"result":
 //! "list_page","messages":[…],"more":true}`, the last with `"more":false`), each page
 //! written before the next is asked of the scheduler: a queue of a million messages is
 //! never one reply in memory, and other requests are served between pages.
 
 use crate::context::Context;
+use crate::delivery::Outbound;
+use crate::delivery::site::SiteView;
 use crate::drain::{AdminDrain, Drain, Report};
 use crate::files;
 use crate::qmgr::{AdminRequest, AdminResponse, QueueEntry};
@@ -112,12 +119,27 @@ enum Line {
     Request(Request),
 }
 
-/// One request: a queue operation (the scheduler answers) or a drain operation (the
-/// drain answers).
+/// One request: a queue operation (the scheduler answers), a drain operation (the
+/// drain answers) or the sites view (answered here).
 #[derive(Debug, Clone)]
 pub enum Request {
     Queue(AdminRequest),
     Drain(AdminDrain),
+    Sites(SitesRequest),
+}
+
+/// `{"op":"sites"}`: the outbound sites and their shaping state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum SitesRequest {
+    Sites,
+}
+
+/// The answer to `sites`: `{"result":"sites","sites":[…]}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum SitesResponse {
+    Sites { sites: Vec<SiteView> },
 }
 
 /// The answer to a drain operation: `{"result":"drain", "state": …, …}`.
@@ -141,14 +163,16 @@ impl Line {
         if !authorised {
             return Line::Unauthorised;
         }
-        let drain = object
+        let op = object
             .get("op")
             .and_then(|op| op.as_str())
-            .is_some_and(|op| op.starts_with("drain"));
+            .unwrap_or_default();
+        let (drain, sites) = (op.starts_with("drain"), op == "sites");
         let object = serde_json::Value::Object(object);
-        let parsed = match drain {
-            true => serde_json::from_value(object).map(Request::Drain),
-            false => serde_json::from_value(object).map(Request::Queue),
+        let parsed = match (drain, sites) {
+            (true, _) => serde_json::from_value(object).map(Request::Drain),
+            (false, true) => serde_json::from_value(object).map(Request::Sites),
+            (false, false) => serde_json::from_value(object).map(Request::Queue),
         };
         match parsed {
             Ok(request) => Line::Request(request),
@@ -162,6 +186,7 @@ pub async fn serve(
     token: Token,
     ctx: Arc<Context>,
     drain: Arc<Drain>,
+    outbound: Arc<Outbound>,
     mut shutdown: Shutdown,
 ) {
     loop {
@@ -177,6 +202,7 @@ pub async fn serve(
                     token.clone(),
                     ctx.clone(),
                     drain.clone(),
+                    outbound.clone(),
                 ));
             }
             Ok((_, peer)) => tracing::warn!(%peer, "admin: refused non-loopback client"),
@@ -203,6 +229,7 @@ async fn handle(
     token: Token,
     ctx: Arc<Context>,
     drain: Arc<Drain>,
+    outbound: Arc<Outbound>,
 ) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST)).lines();
@@ -238,6 +265,13 @@ async fn handle(
                 },
                 None => error_line("shutting down"),
             },
+            Line::Request(Request::Sites(SitesRequest::Sites)) => {
+                let sites = outbound.sites.snapshot();
+                match serde_json::to_string(&SitesResponse::Sites { sites }) {
+                    Ok(text) => text,
+                    Err(_) => return,
+                }
+            }
             Line::Request(Request::Drain(op)) => match drain.admin(op).await {
                 Ok(report) => match serde_json::to_string(&DrainResponse::Drain(report)) {
                     Ok(text) => text,
@@ -394,6 +428,91 @@ pub fn render_drain(report: &Report) -> String {
     out
 }
 
+/// Human-readable form of the sites view (the CLI's default output): one row per site,
+/// in the order given (the MTA sends suspended and throttled sites first).
+pub fn render_sites(sites: &[SiteView]) -> String {
+    use std::fmt::Write;
+    let rate = |r: Option<f64>| match r {
+        Some(r) => format!("{r:.2}/s"),
+        None => "-".to_owned(),
+    };
+    let rows: Vec<[String; 7]> = sites
+        .iter()
+        .map(|s| {
+            let state = match (s.suspended_for_secs, s.throttled, s.strikes) {
+                (Some(_), _, _) => "suspended",
+                (None, true, _) => "throttled",
+                (None, false, 0) => "ok",
+                (None, false, _) => "failing",
+            };
+            let ceiling = s
+                .connection_ceiling
+                .map(|c| format!(" (ceiling {c})"))
+                .unwrap_or_default();
+            let rate_ceiling = s
+                .rate_ceiling
+                .map(|c| format!(" (ceiling {})", rate(Some(c))))
+                .unwrap_or_default();
+            let suspended = match (&s.suspended_for_secs, &s.suspended_until) {
+                (Some(left), Some(until)) => format!("{left}s, until {until}"),
+                (Some(left), None) => format!("{left}s"),
+                _ => "-".to_owned(),
+            };
+            let reason = match (&s.last_reason, s.last_reason_secs_ago) {
+                (Some(reason), Some(ago)) => format!("{ago}s ago: {}", reason.replace('\n', " ")),
+                (Some(reason), None) => reason.replace('\n', " "),
+                _ => "-".to_owned(),
+            };
+            [
+                format!("{} ({})", s.site, s.tls),
+                state.to_owned(),
+                format!(
+                    "{}/{}/{}{ceiling}",
+                    s.connections_open, s.connection_limit, s.max_connections
+                ),
+                format!("{}{rate_ceiling}", rate(s.message_rate)),
+                format!("{}/{} ({})", s.strikes, s.suspend_after, s.suspensions),
+                suspended,
+                reason,
+            ]
+        })
+        .collect();
+    let header = [
+        "SITE",
+        "STATE",
+        "CONNS OPEN/LIMIT/MAX",
+        "RATE",
+        "STRIKES (SUSPENSIONS)",
+        "SUSPENDED",
+        "LAST REASON",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: [&str; 7]| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            match i {
+                6 => text.push_str(cell),
+                _ => {
+                    let _ = write!(text, "{cell:<width$}  ");
+                }
+            }
+        }
+        let _ = writeln!(out, "{}", text.trim_end());
+    };
+    line(header);
+    for row in &rows {
+        line(row.each_ref().map(String::as_str));
+    }
+    let _ = writeln!(out, "{} site(s)", sites.len());
+    out
+}
+
 /// The head of the list's table.
 pub fn render_list_header() -> String {
     format!(
@@ -537,6 +656,9 @@ mod tests {
                 "request",
             ),
             (r#"{"op":"drain_status"}"#, "unauthorised"),
+            (r#"{"op":"sites"}"#, "unauthorised"),
+            (&format!(r#"{{"op":"sites","token":"{good}"}}"#), "request"),
+            (&format!(r#"{{"op":"site","token":"{good}"}}"#), "invalid"),
             (&format!(r#"{{"op":"list","token":"{good}"}}"#), "request"),
             (
                 &format!("{{\"token\":\"{good}\",\"op\":\"delete\",\"id\":1}}\r"),
@@ -546,6 +668,88 @@ mod tests {
         for (line, expected) in cases {
             assert_eq!(kind(line), expected, "{line:?}");
         }
+    }
+
+    #[test]
+    fn the_sites_request_and_response_round_trip() {
+        let good = "ab".repeat(TOKEN_BYTES);
+        let line = format!(r#"{{"op":"sites","token":"{good}"}}"#);
+        assert!(matches!(
+            Line::parse(&line, &token()),
+            Line::Request(Request::Sites(SitesRequest::Sites))
+        ));
+        assert_eq!(
+            serde_json::to_string(&SitesRequest::Sites).expect("json"),
+            r#"{"op":"sites"}"#
+        );
+        let response = SitesResponse::Sites {
+            sites: vec![site_view("mx.example", Some(30))],
+        };
+        let text = serde_json::to_string(&response).expect("json");
+        assert!(text.starts_with(r#"{"result":"sites","sites":[{"site":"mx.example""#));
+        assert_eq!(
+            parse_reply::<SitesResponse>(&text).expect("parse"),
+            response
+        );
+    }
+
+    fn site_view(site: &str, suspended: Option<u64>) -> SiteView {
+        SiteView {
+            site: site.into(),
+            tls: "opportunistic".into(),
+            configured: false,
+            connections_open: 1,
+            connections_held: 1,
+            waiting: 0,
+            connection_limit: 2,
+            max_connections: 20,
+            connection_ceiling: suspended.map(|_| 2),
+            message_rate: suspended.map(|_| 2.5),
+            max_message_rate: None,
+            rate_ceiling: suspended.map(|_| 5.0),
+            throttled: suspended.is_some(),
+            last_throttle_secs_ago: suspended.map(|_| 3),
+            strikes: 0,
+            suspend_after: 5,
+            suspensions: u32::from(suspended.is_some()),
+            suspended_for_secs: suspended,
+            suspended_until: suspended.map(|_| "2027-01-15T08:00:30Z".into()),
+            last_reason: suspended.map(|_| "421 4.7.0 too many\nconnections".into()),
+            last_reason_secs_ago: suspended.map(|_| 3),
+        }
+    }
+
+    #[test]
+    fn the_sites_table_has_a_row_per_site_in_order() {
+        let table = render_sites(&[
+            site_view("mx1.busy.example,mx2.busy.example", Some(30)),
+            site_view("quiet", None),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].starts_with("SITE"), "{table}");
+        let busy = lines[1];
+        assert!(
+            busy.starts_with("mx1.busy.example,mx2.busy.example (opportunistic)  suspended  "),
+            "{table}"
+        );
+        for cell in [
+            "1/2/20 (ceiling 2)",
+            "2.50/s (ceiling 5.00/s)",
+            "0/5 (1)",
+            "30s, until 2027-01-15T08:00:30Z",
+            "3s ago: 421 4.7.0 too many connections",
+        ] {
+            assert!(busy.contains(cell), "{cell:?} in {busy:?}");
+        }
+        assert!(lines[2].starts_with("quiet (opportunistic)"), "{table}");
+        assert!(lines[2].contains("  ok  "), "{table}");
+        assert!(lines[2].ends_with('-'), "{table}");
+        assert_eq!(lines[3], "2 site(s)");
+        // The columns line up: each row's STATE starts where the header's does.
+        let column = lines[0].find("STATE").expect("header");
+        assert_eq!(lines[1].find("suspended"), Some(column));
+        assert_eq!(lines[2].find("ok"), Some(column));
     }
 
     #[test]

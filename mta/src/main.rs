@@ -101,6 +101,9 @@ enum QueueOp {
     Delete { id: QueueId },
     /// Fail a message's pending recipients now and notify its sender.
     Bounce { id: QueueId },
+    /// Show the outbound sites: connections open and allowed, message rate, learnt
+    /// ceilings, strikes and suspensions; suspended and throttled sites first.
+    Sites,
     /// Drain this MTA (before removing it): refuse new mail, keep delivering for
     /// --deliver-for, then hand every message left to the --peer MTAs (their HTTP
     /// `host:port`; they need the same admin.fleet_token_file), and write the drained
@@ -272,6 +275,7 @@ async fn queue_command(
             return drain_command(address, token, op, json).await;
         }
         QueueOp::List => return list_command(address, token, json).await,
+        QueueOp::Sites => return sites_command(address, token, json).await,
         QueueOp::Show { id } => AdminRequest::Show { id },
         QueueOp::Flush { id, domain } => AdminRequest::Flush { id, domain },
         QueueOp::Hold { id } => AdminRequest::Hold { id },
@@ -337,6 +341,33 @@ async fn list_command(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `queue sites`: the table, or with `--json` the endpoint's response as it came.
+async fn sites_command(
+    address: std::net::SocketAddr,
+    token: &mta::admin::Token,
+    json: bool,
+) -> ExitCode {
+    let request = mta::admin::SitesRequest::Sites;
+    let response: mta::admin::SitesResponse =
+        match mta::admin::request(address, token, &request).await {
+            Ok(response) => response,
+            Err(e) => {
+                eprintln!("petrel-mta queue sites: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let mta::admin::SitesResponse::Sites { sites } = &response;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&response).unwrap_or_default()
+        );
+    } else {
+        print!("{}", mta::admin::render_sites(sites));
+    }
+    ExitCode::SUCCESS
 }
 
 async fn drain_command(

@@ -162,7 +162,7 @@ impl Server {
             commands,
             trigger.subscribe(),
         ));
-        crate::delivery::smtp::tls_rpt::start(outbound, trigger.subscribe());
+        crate::delivery::smtp::tls_rpt::start(outbound.clone(), trigger.subscribe());
         let admin = TcpListener::bind(ctx.config().admin.address)
             .await
             .map_err(|source| StartError::Bind {
@@ -212,6 +212,7 @@ impl Server {
             admin_token,
             ctx.clone(),
             drain.clone(),
+            outbound,
             trigger.subscribe(),
         ));
         let mut listeners = Listeners::new();

@@ -36,6 +36,10 @@
 //! per destination). Owns no I/O and no queue state: it must never decide a recipient's
 //! status other than the suspension deferral, and never sleeps except to wait for a
 //! permit or a token the caller asked for.
+//!
+//! [`Sites::snapshot`] is what an operator sees (`petrel-mta queue sites`): a [`SiteView`]
+//! of every known site, read under each site's lock in turn (never two at once, never
+//! across an await) and changing nothing, not even the pruning that [`Sites::get`] does.
 
 use super::classify;
 use super::outcome::DeliveryError;
@@ -47,7 +51,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -66,6 +70,9 @@ pub const MIN_RATE: f64 = 1.0 / 60.0;
 
 /// Sites are forgotten (when idle and not throttled) once the map holds more than this.
 const PRUNE_AT: usize = 1024;
+
+/// Longest reply text kept as a site's last reason (a remote reply may be long).
+const MAX_REASON: usize = 200;
 
 /// The TLS policy in force for a delivery: part of the site's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -260,6 +267,94 @@ impl Sites {
             .map(|s| s.key.to_string())
             .collect()
     }
+
+    /// Every known site as an operator sees it, suspended sites first, then throttled
+    /// ones, then those with strikes, each group by name. Reads only: no site's state
+    /// changes and none is pruned.
+    pub fn snapshot(&self) -> Vec<SiteView> {
+        self.snapshot_at(Instant::now(), SystemTime::now())
+    }
+
+    /// [`Sites::snapshot`] at `now`, which is `wall` on the wall clock (for the RFC 3339
+    /// time a suspension ends).
+    fn snapshot_at(&self, now: Instant, wall: SystemTime) -> Vec<SiteView> {
+        // The map's lock only while the sites are listed; each site's own lock while it
+        // is read, one at a time.
+        let sites: Vec<Arc<Site>> = {
+            let sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+            sites.values().cloned().collect()
+        };
+        let mut views: Vec<SiteView> = sites.iter().map(|s| s.view(now, wall)).collect();
+        views.sort_by(|a, b| (a.rank(), &a.site, &a.tls).cmp(&(b.rank(), &b.site, &b.tls)));
+        views
+    }
+}
+
+/// One site as `petrel-mta queue sites` shows it: the admin endpoint's JSON.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SiteView {
+    /// The `queue.sites` rule's name, or the site's MX host names joined by commas.
+    pub site: String,
+    /// The TLS policy part of the key (`dane`, `mta-sts`, `requiretls`, `verified`,
+    /// `required`, `opportunistic`, `none`).
+    pub tls: String,
+    /// Named by a `queue.sites` rule.
+    pub configured: bool,
+    /// Connections up now.
+    pub connections_open: usize,
+    /// Permits out: connections up or being set up.
+    pub connections_held: usize,
+    /// Delivery workers waiting for a permit.
+    pub waiting: usize,
+    /// Connections allowed now.
+    pub connection_limit: usize,
+    /// Connections the config allows.
+    pub max_connections: usize,
+    /// Connections the site was seen to take when it refused one (until forgotten).
+    pub connection_ceiling: Option<usize>,
+    /// Messages a second allowed now; absent: no limit.
+    pub message_rate: Option<f64>,
+    /// Messages a second the config allows; absent: no limit.
+    pub max_message_rate: Option<f64>,
+    /// The rate learnt from a "too fast" reply (until forgotten).
+    pub rate_ceiling: Option<f64>,
+    /// A throttle within `throttle_memory`: the limits may be below the configured ones.
+    pub throttled: bool,
+    /// Seconds since the last throttle.
+    pub last_throttle_secs_ago: Option<u64>,
+    /// Throttles or connection failures in a row, and how many suspend the site.
+    pub strikes: u32,
+    pub suspend_after: u32,
+    /// Suspensions in a row (each twice as long as the last).
+    pub suspensions: u32,
+    /// Seconds left of the suspension (rounded up); absent: not suspended.
+    pub suspended_for_secs: Option<u64>,
+    /// When the suspension ends (RFC 3339, UTC).
+    pub suspended_until: Option<String>,
+    /// The reply (or this MTA's account of the failure) of the last throttle or failed
+    /// connection, and how long ago it came.
+    pub last_reason: Option<String>,
+    pub last_reason_secs_ago: Option<u64>,
+}
+
+impl SiteView {
+    /// Where the site goes in the list: suspended, throttled, with strikes, the rest.
+    fn rank(&self) -> u8 {
+        if self.suspended_for_secs.is_some() {
+            0
+        } else if self.throttled {
+            1
+        } else if self.strikes > 0 {
+            2
+        } else {
+            3
+        }
+    }
+}
+
+/// Whole seconds, rounded up (a suspension with 0.2 s left is still one).
+fn secs_up(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// One site: its connection permits, its rate and its throttle state.
@@ -307,6 +402,9 @@ struct State {
     strikes: u32,
     suspensions: u32,
     suspended_until: Option<Instant>,
+    /// The status of the last throttle or failed connection (for the admin view only),
+    /// and when.
+    last_reason: Option<(Instant, String)>,
 }
 
 /// A rate ceiling being learnt from what the site took when it refused a message:
@@ -370,6 +468,7 @@ impl Site {
                 strikes: 0,
                 suspensions: 0,
                 suspended_until: None,
+                last_reason: None,
             }),
         }
     }
@@ -387,6 +486,44 @@ impl Site {
             .is_some_and(|t| now.duration_since(t) < state.limits.throttle_memory)
             || state.suspended_until.is_some_and(|until| until > now)
             || state.strikes > 0
+    }
+
+    /// What the admin view shows of this site at `now` (`wall` on the wall clock).
+    fn view(&self, now: Instant, wall: SystemTime) -> SiteView {
+        let state = self.lock();
+        let left = state
+            .suspended_until
+            .filter(|until| *until > now)
+            .map(|until| until - now);
+        let ago = |t: Instant| now.saturating_duration_since(t).as_secs();
+        SiteView {
+            site: self.key.name.clone(),
+            tls: self.key.tls.as_str().to_owned(),
+            configured: self.key.configured,
+            connections_open: state.established,
+            connections_held: state.held,
+            waiting: self.waiters.load(Ordering::SeqCst),
+            connection_limit: state.connections,
+            max_connections: state.limits.max_connections,
+            connection_ceiling: state.connection_ceiling,
+            message_rate: state.rate,
+            max_message_rate: state.limits.max_rate,
+            rate_ceiling: state.rate_ceiling,
+            throttled: state
+                .last_throttle
+                .is_some_and(|t| now.saturating_duration_since(t) < state.limits.throttle_memory),
+            last_throttle_secs_ago: state.last_throttle.map(ago),
+            strikes: state.strikes,
+            suspend_after: state.limits.suspend_after,
+            suspensions: state.suspensions,
+            suspended_for_secs: left.map(secs_up),
+            suspended_until: left.map(|left| {
+                humantime::format_rfc3339_seconds(wall + Duration::from_secs(secs_up(left)))
+                    .to_string()
+            }),
+            last_reason: state.last_reason.as_ref().map(|(_, r)| r.clone()),
+            last_reason_secs_ago: state.last_reason.as_ref().map(|(t, _)| ago(*t)),
+        }
     }
 
     fn set_limits(&self, limits: Limits) {
@@ -520,6 +657,7 @@ impl Site {
             self.strike(&mut state, now, &mut reaction);
             reaction
         };
+        note(&mut state, status, now);
         self.log(&state, reaction, status);
         reaction
     }
@@ -543,6 +681,12 @@ impl Site {
         }
         if !throttled {
             return Reaction::default();
+        }
+        if let Some((_, status)) = results
+            .iter()
+            .find(|(_, s)| classify::verdict(s).is_some_and(|v| v.is_throttle()))
+        {
+            note(&mut state, status, now);
         }
         // What the site took when it said "too fast": the messages sent in the window
         // before this one that it accepted. Those still on their way count once their
@@ -776,6 +920,20 @@ impl Site {
         let state = self.lock();
         (state.connections, state.rate)
     }
+}
+
+/// Keeps `status` as the site's last reason, for the admin view only (nothing decides on
+/// it), cut to [`MAX_REASON`] bytes.
+fn note(state: &mut State, status: &Status, now: Instant) {
+    let Some(diagnostic) = status.diagnostic() else {
+        return;
+    };
+    let mut text = diagnostic.to_string();
+    if text.len() > MAX_REASON {
+        text.truncate(text.floor_char_boundary(MAX_REASON));
+        text.push('…');
+    }
+    state.last_reason = Some((now, text));
 }
 
 /// One of the site's connections, from before connecting until the connection closes.
@@ -1185,5 +1343,175 @@ mod tests {
             (4, Some(20.0))
         );
         assert!(sites.suspended().is_empty());
+    }
+
+    /// The wall-clock time the snapshot tests pretend it is.
+    fn wall() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn view<'a>(views: &'a [SiteView], name: &str) -> &'a SiteView {
+        views
+            .iter()
+            .find(|v| v.site == name)
+            .unwrap_or_else(|| panic!("no site {name} in {views:?}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_snapshot_shows_each_site_and_puts_suspended_and_throttled_first() {
+        let sites = Sites::default();
+        let c = config(
+            "version: 1\nqueue:\n  site_limits: {max_connections: 8, suspend_after: 2, suspend_time: 60s}\n",
+        );
+        // Named so that by name alone the suspended site would come last.
+        let healthy = sites.get(&c, key("aa.example"));
+        let failing = sites.get(&c, key("bb.example"));
+        let slowed = sites.get(&c, key("cc.example"));
+        let suspended = sites.get(&c, key("zz.example"));
+
+        let mut permits = Vec::new();
+        for _ in 0..3 {
+            let mut permit = suspended.acquire(None).await.expect("permit");
+            permit.connected();
+            permits.push(permit);
+        }
+        // A throttle with 3 open, then another a window later: two strikes suspend it.
+        assert!(suspended.connect_failed(&too_many_connections()).lowered);
+        tokio::time::advance(REACTION_WINDOW).await;
+        assert_eq!(
+            suspended.connect_failed(&too_many_connections()).suspended,
+            Some(Duration::from_secs(60))
+        );
+        drop(permits.pop());
+        for _ in 0..5 {
+            let sent = slowed.rate_token(None).await;
+            slowed.observe(&delivered(), sent);
+        }
+        slowed.observe(&rate_limited(), Instant::now());
+        failing.connect_failed(&refused());
+        healthy.observe(&delivered(), Instant::now());
+        tokio::time::advance(Duration::from_secs(10)).await;
+
+        let views = sites.snapshot_at(Instant::now(), wall());
+        let order: Vec<&str> = views.iter().map(|v| v.site.as_str()).collect();
+        assert_eq!(
+            order,
+            ["zz.example", "cc.example", "bb.example", "aa.example"]
+        );
+
+        let z = view(&views, "zz.example");
+        assert_eq!(z.tls, "opportunistic");
+        assert!(!z.configured);
+        assert_eq!(z.suspended_for_secs, Some(50));
+        let until = humantime::format_rfc3339_seconds(wall() + Duration::from_secs(50));
+        assert_eq!(
+            z.suspended_until.as_deref(),
+            Some(until.to_string().as_str())
+        );
+        assert_eq!(z.suspended_until.as_deref(), Some("2027-01-15T08:00:50Z"));
+        assert_eq!((z.suspensions, z.strikes, z.suspend_after), (1, 0, 2));
+        assert!(z.throttled);
+        assert_eq!(z.last_throttle_secs_ago, Some(10));
+        // 8 → 3 (the ceiling: 3 were open when refused) → 1; 2 permits still out.
+        assert_eq!((z.connection_limit, z.max_connections), (1, 8));
+        assert_eq!(z.connection_ceiling, Some(3));
+        assert_eq!((z.connections_open, z.connections_held), (2, 2));
+        assert_eq!(
+            z.last_reason.as_deref(),
+            Some("421 4.7.0 too many connections")
+        );
+        assert_eq!(z.last_reason_secs_ago, Some(10));
+
+        let c = view(&views, "cc.example");
+        assert!(c.throttled && c.suspended_for_secs.is_none());
+        assert_eq!(c.rate_ceiling, Some(5.0 * CEILING_MARGIN));
+        assert_eq!(c.message_rate, Some(5.0 * CEILING_MARGIN / 2.0));
+        assert_eq!(c.max_message_rate, None);
+        assert_eq!(c.last_reason.as_deref(), Some("451 4.7.1 rate limited"));
+
+        let b = view(&views, "bb.example");
+        assert!(!b.throttled);
+        assert_eq!((b.strikes, b.suspended_for_secs), (1, None));
+        assert_eq!(
+            b.last_reason.as_deref(),
+            Some("451 4.4.1 connection refused by 127.0.0.2:25")
+        );
+
+        let a = view(&views, "aa.example");
+        assert!(!a.throttled);
+        assert_eq!(
+            (a.strikes, a.connection_limit, a.message_rate),
+            (0, 8, None)
+        );
+        assert_eq!(
+            (a.last_reason.as_ref(), a.last_throttle_secs_ago),
+            (None, None)
+        );
+        assert_eq!(
+            (a.suspended_for_secs, a.suspended_until.as_ref()),
+            (None, None)
+        );
+
+        // Once the suspension is over the site is only throttled (and sorted so).
+        tokio::time::advance(Duration::from_secs(50)).await;
+        let views = sites.snapshot_at(Instant::now(), wall());
+        let z = view(&views, "zz.example");
+        assert_eq!(
+            (z.suspended_for_secs, z.suspended_until.as_ref()),
+            (None, None)
+        );
+        assert!(z.throttled);
+        assert_eq!(views[0].site, "cc.example", "ties by name: {views:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn looking_changes_no_site_and_forgets_none() {
+        let sites = Sites::default();
+        let c = config(
+            "version: 1\nqueue:\n  site_limits: {max_connections: 4, suspend_after: 1, suspend_time: 60s}\n",
+        );
+        let site = sites.get(&c, key("mx.example"));
+        site.connect_failed(&too_many_connections());
+        // Idle, unthrottled sites, as many as the map holds before `get` prunes them.
+        for i in 0..PRUNE_AT {
+            drop(sites.get(&c, key(&format!("idle{i}.example"))));
+        }
+        let before = site.limits_now();
+        let first = sites.snapshot_at(Instant::now(), wall());
+        let second = sites.snapshot_at(Instant::now(), wall());
+        assert_eq!(first, second);
+        assert_eq!(first.len(), PRUNE_AT + 1, "the snapshot prunes nothing");
+        assert_eq!(first[0].site, "mx.example");
+        assert_eq!(first[0].suspended_for_secs, Some(60));
+        assert_eq!(site.limits_now(), before);
+        assert!(site.acquire(None).await.is_err(), "still suspended");
+        // Whereas the next `get` does prune: the idle sites go, the suspended one stays.
+        drop(sites.get(&c, key("new.example")));
+        let after: Vec<String> = sites
+            .snapshot_at(Instant::now(), wall())
+            .into_iter()
+            .map(|v| v.site)
+            .collect();
+        assert_eq!(after, ["mx.example", "new.example"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_reason_is_cut() {
+        let sites = Sites::default();
+        let site = sites.get(&config("version: 1\n"), key("mx.example"));
+        let long = format!("too many connections {}", "é".repeat(300));
+        site.connect_failed(&Status::Deferred(Diagnostic::new(421, [4, 7, 0], &long)));
+        let views = sites.snapshot_at(Instant::now(), wall());
+        let reason = views[0].last_reason.as_deref().expect("a reason");
+        assert!(
+            reason.starts_with("421 4.7.0 too many connections é"),
+            "{reason}"
+        );
+        assert!(reason.ends_with('…'), "{reason}");
+        assert!(
+            reason.len() <= MAX_REASON + '…'.len_utf8(),
+            "{}",
+            reason.len()
+        );
     }
 }
