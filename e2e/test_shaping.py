@@ -91,6 +91,16 @@ class Limits:
             self.delivered.append((time.monotonic(), m.group(1).decode() if m else "?"))
         return "250 2.0.0 accepted by the shaping sink"
 
+    async def handle_QUIT(self, server, session, envelope):
+        # The client may open its next connection as soon as it reads 221, and the event
+        # loop sees this one's close later (on a loaded machine, much later): counted
+        # closed before it answers, a connection is open for as long as the client could
+        # know, and a refusal is never the sink's own lag.
+        if server._counted:
+            server._counted = False
+            self.closed()
+        return "221 Bye"
+
     def snapshot(self):
         with self.lock:
             return (list(self.opens), list(self.refused), list(self.rate_limited),

@@ -955,6 +955,17 @@ impl SitePermit {
             self.site.lock().established += 1;
         }
     }
+
+    /// The connection is being closed (QUIT is about to go): it no longer counts toward
+    /// what the site takes, though the permit stays held until it is closed. The site may
+    /// see the close before this worker does, and a connection it refuses meanwhile must
+    /// not teach a ceiling that counts the closing one as working.
+    pub fn closing(&mut self) {
+        if self.established {
+            self.established = false;
+            self.site.lock().established -= 1;
+        }
+    }
 }
 
 impl Drop for SitePermit {
@@ -1158,6 +1169,28 @@ mod tests {
         tokio::time::advance(Duration::from_secs(15 * 60)).await;
         site.observe(&delivered(), Instant::now());
         assert_eq!(site.limits_now().0, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_connection_is_not_counted_in_the_ceiling() {
+        let site = site(limits(20, "off"));
+        let mut permits = Vec::new();
+        for _ in 0..3 {
+            let mut permit = site.acquire(None).await.expect("permit");
+            permit.connected();
+            permits.push(permit);
+        }
+        // The third is saying QUIT (its permit still held) when a new one is refused: the
+        // site took two.
+        permits[2].closing();
+        permits[2].closing();
+        assert!(site.connect_failed(&too_many_connections()).lowered);
+        let view = site.view(Instant::now(), SystemTime::UNIX_EPOCH);
+        assert_eq!(view.connections_open, 2);
+        assert_eq!(site.limits_now().0, 2, "halved from 20 to the ceiling of 2");
+        drop(permits);
+        let view = site.view(Instant::now(), SystemTime::UNIX_EPOCH);
+        assert_eq!((view.connections_open, view.connections_held), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -171,6 +171,9 @@ impl Session {
             Err(error) => {
                 // After an error the connection's state is unknown: never reuse it.
                 if let Some(connection) = self.connection.take() {
+                    if let Some(permit) = self.site.as_mut() {
+                        permit.closing();
+                    }
                     connection.quit().await;
                 }
                 all(outcome::from_error(&error))
@@ -202,6 +205,9 @@ impl Session {
 
     pub async fn close(&mut self) {
         if let Some(connection) = self.connection.take() {
+            if let Some(permit) = self.site.as_mut() {
+                permit.closing();
+            }
             connection.quit().await;
         }
         self.site = None;
