@@ -2,6 +2,11 @@
 //! handles that own their own state (connection admission, the AUTH guard, the rate
 //! limiter, the intake switch). Built once, in `server.rs`; holds no logic of its own
 //! beyond choosing between them (readiness).
+//!
+//! Every stage may read the spool through it, but only `cleanup` puts new messages there.
+//! The cleanup handle a session stores its messages through is not kept here: cleanup
+//! reads the context, so naming it here would make an import cycle. A session is given
+//! its handle when it is built (`Session::with_cleanup`; the spool's by default).
 
 use crate::admission::Admission;
 use crate::auth_guard::AuthGuard;
@@ -15,6 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub struct Context {
     config: RwLock<Arc<MtaConfig>>,
+    /// Read by any stage; new messages are written only by cleanup.
     pub spool: Spool,
     pub scheduler: SchedulerHandle,
     /// The TLS certificate, when one is configured.

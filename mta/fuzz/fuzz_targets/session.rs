@@ -1,7 +1,10 @@
 //! Arbitrary bytes from an SMTP client, fed to a real `Session` over `tokio::io::duplex`.
 //!
-//! Each input is played twice against the same process-wide context (one spool in a
-//! temporary directory, built once):
+//! Each input is played twice against the same process-wide context, with the in-memory
+//! cleanup (`cleanup::Memory`, the `memory-cleanup` feature): the messages a session
+//! accepts go through the real checks, `Received:` stamping and signing, and are kept in
+//! memory instead of the spool, so an input costs no disk I/O. (The context still opens a
+//! spool in a temporary directory once, at start; nothing is written to it.)
 //!
 //! 1. from an outsider address (`192.0.2.1`, may not relay), through a 64 KiB pipe, so the
 //!    session mostly sees large reads;
@@ -10,8 +13,8 @@
 //!    split across reads.
 //!
 //! Asserted: no panic; the session ends within 10 s of the client closing its side; every
-//! message the outsider got queued is for local domains only (never an open relay) and its
-//! recipients map to safe Maildir names; no stored message contains a bare CR or LF; after
+//! message the outsider got accepted is for local domains only (never an open relay) and its
+//! recipients map to safe Maildir names; no accepted message contains a bare CR or LF; after
 //! `421 4.5.0` (a BDAT refused without reading its chunk, issue 13) no further reply.
 //!
 //! The config uses small limits (message size 2 KiB, 3 recipients) and a high error limit
@@ -22,8 +25,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mta::cleanup::{Cleanup, Memory};
 use mta::context::Context;
-use mta::qmgr::{Command, SchedulerHandle};
+use mta::qmgr::SchedulerHandle;
 use mta::session::Session;
 use mta::shutdown::Trigger;
 use mta::spool::Spool;
@@ -31,15 +35,15 @@ use mta::stream::Stream;
 use mta_config::{ListenerKind, MtaConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 struct Harness {
     rt: tokio::runtime::Runtime,
     ctx: Arc<Context>,
-    jobs: Mutex<mpsc::UnboundedReceiver<Command>>,
+    /// What the sessions accepted (they never queue: no scheduler runs here).
+    memory: Arc<Memory>,
     _dir: PathBuf,
 }
 
@@ -101,7 +105,7 @@ fn harness() -> &'static Harness {
         let (spool, _) = rt
             .block_on(async { Spool::open(&config.spool.path, config.spool.segment_size) })
             .expect("spool");
-        let (handle, jobs) = SchedulerHandle::channel();
+        let (handle, _jobs) = SchedulerHandle::channel();
         let ctx = Arc::new(Context::new(config, spool, handle, None, None));
         extern "C" fn cleanup() {
             if let Some(h) = HARNESS.get() {
@@ -115,7 +119,7 @@ fn harness() -> &'static Harness {
         Harness {
             rt,
             ctx,
-            jobs: Mutex::new(jobs),
+            memory: Arc::default(),
             _dir: dir,
         }
     })
@@ -127,10 +131,16 @@ unsafe extern "C" {
 }
 
 /// One conversation: writes `data`, closes the client's sending side, reads every reply.
-async fn converse(ctx: &Arc<Context>, data: &[u8], peer: SocketAddr, pipe: usize) -> Vec<u8> {
+async fn converse(h: &Harness, data: &[u8], peer: SocketAddr, pipe: usize) -> Vec<u8> {
     let (client, server) = tokio::io::duplex(pipe);
     let trigger = Trigger::new();
-    let session = Session::new(Stream::Plain(server), ctx.clone(), peer, ListenerKind::Smtp);
+    let session = Session::new(
+        Stream::Plain(server),
+        h.ctx.clone(),
+        peer,
+        ListenerKind::Smtp,
+    )
+    .with_cleanup(Cleanup::Memory(h.memory.clone()));
     let session = tokio::spawn(session.run(trigger.subscribe()));
     let (mut read, mut write) = tokio::io::split(client);
     let reader = tokio::spawn(async move {
@@ -166,48 +176,38 @@ fn has_bare_line_ending(content: &[u8]) -> Option<usize> {
     None
 }
 
-/// Checks and removes (so the spool does not grow) every message the session queued.
-async fn drain(h: &Harness, outsider: bool, data: &[u8]) {
-    let mut queued = Vec::new();
-    {
-        let mut jobs = h.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        while let Ok(job) = jobs.try_recv() {
-            if let Command::Enqueue { id, envelope } = job {
-                queued.push((id, envelope));
-            }
-        }
-    }
+/// Checks and forgets (so memory does not grow) every message the sessions accepted.
+fn drain(h: &Harness, outsider: bool, data: &[u8]) {
     let config = h.ctx.config();
-    for (id, envelope) in queued {
+    for accepted in h.memory.take() {
         if outsider {
-            for rcpt in &envelope.recipients {
+            for rcpt in &accepted.envelope.recipients {
                 let (local, domain) = mta::queue::split_address(&rcpt.address)
-                    .unwrap_or_else(|| panic!("queued recipient without @: {:?}", rcpt.address));
+                    .unwrap_or_else(|| panic!("accepted recipient without @: {:?}", rcpt.address));
                 assert!(
                     config.local_domain(domain).is_some(),
-                    "OPEN RELAY: outsider got {:?} queued; input {:?}",
+                    "OPEN RELAY: outsider got {:?} accepted; input {:?}",
                     rcpt.address,
                     String::from_utf8_lossy(data)
                 );
                 let mailbox = mta::local::mailbox_name(local).unwrap_or_else(|| {
-                    panic!("queued local recipient {:?} has no Maildir name", rcpt.address)
+                    panic!(
+                        "accepted local recipient {:?} has no Maildir name",
+                        rcpt.address
+                    )
                 });
-                assert!(!mailbox.contains('/') && !mailbox.starts_with('.') && !mailbox.contains('\0'));
+                assert!(
+                    !mailbox.contains('/') && !mailbox.starts_with('.') && !mailbox.contains('\0')
+                );
             }
         }
-        let message = h
-            .ctx
-            .spool
-            .read_message(id)
-            .await
-            .unwrap_or_else(|e| panic!("queued message {id} unreadable: {e}"));
-        if let Some(at) = has_bare_line_ending(&message) {
+        if let Some(at) = has_bare_line_ending(&accepted.content) {
             panic!(
-                "SMUGGLING: stored message {id} has a bare CR/LF at byte {at}: {:?}",
-                String::from_utf8_lossy(&message)
+                "SMUGGLING: accepted message {} has a bare CR/LF at byte {at}: {:?}",
+                accepted.id,
+                String::from_utf8_lossy(&accepted.content)
             );
         }
-        h.ctx.spool.remove_detached(id);
     }
 }
 
@@ -229,15 +229,14 @@ fn check_chunk_not_read_is_last(replies: &[u8], data: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     let h = harness();
-    let ctx = &h.ctx;
     h.rt.block_on(async {
         let outsider: SocketAddr = "192.0.2.1:4000".parse().expect("addr");
-        let replies = converse(ctx, data, outsider, 64 * 1024).await;
+        let replies = converse(h, data, outsider, 64 * 1024).await;
         check_chunk_not_read_is_last(&replies, data);
-        drain(h, true, data).await;
+        drain(h, true, data);
         let insider: SocketAddr = "10.1.2.3:4000".parse().expect("addr");
-        let replies = converse(ctx, data, insider, 1 + data.len() % 16).await;
+        let replies = converse(h, data, insider, 1 + data.len() % 16).await;
         check_chunk_not_read_is_last(&replies, data);
-        drain(h, false, data).await;
+        drain(h, false, data);
     });
 });

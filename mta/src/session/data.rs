@@ -1,5 +1,6 @@
 //! DATA and BDAT (RFC 3030 CHUNKING): receiving the content, and handing the finished
-//! message to cleanup, which stores it durably before the session says `250`.
+//! message to the session's [`cleanup::Cleanup`], which stores it durably before the
+//! session says `250`.
 
 use super::{Flow, Input, Reply, Session};
 use crate::cleanup;
@@ -93,15 +94,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let span = mta_telemetry::spans::transaction();
         span.record(field::SIZE, tx.content.len() as i64);
         span.record(field::RECIPIENTS, tx.envelope.recipients.len() as i64);
-        let outcome = cleanup::accept(
-            &self.ctx,
-            &self.config,
-            &arrival,
-            &mut tx.envelope,
-            &tx.content,
-        )
-        .instrument(span.clone())
-        .await;
+        let outcome = self
+            .cleanup
+            .accept(
+                &self.ctx,
+                &self.config,
+                &arrival,
+                &mut tx.envelope,
+                &tx.content,
+            )
+            .instrument(span.clone())
+            .await;
         match &outcome {
             Ok(id) => {
                 span.record(field::QUEUE_ID, id.to_string());

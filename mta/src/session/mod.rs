@@ -2,8 +2,10 @@
 //! the verb handlers, and writes replies.
 //!
 //! Flow: greeting → commands (one file per verb group: [`ehlo`], [`mail`], [`rcpt`],
-//! [`data`]) → for each finished message, [`crate::cleanup`] stores it durably and the
-//! session answers `250 … queued as ID`.
+//! [`data`]) → for each finished message, the session's [`Cleanup`] handle stores it
+//! durably and the session answers `250 … queued as ID`. The handle is the spool's unless
+//! the session was built with [`Session::with_cleanup`] (tests: `Cleanup::Memory`); the
+//! session never writes to the spool itself.
 //!
 //! Invariants:
 //! * Bounded memory: command lines are capped by `smtp-proto` (4096 bytes, `500 5.5.2`),
@@ -34,6 +36,7 @@ mod rcpt;
 pub use crate::reply;
 mod starttls;
 
+use crate::cleanup::Cleanup;
 use crate::context::Context;
 use crate::queue::{Envelope, Recipient};
 use crate::shutdown::Shutdown;
@@ -125,6 +128,8 @@ pub struct Session<S> {
     /// The DNSBL verdict, looked up at the first RCPT: `None` before; `Some("")` clean.
     dnsbl_tag: Option<String>,
     ctx: Arc<Context>,
+    /// Where finished messages go (the spool, or memory in tests).
+    cleanup: Cleanup,
     /// Snapshot of the config when the session started: a reload applies to new sessions.
     config: Arc<MtaConfig>,
     peer: SocketAddr,
@@ -164,6 +169,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             span: mta_telemetry::spans::session(peer),
             dnsbl_tag: None,
             ctx,
+            cleanup: Cleanup::default(),
             config,
             peer,
             helo: None,
@@ -184,6 +190,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// waits for a command (see [`pressure`]).
     pub fn with_pressure(mut self, handle: pressure::Handle) -> Self {
         self.pressure = Some(handle);
+        self
+    }
+
+    /// Hands finished messages to `cleanup` instead of the spool's (tests and fuzzing).
+    pub fn with_cleanup(mut self, cleanup: Cleanup) -> Self {
+        self.cleanup = cleanup;
         self
     }
 

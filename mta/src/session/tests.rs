@@ -1,7 +1,10 @@
-//! Session conversations without sockets: a `tokio::io::duplex` pipe, a real spool in a
-//! temporary directory, and the scheduler's inbox inspected directly.
+//! Session conversations without sockets: a `tokio::io::duplex` pipe and, for tests of the
+//! SMTP dialogue, an in-memory cleanup ([`cleanup::Memory`]) whose kept messages are
+//! inspected directly. [`connect_to_spool`] gives a session the real cleanup instead (a
+//! spool in a temporary directory, the scheduler's inbox inspected): the durable path.
 
 use super::*;
+use crate::cleanup::{self, Accepted};
 use crate::qmgr::{Command, SchedulerHandle};
 use crate::queue::{Envelope, QueueId};
 use crate::shutdown::Trigger;
@@ -15,6 +18,8 @@ struct Client {
     writer: tokio::io::WriteHalf<DuplexStream>,
     jobs: mpsc::UnboundedReceiver<Command>,
     ctx: Arc<Context>,
+    /// What the session's cleanup kept; `None` when it stores into the spool.
+    memory: Option<Arc<cleanup::Memory>>,
     _trigger: Trigger,
     _dir: tempfile::TempDir,
 }
@@ -26,6 +31,21 @@ async fn connect_with(adjust: impl FnOnce(&mut MtaConfig)) -> Client {
 /// A session behind a pipe of `pipe` bytes: with 1, every read the session makes returns
 /// one byte, so every command line and chunk arrives split.
 async fn connect_via(pipe: usize, adjust: impl FnOnce(&mut MtaConfig)) -> Client {
+    open(pipe, Some(Arc::default()), adjust).await
+}
+
+/// A session whose messages go through the real cleanup into the spool, then the queue.
+async fn connect_to_spool() -> Client {
+    open(64 * 1024, None, |_| {}).await
+}
+
+/// A session with the in-memory cleanup `memory`, else the spool's. The context always
+/// has a spool (in a temporary directory); only the spool's cleanup writes to it.
+async fn open(
+    pipe: usize,
+    memory: Option<Arc<cleanup::Memory>>,
+    adjust: impl FnOnce(&mut MtaConfig),
+) -> Client {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = MtaConfig::embedded_default();
     config.spool.path = dir.path().join("spool");
@@ -41,6 +61,10 @@ async fn connect_via(pipe: usize, adjust: impl FnOnce(&mut MtaConfig)) -> Client
         "127.0.0.9:4000".parse().expect("addr"),
         mta_config::ListenerKind::Smtp,
     );
+    let session = match &memory {
+        Some(memory) => session.with_cleanup(Cleanup::Memory(memory.clone())),
+        None => session,
+    };
     tokio::spawn(session.run(trigger.subscribe()));
     let (read, writer) = tokio::io::split(client);
     let mut client = Client {
@@ -48,6 +72,7 @@ async fn connect_via(pipe: usize, adjust: impl FnOnce(&mut MtaConfig)) -> Client
         writer,
         jobs,
         ctx,
+        memory,
         _trigger: trigger,
         _dir: dir,
     };
@@ -89,12 +114,30 @@ impl Client {
         line
     }
 
-    /// The next message the session handed to the scheduler.
+    /// The next message the session handed to the scheduler (real cleanup only).
     async fn queued(&mut self) -> (QueueId, Envelope) {
         match self.jobs.recv().await {
             Some(Command::Enqueue { id, envelope }) => (id, envelope),
             other => panic!("expected an enqueued message, got {other:?}"),
         }
+    }
+
+    /// Every message the in-memory cleanup kept since the last call.
+    fn accepted(&self) -> Vec<Accepted> {
+        self.memory.as_ref().expect("in-memory cleanup").take()
+    }
+
+    /// The one message the in-memory cleanup kept since the last call.
+    fn only_accepted(&self) -> Accepted {
+        let mut accepted = self.accepted();
+        assert_eq!(accepted.len(), 1, "{accepted:?}");
+        accepted.remove(0)
+    }
+
+    /// True when nothing was kept in memory or queued since the last look.
+    fn nothing_accepted(&mut self) -> bool {
+        let kept = self.memory.as_ref().map(|m| m.take()).unwrap_or_default();
+        kept.is_empty() && self.jobs.try_recv().is_err()
     }
 
     async fn closed(&mut self) -> bool {
@@ -158,12 +201,16 @@ async fn malformed_and_out_of_order_table() {
     client.send("DATA\r\n").await;
     client.expect("354").await;
     client.send("Subject: t\r\n\r\nhello\r\n.\r\n").await;
-    client.expect("250 2.0.0 Ok: queued as").await;
+    let line = client.expect("250 2.0.0 Ok: queued as").await;
+    let accepted = client.only_accepted();
+    assert!(line.ends_with(&accepted.id.to_string()), "{line}");
+    assert!(accepted.content.ends_with(b"Subject: t\r\n\r\nhello\r\n"));
 }
 
 #[tokio::test]
+/// The durable path: the real cleanup stores the message in the spool, then queues it.
 async fn pipelined_transaction_is_stored_with_its_parameters() {
-    let mut client = connect().await;
+    let mut client = connect_to_spool().await;
     client
         .send(concat!(
             "EHLO client.test\r\n",
@@ -228,10 +275,9 @@ async fn bdat_chunks_make_one_message() {
     client.expect("250 2.0.0 12 octets").await;
     client.send("BDAT 9 LAST\r\n\r\nhello\r\n").await;
     let line = client.expect("250 2.0.0 Ok: queued as").await;
-    let (id, _) = client.queued().await;
-    assert!(line.ends_with(&id.to_string()));
-    let stored = client.ctx.spool.read_message(id).await.expect("stored");
-    assert!(stored.ends_with(b"Subject: t\r\n\r\nhello\r\n"));
+    let accepted = client.only_accepted();
+    assert!(line.ends_with(&accepted.id.to_string()));
+    assert!(accepted.content.ends_with(b"Subject: t\r\n\r\nhello\r\n"));
 
     // DATA after BDAT in one transaction is a sequence error; BDAT 0 LAST works.
     client
@@ -245,6 +291,7 @@ async fn bdat_chunks_make_one_message() {
     client.expect("503 5.5.1").await;
     client.send("BDAT 0 LAST\r\n").await;
     client.expect("554 5.6.0").await;
+    assert!(client.nothing_accepted(), "the bare LF is refused");
 }
 
 #[tokio::test]
@@ -270,7 +317,7 @@ async fn too_many_recipients_and_too_big() {
     // The session goes on; the transaction is gone.
     client.send("RCPT TO:<c@example.test>\r\n").await;
     client.expect("503 5.5.1").await;
-    assert!(client.jobs.try_recv().is_err(), "nothing was queued");
+    assert!(client.nothing_accepted(), "nothing was accepted");
 }
 
 /// The smuggling matrix: content with a non-standard end-of-data sequence followed by a
@@ -292,8 +339,8 @@ async fn smuggled_commands_never_run() {
         client.send("NOOP\r\n").await;
         client.expect("250 2.0.0 Ok").await;
         assert!(
-            client.jobs.try_recv().is_err(),
-            "{ending:?}: nothing may be queued"
+            client.nothing_accepted(),
+            "{ending:?}: nothing may be accepted"
         );
     }
 }
@@ -330,6 +377,7 @@ async fn shutdown_interrupts_idle_session_only() {
     // The message in progress is finished and acknowledged...
     client.send("Subject: t\r\n\r\nbody\r\n.\r\n").await;
     client.expect("250 2.0.0 Ok: queued").await;
+    assert_eq!(client.accepted().len(), 1);
     // ...then the idle session is told to go away.
     client.expect("421 4.3.2").await;
     stopping.await.expect("shutdown completes");
@@ -367,8 +415,8 @@ async fn bdat_overflow_is_refused_and_closes() {
         client.expect("421 4.5.0").await;
         assert!(client.closed().await, "{command:?}: the session closes");
         assert!(
-            client.jobs.try_recv().is_err(),
-            "{command:?}: nothing may be queued"
+            client.nothing_accepted(),
+            "{command:?}: nothing may be accepted"
         );
     }
 }
@@ -387,8 +435,7 @@ async fn numbers_checked_across_split_reads() {
     client.expect("250 2.0.0 12 octets").await;
     client.send("BDAT 9 LAST\r\n\r\nhello\r\n").await;
     client.expect("250 2.0.0 Ok: queued as").await;
-    let (_, envelope) = client.queued().await;
-    assert_eq!(envelope.declared_size, 21);
+    assert_eq!(client.only_accepted().envelope.declared_size, 21);
     client
         .send("MAIL FROM:<a@sender.test> SIZE=99999999999999999999999\r\n")
         .await;
@@ -495,6 +542,7 @@ async fn content_at_the_minimum_rate_is_accepted() {
     }
     client.send(".\r\n").await;
     client.expect("250 2.0.0 Ok: queued").await;
+    assert_eq!(client.accepted().len(), 1);
 }
 
 impl Client {
@@ -552,12 +600,57 @@ async fn postmaster_delivery_and_a_sanitised_received_header() {
     client.expect("354").await;
     client.send("Subject: t\r\n\r\nbody\r\n.\r\n").await;
     client.expect("250 2.0.0").await;
-    let (id, envelope) = client.queued().await;
-    assert_eq!(envelope.recipients[0].address, "postmaster@example.test");
-    let stored = client.ctx.spool.read_message(id).await.expect("stored");
-    let header = String::from_utf8_lossy(&stored);
+    let accepted = client.only_accepted();
+    assert_eq!(
+        accepted.envelope.recipients[0].address,
+        "postmaster@example.test"
+    );
+    let header = String::from_utf8_lossy(&accepted.content);
     assert!(
         header.starts_with("Received: from evil?trusted.test??10.0.0.1????0m ([127.0.0.9])\r\n"),
         "{header}"
     );
+}
+
+/// A store that fails gets the spool error's reply from the table (STYLE A.3), and nothing
+/// is kept or queued. A full spool is worth retrying in this session; a shut-down one
+/// closes it.
+#[tokio::test]
+async fn failed_store_replies_and_keeps_nothing() {
+    let cases = [
+        (crate::spool::Error::Full, "452 4.3.1", false),
+        (crate::spool::Error::Closed, "421 4.3.2", true),
+        (
+            crate::spool::Error::Io(std::io::ErrorKind::Other.into()),
+            "451 4.3.0",
+            false,
+        ),
+    ];
+    for (error, expected, closes) in cases {
+        let shown = error.to_string();
+        let mut client = connect().await;
+        client.ehlo_mail_rcpt().await;
+        client.send("DATA\r\n").await;
+        client.expect("354").await;
+        client
+            .memory
+            .as_ref()
+            .expect("in-memory cleanup")
+            .fail_next(error);
+        client.send("Subject: t\r\n\r\nbody\r\n.\r\n").await;
+        client.expect(expected).await;
+        assert!(client.nothing_accepted(), "{shown}: nothing may be kept");
+        if closes {
+            assert!(client.closed().await, "{shown}: the session closes");
+            continue;
+        }
+        // The failure was for that store only: the client may try again.
+        client.ehlo_mail_rcpt().await;
+        client.send("DATA\r\n").await;
+        client.expect("354").await;
+        client.send("Subject: t\r\n\r\nagain\r\n.\r\n").await;
+        client.expect("250 2.0.0 Ok: queued as").await;
+        let accepted = client.only_accepted();
+        assert!(accepted.content.ends_with(b"again\r\n"), "{shown}");
+    }
 }

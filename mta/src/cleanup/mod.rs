@@ -1,19 +1,29 @@
 //! After the end of DATA: checks the content, stamps the `Received:` header and stores the
 //! message durably. The only writer of new messages into the spool (Postfix's cleanup).
 //!
-//! Returns the queue id only after the spool has synced the message; the session then says
-//! `250`. Any failure maps to a reply from the table and nothing is queued.
+//! A session hands each finished message to its [`Cleanup`] handle ([`Cleanup::accept`]),
+//! which returns the queue id only once the message is stored; the session then says
+//! `250`. Any failure maps to a reply from the table and nothing is queued. The server's
+//! sessions use [`Cleanup::Spool`]: stored means synced to the spool volume, then queued.
+//! Session tests and the fuzz harness use `Cleanup::Memory` (built only for tests and with
+//! the `memory-cleanup` feature), which runs the same checks, stamping and signing and
+//! keeps the result in a `Memory` instead of the spool and the queue. The store (and so
+//! the queueing) is the only step where the two differ.
 //!
 //! Notices this MTA writes ([`store_notice`]: delivery status notifications and mailed
 //! TLS-RPT reports) come in here too, and so do messages a draining peer hands over
 //! ([`store_handed_off`], issue 16), through the same spool store. A notice is built by
-//! this MTA, so there is nothing to check or stamp, but it is DKIM-signed as [`accept`]
-//! signs: with the keys for its From domain, when it leaves this MTA (RFC 8460 §5.3 wants
-//! mailed reports signed; a DSN to a remote sender is signed too when a key covers its
-//! From domain). A handed-over message is stored as it is: it is mail the fleet has
-//! already accepted, checked, stamped and signed, so doing any of that again would change
-//! it. (The queue manager and the drain write status records for messages already in the
-//! spool; only this module puts a message there.)
+//! this MTA, so there is nothing to check or stamp, but it is DKIM-signed as
+//! [`Cleanup::accept`] signs: with the keys for its From domain, when it leaves this MTA
+//! (RFC 8460 §5.3 wants mailed reports signed; a DSN to a remote sender is signed too when
+//! a key covers its From domain). A handed-over message is stored as it is: it is mail the
+//! fleet has already accepted, checked, stamped and signed, so doing any of that again
+//! would change it. (The queue manager and the drain write status records for messages
+//! already in the spool; only this module puts a message there.)
+//!
+//! Never answers the client itself, and never reports a message accepted before it is on
+//! stable storage: [`Cleanup::Spool`] returns the id, and queues the message, only after
+//! the spool's store returned.
 
 use crate::context::Context;
 use crate::queue::{Envelope, QueueId};
@@ -21,6 +31,11 @@ use crate::reply::Reply;
 use crate::spool;
 use mta_config::MtaConfig;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+#[cfg(any(test, feature = "memory-cleanup"))]
+mod memory;
+#[cfg(any(test, feature = "memory-cleanup"))]
+pub use memory::{Accepted, Memory};
 
 /// How a message arrived, as far as cleanup cares.
 pub struct Arrival<'a> {
@@ -32,77 +47,99 @@ pub struct Arrival<'a> {
     pub extra_headers: &'a str,
 }
 
-pub async fn accept(
-    ctx: &Context,
-    config: &MtaConfig,
-    arrival: &Arrival<'_>,
-    envelope: &mut Envelope,
-    content: &[u8],
-) -> Result<QueueId, Reply> {
-    let began = std::time::Instant::now();
-    if content.len() as u64 > config.smtpd.max_message_size {
-        return Err(Reply::MESSAGE_TOO_BIG);
-    }
-    if has_bare_line_ending(content) {
-        return Err(Reply::BARE_LINE_ENDING);
-    }
-    let verified = if arrival.exempt {
-        None
-    } else {
-        let facts = mta_auth::InboundFacts {
-            client_ip: envelope.client_ip,
-            helo: &envelope.helo,
-            mail_from: &envelope.sender,
-            authserv_id: &config.hostname,
+/// Where a session's finished messages go. Cheap to clone; chosen when the session is
+/// built (`Session::with_cleanup`), [`Cleanup::Spool`] unless a test says otherwise.
+#[derive(Debug, Clone, Default)]
+pub enum Cleanup {
+    /// Into the spool, synced, then queued: what the server uses.
+    #[default]
+    Spool,
+    /// Kept in memory, never queued: session tests and the fuzz harness, which test the
+    /// SMTP dialogue and need no disk I/O per message.
+    #[cfg(any(test, feature = "memory-cleanup"))]
+    Memory(std::sync::Arc<Memory>),
+}
+
+impl Cleanup {
+    /// Checks, stamps, signs and stores one message. Returns its queue id only once it is
+    /// stored: for [`Cleanup::Spool`], synced to the spool volume and then queued.
+    pub async fn accept(
+        &self,
+        ctx: &Context,
+        config: &MtaConfig,
+        arrival: &Arrival<'_>,
+        envelope: &mut Envelope,
+        content: &[u8],
+    ) -> Result<QueueId, Reply> {
+        let began = std::time::Instant::now();
+        if content.len() as u64 > config.smtpd.max_message_size {
+            return Err(Reply::MESSAGE_TOO_BIG);
+        }
+        if has_bare_line_ending(content) {
+            return Err(Reply::BARE_LINE_ENDING);
+        }
+        let verified = if arrival.exempt {
+            None
+        } else {
+            let facts = mta_auth::InboundFacts {
+                client_ip: envelope.client_ip,
+                helo: &envelope.helo,
+                mail_from: &envelope.sender,
+                authserv_id: &config.hostname,
+            };
+            crate::checks::verify(ctx, config, &facts, content).await?
         };
-        crate::checks::verify(ctx, config, &facts, content).await?
-    };
-    let (content, auth_headers) = match &verified {
-        Some(v) => (v.content.as_slice(), v.headers.as_str()),
-        None => (content, ""),
-    };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    envelope.received_at = now;
-    // Stored with the message, so the hold outlives restarts and config changes until
-    // an operator releases it.
-    envelope.held = config.queue.hold_all;
-    envelope.trace_parent = mta_telemetry::spans::traceparent(&tracing::Span::current());
-    let id = ctx.spool.next_id();
-    let header = received_header(config, &arrival.protocol, envelope, id, now);
-    // Newest first: our signature, our verdicts, our trace header, then the message.
-    let signature = ctx
-        .signer()
-        .map(|signer| crate::signing::sign(&signer, config, envelope, content))
-        .unwrap_or_default();
-    ctx.spool
-        .store(
-            id,
-            envelope,
-            &[
-                signature.as_bytes(),
-                auth_headers.as_bytes(),
-                arrival.extra_headers.as_bytes(),
-                header.as_bytes(),
-                content,
-            ],
-        )
-        .await
+        let (content, auth_headers) = match &verified {
+            Some(v) => (v.content.as_slice(), v.headers.as_str()),
+            None => (content, ""),
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        envelope.received_at = now;
+        // Stored with the message, so the hold outlives restarts and config changes until
+        // an operator releases it.
+        envelope.held = config.queue.hold_all;
+        envelope.trace_parent = mta_telemetry::spans::traceparent(&tracing::Span::current());
+        let id = ctx.spool.next_id();
+        let header = received_header(config, &arrival.protocol, envelope, id, now);
+        // Newest first: our signature, our verdicts, our trace header, then the message.
+        let signature = ctx
+            .signer()
+            .map(|signer| crate::signing::sign(&signer, config, envelope, content))
+            .unwrap_or_default();
+        let message: [&[u8]; 5] = [
+            signature.as_bytes(),
+            auth_headers.as_bytes(),
+            arrival.extra_headers.as_bytes(),
+            header.as_bytes(),
+            content,
+        ];
+        match self {
+            Self::Spool => ctx.spool.store(id, envelope, &message).await,
+            #[cfg(any(test, feature = "memory-cleanup"))]
+            Self::Memory(memory) => memory.store(id, envelope, &message),
+        }
         .map_err(|e| spool_reply(&e))?;
-    ctx.metrics
-        .message_accepted(content.len() as u64, began.elapsed());
-    tracing::info!(
-        queue_id = %id,
-        from = %envelope.sender,
-        recipients = envelope.recipients.len(),
-        size = content.len(),
-        client = %envelope.client_ip,
-        "received"
-    );
-    ctx.scheduler.enqueue(id, envelope.clone());
-    Ok(id)
+        ctx.metrics
+            .message_accepted(content.len() as u64, began.elapsed());
+        tracing::info!(
+            queue_id = %id,
+            from = %envelope.sender,
+            recipients = envelope.recipients.len(),
+            size = content.len(),
+            client = %envelope.client_ip,
+            "received"
+        );
+        match self {
+            Self::Spool => ctx.scheduler.enqueue(id, envelope.clone()),
+            // Nothing in the spool to deliver: the test reads what was kept.
+            #[cfg(any(test, feature = "memory-cleanup"))]
+            Self::Memory(_) => {}
+        }
+        Ok(id)
+    }
 }
 
 /// A message a draining peer hands over, stored durably (synced) with its envelope as the
@@ -132,9 +169,9 @@ pub async fn store_handed_off(
 
 /// A notice this MTA wrote (a delivery status notification, RFC 3464, or a TLS-RPT report,
 /// RFC 8460 §5.3), stored durably under `id`, then queued. Built here, so nothing is
-/// checked or stamped; it is DKIM-signed as [`accept`] signs (with the keys for its From
-/// domain, when it leaves this MTA), the signature prepended. Notices come in here like
-/// every other new message, as Postfix posts bounces through its cleanup.
+/// checked or stamped; it is DKIM-signed as [`Cleanup::accept`] signs (with the keys for
+/// its From domain, when it leaves this MTA), the signature prepended. Notices come in here
+/// like every other new message, as Postfix posts bounces through its cleanup.
 pub async fn store_notice(
     ctx: &Context,
     config: &MtaConfig,
