@@ -290,17 +290,23 @@ async fn queue_command(
             return ExitCode::FAILURE;
         }
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&response).unwrap_or_default()
-        );
-    } else {
-        print!("{}", mta::admin::render(&response));
-    }
+    print_response(&response, json, || mta::admin::render(&response));
     match response {
         AdminResponse::NotFound { .. } => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
+    }
+}
+
+/// Prints an admin response: the endpoint's JSON as it came with `--json`, else what
+/// `render` makes of it for a person.
+fn print_response<T: serde::Serialize>(response: &T, json: bool, render: impl FnOnce() -> String) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(response).unwrap_or_default()
+        );
+    } else {
+        print!("{}", render());
     }
 }
 
@@ -325,15 +331,8 @@ async fn list_command(
     .await;
     match listed {
         Ok(count) => {
-            if json {
-                let response = AdminResponse::List { messages: all };
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&response).unwrap_or_default()
-                );
-            } else {
-                print!("{}", mta::admin::render_list_footer(count));
-            }
+            let response = AdminResponse::List { messages: all };
+            print_response(&response, json, || mta::admin::render_list_footer(count));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -359,14 +358,7 @@ async fn sites_command(
             }
         };
     let mta::admin::SitesResponse::Sites { sites } = &response;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&response).unwrap_or_default()
-        );
-    } else {
-        print!("{}", mta::admin::render_sites(sites));
-    }
+    print_response(&response, json, || mta::admin::render_sites(sites));
     ExitCode::SUCCESS
 }
 
@@ -384,14 +376,7 @@ async fn drain_command(
         }
     };
     let mta::admin::DrainResponse::Drain(report) = &response;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&response).unwrap_or_default()
-        );
-    } else {
-        print!("{}", mta::admin::render_drain(report));
-    }
+    print_response(&response, json, || mta::admin::render_drain(report));
     ExitCode::SUCCESS
 }
 
