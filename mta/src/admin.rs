@@ -166,13 +166,13 @@ impl Line {
         let op = object
             .get("op")
             .and_then(|op| op.as_str())
-            .unwrap_or_default();
-        let (drain, sites) = (op.starts_with("drain"), op == "sites");
+            .unwrap_or_default()
+            .to_owned();
         let object = serde_json::Value::Object(object);
-        let parsed = match (drain, sites) {
-            (true, _) => serde_json::from_value(object).map(Request::Drain),
-            (false, true) => serde_json::from_value(object).map(Request::Sites),
-            (false, false) => serde_json::from_value(object).map(Request::Queue),
+        let parsed = match op.as_str() {
+            "sites" => serde_json::from_value(object).map(Request::Sites),
+            op if op.starts_with("drain") => serde_json::from_value(object).map(Request::Drain),
+            _ => serde_json::from_value(object).map(Request::Queue),
         };
         match parsed {
             Ok(request) => Line::Request(request),

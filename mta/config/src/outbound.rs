@@ -69,6 +69,17 @@ pub enum DaneMode {
     Required,
 }
 
+/// `smtp_client.dane`'s (and a route's YAML boolean's) meaning.
+impl From<bool> for DaneMode {
+    fn from(on: bool) -> Self {
+        if on {
+            DaneMode::Opportunistic
+        } else {
+            DaneMode::Off
+        }
+    }
+}
+
 impl Serialize for DaneMode {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -90,11 +101,7 @@ impl<'de> Deserialize<'de> for DaneMode {
             }
 
             fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<DaneMode, E> {
-                Ok(if on {
-                    DaneMode::Opportunistic
-                } else {
-                    DaneMode::Off
-                })
+                Ok(DaneMode::from(on))
             }
 
             fn visit_str<E: serde::de::Error>(self, word: &str) -> Result<DaneMode, E> {

@@ -191,11 +191,7 @@ pub fn mode(config: &MtaConfig, domain: &str) -> DaneMode {
     config
         .route(domain)
         .and_then(|r| r.dane)
-        .unwrap_or(if config.smtp_client.dane {
-            DaneMode::Opportunistic
-        } else {
-            DaneMode::Off
-        })
+        .unwrap_or(DaneMode::from(config.smtp_client.dane))
 }
 
 /// One TLSA record (RFC 6698 §2.1), as numbers and bytes.

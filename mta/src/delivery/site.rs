@@ -407,6 +407,21 @@ struct State {
     last_reason: Option<(Instant, String)>,
 }
 
+impl State {
+    /// A throttle within `throttle_memory`: the limits may be below the configured ones.
+    fn throttled(&self, now: Instant) -> bool {
+        self.last_throttle
+            .is_some_and(|t| now.saturating_duration_since(t) < self.limits.throttle_memory)
+    }
+
+    /// What is left of the suspension at `now`, if the site is suspended.
+    fn suspension_left(&self, now: Instant) -> Option<Duration> {
+        self.suspended_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
+    }
+}
+
 /// A rate ceiling being learnt from what the site took when it refused a message:
 /// messages sent in the window before the refusal came back whose replies come back
 /// after it (from other connections) were taken too, and raise it when they do.
@@ -481,20 +496,13 @@ impl Site {
     fn remembers(&self) -> bool {
         let now = Instant::now();
         let state = self.lock();
-        state
-            .last_throttle
-            .is_some_and(|t| now.duration_since(t) < state.limits.throttle_memory)
-            || state.suspended_until.is_some_and(|until| until > now)
-            || state.strikes > 0
+        state.throttled(now) || state.suspension_left(now).is_some() || state.strikes > 0
     }
 
     /// What the admin view shows of this site at `now` (`wall` on the wall clock).
     fn view(&self, now: Instant, wall: SystemTime) -> SiteView {
         let state = self.lock();
-        let left = state
-            .suspended_until
-            .filter(|until| *until > now)
-            .map(|until| until - now);
+        let left = state.suspension_left(now);
         let ago = |t: Instant| now.saturating_duration_since(t).as_secs();
         SiteView {
             site: self.key.name.clone(),
@@ -509,9 +517,7 @@ impl Site {
             message_rate: state.rate,
             max_message_rate: state.limits.max_rate,
             rate_ceiling: state.rate_ceiling,
-            throttled: state
-                .last_throttle
-                .is_some_and(|t| now.saturating_duration_since(t) < state.limits.throttle_memory),
+            throttled: state.throttled(now),
             last_throttle_secs_ago: state.last_throttle.map(ago),
             strikes: state.strikes,
             suspend_after: state.limits.suspend_after,
@@ -606,10 +612,7 @@ impl Site {
     }
 
     fn suspended_for(&self, now: Instant) -> Option<Duration> {
-        self.lock()
-            .suspended_until
-            .filter(|until| *until > now)
-            .map(|until| until - now)
+        self.lock().suspension_left(now)
     }
 
     /// Others wait for a permit: a worker should not keep an idle connection open.
